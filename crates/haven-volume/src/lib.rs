@@ -1,0 +1,1 @@
+//! Replicated block volumes served over NBD, with synchronous (protocol C) replication.

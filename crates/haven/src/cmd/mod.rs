@@ -1,0 +1,12 @@
+//! One module per subcommand; each has `Args` (clap) and `run`.
+
+pub mod bench;
+pub mod cluster;
+pub mod conformance;
+pub mod config;
+pub mod daemon;
+pub mod import;
+pub mod lab;
+pub mod simulate;
+pub mod status;
+pub mod volume;

@@ -1,0 +1,61 @@
+//! `haven`: the one binary. `haven daemon` runs a node; every other subcommand is a
+//! client of the cluster or a local tool.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "haven", version, about = "A high-availability cluster for virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the scheduler on a configuration and state (or a Pacemaker CIB) and print the plan
+    Simulate(cmd::simulate::Args),
+    /// Convert another cluster manager's configuration into Haven's
+    Import(cmd::import::Args),
+    /// Run conformance suites (Pacemaker's scheduler regression cases)
+    Conformance(cmd::conformance::Args),
+    /// Benchmarks, each beside the peer it competes with
+    Bench(cmd::bench::Args),
+    /// Replicated volumes
+    Volume(cmd::volume::Args),
+    /// Run this host's daemon
+    Daemon(cmd::daemon::Args),
+    /// Create, join and inspect the cluster
+    Cluster(cmd::cluster::Args),
+    /// Show, validate and apply the cluster configuration
+    Config(cmd::config::Args),
+    /// Show the cluster: nodes, quorum, resources
+    Status(cmd::status::Args),
+    /// A local lab cluster on this machine
+    Lab(cmd::lab::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate(a) => cmd::simulate::run(a),
+        Command::Import(a) => cmd::import::run(a),
+        Command::Conformance(a) => cmd::conformance::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Volume(a) => cmd::volume::run(a),
+        Command::Daemon(a) => cmd::daemon::run(a),
+        Command::Cluster(a) => cmd::cluster::run(a),
+        Command::Config(a) => cmd::config::run(a),
+        Command::Status(a) => cmd::status::run(a),
+        Command::Lab(a) => cmd::lab::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line: file, field, reason.
+            eprintln!("haven: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
