@@ -1,2 +1,13 @@
 //! Haven's high-availability state machines: the coordinator (failure detection,
 //! fencing sequence, plan dispatch) and the node agent. Pure: time is an input.
+//!
+//! Every machine here follows one shape (quinn-proto's): `handle_*` methods feed it
+//! events together with the current [`Time`], `poll_*` methods drain what it wants done
+//! and when it next wants to be woken. No clock, socket, file or process is touched, so
+//! the daemon and the simulator drive the very same code.
+
+pub mod membership;
+pub mod time;
+
+pub use membership::{Liveness, Membership, MembershipEvent, Timeouts};
+pub use time::Time;
