@@ -6,8 +6,10 @@
 //! and when it next wants to be woken. No clock, socket, file or process is touched, so
 //! the daemon and the simulator drive the very same code.
 
+pub mod agent;
 pub mod membership;
 pub mod time;
 
+pub use agent::{AgentCommand, NodeAgent, OpKind, OpOutcome, OpReport, OpRequest};
 pub use membership::{Liveness, Membership, MembershipEvent, Timeouts};
 pub use time::Time;
