@@ -7,9 +7,11 @@
 //! the daemon and the simulator drive the very same code.
 
 pub mod agent;
+pub mod fencing;
 pub mod membership;
 pub mod time;
 
 pub use agent::{AgentCommand, NodeAgent, OpKind, OpOutcome, OpReport, OpRequest};
+pub use fencing::{Confirmation, FenceCommand, FenceStep, Fencer, StepKind, VictimState};
 pub use membership::{Liveness, Membership, MembershipEvent, Timeouts};
 pub use time::Time;
