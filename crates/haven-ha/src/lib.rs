@@ -7,11 +7,18 @@
 //! the daemon and the simulator drive the very same code.
 
 pub mod agent;
+pub mod coordinator;
 pub mod fencing;
 pub mod membership;
 pub mod time;
+pub mod view;
 
 pub use agent::{AgentCommand, NodeAgent, OpKind, OpOutcome, OpReport, OpRequest};
+pub use coordinator::{
+    Coordinator, CoordinatorCommand, CoordinatorConfig, CoordinatorStatus, NodeSpec, ResourceOps,
+    StepStatus,
+};
 pub use fencing::{Confirmation, FenceCommand, FenceStep, Fencer, StepKind, VictimState};
 pub use membership::{Liveness, Membership, MembershipEvent, Timeouts};
 pub use time::Time;
+pub use view::{ClusterView, NodeState, Observed, Plan, Planner, Step};

@@ -1,0 +1,1109 @@
+//! The coordinator: runs on the Raft leader and turns what it observes into operations.
+//!
+//! It follows Pacemaker's controller loop. Whenever something changes (a node is lost or
+//! joins, an operation ends, the configuration changes, a fence is confirmed) the
+//! coordinator builds a [`ClusterView`] and asks its [`Planner`] for a plan, then
+//! dispatches the plan's steps as their predecessors complete. An unexpected result
+//! aborts the transition: nothing new is dispatched, and once the operations in flight
+//! have answered, it plans again from the new picture.
+//!
+//! Safety does not rest on the planner alone. A node that is lost without a clean exit
+//! is `Unclean` and is fenced (with stonith enabled); whatever it ran is assumed to run
+//! still until the fence is confirmed, and the dispatcher refuses to start, promote or
+//! migrate a resource to a node while any node in doubt may still hold it. A node that
+//! joins is probed for every resource before anything is planned, so nothing is started
+//! twice because it was already running somewhere unnoticed.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{OpKind, OpOutcome, OpReport, OpRequest};
+use crate::fencing::{FenceCommand, FenceStep, Fencer};
+use crate::membership::{Membership, MembershipEvent, Timeouts};
+use crate::time::Time;
+use crate::view::{ClusterView, NodeState, Observed, Plan, Planner, Step};
+
+/// Failures at which a resource is banned from a node: Pacemaker's INFINITY, as for a
+/// failed start (start-failure-is-fatal).
+pub const FAILCOUNT_INFINITY: u32 = 1_000_000;
+
+/// The operation timings of one resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceOps {
+    pub start_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub monitor_interval: Option<Duration>,
+    pub monitor_timeout: Duration,
+    pub promote_timeout: Duration,
+    pub demote_timeout: Duration,
+    pub migrate_timeout: Duration,
+}
+
+impl Default for ResourceOps {
+    fn default() -> Self {
+        ResourceOps {
+            start_timeout: Duration::from_secs(20),
+            stop_timeout: Duration::from_secs(20),
+            monitor_interval: Some(Duration::from_secs(10)),
+            monitor_timeout: Duration::from_secs(20),
+            promote_timeout: Duration::from_secs(20),
+            demote_timeout: Duration::from_secs(20),
+            migrate_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A node as the coordinator needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Names of the links its heartbeats travel on.
+    pub links: Vec<String>,
+    /// Fencing levels for this node as victim, tried in order.
+    pub fence_levels: Vec<Vec<FenceStep>>,
+}
+
+/// The part of the configuration the coordinator acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorConfig {
+    pub nodes: Vec<NodeSpec>,
+    pub resources: BTreeMap<String, ResourceOps>,
+    pub stonith_enabled: bool,
+    /// May a node that was fenced rejoin by itself once heard again? (RHCS practice is
+    /// no: an operator allows it with `haven node online`.)
+    pub auto_rejoin: bool,
+}
+
+/// What the coordinator wants done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoordinatorCommand {
+    /// Send this request to `node`'s agent.
+    Op { node: String, request: OpRequest },
+    /// Run a fence device on `executor`; answer with `handle_fence_result`.
+    Fence {
+        token: u64,
+        victim: String,
+        device: String,
+        executor: String,
+        timeout: Duration,
+    },
+    /// A line for the operator (log and event stream).
+    Alert { message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    InFlight,
+    Done,
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+struct Transition {
+    plan: Plan,
+    status: Vec<StepStatus>,
+    aborted: bool,
+}
+
+impl Transition {
+    fn finished(&self) -> bool {
+        !self.status.contains(&StepStatus::InFlight)
+            && (self.aborted || self.status.iter().all(|s| *s != StepStatus::Pending))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
+    node: String,
+    resource: String,
+    /// The plan step it executes; `None` for a probe.
+    step: Option<usize>,
+}
+
+/// A snapshot for `haven status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    pub view: ClusterView,
+    pub links: BTreeMap<String, Vec<(String, bool)>>,
+    pub in_doubt: Vec<String>,
+    pub transition: Vec<(Step, StepStatus)>,
+}
+
+/// Sans-IO coordinator.
+pub struct Coordinator<P> {
+    planner: P,
+    config: CoordinatorConfig,
+    membership: Membership,
+    fencer: Fencer,
+    nodes: BTreeMap<String, NodeState>,
+    observed: BTreeMap<String, BTreeMap<String, Observed>>,
+    failcounts: BTreeMap<String, BTreeMap<String, u32>>,
+    transition: Option<Transition>,
+    in_flight: BTreeMap<u64, InFlight>,
+    next_seq: u64,
+    dirty: bool,
+    commands: VecDeque<CoordinatorCommand>,
+    log: Vec<String>,
+}
+
+impl<P: Planner> Coordinator<P> {
+    /// A coordinator taking over at `now` (e.g. just elected). It knows nothing of the
+    /// cluster yet: every node is pending, every resource unknown.
+    pub fn new(planner: P, config: CoordinatorConfig, timeouts: Timeouts, now: Time) -> Self {
+        let mut c = Coordinator {
+            planner,
+            config: CoordinatorConfig::default(),
+            membership: Membership::new(timeouts, now),
+            fencer: Fencer::new(Duration::from_secs(10)),
+            nodes: BTreeMap::new(),
+            observed: BTreeMap::new(),
+            failcounts: BTreeMap::new(),
+            transition: None,
+            in_flight: BTreeMap::new(),
+            next_seq: 1,
+            dirty: true,
+            commands: VecDeque::new(),
+            log: Vec::new(),
+        };
+        c.handle_config(config, now);
+        c
+    }
+
+    /// The configuration changed (committed through Raft).
+    pub fn handle_config(&mut self, config: CoordinatorConfig, now: Time) {
+        self.membership.set_members(
+            config
+                .nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.links.clone())),
+        );
+        let names: BTreeSet<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        self.nodes.retain(|n, _| names.contains(n.as_str()));
+        for n in &names {
+            self.nodes
+                .entry(n.to_string())
+                .or_insert(NodeState::Pending);
+        }
+        self.observed
+            .retain(|r, _| config.resources.contains_key(r));
+        for per_node in self.observed.values_mut() {
+            per_node.retain(|n, _| names.contains(n.as_str()));
+        }
+        // A resource new to the configuration is unknown on every online node: probe it.
+        for r in config.resources.keys() {
+            let per_node = self.observed.entry(r.clone()).or_default();
+            for (n, s) in &self.nodes {
+                if *s == NodeState::Online {
+                    per_node.entry(n.clone()).or_insert(Observed::Unknown);
+                }
+            }
+        }
+        self.config = config;
+        self.dirty = true;
+        self.progress(now);
+    }
+
+    /// A heartbeat from `node` over `link`.
+    pub fn handle_heartbeat(&mut self, node: &str, link: &str, now: Time) {
+        self.membership.handle_heartbeat(node, link, now);
+        self.process_membership(now);
+    }
+
+    /// A node agent's report.
+    pub fn handle_report(&mut self, node: &str, report: OpReport, now: Time) {
+        let expected = match report.seq {
+            Some(seq) => match self.in_flight.remove(&seq) {
+                Some(f) if f.node == node && f.resource == report.resource => Some(f),
+                Some(f) => {
+                    // Not ours after all: put it back and ignore the report.
+                    self.in_flight.insert(seq, f);
+                    return;
+                }
+                None => return, // an answer for an operation we no longer track
+            },
+            None => None,
+        };
+        if self.nodes.get(node) != Some(&NodeState::Online) {
+            return; // a node in doubt or fenced: its word counts for nothing now
+        }
+        let observed = observed_after(report.op, &report.outcome);
+        let failed = observed == Observed::Failed;
+        let prev = self
+            .observed
+            .entry(report.resource.clone())
+            .or_default()
+            .insert(node.to_string(), observed);
+        self.log(format!(
+            "{}: {} {:?} on {node} -> {:?}",
+            now, report.resource, report.op, report.outcome
+        ));
+        if failed {
+            let count = self
+                .failcounts
+                .entry(report.resource.clone())
+                .or_default()
+                .entry(node.to_string())
+                .or_insert(0);
+            *count = if report.op == OpKind::Start {
+                FAILCOUNT_INFINITY
+            } else {
+                count.saturating_add(1).min(FAILCOUNT_INFINITY)
+            };
+            // A stop that fails leaves the resource in an unknown state on a live node:
+            // only fencing makes that node safe again.
+            if report.op == OpKind::Stop {
+                self.declare_unclean(node, "a stop operation failed", now);
+            }
+        }
+        match expected.and_then(|f| f.step) {
+            Some(step) => {
+                if let Some(t) = self.transition.as_mut() {
+                    t.status[step] = if failed {
+                        StepStatus::Failed
+                    } else {
+                        StepStatus::Done
+                    };
+                    if failed {
+                        t.aborted = true;
+                    }
+                }
+            }
+            None => {
+                // A probe's answer, or a recurring monitor that changed: news either way.
+                if report.seq.is_none()
+                    && Some(observed) != prev
+                    && let Some(t) = self.transition.as_mut()
+                {
+                    t.aborted = true;
+                }
+                self.dirty = true;
+            }
+        }
+        if failed {
+            self.dirty = true;
+        }
+        self.progress(now);
+    }
+
+    /// A fence device run finished.
+    pub fn handle_fence_result(&mut self, token: u64, success: bool, now: Time) {
+        let alive = self.alive();
+        self.fencer.handle_result(token, success, &alive, now);
+        self.progress(now);
+    }
+
+    /// An operator confirms `node` is down.
+    pub fn handle_fence_ack(&mut self, node: &str, now: Time) -> bool {
+        let acked = self.fencer.handle_ack(node, now);
+        self.progress(now);
+        acked
+    }
+
+    /// An operator requests fencing of `node` (`haven fence node`).
+    pub fn handle_fence_request(&mut self, node: &str, now: Time) {
+        self.declare_unclean(node, "requested by an operator", now);
+        self.progress(now);
+    }
+
+    /// An operator allows a fenced node back (`haven node online` after a fence).
+    pub fn handle_allow_rejoin(&mut self, node: &str, now: Time) {
+        if self.nodes.get(node) == Some(&NodeState::Offline)
+            && self.membership.liveness(node) == Some(crate::Liveness::Alive)
+        {
+            self.join(node, now);
+        }
+        self.progress(now);
+    }
+
+    /// Failures are forgotten (`haven resource cleanup`).
+    pub fn handle_cleanup(&mut self, resource: &str, now: Time) {
+        self.failcounts.remove(resource);
+        if let Some(per_node) = self.observed.get_mut(resource) {
+            for (n, o) in per_node.iter_mut() {
+                if *o == Observed::Failed && self.nodes.get(n) == Some(&NodeState::Online) {
+                    *o = Observed::Unknown; // re-probe: the truth is on the node
+                }
+            }
+        }
+        self.dirty = true;
+        self.progress(now);
+    }
+
+    /// Timers: heartbeat silence, fence deadlines and retries.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.membership.handle_timeout(now);
+        self.process_membership(now);
+        let alive = self.alive();
+        self.fencer.handle_timeout(&alive, now);
+        self.progress(now);
+    }
+
+    pub fn poll_command(&mut self) -> Option<CoordinatorCommand> {
+        self.commands.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Time> {
+        [self.membership.poll_timeout(), self.fencer.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// One line per state change, for logs and golden tests.
+    pub fn take_log(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
+    }
+
+    pub fn view(&self) -> ClusterView {
+        ClusterView {
+            nodes: self.nodes.clone(),
+            resources: self.observed.clone(),
+            failcounts: self.failcounts.clone(),
+        }
+    }
+
+    pub fn status(&self) -> CoordinatorStatus {
+        CoordinatorStatus {
+            view: self.view(),
+            links: self
+                .config
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), self.membership.links(&n.name)))
+                .collect(),
+            in_doubt: self.fencer.in_doubt().map(str::to_string).collect(),
+            transition: self
+                .transition
+                .as_ref()
+                .map(|t| {
+                    t.plan
+                        .steps
+                        .iter()
+                        .cloned()
+                        .zip(t.status.iter().copied())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn fencer(&self) -> &Fencer {
+        &self.fencer
+    }
+
+    fn alive(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, s)| **s == NodeState::Online)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn log(&mut self, line: String) {
+        self.log.push(line);
+    }
+
+    fn process_membership(&mut self, now: Time) {
+        while let Some(ev) = self.membership.poll_event() {
+            match ev {
+                MembershipEvent::NodeAlive { node } => match self.nodes.get(&node) {
+                    Some(NodeState::Pending) => self.join(&node, now),
+                    Some(NodeState::Offline) if self.config.auto_rejoin => self.join(&node, now),
+                    Some(NodeState::Offline) => self.log(format!(
+                        "{now}: {node} is back but was fenced; it stays out until allowed"
+                    )),
+                    // Unclean stays unclean until the fence is confirmed: a node that
+                    // comes back mid-fence may have missed what happened meanwhile.
+                    _ => {}
+                },
+                MembershipEvent::NodeLost { node } => {
+                    let was = self.nodes.get(&node).copied();
+                    if matches!(was, Some(NodeState::Online) | Some(NodeState::Pending)) {
+                        self.declare_unclean(&node, "it stopped heartbeating", now);
+                    }
+                }
+                MembershipEvent::LinkUp { node, link } => {
+                    self.log(format!("{now}: link {link} of {node} up"))
+                }
+                MembershipEvent::LinkDown { node, link } => {
+                    self.log(format!("{now}: link {link} of {node} down"))
+                }
+            }
+        }
+    }
+
+    fn join(&mut self, node: &str, now: Time) {
+        self.nodes.insert(node.to_string(), NodeState::Online);
+        self.log(format!("{now}: {node} online"));
+        for per_node in self.observed.values_mut() {
+            per_node.insert(node.to_string(), Observed::Unknown);
+        }
+        for r in self.config.resources.keys() {
+            self.observed
+                .entry(r.clone())
+                .or_default()
+                .entry(node.to_string())
+                .or_insert(Observed::Unknown);
+        }
+        self.dirty = true;
+        if let Some(t) = self.transition.as_mut() {
+            t.aborted = true;
+        }
+    }
+
+    fn declare_unclean(&mut self, node: &str, reason: &str, now: Time) {
+        // Its in-flight operations will never answer, or their answers can't be trusted.
+        self.in_flight.retain(|_, f| f.node != node);
+        if let Some(t) = self.transition.as_mut() {
+            t.aborted = true;
+            for (i, s) in t.status.iter_mut().enumerate() {
+                if *s == StepStatus::InFlight && t.plan.steps[i].node() == node {
+                    *s = StepStatus::Failed;
+                }
+            }
+        }
+        if self.config.stonith_enabled {
+            self.nodes.insert(node.to_string(), NodeState::Unclean);
+            self.log(format!("{now}: {node} unclean ({reason}); fencing"));
+            let levels = self
+                .config
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .map(|n| n.fence_levels.clone())
+                .unwrap_or_default();
+            let alive = self.alive();
+            self.fencer.request(node, reason, levels, &alive, now);
+        } else {
+            // Pacemaker's semantics with stonith disabled: assume it is down. Unsafe,
+            // and said so.
+            self.nodes.insert(node.to_string(), NodeState::Offline);
+            self.forget_node_resources(node);
+            self.commands.push_back(CoordinatorCommand::Alert {
+                message: format!(
+                    "{node} lost ({reason}); stonith is disabled, so it is assumed down \
+                     without fencing"
+                ),
+            });
+        }
+        self.dirty = true;
+    }
+
+    fn forget_node_resources(&mut self, node: &str) {
+        for per_node in self.observed.values_mut() {
+            per_node.remove(node);
+        }
+    }
+
+    fn drain_fencer(&mut self, now: Time) {
+        while let Some(cmd) = self.fencer.poll_command() {
+            match cmd {
+                FenceCommand::Run {
+                    token,
+                    victim,
+                    device,
+                    executor,
+                    timeout,
+                } => {
+                    self.log(format!(
+                        "{now}: fencing {victim} with {device} from {executor}"
+                    ));
+                    self.commands.push_back(CoordinatorCommand::Fence {
+                        token,
+                        victim,
+                        device,
+                        executor,
+                        timeout,
+                    });
+                }
+                FenceCommand::Alert { message, .. } => {
+                    self.log(format!("{now}: {message}"));
+                    self.commands
+                        .push_back(CoordinatorCommand::Alert { message });
+                }
+                FenceCommand::Confirmed { victim, by } => {
+                    self.log(format!("{now}: {victim} fenced ({by:?})"));
+                    self.nodes.insert(victim.clone(), NodeState::Offline);
+                    self.forget_node_resources(&victim);
+                    if let Some(t) = self.transition.as_mut() {
+                        for (i, s) in t.status.iter_mut().enumerate() {
+                            if matches!(&t.plan.steps[i], Step::Fence { node } if *node == victim) {
+                                *s = StepStatus::Done;
+                            }
+                        }
+                    }
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Drives the loop: fencing news, probes, planning, dispatch. A finished transition
+    /// is news in itself (its results may enable more), so it re-plans until the plan
+    /// is empty or a step is waiting on the outside world; the bound only guards
+    /// against a planner that never converges.
+    fn progress(&mut self, now: Time) {
+        for _ in 0..8 {
+            self.drain_fencer(now);
+            self.probe(now);
+            if self.transition.as_ref().is_some_and(Transition::finished) {
+                self.transition = None;
+                self.dirty = true;
+            }
+            let probing = self.in_flight.values().any(|f| f.step.is_none());
+            if self.transition.is_none() {
+                if !self.dirty || probing {
+                    return;
+                }
+                self.dirty = false;
+                let plan = self.planner.plan(&self.view());
+                if plan.is_empty() {
+                    return;
+                }
+                let n = plan.steps.len();
+                self.log(format!("{now}: new transition of {n} steps"));
+                self.transition = Some(Transition {
+                    plan,
+                    status: vec![StepStatus::Pending; n],
+                    aborted: false,
+                });
+            }
+            self.dispatch(now);
+            self.drain_fencer(now);
+            if !self.transition.as_ref().is_some_and(Transition::finished) {
+                return;
+            }
+        }
+    }
+
+    /// Sends a probe for every resource whose state on an online node is unknown.
+    fn probe(&mut self, now: Time) {
+        let probing: BTreeSet<(String, String)> = self
+            .in_flight
+            .values()
+            .map(|f| (f.resource.clone(), f.node.clone()))
+            .collect();
+        let mut todo = Vec::new();
+        for (r, per_node) in &self.observed {
+            for (n, o) in per_node {
+                if *o == Observed::Unknown
+                    && self.nodes.get(n) == Some(&NodeState::Online)
+                    && !probing.contains(&(r.clone(), n.clone()))
+                {
+                    todo.push((r.clone(), n.clone()));
+                }
+            }
+        }
+        for (r, n) in todo {
+            let ops = self.config.resources.get(&r).cloned().unwrap_or_default();
+            self.send(
+                &n,
+                &r,
+                OpKind::Monitor,
+                ops.monitor_timeout,
+                None,
+                None,
+                now,
+            );
+        }
+    }
+
+    fn dispatch(&mut self, now: Time) {
+        let Some(t) = self.transition.as_ref() else {
+            return;
+        };
+        if t.aborted {
+            return;
+        }
+        let mut ready = Vec::new();
+        for (i, s) in t.status.iter().enumerate() {
+            if *s != StepStatus::Pending {
+                continue;
+            }
+            let deps_done = t
+                .plan
+                .edges
+                .iter()
+                .filter(|(_, after)| *after == i)
+                .all(|(before, _)| t.status.get(*before) == Some(&StepStatus::Done));
+            if deps_done {
+                ready.push(i);
+            }
+        }
+        for i in ready {
+            let Some(step) = self.transition.as_ref().map(|t| t.plan.steps[i].clone()) else {
+                return;
+            };
+            if let Err(why) = self.check_safe(&step) {
+                self.log(format!("{now}: holding {step:?}: {why}"));
+                continue;
+            }
+            match &step {
+                Step::Fence { node } => {
+                    if self.nodes.get(node) == Some(&NodeState::Offline) {
+                        self.set_status(i, StepStatus::Done);
+                    } else {
+                        self.set_status(i, StepStatus::InFlight);
+                        if self.nodes.get(node) != Some(&NodeState::Unclean) {
+                            self.declare_unclean(node, "the scheduler asked for it", now);
+                        }
+                    }
+                }
+                _ => {
+                    let node = step.node().to_string();
+                    if self.nodes.get(&node) != Some(&NodeState::Online) {
+                        self.set_status(i, StepStatus::Failed);
+                        if let Some(t) = self.transition.as_mut() {
+                            t.aborted = true;
+                        }
+                        continue;
+                    }
+                    let resource = step.resource().unwrap_or_default().to_string();
+                    let ops = self
+                        .config
+                        .resources
+                        .get(&resource)
+                        .cloned()
+                        .unwrap_or_default();
+                    let (op, timeout, peer) = match &step {
+                        Step::Start { .. } => (OpKind::Start, ops.start_timeout, None),
+                        Step::Stop { .. } => (OpKind::Stop, ops.stop_timeout, None),
+                        Step::Promote { .. } => (OpKind::Promote, ops.promote_timeout, None),
+                        Step::Demote { .. } => (OpKind::Demote, ops.demote_timeout, None),
+                        Step::MigrateTo { to, .. } => {
+                            (OpKind::MigrateTo, ops.migrate_timeout, Some(to.clone()))
+                        }
+                        Step::MigrateFrom { from, .. } => {
+                            (OpKind::MigrateFrom, ops.migrate_timeout, Some(from.clone()))
+                        }
+                        Step::Fence { .. } => continue,
+                    };
+                    self.set_status(i, StepStatus::InFlight);
+                    self.send(&node, &resource, op, timeout, peer, Some(i), now);
+                }
+            }
+        }
+    }
+
+    /// The dispatcher's own check of the safety invariant, independent of the planner.
+    fn check_safe(&self, step: &Step) -> Result<(), String> {
+        let (resource, target, migrating_from) = match step {
+            Step::Start { resource, node } | Step::Promote { resource, node } => {
+                (resource, node, None)
+            }
+            Step::MigrateFrom { resource, from, to } => (resource, to, Some(from)),
+            _ => return Ok(()),
+        };
+        let Some(per_node) = self.observed.get(resource) else {
+            return Ok(());
+        };
+        for (n, o) in per_node {
+            if n == target || Some(n) == migrating_from || !o.maybe_active() {
+                continue;
+            }
+            match self.nodes.get(n) {
+                Some(NodeState::Unclean) => {
+                    return Err(format!(
+                        "{resource} may still run on {n}, which is in doubt"
+                    ));
+                }
+                Some(NodeState::Online) if *o == Observed::Unknown => {
+                    return Err(format!("{resource} is not yet probed on {n}"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn set_status(&mut self, i: usize, s: StepStatus) {
+        if let Some(t) = self.transition.as_mut() {
+            t.status[i] = s;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        node: &str,
+        resource: &str,
+        op: OpKind,
+        timeout: Duration,
+        peer: Option<String>,
+        step: Option<usize>,
+        now: Time,
+    ) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let ops = self
+            .config
+            .resources
+            .get(resource)
+            .cloned()
+            .unwrap_or_default();
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                node: node.to_string(),
+                resource: resource.to_string(),
+                step,
+            },
+        );
+        if step.is_some() {
+            self.log(format!("{now}: {op:?} {resource} on {node}"));
+        }
+        self.commands.push_back(CoordinatorCommand::Op {
+            node: node.to_string(),
+            request: OpRequest {
+                seq,
+                resource: resource.to_string(),
+                op,
+                timeout,
+                monitor_interval: ops.monitor_interval,
+                monitor_timeout: ops.monitor_timeout,
+                peer,
+            },
+        });
+    }
+}
+
+/// What an operation's outcome tells about the resource on that node.
+fn observed_after(op: OpKind, outcome: &OpOutcome) -> Observed {
+    match (op, outcome) {
+        (_, OpOutcome::Failed { .. }) | (_, OpOutcome::TimedOut) => Observed::Failed,
+        (OpKind::Monitor, OpOutcome::Ok) => Observed::Started,
+        (OpKind::Monitor, OpOutcome::RunningPromoted) => Observed::Promoted,
+        (OpKind::Monitor, OpOutcome::NotRunning) => Observed::Stopped,
+        (OpKind::Start | OpKind::Demote | OpKind::MigrateFrom, _) => Observed::Started,
+        (OpKind::Promote, _) => Observed::Promoted,
+        // After migrate_to the source is paused, not gone: it is stopped by the plan's
+        // next step, and until then it counts as active.
+        (OpKind::MigrateTo, _) => Observed::Started,
+        (OpKind::Stop, _) => Observed::Stopped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fencing::StepKind;
+
+    /// A deliberately simple planner for testing the coordinator's sequencing: each
+    /// resource on the first online node where it has not failed; a node in doubt that
+    /// may hold it is fenced first.
+    struct FirstNode;
+
+    impl Planner for FirstNode {
+        fn plan(&mut self, view: &ClusterView) -> Plan {
+            let mut plan = Plan::default();
+            for (r, per_node) in &view.resources {
+                let banned = |n: &str| {
+                    view.failcounts
+                        .get(r)
+                        .and_then(|f| f.get(n))
+                        .is_some_and(|c| *c > 0)
+                };
+                let target = view
+                    .nodes
+                    .iter()
+                    .find(|(n, s)| **s == NodeState::Online && !banned(n))
+                    .map(|(n, _)| n.clone());
+                let mut before = Vec::new();
+                for (n, o) in per_node {
+                    let healthy_here = Some(n) == target.as_ref() && *o == Observed::Started;
+                    if !o.maybe_active() || healthy_here {
+                        continue;
+                    }
+                    let step = match view.nodes.get(n) {
+                        Some(NodeState::Unclean) => Step::Fence { node: n.clone() },
+                        _ => Step::Stop {
+                            resource: r.clone(),
+                            node: n.clone(),
+                        },
+                    };
+                    let idx = plan
+                        .steps
+                        .iter()
+                        .position(|s| *s == step)
+                        .unwrap_or_else(|| {
+                            plan.steps.push(step);
+                            plan.steps.len() - 1
+                        });
+                    before.push(idx);
+                }
+                if let Some(t) = target
+                    && per_node.get(&t) != Some(&Observed::Started)
+                {
+                    plan.steps.push(Step::Start {
+                        resource: r.clone(),
+                        node: t,
+                    });
+                    let start = plan.steps.len() - 1;
+                    plan.edges.extend(before.into_iter().map(|b| (b, start)));
+                }
+            }
+            plan
+        }
+    }
+
+    fn lab_fence(node: &str) -> NodeSpec {
+        NodeSpec {
+            name: node.into(),
+            links: vec!["ring0".into()],
+            fence_levels: vec![vec![FenceStep {
+                device: "lab".into(),
+                kind: StepKind::Run {
+                    timeout: Duration::from_secs(5),
+                },
+            }]],
+        }
+    }
+
+    fn config(nodes: Vec<NodeSpec>) -> CoordinatorConfig {
+        CoordinatorConfig {
+            nodes,
+            resources: [("vm1".to_string(), ResourceOps::default())].into(),
+            stonith_enabled: true,
+            auto_rejoin: false,
+        }
+    }
+
+    /// A tiny in-test cluster: executes ops instantly with the given fate.
+    struct Harness {
+        c: Coordinator<FirstNode>,
+        now: Time,
+        /// What really runs where (the ground truth the agents would report).
+        running: BTreeMap<(String, String), bool>,
+        dead: BTreeSet<String>,
+        fences: Vec<(u64, String)>,
+        alerts: Vec<String>,
+    }
+
+    impl Harness {
+        fn new(cfg: CoordinatorConfig) -> Self {
+            Harness {
+                c: Coordinator::new(FirstNode, cfg, Timeouts::default(), Time(0)),
+                now: Time(0),
+                running: BTreeMap::new(),
+                dead: BTreeSet::new(),
+                fences: Vec::new(),
+                alerts: Vec::new(),
+            }
+        }
+
+        /// Advances time in heartbeat steps, executing every command.
+        fn run_for(&mut self, ms: u64) {
+            let end = self.now.0 + ms;
+            while self.now.0 <= end {
+                for n in ["n1", "n2", "n3"] {
+                    if !self.dead.contains(n) {
+                        self.c.handle_heartbeat(n, "ring0", self.now);
+                    }
+                }
+                self.c.handle_timeout(self.now);
+                self.execute();
+                self.now = Time(self.now.0 + 100);
+            }
+        }
+
+        fn execute(&mut self) {
+            while let Some(cmd) = self.c.poll_command() {
+                match cmd {
+                    CoordinatorCommand::Op { node, request } => {
+                        if self.dead.contains(&node) {
+                            continue; // lost in the void
+                        }
+                        let key = (request.resource.clone(), node.clone());
+                        let outcome = match request.op {
+                            OpKind::Monitor => {
+                                if self.running.get(&key).copied().unwrap_or(false) {
+                                    OpOutcome::Ok
+                                } else {
+                                    OpOutcome::NotRunning
+                                }
+                            }
+                            OpKind::Start | OpKind::MigrateFrom => {
+                                self.running.insert(key, true);
+                                OpOutcome::Ok
+                            }
+                            OpKind::Stop | OpKind::MigrateTo => {
+                                self.running.insert(key, false);
+                                OpOutcome::Ok
+                            }
+                            OpKind::Promote | OpKind::Demote => OpOutcome::Ok,
+                        };
+                        let report = OpReport {
+                            seq: Some(request.seq),
+                            resource: request.resource,
+                            op: request.op,
+                            outcome,
+                            at: self.now,
+                        };
+                        self.c.handle_report(&node, report, self.now);
+                    }
+                    CoordinatorCommand::Fence { token, victim, .. } => {
+                        self.fences.push((token, victim));
+                    }
+                    CoordinatorCommand::Alert { message } => self.alerts.push(message),
+                }
+            }
+        }
+
+        fn running_on(&self, r: &str) -> Vec<String> {
+            self.running
+                .iter()
+                .filter(|((res, _), up)| res == r && **up)
+                .map(|((_, n), _)| n.clone())
+                .collect()
+        }
+
+        fn power_off(&mut self, node: &str) {
+            self.dead.insert(node.to_string());
+            // Its processes keep running until fenced: that is the danger.
+        }
+
+        fn complete_fence(&mut self, ok: bool) {
+            let (token, victim) = self.fences.remove(0);
+            if ok {
+                self.running.retain(|(_, n), _| *n != victim);
+            }
+            self.c.handle_fence_result(token, ok, self.now);
+            self.execute();
+        }
+    }
+
+    #[test]
+    fn probes_then_starts_once() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        assert_eq!(h.c.view().resources["vm1"]["n1"], Observed::Started);
+    }
+
+    #[test]
+    fn a_resource_already_running_is_found_by_probe_not_started_twice() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.running.insert(("vm1".into(), "n2".into()), true);
+        h.run_for(2_000);
+        // The simple planner prefers n1, so it must stop n2's copy first.
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        let log = h.c.take_log().join("\n");
+        let stop = log.find("Stop vm1 on n2").unwrap_or(usize::MAX);
+        let start = log.find("Start vm1 on n1").unwrap_or(0);
+        assert!(stop < start, "stop must precede start:\n{log}");
+    }
+
+    #[test]
+    fn lost_node_is_fenced_before_recovery() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        h.power_off("n1");
+        h.run_for(3_000);
+        assert_eq!(h.fences.len(), 1, "n1 must be fenced");
+        assert_eq!(h.fences[0].1, "n1");
+        // Until the fence is confirmed, vm1 may still run on n1: nothing starts elsewhere.
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        h.complete_fence(true);
+        h.run_for(500);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
+    }
+
+    #[test]
+    fn failed_fence_keeps_resources_frozen_until_ack() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        h.power_off("n1");
+        h.run_for(3_000);
+        h.complete_fence(false);
+        h.run_for(3_000);
+        assert_eq!(h.running_on("vm1"), vec!["n1"], "frozen while in doubt");
+        assert!(h.alerts.iter().any(|a| a.contains("haven fence ack n1")));
+        // The operator pulled the plug by hand and says so.
+        h.running.retain(|(_, n), _| n != "n1");
+        assert!(h.c.handle_fence_ack("n1", h.now));
+        h.execute();
+        h.run_for(500);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
+    }
+
+    #[test]
+    fn without_stonith_a_lost_node_is_assumed_down_and_said_so() {
+        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")]);
+        cfg.stonith_enabled = false;
+        let mut h = Harness::new(cfg);
+        h.run_for(2_000);
+        h.power_off("n1");
+        h.run_for(3_000);
+        assert!(h.fences.is_empty());
+        assert!(h.alerts.iter().any(|a| a.contains("stonith is disabled")));
+        assert!(h.running_on("vm1").contains(&"n2".to_string()));
+    }
+
+    #[test]
+    fn failed_monitor_counts_a_failure_and_recovers() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        // The guest dies on its own; the recurring monitor notices.
+        h.running.insert(("vm1".into(), "n1".into()), false);
+        let report = OpReport {
+            seq: None,
+            resource: "vm1".into(),
+            op: OpKind::Monitor,
+            outcome: OpOutcome::Failed {
+                rc: 1,
+                reason: "guest gone".into(),
+            },
+            at: h.now,
+        };
+        h.c.handle_report("n1", report, h.now);
+        h.execute();
+        h.run_for(500);
+        assert_eq!(h.c.view().failcounts["vm1"]["n1"], 1);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
+    }
+
+    #[test]
+    fn fenced_node_does_not_rejoin_until_allowed() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        h.power_off("n1");
+        h.run_for(3_000);
+        h.complete_fence(true);
+        h.dead.remove("n1");
+        h.run_for(1_000);
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Offline);
+        h.c.handle_allow_rejoin("n1", h.now);
+        h.execute();
+        h.run_for(1_000);
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Online);
+    }
+}
