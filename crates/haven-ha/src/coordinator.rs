@@ -120,9 +120,16 @@ impl Transition {
 struct InFlight {
     node: String,
     resource: String,
+    op: OpKind,
     /// The plan step it executes; `None` for a probe.
     step: Option<usize>,
+    /// When silence counts as a timeout: the operation's own timeout (which the agent
+    /// enforces) plus a margin for the round trip.
+    deadline: Time,
 }
+
+/// Grace beyond an operation's timeout before the coordinator gives up on its answer.
+const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 
 /// A snapshot for `haven status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,13 +326,14 @@ impl<P: Planner> Coordinator<P> {
         self.progress(now);
     }
 
-    /// Failures are forgotten (`haven resource cleanup`).
+    /// Failures are forgotten and the resource is re-probed everywhere, as Pacemaker's
+    /// cleanup does (`haven resource cleanup`): the truth is on the nodes.
     pub fn handle_cleanup(&mut self, resource: &str, now: Time) {
         self.failcounts.remove(resource);
         if let Some(per_node) = self.observed.get_mut(resource) {
             for (n, o) in per_node.iter_mut() {
-                if *o == Observed::Failed && self.nodes.get(n) == Some(&NodeState::Online) {
-                    *o = Observed::Unknown; // re-probe: the truth is on the node
+                if self.nodes.get(n) == Some(&NodeState::Online) {
+                    *o = Observed::Unknown;
                 }
             }
         }
@@ -335,6 +343,24 @@ impl<P: Planner> Coordinator<P> {
 
     /// Timers: heartbeat silence, fence deadlines and retries.
     pub fn handle_timeout(&mut self, now: Time) {
+        // An answer that never came is a timed-out operation: its outcome is unknown,
+        // which for a stop means the node must be fenced.
+        let expired: Vec<(u64, InFlight)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(seq, f)| (*seq, f.clone()))
+            .collect();
+        for (seq, f) in expired {
+            let report = OpReport {
+                seq: Some(seq),
+                resource: f.resource.clone(),
+                op: f.op,
+                outcome: OpOutcome::TimedOut,
+                at: now,
+            };
+            self.handle_report(&f.node, report, now);
+        }
         self.membership.handle_timeout(now);
         self.process_membership(now);
         let alive = self.alive();
@@ -347,10 +373,15 @@ impl<P: Planner> Coordinator<P> {
     }
 
     pub fn poll_timeout(&self) -> Option<Time> {
-        [self.membership.poll_timeout(), self.fencer.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        let answers = self.in_flight.values().map(|f| f.deadline).min();
+        [
+            self.membership.poll_timeout(),
+            self.fencer.poll_timeout(),
+            answers,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// One line per state change, for logs and golden tests.
@@ -750,7 +781,9 @@ impl<P: Planner> Coordinator<P> {
             InFlight {
                 node: node.to_string(),
                 resource: resource.to_string(),
+                op,
                 step,
+                deadline: now + timeout + ANSWER_MARGIN,
             },
         );
         if step.is_some() {
@@ -879,6 +912,7 @@ mod tests {
         /// What really runs where (the ground truth the agents would report).
         running: BTreeMap<(String, String), bool>,
         dead: BTreeSet<String>,
+        hung: BTreeSet<String>,
         fences: Vec<(u64, String)>,
         alerts: Vec<String>,
     }
@@ -890,6 +924,7 @@ mod tests {
                 now: Time(0),
                 running: BTreeMap::new(),
                 dead: BTreeSet::new(),
+                hung: BTreeSet::new(),
                 fences: Vec::new(),
                 alerts: Vec::new(),
             }
@@ -914,7 +949,7 @@ mod tests {
             while let Some(cmd) = self.c.poll_command() {
                 match cmd {
                     CoordinatorCommand::Op { node, request } => {
-                        if self.dead.contains(&node) {
+                        if self.dead.contains(&node) || self.hung.contains(&node) {
                             continue; // lost in the void
                         }
                         let key = (request.resource.clone(), node.clone());
@@ -1058,6 +1093,31 @@ mod tests {
         assert!(h.fences.is_empty());
         assert!(h.alerts.iter().any(|a| a.contains("stonith is disabled")));
         assert!(h.running_on("vm1").contains(&"n2".to_string()));
+    }
+
+    #[test]
+    fn an_answer_that_never_comes_times_out_and_a_lost_stop_fences() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        // n1's agent hangs: the node still heartbeats, its operations never answer.
+        h.hung.insert("n1".into());
+        h.c.handle_cleanup("vm1", h.now);
+        h.execute();
+        h.run_for(60_000);
+        // A timed-out probe is a failure (failcount counted); the stop that recovery
+        // sends is lost too, and a stop with unknown outcome can only end in fencing.
+        assert!(h.c.view().failcounts["vm1"]["n1"] >= 1);
+        assert!(
+            h.fences.iter().any(|(_, v)| v == "n1"),
+            "n1 must be fenced: {:?}",
+            h.c.take_log()
+        );
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Unclean);
     }
 
     #[test]
