@@ -200,11 +200,12 @@ impl<P: Planner> Coordinator<P> {
         for per_node in self.observed.values_mut() {
             per_node.retain(|n, _| names.contains(n.as_str()));
         }
-        // A resource new to the configuration is unknown on every online node: probe it.
+        // A resource new to the configuration is unknown on every node not known down:
+        // online nodes are probed, pending ones may hold it until heard or fenced.
         for r in config.resources.keys() {
             let per_node = self.observed.entry(r.clone()).or_default();
             for (n, s) in &self.nodes {
-                if *s == NodeState::Online {
+                if *s != NodeState::Offline {
                     per_node.entry(n.clone()).or_insert(Observed::Unknown);
                 }
             }
@@ -469,6 +470,8 @@ impl<P: Planner> Coordinator<P> {
 
     fn join(&mut self, node: &str, now: Time) {
         self.nodes.insert(node.to_string(), NodeState::Online);
+        // A past fence is history now; the next loss needs a fence of its own.
+        self.fencer.clear(node);
         self.log(format!("{now}: {node} online"));
         for per_node in self.observed.values_mut() {
             per_node.insert(node.to_string(), Observed::Unknown);
@@ -586,8 +589,11 @@ impl<P: Planner> Coordinator<P> {
                 self.dirty = true;
             }
             let probing = self.in_flight.values().any(|f| f.step.is_none());
+            // Like Pacemaker's dc-deadtime: no plan until every node has been heard from
+            // or declared lost, since a node not heard yet may be running anything.
+            let waiting = self.nodes.values().any(|s| *s == NodeState::Pending);
             if self.transition.is_none() {
-                if !self.dirty || probing {
+                if !self.dirty || probing || waiting {
                     return;
                 }
                 self.dirty = false;
@@ -737,7 +743,7 @@ impl<P: Planner> Coordinator<P> {
                 continue;
             }
             match self.nodes.get(n) {
-                Some(NodeState::Unclean) => {
+                Some(NodeState::Unclean | NodeState::Pending) => {
                     return Err(format!(
                         "{resource} may still run on {n}, which is in doubt"
                     ));
@@ -1144,6 +1150,46 @@ mod tests {
         h.execute();
         h.run_for(500);
         assert_eq!(h.c.view().failcounts["vm1"]["n1"], 1);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
+    }
+
+    #[test]
+    fn a_node_fenced_once_is_fenced_again_when_lost_again() {
+        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")]);
+        cfg.auto_rejoin = true;
+        let mut h = Harness::new(cfg);
+        h.run_for(2_000);
+        for round in 0..2 {
+            h.power_off("n1");
+            h.run_for(3_000);
+            assert_eq!(h.fences.len(), 1, "round {round}: n1 must be fenced");
+            h.complete_fence(true);
+            h.dead.remove("n1");
+            h.run_for(2_000);
+            assert_eq!(h.c.view().nodes["n1"], NodeState::Online, "round {round}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_planned_while_a_node_was_never_heard() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        // n1 runs vm1 already, but this coordinator (just elected) has not heard it yet.
+        h.running.insert(("vm1".into(), "n1".into()), true);
+        h.dead.insert("n1".into());
+        h.run_for(900);
+        assert_eq!(h.running_on("vm1"), vec!["n1"], "n1 may hold vm1: wait");
+        h.run_for(2_000);
+        assert_eq!(
+            h.fences.len(),
+            1,
+            "a node never heard is fenced before recovery"
+        );
+        h.complete_fence(true);
+        h.run_for(500);
         assert_eq!(h.running_on("vm1"), vec!["n2"]);
     }
 
