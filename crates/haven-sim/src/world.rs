@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
 use haven_ha::{
-    AgentCommand, Coordinator, CoordinatorCommand, CoordinatorConfig, FenceStep, NodeAgent,
-    NodeSpec, OpKind, OpOutcome, OpReport, OpRequest, Planner, ResourceOps, StepKind, Time,
-    Timeouts,
+    AgentCommand, Coordinator, CoordinatorCommand, CoordinatorConfig, FenceStep, NoQuorumPolicy,
+    NodeAgent, NodeSpec, OpKind, OpOutcome, OpReport, OpRequest, Planner, QuorumAction,
+    QuorumWatch, ResourceOps, StepKind, Time, Timeouts,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -115,7 +115,7 @@ struct Node {
     agent: NodeAgent,
     /// Partition group: nodes talk only within their group.
     group: u32,
-    quorum_lost_since: Option<Time>,
+    quorum: QuorumWatch,
     /// Operations started by the agent and their completion time.
     pending_ops: Vec<(Time, u64, String, OpKind)>,
 }
@@ -187,7 +187,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                         boot_at: None,
                         agent: NodeAgent::new(),
                         group: 0,
-                        quorum_lost_since: None,
+                        quorum: QuorumWatch::new(NoQuorumPolicy::Stop, opts.quorum_lease, Time(0)),
                         pending_ops: Vec::new(),
                     },
                 )
@@ -325,7 +325,6 @@ impl<P: Planner> World<P> {
             node.powered = false;
             node.agent = NodeAgent::new();
             node.pending_ops.clear();
-            node.quorum_lost_since = None;
         }
         if self.leader.as_ref().is_some_and(|(l, _)| l == n) {
             self.leader = None;
@@ -349,9 +348,11 @@ impl<P: Planner> World<P> {
             .collect();
         for n in booting {
             self.log(format!("{n} boots"));
+            let (now, lease) = (self.now, self.opts.quorum_lease);
             if let Some(node) = self.nodes.get_mut(&n) {
                 node.powered = true;
                 node.boot_at = None;
+                node.quorum = QuorumWatch::new(NoQuorumPolicy::Stop, lease, now);
             }
         }
     }
@@ -650,11 +651,12 @@ impl<P: Planner> World<P> {
         }
     }
 
-    /// no-quorum-policy=stop: a node cut off from the majority stops its resources once
-    /// its lease is over, before the majority can have declared it dead and fenced it.
+    /// no-quorum-policy=stop, decided by the real `QuorumWatch`: a node cut off from
+    /// the majority stops its resources once its lease is over, before the majority can
+    /// have declared it dead and fenced it. Quorum itself is read off the partition
+    /// groups (what Raft would tell each node, without its messages).
     fn quorum_watch(&mut self) {
         let now = self.now;
-        let lease = self.opts.quorum_lease;
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for n in names {
             let quorate = self.in_majority(&n);
@@ -664,28 +666,27 @@ impl<P: Planner> World<P> {
             if !node.powered {
                 continue;
             }
-            if quorate {
-                node.quorum_lost_since = None;
+            node.quorum.handle_quorum(quorate, now);
+            let mut stop_all = false;
+            while let Some(action) = node.quorum.poll_action() {
+                stop_all |= matches!(action, QuorumAction::StopAll | QuorumAction::SelfFence);
+            }
+            if !stop_all {
                 continue;
             }
-            let since = *node.quorum_lost_since.get_or_insert(now);
-            if now.saturating_since(since) >= lease {
-                let had: Vec<String> = self
-                    .truth
-                    .iter()
-                    .filter(|(_, s)| s.contains(&n))
-                    .map(|(r, _)| r.clone())
-                    .collect();
-                if !had.is_empty() {
-                    self.log(format!("{n} lost quorum: stops {}", had.join(", ")));
-                }
-                for r in had {
-                    self.stop_process(&r, &n);
-                }
-                if let Some(node) = self.nodes.get_mut(&n) {
-                    node.agent = NodeAgent::new();
-                    node.pending_ops.clear();
-                }
+            node.agent = NodeAgent::new();
+            node.pending_ops.clear();
+            let had: Vec<String> = self
+                .truth
+                .iter()
+                .filter(|(_, s)| s.contains(&n))
+                .map(|(r, _)| r.clone())
+                .collect();
+            if !had.is_empty() {
+                self.log(format!("{n} lost quorum: stops {}", had.join(", ")));
+            }
+            for r in had {
+                self.stop_process(&r, &n);
             }
         }
     }
