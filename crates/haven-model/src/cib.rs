@@ -1,0 +1,1 @@
+//! Pacemaker CIB import (work in progress).

@@ -1,0 +1,122 @@
+//! A configuration is accepted only when it is coherent; every refusal names the file,
+//! the field and the rule.
+
+use haven_model::{Config, ConfigError, Role, Score, State};
+
+const EXAMPLE: &str = include_str!("../../../examples/two-node.toml");
+const EXAMPLE_STATE: &str = include_str!("../../../examples/two-node-state.json");
+
+fn refuse(text: &str) -> (String, String) {
+    match Config::from_toml("c.toml", text) {
+        Err(ConfigError::Invalid {
+            source_name,
+            field,
+            reason,
+        }) => {
+            assert_eq!(source_name, "c.toml");
+            (field, reason)
+        }
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+const BASE: &str = r#"
+[[nodes]]
+name = "n1"
+[[nodes]]
+name = "n2"
+[[resources]]
+id = "a"
+class = "lsb"
+type = "a"
+[[resources]]
+id = "b"
+class = "lsb"
+type = "b"
+"#;
+
+#[test]
+fn example_parses_and_round_trips() {
+    let c = Config::from_toml("two-node.toml", EXAMPLE).expect("example is valid");
+    assert_eq!(c.nodes.len(), 2);
+    assert_eq!(c.options.resource_stickiness, Score::new(100));
+    assert_eq!(c.constraints.colocation[0].with_role, Some(Role::Promoted));
+    assert_eq!(c.constraints.colocation[0].score, Score::INFINITY);
+    let again = Config::from_toml("again.toml", &c.to_toml().expect("renders")).expect("valid");
+    assert_eq!(again, c);
+    let s = State::from_json("two-node-state.json", EXAMPLE_STATE).expect("state is valid");
+    assert_eq!(s.resources["vm1"]["m1"].role, Role::Started);
+}
+
+#[test]
+fn unknown_constraint_ids_are_named() {
+    let (f, r) = refuse(&format!(
+        "{BASE}[[constraints.order]]\nid = \"o\"\nfirst = \"a\"\nthen = \"zz\"\n"
+    ));
+    assert_eq!(f, "constraints.order[0].then");
+    assert!(r.contains("unknown resource `zz`"), "{r}");
+    let (f, _) = refuse(&format!(
+        "{BASE}[[constraints.location]]\nid = \"l\"\nrsc = \"a\"\nnode = \"n9\"\nscore = 5\n"
+    ));
+    assert_eq!(f, "constraints.location[0].node");
+}
+
+#[test]
+fn duplicate_ids_are_refused() {
+    let (f, r) = refuse(&format!(
+        "{BASE}[[groups]]\nid = \"a\"\nmembers = [\"b\"]\n"
+    ));
+    assert_eq!(f, "groups[0].id");
+    assert!(r.contains("already used by resources[0].id"), "{r}");
+    let (f, _) = refuse("[[nodes]]\nname = \"n\"\n[[nodes]]\nname = \"n\"\n");
+    assert_eq!(f, "nodes[1].name");
+}
+
+#[test]
+fn mandatory_order_cycles_are_refused_but_optional_ones_pass() {
+    let cyc = format!(
+        "{BASE}[[constraints.order]]\nid = \"o1\"\nfirst = \"a\"\nthen = \"b\"\n\
+         [[constraints.order]]\nid = \"o2\"\nfirst = \"b\"\nthen = \"a\"\n"
+    );
+    let (f, r) = refuse(&cyc);
+    assert!(f.starts_with("constraints.order["), "{f}");
+    assert!(r.contains("cycle"), "{r}");
+    let opt = cyc.replace("id = \"o2\"", "id = \"o2\"\nkind = \"Optional\"");
+    assert!(Config::from_toml("c.toml", &opt).is_ok());
+}
+
+#[test]
+fn impossible_clone_counts_are_refused() {
+    let (f, r) = refuse(&format!(
+        "{BASE}[[clones]]\nid = \"c\"\nchild = \"a\"\nclone-max = 1\npromotable = true\npromoted-max = 2\n"
+    ));
+    assert_eq!(f, "clones[0].promoted-max");
+    assert!(r.contains("cannot exceed clone-max"), "{r}");
+    let (f, _) = refuse(&format!(
+        "{BASE}[[clones]]\nid = \"c\"\nchild = \"a\"\nclone-node-max = 0\n"
+    ));
+    assert_eq!(f, "clones[0].clone-node-max");
+}
+
+#[test]
+fn bad_scores_and_syntax_name_the_file() {
+    let e = Config::from_toml(
+        "c.toml",
+        &format!("{BASE}[[constraints.location]]\nid = \"l\"\nrsc = \"a\"\nnode = \"n1\"\nscore = \"lots\"\n"),
+    )
+    .expect_err("bad score");
+    let msg = e.to_string();
+    assert!(msg.starts_with("c.toml:"), "{msg}");
+    assert!(msg.contains("not a score"), "{msg}");
+    let e = Config::from_toml("c.toml", "[options]\nbogus = 1\n").expect_err("unknown key");
+    assert!(e.to_string().contains("bogus"), "{e}");
+}
+
+#[test]
+fn passwords_never_live_in_the_config() {
+    let (f, r) = refuse(
+        "[[nodes]]\nname = \"n1\"\n[[fencing.devices]]\nid = \"f\"\nagent = \"fence_ipmilan\"\nparams = { password = \"x\" }\n",
+    );
+    assert_eq!(f, "fencing.devices[0].params");
+    assert!(r.contains("password-file"), "{r}");
+}
