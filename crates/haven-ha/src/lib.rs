@@ -6,6 +6,7 @@
 //! and when it next wants to be woken. No clock, socket, file or process is touched, so
 //! the daemon and the simulator drive the very same code.
 
+pub mod adapter;
 pub mod agent;
 pub mod coordinator;
 pub mod fencing;

@@ -1,0 +1,204 @@
+//! From Haven's configuration (haven-model) to what the coordinator acts on.
+
+use std::time::Duration;
+
+use haven_model::{Config, FenceDevice};
+
+use crate::coordinator::{CoordinatorConfig, NodeSpec, ResourceOps};
+use crate::fencing::{FenceStep, StepKind};
+
+/// Pacemaker's default stonith-timeout.
+const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A watchdog device's default wait: the node's lease (see `QuorumWatch`) plus margin.
+const DEFAULT_WATCHDOG_WAIT: Duration = Duration::from_secs(10);
+/// The heartbeat link name used when a node lists no addresses.
+pub const DEFAULT_LINK: &str = "link0";
+
+/// The coordinator's view of a configuration.
+pub fn coordinator_config(config: &Config) -> CoordinatorConfig {
+    CoordinatorConfig {
+        nodes: config
+            .nodes
+            .iter()
+            .map(|n| NodeSpec {
+                name: n.name.clone(),
+                links: link_names(n.addrs.len()),
+                fence_levels: fence_levels(config, &n.name),
+            })
+            .collect(),
+        resources: config
+            .resources
+            .iter()
+            .map(|p| (p.id.clone(), resource_ops(p)))
+            .collect(),
+        stonith_enabled: config.options.stonith_enabled,
+        auto_rejoin: false,
+    }
+}
+
+/// Links are named by position (`link0`, `link1`, …): a node's first address is its
+/// `link0`, whatever the address.
+pub fn link_names(addrs: usize) -> Vec<String> {
+    if addrs == 0 {
+        return vec![DEFAULT_LINK.to_string()];
+    }
+    (0..addrs).map(|i| format!("link{i}")).collect()
+}
+
+fn resource_ops(p: &haven_model::Primitive) -> ResourceOps {
+    let mut ops = ResourceOps::default();
+    let secs = |s: Option<u64>, default: Duration| s.map_or(default, Duration::from_secs);
+    for op in &p.ops {
+        match op.name.as_str() {
+            "start" => ops.start_timeout = secs(op.timeout, ops.start_timeout),
+            "stop" => ops.stop_timeout = secs(op.timeout, ops.stop_timeout),
+            "promote" => ops.promote_timeout = secs(op.timeout, ops.promote_timeout),
+            "demote" => ops.demote_timeout = secs(op.timeout, ops.demote_timeout),
+            "migrate_to" | "migrate_from" => {
+                ops.migrate_timeout = secs(op.timeout, ops.migrate_timeout)
+            }
+            "monitor" if op.interval > 0 => {
+                ops.monitor_interval = Some(Duration::from_secs(op.interval));
+                ops.monitor_timeout = secs(op.timeout, ops.monitor_timeout);
+            }
+            _ => {}
+        }
+    }
+    ops
+}
+
+/// The fencing levels for `node` as victim. Without explicit levels, every device
+/// able to fence the node is a level of its own, in configuration order (Pacemaker
+/// tries every capable device when no topology is set).
+pub fn fence_levels(config: &Config, node: &str) -> Vec<Vec<FenceStep>> {
+    let device = |id: &str| config.fencing.devices.iter().find(|d| d.id == id);
+    let mut levels: Vec<_> = config
+        .fencing
+        .levels
+        .iter()
+        .filter(|l| l.node == node)
+        .collect();
+    levels.sort_by_key(|l| l.index);
+    if !levels.is_empty() {
+        return levels
+            .iter()
+            .map(|l| {
+                l.devices
+                    .iter()
+                    .filter_map(|id| device(id))
+                    .map(fence_step)
+                    .collect()
+            })
+            .collect();
+    }
+    config
+        .fencing
+        .devices
+        .iter()
+        .filter(|d| d.hosts.is_empty() || d.hosts.iter().any(|h| h == node))
+        .map(|d| vec![fence_step(d)])
+        .collect()
+}
+
+fn fence_step(d: &FenceDevice) -> FenceStep {
+    let secs = |key: &str| {
+        d.params
+            .get(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs)
+    };
+    let kind = match d.agent.as_str() {
+        "manual" | "fence_ack_manual" | "meatware" => StepKind::Manual,
+        "watchdog" => StepKind::Watchdog {
+            wait: secs("wait").unwrap_or(DEFAULT_WATCHDOG_WAIT),
+        },
+        _ => StepKind::Run {
+            timeout: secs("pcmk_reboot_timeout").unwrap_or(DEFAULT_FENCE_TIMEOUT),
+        },
+    };
+    FenceStep {
+        device: d.id.clone(),
+        kind,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[options]
+stonith-enabled = true
+
+[[nodes]]
+name = "n1"
+addrs = ["127.0.0.11", "127.0.1.11"]
+
+[[nodes]]
+name = "n2"
+
+[[resources]]
+id = "vm1"
+class = "process"
+type = "sleep"
+ops = [{ name = "monitor", interval = 5, timeout = 7 }, { name = "start", timeout = 30 }]
+
+[[fencing.devices]]
+id = "ipmi-n1"
+agent = "fence_ipmilan"
+hosts = ["n1"]
+params = { ip = "127.0.0.1", pcmk_reboot_timeout = "20" }
+
+[[fencing.devices]]
+id = "pdu"
+agent = "fence_dummy"
+
+[[fencing.devices]]
+id = "operator"
+agent = "manual"
+
+[[fencing.levels]]
+node = "n2"
+index = 2
+devices = ["operator"]
+
+[[fencing.levels]]
+node = "n2"
+index = 1
+devices = ["pdu"]
+"#;
+
+    #[test]
+    fn converts_nodes_links_ops_and_fencing() {
+        let config = Config::from_toml("test.toml", CONFIG).expect("valid config");
+        let c = coordinator_config(&config);
+        assert!(c.stonith_enabled);
+        assert_eq!(c.nodes[0].links, vec!["link0", "link1"]);
+        assert_eq!(c.nodes[1].links, vec!["link0"]);
+        let ops = &c.resources["vm1"];
+        assert_eq!(ops.monitor_interval, Some(Duration::from_secs(5)));
+        assert_eq!(ops.monitor_timeout, Duration::from_secs(7));
+        assert_eq!(ops.start_timeout, Duration::from_secs(30));
+        // n1: no explicit levels — every capable device, one level each.
+        let n1: Vec<_> = c.nodes[0]
+            .fence_levels
+            .iter()
+            .map(|l| l[0].device.as_str())
+            .collect();
+        assert_eq!(n1, vec!["ipmi-n1", "pdu", "operator"]);
+        assert_eq!(
+            c.nodes[0].fence_levels[0][0].kind,
+            StepKind::Run {
+                timeout: Duration::from_secs(20)
+            }
+        );
+        // n2: explicit levels, in index order.
+        let n2: Vec<_> = c.nodes[1]
+            .fence_levels
+            .iter()
+            .map(|l| (l[0].device.as_str(), l[0].kind.clone()))
+            .collect();
+        assert_eq!(n2[0].0, "pdu");
+        assert_eq!(n2[1], ("operator", StepKind::Manual));
+    }
+}
