@@ -1,0 +1,462 @@
+//! The replicated cluster state and the commands that change it.
+//!
+//! Pure: `ClusterState::apply` is the whole state machine, a function of the state and one
+//! committed command. Time enters only as a value inside a command (the proposer's
+//! clock), so every replica computes the same result.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The cluster configuration (Haven's TOML text) and its version. Version 0 means none
+/// yet; each accepted change increments it by one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigRecord {
+    pub version: u64,
+    pub text: String,
+}
+
+/// A member node, as registered at init or join.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    /// One address per link, in link order; the first is used for Raft.
+    pub addrs: Vec<String>,
+    /// A voter that runs nothing.
+    pub witness: bool,
+    /// Joined as a non-voting member.
+    pub learner: bool,
+    /// The operator asked that nothing run here.
+    pub standby: bool,
+    /// The operator asked Haven to leave this node's resources alone.
+    pub maintenance: bool,
+}
+
+/// A join token as the cluster keeps it: a hash of the secret, never the secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub secret_hash: String,
+    pub expires_at_ms: u64,
+    pub used: bool,
+}
+
+/// What is known of one resource on one node: the last operation and the failures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRecord {
+    pub last_op: String,
+    pub rc: i32,
+    pub at_ms: u64,
+    /// Whether the resource is active here after that operation.
+    pub running: bool,
+    pub failcount: u32,
+    /// The last failed operation, for `haven status`'s failed actions.
+    pub last_failure: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub config: ConfigRecord,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub next_node_id: u64,
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// resource id → node name → record.
+    pub resources: BTreeMap<String, BTreeMap<String, ResourceRecord>>,
+}
+
+/// A command proposed to Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Replace the configuration if it is still at `based_on` (compare-and-set).
+    ApplyConfig { based_on: u64, text: String },
+    /// Register a node with a fixed id (the founding node at `cluster init`).
+    RegisterNode {
+        name: String,
+        id: u64,
+        addrs: Vec<String>,
+        witness: bool,
+    },
+    AddToken {
+        id: String,
+        secret_hash: String,
+        expires_at_ms: u64,
+    },
+    /// Consume a join token and register the new node under a fresh id, in one commit,
+    /// so a token can never admit two nodes.
+    Join {
+        token_id: String,
+        secret_hash: String,
+        now_ms: u64,
+        name: String,
+        addrs: Vec<String>,
+        witness: bool,
+        learner: bool,
+    },
+    SetNodeAttrs {
+        name: String,
+        standby: Option<bool>,
+        maintenance: Option<bool>,
+    },
+    RecordOp {
+        resource: String,
+        node: String,
+        op: String,
+        rc: i32,
+        at_ms: u64,
+        ok: bool,
+        running: bool,
+    },
+    ClearFailures {
+        resource: String,
+        node: Option<String>,
+    },
+}
+
+/// The result of applying a command. A refusal is a normal, committed outcome (every
+/// replica refuses the same way), not a storage error.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    #[default]
+    Done,
+    ConfigVersion(u64),
+    NodeId(u64),
+    Refused(String),
+}
+
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl ClusterState {
+    /// Applies one committed command.
+    pub fn apply(&mut self, req: &Request) -> Response {
+        match req {
+            Request::ApplyConfig { based_on, text } => {
+                let current = self.config.version;
+                if *based_on != current {
+                    return Response::Refused(format!(
+                        "configuration change refused: it was based on version {based_on}, but the cluster is at version {current}; \
+                         fetch version {current} (`haven config show`), redo the change on it and apply again"
+                    ));
+                }
+                self.config = ConfigRecord {
+                    version: current + 1,
+                    text: text.clone(),
+                };
+                Response::ConfigVersion(current + 1)
+            }
+            Request::RegisterNode {
+                name,
+                id,
+                addrs,
+                witness,
+            } => {
+                if let Some(r) = self.refuse_new_node(name, addrs) {
+                    return r;
+                }
+                if self.nodes.values().any(|n| n.id == *id) {
+                    return Response::Refused(format!("node id {id} is already taken"));
+                }
+                self.nodes.insert(
+                    name.clone(),
+                    NodeRecord {
+                        id: *id,
+                        addrs: addrs.clone(),
+                        witness: *witness,
+                        ..NodeRecord::default()
+                    },
+                );
+                self.next_node_id = self.next_node_id.max(id + 1);
+                Response::NodeId(*id)
+            }
+            Request::AddToken {
+                id,
+                secret_hash,
+                expires_at_ms,
+            } => {
+                self.tokens.insert(
+                    id.clone(),
+                    TokenRecord {
+                        secret_hash: secret_hash.clone(),
+                        expires_at_ms: *expires_at_ms,
+                        used: false,
+                    },
+                );
+                Response::Done
+            }
+            Request::Join {
+                token_id,
+                secret_hash,
+                now_ms,
+                name,
+                addrs,
+                witness,
+                learner,
+            } => {
+                match self.tokens.get(token_id) {
+                    None => {
+                        return Response::Refused(format!(
+                            "join refused: token {token_id} was never issued by this cluster"
+                        ));
+                    }
+                    Some(t) if t.secret_hash != *secret_hash => {
+                        return Response::Refused(format!(
+                            "join refused: the secret of token {token_id} does not match"
+                        ));
+                    }
+                    Some(t) if t.used => {
+                        return Response::Refused(format!(
+                            "join refused: token {token_id} has already been used (tokens are single-use; issue a new one with `haven cluster join-token`)"
+                        ));
+                    }
+                    Some(t) if t.expires_at_ms <= *now_ms => {
+                        return Response::Refused(format!(
+                            "join refused: token {token_id} expired (issue a new one with `haven cluster join-token`)"
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                if let Some(r) = self.refuse_new_node(name, addrs) {
+                    return r;
+                }
+                if let Some(t) = self.tokens.get_mut(token_id) {
+                    t.used = true;
+                }
+                let id = self.next_node_id.max(1);
+                self.next_node_id = id + 1;
+                self.nodes.insert(
+                    name.clone(),
+                    NodeRecord {
+                        id,
+                        addrs: addrs.clone(),
+                        witness: *witness,
+                        learner: *learner,
+                        ..NodeRecord::default()
+                    },
+                );
+                Response::NodeId(id)
+            }
+            Request::SetNodeAttrs {
+                name,
+                standby,
+                maintenance,
+            } => {
+                let Some(node) = self.nodes.get_mut(name) else {
+                    return Response::Refused(format!(
+                        "no node named {name:?} is a member of this cluster"
+                    ));
+                };
+                if let Some(s) = standby {
+                    node.standby = *s;
+                }
+                if let Some(m) = maintenance {
+                    node.maintenance = *m;
+                }
+                Response::Done
+            }
+            Request::RecordOp {
+                resource,
+                node,
+                op,
+                rc,
+                at_ms,
+                ok,
+                running,
+            } => {
+                let rec = self
+                    .resources
+                    .entry(resource.clone())
+                    .or_default()
+                    .entry(node.clone())
+                    .or_default();
+                rec.last_op = op.clone();
+                rec.rc = *rc;
+                rec.at_ms = *at_ms;
+                rec.running = *running;
+                if !ok {
+                    rec.failcount = rec.failcount.saturating_add(1);
+                    rec.last_failure = Some(format!("{op} returned {rc}"));
+                }
+                Response::Done
+            }
+            Request::ClearFailures { resource, node } => {
+                if let Some(per_node) = self.resources.get_mut(resource) {
+                    for (n, rec) in per_node.iter_mut() {
+                        if node.as_ref().is_none_or(|want| want == n) {
+                            rec.failcount = 0;
+                            rec.last_failure = None;
+                        }
+                    }
+                }
+                Response::Done
+            }
+        }
+    }
+
+    fn refuse_new_node(&self, name: &str, addrs: &[String]) -> Option<Response> {
+        if !valid_node_name(name) {
+            return Some(Response::Refused(format!(
+                "node name {name:?} is not valid: use 1–63 characters of [A-Za-z0-9._-]"
+            )));
+        }
+        if self.nodes.contains_key(name) {
+            return Some(Response::Refused(format!(
+                "a node named {name:?} is already a member of this cluster"
+            )));
+        }
+        if addrs.is_empty() {
+            return Some(Response::Refused(format!(
+                "node {name:?} has no address; give at least one --addr"
+            )));
+        }
+        for (other, rec) in &self.nodes {
+            if let Some(a) = addrs.iter().find(|a| rec.addrs.contains(a)) {
+                return Some(Response::Refused(format!(
+                    "address {a} is already used by node {other:?}"
+                )));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(state: &mut ClusterState, id: &str, expires_at_ms: u64) {
+        state.apply(&Request::AddToken {
+            id: id.into(),
+            secret_hash: "h".into(),
+            expires_at_ms,
+        });
+    }
+
+    fn join(state: &mut ClusterState, id: &str, hash: &str, now_ms: u64, name: &str) -> Response {
+        state.apply(&Request::Join {
+            token_id: id.into(),
+            secret_hash: hash.into(),
+            now_ms,
+            name: name.into(),
+            addrs: vec![format!("127.0.0.1:{}", name.len() + 7000 + now_ms as usize)],
+            witness: false,
+            learner: false,
+        })
+    }
+
+    #[test]
+    fn config_apply_is_compare_and_set_on_the_version() {
+        let mut s = ClusterState::default();
+        let first = Request::ApplyConfig {
+            based_on: 0,
+            text: "a".into(),
+        };
+        assert_eq!(s.apply(&first), Response::ConfigVersion(1));
+        assert_eq!(
+            s.apply(&Request::ApplyConfig {
+                based_on: 1,
+                text: "b".into()
+            }),
+            Response::ConfigVersion(2)
+        );
+        let Response::Refused(why) = s.apply(&Request::ApplyConfig {
+            based_on: 1,
+            text: "c".into(),
+        }) else {
+            panic!("a stale apply was accepted");
+        };
+        assert!(
+            why.contains("version 1") && why.contains("version 2"),
+            "{why}"
+        );
+        assert_eq!(s.config.text, "b");
+        assert_eq!(s.config.version, 2);
+    }
+
+    #[test]
+    fn a_join_token_admits_exactly_one_node_before_it_expires() {
+        let mut s = ClusterState::default();
+        s.apply(&Request::RegisterNode {
+            name: "n1".into(),
+            id: 1,
+            addrs: vec!["127.0.0.1:1".into()],
+            witness: false,
+        });
+        token(&mut s, "t1", 1000);
+        assert!(matches!(
+            join(&mut s, "t1", "wrong", 1, "n2"),
+            Response::Refused(_)
+        ));
+        assert_eq!(join(&mut s, "t1", "h", 1, "n2"), Response::NodeId(2));
+        let Response::Refused(why) = join(&mut s, "t1", "h", 2, "n3") else {
+            panic!("a used token admitted a second node");
+        };
+        assert!(why.contains("already been used"), "{why}");
+        token(&mut s, "t2", 1000);
+        let Response::Refused(why) = join(&mut s, "t2", "h", 1000, "n3") else {
+            panic!("an expired token admitted a node");
+        };
+        assert!(why.contains("expired"), "{why}");
+        assert!(matches!(
+            join(&mut s, "nope", "h", 1, "n4"),
+            Response::Refused(_)
+        ));
+        assert_eq!(s.nodes.len(), 2);
+    }
+
+    #[test]
+    fn a_refused_join_does_not_burn_the_token() {
+        let mut s = ClusterState::default();
+        s.apply(&Request::RegisterNode {
+            name: "n1".into(),
+            id: 1,
+            addrs: vec!["127.0.0.1:1".into()],
+            witness: false,
+        });
+        token(&mut s, "t", 1000);
+        assert!(matches!(
+            join(&mut s, "t", "h", 1, "n1"),
+            Response::Refused(_)
+        ));
+        assert_eq!(join(&mut s, "t", "h", 1, "n2"), Response::NodeId(2));
+    }
+
+    #[test]
+    fn failures_count_and_clear() {
+        let mut s = ClusterState::default();
+        let op = |ok| Request::RecordOp {
+            resource: "web".into(),
+            node: "n1".into(),
+            op: "monitor".into(),
+            rc: if ok { 0 } else { 7 },
+            at_ms: 5,
+            ok,
+            running: ok,
+        };
+        s.apply(&op(false));
+        s.apply(&op(false));
+        assert_eq!(s.resources["web"]["n1"].failcount, 2);
+        s.apply(&Request::ClearFailures {
+            resource: "web".into(),
+            node: None,
+        });
+        assert_eq!(s.resources["web"]["n1"].failcount, 0);
+        assert!(s.resources["web"]["n1"].last_failure.is_none());
+    }
+
+    #[test]
+    fn attributes_of_an_unknown_node_are_refused() {
+        let mut s = ClusterState::default();
+        assert!(matches!(
+            s.apply(&Request::SetNodeAttrs {
+                name: "ghost".into(),
+                standby: Some(true),
+                maintenance: None
+            }),
+            Response::Refused(_)
+        ));
+    }
+}
