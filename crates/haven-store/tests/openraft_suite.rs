@@ -21,6 +21,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
 }
 
 #[test]
-fn the_redb_store_passes_the_openraft_suite() -> Result<(), StorageError<u64>> {
-    Suite::test_all(Builder)
+fn the_redb_store_passes_the_openraft_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("openraft storage suite failed: {e}");
+    }
 }
