@@ -1,1 +1,15 @@
 //! Replicated block volumes served over NBD, with synchronous (protocol C) replication.
+//!
+//! - [`proto`]: the NBD wire format; [`nbd`]: the server.
+//! - [`meta`]: a replica's persistent metadata (generations, epoch, dirty bitmaps).
+//! - [`decide`]: pure decisions (sync direction, split brain, promotion).
+//! - [`wire`]: the replication protocol; [`volume`]: a running replica.
+//! - [`control`]: the JSON-lines control socket used by the CLI.
+
+pub mod control;
+pub mod decide;
+pub mod meta;
+pub mod nbd;
+pub mod proto;
+pub mod volume;
+pub mod wire;

@@ -1,0 +1,1345 @@
+//! One replica of a volume at run time: the backing file, the metadata, and one
+//! replication connection per peer. The decisions (who syncs from whom, split brain,
+//! promotion) are in [`crate::decide`]; this file only carries them out.
+//!
+//! Write path on a primary (DRBD protocol C): under the `order` lock the write goes to
+//! the local file and is queued to every connected peer (so every replica applies writes
+//! in the same order); then the caller waits until each of those peers acknowledged it.
+//! A peer that is not connected gets the region marked in its dirty bitmap instead, and a
+//! peer that drops mid-write gets its unacknowledged regions marked, so a later resync
+//! brings it up to date without copying everything.
+
+use crate::decide::{self, PeerLink, Plan, PromoteError, SideView, SplitBrainPolicy};
+use crate::meta::{DATA_FILE, DiskState, Meta, MetaError, Role};
+use crate::wire::{self, GenUpdate, Hello, Msg, StateUpdate};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, watch};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_INTERVAL: Duration = Duration::from_millis(200);
+/// Frames queued to one peer before writers wait: the replication pipeline's bound.
+const PEER_QUEUE: usize = 128;
+static ZEROES: [u8; 65536] = [0; 65536];
+
+#[derive(Debug, Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: backing file is {actual} bytes but the metadata says {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("peer `{0}` is not configured for this volume (configured: {1})")]
+    UnknownPeer(String, String),
+    #[error("peer `{0}` is this node itself; a replica cannot peer with itself")]
+    SelfPeer(String),
+    #[error(transparent)]
+    Promote(#[from] PromoteError),
+    #[error("cannot {action} while primary; demote first")]
+    IsPrimary { action: &'static str },
+    #[error("`{discard}` is neither this node ({node}) nor peer `{peer}`")]
+    BadDiscard {
+        discard: String,
+        node: String,
+        peer: String,
+    },
+    #[error("listening for replication on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Why an I/O request from the NBD client failed; maps to an NBD error value.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum IoFail {
+    #[error("this replica is not primary")]
+    NotPrimary,
+    #[error("request beyond the end of the volume")]
+    OutOfRange,
+    #[error("backing store I/O error")]
+    Io,
+}
+
+impl IoFail {
+    pub fn errno(self) -> u32 {
+        match self {
+            IoFail::NotPrimary => crate::proto::EPERM,
+            IoFail::OutOfRange => crate::proto::ENOSPC,
+            IoFail::Io => crate::proto::EIO,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub peers: Vec<(String, SocketAddr)>,
+    pub policy: SplitBrainPolicy,
+    pub allow_two_primaries: bool,
+    /// Resync rate limit in bytes per second; `None` is unlimited.
+    pub resync_rate: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Connection {
+    Connected,
+    Connecting,
+    StandAlone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Replication {
+    Established,
+    SyncSource,
+    SyncTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    /// Zero on the target side, which does not know the total in advance.
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub rate_bytes_per_s: u64,
+    pub eta_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub node: String,
+    pub address: String,
+    pub connection: Connection,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+    pub replication: Option<Replication>,
+    /// Bytes this replica wrote that the peer does not have yet.
+    pub out_of_sync_bytes: u64,
+    pub resync: Option<ResyncStatus>,
+    /// Regions synced since this process started (both directions), for tests and
+    /// operators who want to see that a resync was partial.
+    pub resynced_bytes_total: u64,
+    pub split_brain: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub volume: String,
+    pub node: String,
+    pub role: Role,
+    pub disk: DiskState,
+    pub epoch: u64,
+    pub generation: String,
+    pub size: u64,
+    pub crashed_primary: bool,
+    pub peers: Vec<PeerStatus>,
+}
+
+struct Inflight {
+    next_seq: u64,
+    /// (seq, offset, len) of frames sent and not yet acknowledged.
+    queue: VecDeque<(u64, u64, u64)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Acked {
+    seq: u64,
+    alive: bool,
+}
+
+enum Out {
+    Write {
+        seq: u64,
+        offset: u64,
+        len: u32,
+        flags: u8,
+        data: Option<Arc<Vec<u8>>>,
+    },
+    Flush(u64),
+    Ack(u64),
+    Resync {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A control frame already encoded.
+    Frame(Vec<u8>),
+}
+
+struct Progress {
+    total: u64,
+    done: u64,
+    started: Instant,
+}
+
+struct Conn {
+    id: u64,
+    peer: String,
+    tx: mpsc::Sender<Out>,
+    inflight: Mutex<Option<Inflight>>,
+    acked: watch::Sender<Acked>,
+    peer_role: Mutex<Role>,
+    peer_disk: Mutex<DiskState>,
+    peer_epoch: AtomicU64,
+    repl: Mutex<Replication>,
+    progress: Mutex<Option<Progress>>,
+    /// Regions the resync sent, cleared from the bitmap once the target confirms.
+    synced: Mutex<(BTreeSet<u64>, bool)>,
+    closed: AtomicBool,
+    close: Notify,
+}
+
+impl Conn {
+    fn shut(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.close.notify_waiters();
+        self.close.notify_one();
+    }
+}
+
+struct Peer {
+    addr: SocketAddr,
+    want: bool,
+    conn: Option<Arc<Conn>>,
+    last_error: Option<String>,
+    split_brain: bool,
+    discard_my_data: bool,
+    discard_peer: bool,
+    resynced_bytes: u64,
+}
+
+struct State {
+    meta: Meta,
+    peers: BTreeMap<String, Peer>,
+}
+
+pub struct Volume {
+    cfg: VolumeConfig,
+    file: Arc<File>,
+    data_path: PathBuf,
+    size: u64,
+    region: u64,
+    node: String,
+    state: Mutex<State>,
+    order: tokio::sync::Mutex<()>,
+    conn_ids: AtomicU64,
+    wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere already; the data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Volume {
+    /// Opens the replica in `cfg.dir`. A replica that was primary when its process died
+    /// comes back as a secondary flagged `crashed_primary`.
+    pub fn open(cfg: VolumeConfig) -> Result<Arc<Volume>, VolumeError> {
+        let mut meta = Meta::load(&cfg.dir)?;
+        let data_path = cfg.dir.join(DATA_FILE);
+        let io = |source| VolumeError::Io {
+            path: data_path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(io)?;
+        let actual = file.metadata().map_err(io)?.len();
+        if actual < meta.size {
+            return Err(VolumeError::SizeMismatch {
+                path: data_path,
+                actual,
+                expected: meta.size,
+            });
+        }
+        if meta.role == Role::Primary {
+            meta.role = Role::Secondary;
+            meta.crashed_primary = true;
+            meta.save(&cfg.dir)?;
+        }
+        let mut peers = BTreeMap::new();
+        for (name, addr) in &cfg.peers {
+            if *name == meta.node {
+                return Err(VolumeError::SelfPeer(name.clone()));
+            }
+            peers.insert(
+                name.clone(),
+                Peer {
+                    addr: *addr,
+                    want: true,
+                    conn: None,
+                    last_error: None,
+                    split_brain: false,
+                    discard_my_data: false,
+                    discard_peer: false,
+                    resynced_bytes: 0,
+                },
+            );
+        }
+        Ok(Arc::new(Volume {
+            size: meta.size,
+            region: meta.region_size,
+            node: meta.node.clone(),
+            file: Arc::new(file),
+            data_path,
+            state: Mutex::new(State { meta, peers }),
+            order: tokio::sync::Mutex::new(()),
+            conn_ids: AtomicU64::new(1),
+            wake: Notify::new(),
+            cfg,
+        }))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn name(&self) -> String {
+        lock(&self.state).meta.volume.clone()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    /// Starts accepting and dialing replication connections. The node with the smaller
+    /// name dials, so each pair has exactly one connection.
+    pub async fn start(self: &Arc<Self>) -> Result<(), VolumeError> {
+        if let Some(addr) = self.cfg.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| VolumeError::Listen { addr, source })?;
+            let me = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => {
+                            let me = me.clone();
+                            tokio::spawn(async move { me.run_conn(s, None).await });
+                        }
+                        Err(e) => {
+                            tracing::warn!("replication accept failed: {e}");
+                            tokio::time::sleep(DIAL_INTERVAL).await;
+                        }
+                    }
+                }
+            });
+        }
+        for (name, addr) in self.cfg.peers.clone() {
+            if self.node < name {
+                let me = self.clone();
+                tokio::spawn(async move { me.dial_loop(name, addr).await });
+            }
+        }
+        Ok(())
+    }
+
+    async fn dial_loop(self: Arc<Self>, peer: String, addr: SocketAddr) {
+        loop {
+            let want = {
+                let st = lock(&self.state);
+                st.peers
+                    .get(&peer)
+                    .is_some_and(|p| p.want && p.conn.is_none())
+            };
+            if want {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => self.clone().run_conn(s, Some(peer.clone())).await,
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+            let _ = tokio::time::timeout(DIAL_INTERVAL, self.wake.notified()).await;
+        }
+    }
+
+    fn view(&self, st: &State, peer: &str) -> SideView {
+        let p = st.peers.get(peer);
+        SideView {
+            node: self.node.clone(),
+            role: st.meta.role,
+            disk: st.meta.disk,
+            epoch: st.meta.epoch,
+            current_gen: st.meta.current_gen,
+            history: st.meta.history.clone(),
+            changes: st.meta.dirty_count(peer),
+            promoted_at_ms: st.meta.promoted_at_ms,
+            crashed_primary: st.meta.crashed_primary,
+            discard_my_data: p.is_some_and(|p| p.discard_my_data),
+            discard_peer: p.is_some_and(|p| p.discard_peer),
+            allow_two_primaries: self.cfg.allow_two_primaries,
+        }
+    }
+
+    fn hello(&self, st: &State, peer: &str) -> Hello {
+        Hello {
+            volume: st.meta.volume.clone(),
+            size: st.meta.size,
+            region_size: st.meta.region_size,
+            view: self.view(st, peer),
+            dirty_for_peer: st
+                .meta
+                .dirty
+                .get(peer)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Runs one replication connection from handshake to teardown. `dialed` names the
+    /// peer we called; an accepted connection learns its peer from the hello.
+    async fn run_conn(self: Arc<Self>, stream: TcpStream, dialed: Option<String>) {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let mut wr = BufWriter::with_capacity(256 << 10, wr);
+        let mut buf = Vec::new();
+
+        // The dialer speaks first; both ends plan from the hellos actually exchanged.
+        let mut sent = None;
+        if let Some(peer) = &dialed {
+            let h = self.hello(&lock(&self.state), peer);
+            if send_json(&mut wr, wire::K_HELLO, &h).await.is_err() {
+                return;
+            }
+            sent = Some(h);
+        }
+        let theirs =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf)).await {
+                Ok(Ok(wire::K_HELLO)) => match wire::decode(wire::K_HELLO, &buf) {
+                    Ok(Msg::Hello(h)) => h,
+                    _ => return,
+                },
+                Ok(Ok(wire::K_REJECT)) => {
+                    if let (Some(peer), Ok(Msg::Reject(r))) =
+                        (&dialed, wire::decode(wire::K_REJECT, &buf))
+                    {
+                        self.note_error(peer, format!("peer refused: {r}"));
+                    }
+                    return;
+                }
+                _ => return,
+            };
+        let peer = theirs.view.node.clone();
+        if dialed.as_ref().is_some_and(|d| *d != peer) {
+            return;
+        }
+        // Everything from here to registering the connection happens under the state
+        // lock, so the plan is made on the state the peer will be told about.
+        let problem = {
+            let st = lock(&self.state);
+            if theirs.volume != st.meta.volume {
+                Some(format!(
+                    "volume id {} does not match {}",
+                    theirs.volume, st.meta.volume
+                ))
+            } else if theirs.size != st.meta.size || theirs.region_size != st.meta.region_size {
+                Some(format!(
+                    "size/region {}/{} does not match {}/{}",
+                    theirs.size, theirs.region_size, st.meta.size, st.meta.region_size
+                ))
+            } else {
+                match st.peers.get(&peer) {
+                    None => Some(format!("`{peer}` is not a configured peer")),
+                    Some(p) if p.conn.is_some() => Some("already connected".into()),
+                    Some(p) if !p.want => Some("connection disabled here".into()),
+                    Some(_) => None,
+                }
+            }
+        };
+        if let Some(why) = problem {
+            let mut f = Vec::new();
+            wire::encode_json(&mut f, wire::K_REJECT, &why);
+            let _ = wr.write_all(&f).await;
+            let _ = wr.flush().await;
+            if let Some(d) = &dialed {
+                self.note_error(d, why);
+            }
+            return;
+        }
+        // From here to registering the connection everything happens under the state
+        // lock, so the plan is made on exactly the state the peer is told about.
+        let (outcome, conn, rx, mine) = {
+            let mut st = lock(&self.state);
+            if st.peers.get(&peer).is_none_or(|p| p.conn.is_some()) {
+                return;
+            }
+            let mine = sent.unwrap_or_else(|| self.hello(&st, &peer));
+            let outcome = decide::plan_connection(&mine.view, &theirs.view, self.cfg.policy);
+            let mut changed = false;
+            if outcome.local_deposed {
+                st.meta.role = Role::Secondary;
+                st.meta.disk = DiskState::Outdated;
+                changed = true;
+            }
+            if theirs.view.epoch > st.meta.epoch {
+                st.meta.epoch = theirs.view.epoch;
+                changed = true;
+            }
+            let p = st.peers.get_mut(&peer);
+            if let Some(p) = p {
+                p.split_brain = outcome.split_brain;
+                p.last_error = match &outcome.plan {
+                    Plan::Refuse(r) => Some(r.to_string()),
+                    _ => None,
+                };
+                if matches!(outcome.plan, Plan::Refuse(_)) {
+                    // Like DRBD's StandAlone: wait for the operator.
+                    p.want = false;
+                }
+            }
+            if let Plan::Target { .. } = outcome.plan {
+                st.meta.disk = DiskState::Inconsistent;
+                changed = true;
+            }
+            if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
+                tracing::error!("saving metadata: {e}");
+                return;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            let (ack_tx, _) = watch::channel(Acked {
+                seq: 0,
+                alive: true,
+            });
+            let repl = match outcome.plan {
+                Plan::Source { .. } => Replication::SyncSource,
+                Plan::Target { .. } => Replication::SyncTarget,
+                _ => Replication::Established,
+            };
+            let conn = Arc::new(Conn {
+                id: self.conn_ids.fetch_add(1, Ordering::Relaxed),
+                peer: peer.clone(),
+                tx,
+                inflight: Mutex::new(Some(Inflight {
+                    next_seq: 1,
+                    queue: VecDeque::new(),
+                })),
+                acked: ack_tx,
+                peer_role: Mutex::new(if outcome.peer_deposed {
+                    Role::Secondary
+                } else {
+                    theirs.view.role
+                }),
+                peer_disk: Mutex::new(theirs.view.disk),
+                peer_epoch: AtomicU64::new(theirs.view.epoch),
+                repl: Mutex::new(repl),
+                progress: Mutex::new(None),
+                synced: Mutex::new((BTreeSet::new(), false)),
+                closed: AtomicBool::new(false),
+                close: Notify::new(),
+            });
+            if !matches!(outcome.plan, Plan::Refuse(_))
+                && let Some(p) = st.peers.get_mut(&peer)
+            {
+                p.conn = Some(conn.clone());
+            }
+            (outcome, conn, rx, mine)
+        };
+        if dialed.is_none() {
+            if send_json(&mut wr, wire::K_HELLO, &mine).await.is_err() {
+                self.teardown(&conn);
+                return;
+            }
+        }
+        if outcome.local_deposed {
+            tracing::warn!("deposed by {peer}: a newer primary exists; demoted");
+        }
+        if matches!(outcome.plan, Plan::Refuse(_)) {
+            let _ = wr.flush().await;
+            return;
+        }
+        self.wake.notify_waiters();
+        self.close_stale_primaries();
+
+        let writer = tokio::spawn(writer_task(wr, rx, conn.clone()));
+        if let Plan::Source { full } = outcome.plan {
+            let mut regions: BTreeSet<u64> = theirs.dirty_for_peer.iter().copied().collect();
+            {
+                let st = lock(&self.state);
+                if full {
+                    regions = (0..st.meta.regions()).collect();
+                } else if let Some(d) = st.meta.dirty.get(&peer) {
+                    regions.extend(d.iter().copied());
+                }
+            }
+            regions.retain(|r| *r < self.size.div_ceil(self.region));
+            let me = self.clone();
+            let c = conn.clone();
+            tokio::spawn(async move { me.resync(c, regions, full).await });
+        }
+        let reader = self.clone().reader_task(rd, conn.clone());
+        tokio::select! {
+            _ = reader => {}
+            _ = conn.close.notified() => {}
+        }
+        conn.shut();
+        self.teardown(&conn);
+        writer.abort();
+    }
+
+    fn note_error(&self, peer: &str, why: String) {
+        if let Some(p) = lock(&self.state).peers.get_mut(peer) {
+            p.last_error = Some(why);
+        }
+    }
+
+    /// Drops connections from primaries whose epoch is older than the newest we know.
+    fn close_stale_primaries(&self) {
+        let st = lock(&self.state);
+        for p in st.peers.values() {
+            if let Some(c) = &p.conn
+                && *lock(&c.peer_role) == Role::Primary
+                && c.peer_epoch.load(Ordering::SeqCst) < st.meta.epoch
+            {
+                c.shut();
+            }
+        }
+    }
+
+    fn teardown(&self, conn: &Arc<Conn>) {
+        let mut st = lock(&self.state);
+        let mine = st
+            .peers
+            .get(&conn.peer)
+            .and_then(|p| p.conn.as_ref())
+            .is_some_and(|c| c.id == conn.id);
+        if !mine {
+            return;
+        }
+        if let Some(p) = st.peers.get_mut(&conn.peer) {
+            p.conn = None;
+        }
+        let inflight = lock(&conn.inflight).take();
+        let mut changed = false;
+        if let Some(inf) = inflight {
+            for (_, off, len) in inf.queue {
+                changed |= st.meta.mark_dirty(&conn.peer, off, len);
+            }
+        }
+        // From now on this primary's data moves on without that peer: a new generation
+        // lets the next handshake tell which side is newer.
+        if st.meta.role == Role::Primary {
+            st.meta.rotate_gen();
+            changed = true;
+            let g = GenUpdate {
+                current_gen: st.meta.current_gen,
+                history: st.meta.history.clone(),
+                epoch: st.meta.epoch,
+            };
+            let mut f = Vec::new();
+            wire::encode_json(&mut f, wire::K_GEN, &g);
+            for p in st.peers.values() {
+                if let Some(c) = &p.conn {
+                    let _ = c.tx.try_send(Out::Frame(f.clone()));
+                }
+            }
+        }
+        if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
+            tracing::error!("saving metadata after losing {}: {e}", conn.peer);
+        }
+        drop(st);
+        conn.acked.send_modify(|a| a.alive = false);
+        self.wake.notify_waiters();
+    }
+
+    async fn reader_task(self: Arc<Self>, mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Conn>) {
+        let mut buf = Vec::with_capacity(1 << 20);
+        loop {
+            let kind = match read_frame(&mut rd, &mut buf).await {
+                Ok(k) => k,
+                Err(_) => return,
+            };
+            let msg = match wire::decode(kind, &buf) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.note_error(&conn.peer, format!("bad frame: {e}"));
+                    return;
+                }
+            };
+            if let Err(why) = self.handle(&conn, msg).await {
+                self.note_error(&conn.peer, why.clone());
+                let mut f = Vec::new();
+                wire::encode_json(&mut f, wire::K_REJECT, &why);
+                let _ = conn.tx.send(Out::Frame(f)).await;
+                // Give the writer a moment to deliver the reason before closing.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+        }
+    }
+
+    /// Handles one frame from a peer; an `Err` closes the connection with that reason.
+    async fn handle(&self, conn: &Arc<Conn>, msg: Msg<'_>) -> Result<(), String> {
+        match msg {
+            Msg::Write {
+                seq,
+                offset,
+                len,
+                flags,
+                data,
+            } => {
+                self.accept_replicated_write(conn)?;
+                let len = u64::from(len);
+                if offset.checked_add(len).is_none_or(|e| e > self.size) {
+                    return Err(format!("write at {offset}+{len} is beyond the volume"));
+                }
+                let r = if flags & wire::WF_ZEROES != 0 {
+                    self.zero_local(offset, len)
+                } else {
+                    self.file.write_all_at(data, offset)
+                };
+                r.map_err(|e| format!("local write failed: {e}"))?;
+                if flags & wire::WF_FUA != 0 {
+                    self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
+                }
+                self.mark_absent_peers(&conn.peer, offset, len);
+                conn.tx.send(Out::Ack(seq)).await.map_err(|_| "closed")?;
+            }
+            Msg::Flush { seq } => {
+                self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
+                conn.tx.send(Out::Ack(seq)).await.map_err(|_| "closed")?;
+            }
+            Msg::Ack { seq } => {
+                if let Some(inf) = lock(&conn.inflight).as_mut() {
+                    while inf.queue.front().is_some_and(|(s, _, _)| *s <= seq) {
+                        inf.queue.pop_front();
+                    }
+                }
+                conn.acked.send_modify(|a| a.seq = a.seq.max(seq));
+            }
+            Msg::Resync { offset, data } => {
+                if *lock(&conn.repl) != Replication::SyncTarget {
+                    return Err("resync data while not sync target".into());
+                }
+                let len = data.len() as u64;
+                if offset.checked_add(len).is_none_or(|e| e > self.size) {
+                    return Err(format!("resync at {offset}+{len} is beyond the volume"));
+                }
+                self.file
+                    .write_all_at(data, offset)
+                    .map_err(|e| format!("local write failed: {e}"))?;
+                let mut pr = lock(&conn.progress);
+                let pr = pr.get_or_insert(Progress {
+                    total: 0,
+                    done: 0,
+                    started: Instant::now(),
+                });
+                pr.done += len;
+            }
+            Msg::ResyncDone(g) => {
+                self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
+                {
+                    let mut st = lock(&self.state);
+                    st.meta.adopt_gen(g.current_gen, &g.history);
+                    st.meta.epoch = st.meta.epoch.max(g.epoch);
+                    st.meta.disk = DiskState::UpToDate;
+                    st.meta.crashed_primary = false;
+                    st.meta.dirty.remove(&conn.peer);
+                    let done = lock(&conn.progress).take().map_or(0, |p| p.done);
+                    if let Some(p) = st.peers.get_mut(&conn.peer) {
+                        p.discard_my_data = false;
+                        p.discard_peer = false;
+                        p.resynced_bytes += done;
+                    }
+                    st.meta
+                        .save(&self.cfg.dir)
+                        .map_err(|e| format!("saving metadata: {e}"))?;
+                }
+                *lock(&conn.repl) = Replication::Established;
+                let mut f = Vec::new();
+                wire::encode_empty(&mut f, wire::K_RESYNC_DONE_ACK);
+                conn.tx.send(Out::Frame(f)).await.map_err(|_| "closed")?;
+            }
+            Msg::ResyncDoneAck => {
+                let (regions, full) = std::mem::take(&mut *lock(&conn.synced));
+                let mut st = lock(&self.state);
+                if let Some(d) = st.meta.dirty.get_mut(&conn.peer) {
+                    d.retain(|r| !regions.contains(r));
+                }
+                if full {
+                    st.meta.crashed_primary = false;
+                }
+                let done = lock(&conn.progress).take().map_or(0, |p| p.done);
+                if let Some(p) = st.peers.get_mut(&conn.peer) {
+                    p.discard_my_data = false;
+                    p.discard_peer = false;
+                    p.resynced_bytes += done;
+                }
+                *lock(&conn.peer_disk) = DiskState::UpToDate;
+                *lock(&conn.repl) = Replication::Established;
+                st.meta
+                    .save(&self.cfg.dir)
+                    .map_err(|e| format!("saving metadata: {e}"))?;
+            }
+            Msg::Gen(g) => {
+                {
+                    let mut st = lock(&self.state);
+                    if st.meta.role == Role::Primary && g.epoch > st.meta.epoch {
+                        st.meta.role = Role::Secondary;
+                        st.meta.disk = DiskState::Outdated;
+                    }
+                    st.meta.epoch = st.meta.epoch.max(g.epoch);
+                    conn.peer_epoch.fetch_max(g.epoch, Ordering::SeqCst);
+                    // A sync target gets the generation with ResyncDone; adopting it
+                    // earlier would claim data it does not have yet.
+                    if st.meta.disk != DiskState::Inconsistent && st.meta.role == Role::Secondary {
+                        st.meta.adopt_gen(g.current_gen, &g.history);
+                    }
+                    st.meta
+                        .save(&self.cfg.dir)
+                        .map_err(|e| format!("saving metadata: {e}"))?;
+                }
+                self.close_stale_primaries();
+            }
+            Msg::State(s) => {
+                *lock(&conn.peer_role) = s.role;
+                *lock(&conn.peer_disk) = s.disk;
+                conn.peer_epoch.fetch_max(s.epoch, Ordering::SeqCst);
+                self.close_stale_primaries();
+            }
+            Msg::Reject(r) => return Err(format!("peer refused: {r}")),
+            Msg::Hello(_) => return Err("unexpected second hello".into()),
+        }
+        Ok(())
+    }
+
+    /// A replica takes writes only from a current primary: one whose epoch is not older
+    /// than the newest this replica has seen, and never while itself primary unless both
+    /// allow two primaries.
+    fn accept_replicated_write(&self, conn: &Conn) -> Result<(), String> {
+        let st = lock(&self.state);
+        let pe = conn.peer_epoch.load(Ordering::SeqCst);
+        if pe < st.meta.epoch {
+            return Err(format!(
+                "deposed primary: its epoch {pe} is older than {}",
+                st.meta.epoch
+            ));
+        }
+        if *lock(&conn.peer_role) != Role::Primary {
+            return Err("write from a peer that is not primary".into());
+        }
+        if st.meta.role == Role::Primary && !self.cfg.allow_two_primaries {
+            return Err("this replica is primary; two primaries are not allowed".into());
+        }
+        Ok(())
+    }
+
+    fn mark_absent_peers(&self, from: &str, offset: u64, len: u64) {
+        let mut st = lock(&self.state);
+        let absent: Vec<String> = st
+            .peers
+            .iter()
+            .filter(|(n, p)| *n != from && p.conn.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut changed = false;
+        for n in absent {
+            changed |= st.meta.mark_dirty(&n, offset, len);
+        }
+        if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
+            tracing::error!("saving metadata: {e}");
+        }
+    }
+
+    async fn resync(self: Arc<Self>, conn: Arc<Conn>, regions: BTreeSet<u64>, full: bool) {
+        let total: u64 = regions
+            .iter()
+            .map(|r| self.region.min(self.size - r * self.region))
+            .sum();
+        *lock(&conn.progress) = Some(Progress {
+            total,
+            done: 0,
+            started: Instant::now(),
+        });
+        let started = Instant::now();
+        for r in &regions {
+            let off = r * self.region;
+            let len = self.region.min(self.size - off) as usize;
+            {
+                // Under the order lock the region read here cannot be overtaken by a
+                // client write queued after it: the peer applies both in this order.
+                let _o = self.order.lock().await;
+                let mut data = vec![0u8; len];
+                if self.file.read_exact_at(&mut data, off).is_err() {
+                    conn.shut();
+                    return;
+                }
+                if conn
+                    .tx
+                    .send(Out::Resync { offset: off, data })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let done = {
+                let mut p = lock(&conn.progress);
+                match p.as_mut() {
+                    Some(p) => {
+                        p.done += len as u64;
+                        p.done
+                    }
+                    None => 0,
+                }
+            };
+            if let Some(rate) = self.cfg.resync_rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(done as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        *lock(&conn.synced) = (regions, full);
+        let _o = self.order.lock().await;
+        let g = {
+            let st = lock(&self.state);
+            GenUpdate {
+                current_gen: st.meta.current_gen,
+                history: st.meta.history.clone(),
+                epoch: st.meta.epoch,
+            }
+        };
+        let mut f = Vec::new();
+        wire::encode_json(&mut f, wire::K_RESYNC_DONE, &g);
+        let _ = conn.tx.send(Out::Frame(f)).await;
+    }
+
+    fn zero_local(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(ZEROES.len() as u64) as usize;
+            self.file.write_all_at(&ZEROES[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn sync_data(&self) -> std::io::Result<()> {
+        let f = self.file.clone();
+        tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoFail> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(IoFail::OutOfRange),
+        }
+    }
+
+    fn is_primary(&self) -> bool {
+        let st = lock(&self.state);
+        st.meta.role == Role::Primary && st.meta.disk == DiskState::UpToDate
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
+        self.check_range(offset, buf.len() as u64)?;
+        if !self.is_primary() {
+            return Err(IoFail::NotPrimary);
+        }
+        self.file.read_exact_at(buf, offset).map_err(|_| IoFail::Io)
+    }
+
+    /// Writes `data` (or zeroes when `data` is `None`) and returns once it is on the local
+    /// file and acknowledged by every connected peer (and synced everywhere with `fua`).
+    pub async fn write(
+        &self,
+        offset: u64,
+        len: u32,
+        data: Option<Arc<Vec<u8>>>,
+        fua: bool,
+    ) -> Result<(), IoFail> {
+        self.check_range(offset, u64::from(len))?;
+        let mut waits: Vec<(Arc<Conn>, u64)> = Vec::new();
+        {
+            let _o = self.order.lock().await;
+            if !self.is_primary() {
+                return Err(IoFail::NotPrimary);
+            }
+            let r = match &data {
+                Some(d) => self.file.write_all_at(d, offset),
+                None => self.zero_local(offset, u64::from(len)),
+            };
+            r.map_err(|_| IoFail::Io)?;
+            {
+                let mut st = lock(&self.state);
+                let mut changed = false;
+                let names: Vec<String> = st.peers.keys().cloned().collect();
+                for n in names {
+                    let conn = st.peers.get(&n).and_then(|p| p.conn.clone());
+                    let seq = conn.as_ref().and_then(|c| {
+                        lock(&c.inflight).as_mut().map(|inf| {
+                            let s = inf.next_seq;
+                            inf.next_seq += 1;
+                            inf.queue.push_back((s, offset, u64::from(len)));
+                            s
+                        })
+                    });
+                    match (conn, seq) {
+                        (Some(c), Some(s)) => waits.push((c, s)),
+                        _ => changed |= st.meta.mark_dirty(&n, offset, u64::from(len)),
+                    }
+                }
+                if changed && st.meta.save(&self.cfg.dir).is_err() {
+                    return Err(IoFail::Io);
+                }
+            }
+            let mut flags = if fua { wire::WF_FUA } else { 0 };
+            if data.is_none() {
+                flags |= wire::WF_ZEROES;
+            }
+            for (c, seq) in &waits {
+                // A closed channel means the connection is being torn down; its
+                // teardown marks this write's region dirty from the inflight queue.
+                let _ =
+                    c.tx.send(Out::Write {
+                        seq: *seq,
+                        offset,
+                        len,
+                        flags,
+                        data: data.clone(),
+                    })
+                    .await;
+            }
+        }
+        if fua {
+            self.sync_data().await.map_err(|_| IoFail::Io)?;
+        }
+        wait_acks(&waits).await;
+        Ok(())
+    }
+
+    /// Makes every completed write durable locally and on every connected peer.
+    pub async fn flush(&self) -> Result<(), IoFail> {
+        let mut waits = Vec::new();
+        {
+            let _o = self.order.lock().await;
+            {
+                let st = lock(&self.state);
+                for p in st.peers.values() {
+                    if let Some(c) = &p.conn
+                        && let Some(inf) = lock(&c.inflight).as_mut()
+                    {
+                        let s = inf.next_seq;
+                        inf.next_seq += 1;
+                        inf.queue.push_back((s, 0, 0));
+                        waits.push((c.clone(), s));
+                    }
+                }
+            }
+            for (c, s) in &waits {
+                let _ = c.tx.send(Out::Flush(*s)).await;
+            }
+        }
+        self.sync_data().await.map_err(|_| IoFail::Io)?;
+        wait_acks(&waits).await;
+        Ok(())
+    }
+
+    fn peer_links(&self, st: &State) -> Vec<PeerLink> {
+        st.peers
+            .iter()
+            .map(|(n, p)| PeerLink {
+                node: n.clone(),
+                connected: p.conn.is_some(),
+                role: p.conn.as_ref().map(|c| *lock(&c.peer_role)),
+            })
+            .collect()
+    }
+
+    fn announce(&self, st: &State) {
+        let mut f = Vec::new();
+        wire::encode_json(
+            &mut f,
+            wire::K_GEN,
+            &GenUpdate {
+                current_gen: st.meta.current_gen,
+                history: st.meta.history.clone(),
+                epoch: st.meta.epoch,
+            },
+        );
+        wire::encode_json(
+            &mut f,
+            wire::K_STATE,
+            &StateUpdate {
+                role: st.meta.role,
+                disk: st.meta.disk,
+                epoch: st.meta.epoch,
+            },
+        );
+        for p in st.peers.values() {
+            if let Some(c) = &p.conn {
+                let _ = c.tx.try_send(Out::Frame(f.clone()));
+            }
+        }
+    }
+
+    /// Becomes primary. `fenced` names peers the cluster confirmed fenced or outdated.
+    pub async fn promote(&self, fenced: &[String]) -> Result<(), VolumeError> {
+        let _o = self.order.lock().await;
+        let mut st = lock(&self.state);
+        if st.meta.role == Role::Primary {
+            return Ok(());
+        }
+        let links = self.peer_links(&st);
+        decide::check_promote(st.meta.disk, &links, fenced, self.cfg.allow_two_primaries)?;
+        let dual = links.iter().any(|l| l.role == Some(Role::Primary));
+        if !dual {
+            let newest = st
+                .peers
+                .values()
+                .filter_map(|p| p.conn.as_ref())
+                .map(|c| c.peer_epoch.load(Ordering::SeqCst))
+                .max()
+                .unwrap_or(0)
+                .max(st.meta.epoch);
+            st.meta.epoch = newest + 1;
+            st.meta.rotate_gen();
+        }
+        st.meta.role = Role::Primary;
+        st.meta.promoted_at_ms = now_ms();
+        st.meta.save(&self.cfg.dir)?;
+        self.announce(&st);
+        Ok(())
+    }
+
+    pub async fn demote(&self) -> Result<(), VolumeError> {
+        let _o = self.order.lock().await;
+        let mut st = lock(&self.state);
+        if st.meta.role == Role::Secondary {
+            return Ok(());
+        }
+        st.meta.role = Role::Secondary;
+        st.meta.save(&self.cfg.dir)?;
+        self.announce(&st);
+        Ok(())
+    }
+
+    fn peer_mut<'a>(&self, st: &'a mut State, peer: &str) -> Result<&'a mut Peer, VolumeError> {
+        let known = st.peers.keys().cloned().collect::<Vec<_>>().join(", ");
+        st.peers
+            .get_mut(peer)
+            .ok_or_else(|| VolumeError::UnknownPeer(peer.to_owned(), known))
+    }
+
+    pub fn connect(&self, peer: &str) -> Result<(), VolumeError> {
+        let mut st = lock(&self.state);
+        let p = self.peer_mut(&mut st, peer)?;
+        p.want = true;
+        drop(st);
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    pub fn disconnect(&self, peer: &str) -> Result<(), VolumeError> {
+        let mut st = lock(&self.state);
+        let p = self.peer_mut(&mut st, peer)?;
+        p.want = false;
+        if let Some(c) = &p.conn {
+            c.shut();
+        }
+        Ok(())
+    }
+
+    /// Resolves a split brain with `peer` by discarding the data of node `discard`
+    /// (this node or that peer), then reconnects.
+    pub fn resolve(&self, peer: &str, discard: &str) -> Result<(), VolumeError> {
+        let mut st = lock(&self.state);
+        let primary = st.meta.role == Role::Primary;
+        let node = self.node.clone();
+        let p = self.peer_mut(&mut st, peer)?;
+        if discard == node {
+            if primary {
+                return Err(VolumeError::IsPrimary {
+                    action: "discard this node's data",
+                });
+            }
+            p.discard_my_data = true;
+        } else if discard == peer {
+            p.discard_peer = true;
+        } else {
+            return Err(VolumeError::BadDiscard {
+                discard: discard.to_owned(),
+                node,
+                peer: peer.to_owned(),
+            });
+        }
+        p.want = true;
+        p.split_brain = false;
+        drop(st);
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    pub fn status(&self) -> Status {
+        let st = lock(&self.state);
+        let peers = st
+            .peers
+            .iter()
+            .map(|(n, p)| {
+                let c = p.conn.as_ref();
+                let resync = c.and_then(|c| {
+                    lock(&c.progress).as_ref().map(|pr| {
+                        let secs = pr.started.elapsed().as_secs_f64().max(1e-3);
+                        let rate = (pr.done as f64 / secs) as u64;
+                        ResyncStatus {
+                            total_bytes: pr.total,
+                            done_bytes: pr.done,
+                            rate_bytes_per_s: rate,
+                            eta_s: (pr.total > 0 && rate > 0)
+                                .then(|| pr.total.saturating_sub(pr.done) / rate),
+                        }
+                    })
+                });
+                PeerStatus {
+                    node: n.clone(),
+                    address: p.addr.to_string(),
+                    connection: match (c, p.want) {
+                        (Some(_), _) => Connection::Connected,
+                        (None, true) => Connection::Connecting,
+                        (None, false) => Connection::StandAlone,
+                    },
+                    role: c.map(|c| *lock(&c.peer_role)),
+                    disk: c.map(|c| *lock(&c.peer_disk)),
+                    replication: c.map(|c| *lock(&c.repl)),
+                    out_of_sync_bytes: st.meta.dirty_count(n) * st.meta.region_size,
+                    resync,
+                    resynced_bytes_total: p.resynced_bytes,
+                    split_brain: p.split_brain,
+                    last_error: p.last_error.clone(),
+                }
+            })
+            .collect();
+        Status {
+            volume: st.meta.volume.clone(),
+            node: st.meta.node.clone(),
+            role: st.meta.role,
+            disk: st.meta.disk,
+            epoch: st.meta.epoch,
+            generation: format!("{:016X}", st.meta.current_gen),
+            size: st.meta.size,
+            crashed_primary: st.meta.crashed_primary,
+            peers,
+        }
+    }
+
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+}
+
+async fn wait_acks(waits: &[(Arc<Conn>, u64)]) {
+    for (c, seq) in waits {
+        let mut rx = c.acked.subscribe();
+        // A dead connection counts as done: its unacknowledged regions were marked
+        // dirty for that peer before `alive` was cleared.
+        let _ = rx.wait_for(|a| a.seq >= *seq || !a.alive).await;
+    }
+}
+
+async fn read_frame(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<u8> {
+    let mut h = [0u8; wire::FRAME_HEADER];
+    rd.read_exact(&mut h).await?;
+    let (kind, len) = wire::decode_header(&h).map_err(std::io::Error::other)?;
+    buf.resize(len as usize, 0);
+    rd.read_exact(buf).await?;
+    Ok(kind)
+}
+
+async fn send_json<T: Serialize>(
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    kind: u8,
+    v: &T,
+) -> std::io::Result<()> {
+    let mut f = Vec::new();
+    wire::encode_json(&mut f, kind, v);
+    wr.write_all(&f).await?;
+    wr.flush().await
+}
+
+async fn writer_task(
+    mut wr: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Out>,
+    conn: Arc<Conn>,
+) {
+    let mut head = Vec::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next {
+            head.clear();
+            let r = match &out {
+                Out::Write {
+                    seq,
+                    offset,
+                    len,
+                    flags,
+                    data,
+                } => {
+                    let body: &[u8] = data.as_deref().map_or(&[], |d| d.as_slice());
+                    wire::encode_write_head(&mut head, *seq, *offset, *len, *flags, body.len());
+                    match wr.write_all(&head).await {
+                        Ok(()) => wr.write_all(body).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Out::Flush(s) => {
+                    wire::encode_seq(&mut head, wire::K_FLUSH, *s);
+                    wr.write_all(&head).await
+                }
+                Out::Ack(s) => {
+                    wire::encode_seq(&mut head, wire::K_ACK, *s);
+                    wr.write_all(&head).await
+                }
+                Out::Resync { offset, data } => {
+                    wire::encode_resync_head(&mut head, *offset, data.len());
+                    match wr.write_all(&head).await {
+                        Ok(()) => wr.write_all(data).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Out::Frame(f) => wr.write_all(f).await,
+            };
+            if r.is_err() {
+                conn.shut();
+                return;
+            }
+            // Batch whatever is already queued into one flush.
+            next = rx.try_recv().ok();
+        }
+        if wr.flush().await.is_err() {
+            conn.shut();
+            return;
+        }
+    }
+}
