@@ -1131,6 +1131,22 @@ impl Volume {
         Ok(())
     }
 
+    /// A clean stop: everything written is synced, and the replica is left secondary
+    /// so its next start is not mistaken for a crash.
+    pub async fn shutdown(&self) -> Result<(), VolumeError> {
+        let _o = self.order.lock().await;
+        self.sync_data().await.map_err(|source| VolumeError::Io {
+            path: self.data_path.clone(),
+            source,
+        })?;
+        let mut st = lock(&self.state);
+        if st.meta.role == Role::Primary {
+            st.meta.role = Role::Secondary;
+            st.meta.save(&self.cfg.dir)?;
+        }
+        Ok(())
+    }
+
     pub async fn demote(&self) -> Result<(), VolumeError> {
         let _o = self.order.lock().await;
         let mut st = lock(&self.state);

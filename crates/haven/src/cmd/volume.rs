@@ -1,6 +1,381 @@
-#[derive(clap::Args)]
-pub struct Args {}
+//! `haven volume`: create a replica, serve it (NBD + replication + control socket), and
+//! drive a running replica through its control socket.
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`haven volume` is not built yet")
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use haven_volume::control::{self, ControlRequest};
+use haven_volume::decide::SplitBrainPolicy;
+use haven_volume::meta;
+use haven_volume::volume::{Status, Volume, VolumeConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: VolumeCommand,
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a replica: a sparse backing file and its metadata in DIR
+    Create(CreateArgs),
+    /// Serve a replica: NBD for the guest, replication to peers, a control socket
+    Serve(ServeArgs),
+    /// Show role, disk state, peers, connection and resync progress
+    Status(CtlArgs),
+    /// Make this replica primary
+    Promote(PromoteArgs),
+    /// Make this replica secondary
+    Demote(CtlArgs),
+    /// (Re)enable the connection to a peer
+    Connect(PeerArgs),
+    /// Drop and disable the connection to a peer
+    Disconnect(PeerArgs),
+    /// Resolve a split brain with a peer by naming the node whose data is discarded
+    Resolve(ResolveArgs),
+}
+
+#[derive(Parser)]
+struct CreateArgs {
+    /// Directory for the backing file (data.img) and metadata (meta.json)
+    #[arg(long)]
+    dir: PathBuf,
+    /// Volume id, the same on every replica
+    #[arg(long)]
+    volume: String,
+    /// This replica's node name
+    #[arg(long)]
+    node: String,
+    /// Size in bytes, or with a K/M/G/T suffix (binary units)
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Resync/bitmap granularity (a power of two)
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    region_size: u64,
+    /// This replica's data is the starting point (UpToDate); others start Inconsistent
+    /// and get a full sync
+    #[arg(long)]
+    initial: bool,
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Unix socket for NBD clients
+    #[arg(long)]
+    nbd: Option<PathBuf>,
+    /// TCP address for NBD clients (use a loopback address unless the network is trusted)
+    #[arg(long)]
+    nbd_tcp: Option<SocketAddr>,
+    /// Address to accept replication connections on
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// A peer replica as NAME=ADDR (repeat for each peer)
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(String, SocketAddr)>,
+    /// Control socket for `haven volume status|promote|…`
+    #[arg(long)]
+    control: PathBuf,
+    /// What to do on split brain: disconnect, discard-zero-changes,
+    /// discard-least-changes, discard-younger-primary
+    #[arg(long, default_value = "disconnect")]
+    after_sb: SplitBrainPolicy,
+    /// Allow two primaries at once (only for a live-migration window)
+    #[arg(long)]
+    allow_two_primaries: bool,
+    /// Resync rate limit, bytes per second (K/M/G suffixes allowed)
+    #[arg(long, value_parser = parse_size)]
+    resync_rate: Option<u64>,
+}
+
+#[derive(Parser)]
+struct CtlArgs {
+    /// The replica's control socket
+    #[arg(long)]
+    control: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
+struct PromoteArgs {
+    #[command(flatten)]
+    ctl: CtlArgs,
+    /// A peer the cluster has confirmed fenced or outdated (repeatable); without it an
+    /// unreachable peer blocks promotion
+    #[arg(long)]
+    peer_fenced: Vec<String>,
+}
+
+#[derive(Parser)]
+struct PeerArgs {
+    #[command(flatten)]
+    ctl: CtlArgs,
+    #[arg(long)]
+    peer: String,
+}
+
+#[derive(Parser)]
+struct ResolveArgs {
+    #[command(flatten)]
+    ctl: CtlArgs,
+    /// The peer the split brain is with
+    #[arg(long)]
+    peer: String,
+    /// The node whose changes are thrown away: this node's name or the peer's
+    #[arg(long)]
+    discard: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: use bytes or a number with K, M, G or T"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("peer `{s}` must be NAME=ADDR, e.g. b=127.0.0.1:7790"))?;
+    if name.is_empty() {
+        return Err(format!("peer `{s}` has an empty name"));
+    }
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("peer `{s}`: address `{addr}`: {e}"))?;
+    Ok((name.to_owned(), addr))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        VolumeCommand::Create(a) => create(a),
+        VolumeCommand::Serve(a) => serve(a),
+        VolumeCommand::Status(a) => ctl(&a, ControlRequest::Status),
+        VolumeCommand::Promote(a) => ctl(
+            &a.ctl,
+            ControlRequest::Promote {
+                peer_fenced: a.peer_fenced,
+            },
+        ),
+        VolumeCommand::Demote(a) => ctl(&a, ControlRequest::Demote),
+        VolumeCommand::Connect(a) => ctl(&a.ctl, ControlRequest::Connect { peer: a.peer }),
+        VolumeCommand::Disconnect(a) => ctl(&a.ctl, ControlRequest::Disconnect { peer: a.peer }),
+        VolumeCommand::Resolve(a) => ctl(
+            &a.ctl,
+            ControlRequest::Resolve {
+                peer: a.peer,
+                discard: a.discard,
+            },
+        ),
+    }
+}
+
+fn create(a: CreateArgs) -> anyhow::Result<()> {
+    if a.volume.is_empty() || a.node.is_empty() {
+        bail!("--volume and --node must not be empty");
+    }
+    let m = meta::create(
+        &a.dir,
+        &a.volume,
+        &a.node,
+        a.size,
+        a.region_size,
+        a.initial,
+    )?;
+    println!(
+        "created volume {} replica {} in {} ({} bytes, {:?})",
+        m.volume,
+        m.node,
+        a.dir.display(),
+        m.size,
+        m.disk
+    );
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn refuse_existing(path: &Path, what: &str) -> anyhow::Result<()> {
+    if path.exists() {
+        bail!(
+            "{what} {}: the path already exists (another replica running, or a stale \
+             socket to remove)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    refuse_existing(&a.control, "--control")?;
+    if let Some(p) = &a.nbd {
+        refuse_existing(p, "--nbd")?;
+    }
+    let cfg = VolumeConfig {
+        dir: a.dir.clone(),
+        listen: a.listen,
+        peers: a.peers.clone(),
+        policy: a.after_sb,
+        allow_two_primaries: a.allow_two_primaries,
+        resync_rate: a.resync_rate,
+    };
+    let vol = Volume::open(cfg).with_context(|| format!("opening {}", a.dir.display()))?;
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        vol.start().await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let v = vol.clone();
+            let p = a.control.clone();
+            tasks.spawn(async move { control::serve(&p, v).await.map_err(anyhow::Error::from) });
+        }
+        if let Some(p) = a.nbd.clone() {
+            let v = vol.clone();
+            tasks.spawn(async move {
+                haven_volume::nbd::serve_unix(&p, v)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        if let Some(addr) = a.nbd_tcp {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--nbd-tcp {addr}"))?;
+            let v = vol.clone();
+            tasks.spawn(async move {
+                haven_volume::nbd::serve_tcp(l, v)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+            Some(r) = tasks.join_next() => {
+                r.context("a server task failed")??;
+            }
+        }
+        // A clean stop is not a crash: flush, and leave as secondary.
+        vol.shutdown().await.context("flushing on shutdown")?;
+        anyhow::Ok(())
+    });
+    let _ = std::fs::remove_file(&a.control);
+    if let Some(p) = &a.nbd {
+        let _ = std::fs::remove_file(p);
+    }
+    rt.shutdown_background();
+    result
+}
+
+fn ctl(a: &CtlArgs, req: ControlRequest) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let status = rt.block_on(control::request(&a.control, &req))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+/// Text status in the spirit of `drbdadm status`.
+fn render(s: &Status) -> String {
+    let mut out = format!(
+        "{} node:{} role:{:?} disk:{:?} epoch:{} gen:{}{}\n",
+        s.volume,
+        s.node,
+        s.role,
+        s.disk,
+        s.epoch,
+        s.generation,
+        if s.crashed_primary {
+            " crashed-primary"
+        } else {
+            ""
+        }
+    );
+    for p in &s.peers {
+        out.push_str(&format!("  {} connection:{:?}", p.node, p.connection));
+        if let Some(r) = p.role {
+            out.push_str(&format!(" role:{r:?}"));
+        }
+        if let Some(d) = p.disk {
+            out.push_str(&format!(" peer-disk:{d:?}"));
+        }
+        if let Some(r) = p.replication {
+            out.push_str(&format!(" replication:{r:?}"));
+        }
+        out.push_str(&format!(" out-of-sync:{}", p.out_of_sync_bytes));
+        if let Some(r) = &p.resync {
+            out.push_str(&format!(" done:{}", r.done_bytes));
+            if r.total_bytes > 0 {
+                out.push_str(&format!(
+                    "/{} ({:.1}%)",
+                    r.total_bytes,
+                    100.0 * r.done_bytes as f64 / r.total_bytes as f64
+                ));
+            }
+            out.push_str(&format!(" rate:{}B/s", r.rate_bytes_per_s));
+            if let Some(eta) = r.eta_s {
+                out.push_str(&format!(" eta:{eta}s"));
+            }
+        }
+        if p.split_brain {
+            out.push_str(" split-brain");
+        }
+        if let Some(e) = &p.last_error {
+            out.push_str(&format!(" last-error:\"{e}\""));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_peers_parse_with_clear_errors() {
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("x").unwrap_err().contains("not a size"));
+        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert_eq!(
+            parse_peer("b=127.0.0.1:7000"),
+            Ok(("b".into(), "127.0.0.1:7000".parse().unwrap()))
+        );
+        assert!(parse_peer("127.0.0.1:7000").unwrap_err().contains("NAME=ADDR"));
+    }
 }
