@@ -6,7 +6,6 @@
 //! bounded by the deadline given to the call.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -178,14 +177,15 @@ fn to_event(obj: Value) -> QmpEvent {
     }
 }
 
-/// A deadline `d` from now.
-pub(crate) fn after(d: Duration) -> Instant {
+#[cfg(test)]
+fn after(d: std::time::Duration) -> Instant {
     Instant::now() + d
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::net::UnixListener;
 
     /// A scripted peer: for unit-testing the framing only; QEMU itself is exercised by
