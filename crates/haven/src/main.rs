@@ -2,11 +2,16 @@
 //! client of the cluster or a local tool.
 
 mod cmd;
+mod daemon;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "haven", version, about = "A high-availability cluster for virtual machines")]
+#[command(
+    name = "haven",
+    version,
+    about = "A high-availability cluster for virtual machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,6 +39,8 @@ enum Command {
     Status(cmd::status::Args),
     /// A local lab cluster on this machine
     Lab(cmd::lab::Args),
+    /// Put a node in standby or maintenance, or back online
+    Node(daemon::node_cmd::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Config(a) => cmd::config::run(a),
         Command::Status(a) => cmd::status::run(a),
         Command::Lab(a) => cmd::lab::run(a),
+        Command::Node(a) => daemon::node_cmd::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,452 @@
+//! The daemon's RPC and client API: routes, and the thin handlers behind them. Every
+//! route but `/join` requires a certificate from the cluster CA.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use haven_net::{JoinToken, Peer};
+use haven_store::{NodeInfo, Request, Response};
+use openraft::ChangeMembers;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+
+use super::protocol::*;
+use super::{ApiFailure, Daemon, WRITE_TIMEOUT, heartbeat, raft_net, wall_ms};
+
+pub const STATUS: &str = "/api/status";
+pub const CONFIG: &str = "/api/config";
+pub const CONFIG_APPLY: &str = "/api/config/apply";
+pub const JOIN_TOKEN: &str = "/api/join-token";
+pub const NODE_ATTRS: &str = "/api/node-attrs";
+pub const PROMOTE: &str = "/api/promote";
+pub const JOIN: &str = "/join";
+pub const WRITE_LOCAL: &str = "/local/write";
+const ADD_LEARNER: &str = "/api/add-learner";
+const ADD_LEARNER_LOCAL: &str = "/local/add-learner";
+const PROMOTE_LOCAL: &str = "/local/promote";
+
+type D = State<Arc<Daemon>>;
+type ApiResult<T> = Result<Json<T>, ApiFailure>;
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    let protected = Router::new()
+        .route(raft_net::APPEND, post(raft_append))
+        .route(raft_net::VOTE, post(raft_vote))
+        .route(raft_net::SNAPSHOT, post(raft_snapshot))
+        .route(heartbeat::PATH, post(heartbeat_in))
+        .route(STATUS, post(status))
+        .route(CONFIG, post(config_show))
+        .route(CONFIG_APPLY, post(config_apply))
+        .route(JOIN_TOKEN, post(join_token))
+        .route(NODE_ATTRS, post(node_attrs))
+        .route(PROMOTE, post(promote))
+        .route(PROMOTE_LOCAL, post(promote_local))
+        .route(ADD_LEARNER, post(add_learner))
+        .route(ADD_LEARNER_LOCAL, post(add_learner_local))
+        .route(WRITE_LOCAL, post(write_local))
+        .layer(axum::middleware::from_fn(require_certificate));
+    let public = Router::new().route(JOIN, post(join));
+    protected.merge(public).with_state(daemon)
+}
+
+async fn require_certificate(
+    Extension(peer): Extension<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !peer.authenticated {
+        return axum::response::IntoResponse::into_response(ApiFailure::forbidden(
+            "this endpoint requires a certificate from the cluster CA",
+        ));
+    }
+    next.run(req).await
+}
+
+async fn raft_append(
+    State(d): D,
+    Json(req): Json<AppendEntriesRequest<haven_store::TypeConfig>>,
+) -> Json<serde_json::Value> {
+    Json(to_json(&d.raft.append_entries(req).await))
+}
+
+async fn raft_vote(State(d): D, Json(req): Json<VoteRequest<u64>>) -> Json<serde_json::Value> {
+    Json(to_json(&d.raft.vote(req).await))
+}
+
+async fn raft_snapshot(
+    State(d): D,
+    Json(req): Json<InstallSnapshotRequest<haven_store::TypeConfig>>,
+) -> Json<serde_json::Value> {
+    Json(to_json(&d.raft.install_snapshot(req).await))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+async fn heartbeat_in(State(d): D, Json(hb): Json<Heartbeat>) -> Json<HeartbeatAck> {
+    // The sender proved cluster membership with its certificate; its heartbeat
+    // shows that this link carries traffic in its direction too.
+    d.heard(&hb.from, &hb.link);
+    Json(HeartbeatAck {
+        name: d.node.name.clone(),
+    })
+}
+
+async fn config_show(State(d): D) -> Json<ConfigReply> {
+    let c = d.view.state().config;
+    Json(ConfigReply {
+        version: c.version,
+        text: c.text,
+    })
+}
+
+async fn config_apply(State(d): D, Json(req): Json<ApplyConfig>) -> ApiResult<ConfigReply> {
+    haven_model::Config::from_toml("the submitted configuration", &req.text)
+        .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    match d
+        .write(Request::ApplyConfig {
+            based_on: req.based_on,
+            text: req.text.clone(),
+        })
+        .await?
+    {
+        Response::ConfigVersion(version) => Ok(Json(ConfigReply {
+            version,
+            text: req.text,
+        })),
+        Response::Refused(why) => Err(ApiFailure::refused(why)),
+        other => Err(ApiFailure::unavailable(format!(
+            "unexpected answer {other:?}"
+        ))),
+    }
+}
+
+async fn join_token(State(d): D, Json(req): Json<JoinTokenRequest>) -> ApiResult<JoinTokenReply> {
+    if req.ttl_secs == 0 || req.ttl_secs > 7 * 24 * 3600 {
+        return Err(ApiFailure::bad_request(
+            "ttl_secs must be between 1 second and 7 days",
+        ));
+    }
+    let fp =
+        d.ca.fingerprint()
+            .map_err(|e| ApiFailure::unavailable(e.to_string()))?;
+    let token = JoinToken::generate(&fp);
+    let expires_at_ms = wall_ms() + req.ttl_secs * 1000;
+    d.write(Request::AddToken {
+        id: token.id.clone(),
+        secret_hash: token.secret_hash(),
+        expires_at_ms,
+    })
+    .await?;
+    Ok(Json(JoinTokenReply {
+        token: token.to_string(),
+        expires_at_ms,
+    }))
+}
+
+async fn join(State(d): D, Json(req): Json<JoinRequest>) -> ApiResult<JoinReply> {
+    let token: JoinToken = req
+        .token
+        .parse()
+        .map_err(|e: haven_net::TokenError| ApiFailure::forbidden(e.to_string()))?;
+    let fp =
+        d.ca.fingerprint()
+            .map_err(|e| ApiFailure::unavailable(e.to_string()))?;
+    if token.ca_fingerprint != fp {
+        return Err(ApiFailure::forbidden(
+            "join refused: the token was issued by another cluster",
+        ));
+    }
+    for (i, a) in req.addrs.iter().enumerate() {
+        a.parse::<SocketAddr>()
+            .map_err(|_| ApiFailure::bad_request(format!("addrs[{i}]: {a:?} is not IP:PORT")))?;
+    }
+    let id = match d
+        .write(Request::Join {
+            token_id: token.id.clone(),
+            secret_hash: token.secret_hash(),
+            now_ms: wall_ms(),
+            name: req.name.clone(),
+            addrs: req.addrs.clone(),
+            witness: req.witness,
+            learner: req.learner,
+        })
+        .await?
+    {
+        Response::NodeId(id) => id,
+        Response::Refused(why) => return Err(ApiFailure::forbidden(why)),
+        other => {
+            return Err(ApiFailure::unavailable(format!(
+                "unexpected answer {other:?}"
+            )));
+        }
+    };
+    tracing::info!("admitted {} as node {id}", req.name);
+    let issued =
+        d.ca.issue(&req.name, haven_net::ca::CertRole::Node)
+            .map_err(|e| ApiFailure::unavailable(e.to_string()))?;
+    let learner = AddLearner {
+        id,
+        name: req.name.clone(),
+        addrs: req.addrs.clone(),
+    };
+    let _: Empty = leader_call(&d, ADD_LEARNER_LOCAL, &learner).await?;
+    let seeds = d
+        .members()
+        .into_iter()
+        .filter_map(|(_, n)| n.addrs.first().cloned())
+        .collect();
+    Ok(Json(JoinReply {
+        id,
+        cluster: d.node.cluster.clone(),
+        ca_pem: d.ca.cert_pem().to_string(),
+        ca_key_pem: d.ca.key_pem().to_string(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+        seeds,
+    }))
+}
+
+/// Runs a leader-only operation: here if this node leads, else on the leader.
+async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+    d: &Daemon,
+    local_path: &str,
+    req: &Q,
+) -> Result<R, ApiFailure> {
+    let Some((_, leader)) = d.leader() else {
+        return Err(ApiFailure::unavailable(
+            "no leader: the cluster has no quorum",
+        ));
+    };
+    let Some(addr) = leader.addrs.first() else {
+        return Err(ApiFailure::unavailable("the leader has no address"));
+    };
+    d.rpc
+        .call(addr, local_path, req)
+        .await
+        .map_err(|e| match e {
+            haven_net::RpcError::Remote {
+                status, message, ..
+            } => ApiFailure(
+                axum::http::StatusCode::from_u16(status)
+                    .unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+                message,
+            ),
+            e => ApiFailure::unavailable(format!("the leader: {e}")),
+        })
+}
+
+fn require_leader(d: &Daemon) -> Result<(), ApiFailure> {
+    if d.is_leader() {
+        Ok(())
+    } else {
+        Err(ApiFailure::unavailable("this node is not the leader"))
+    }
+}
+
+async fn add_learner(State(d): D, Json(req): Json<AddLearner>) -> ApiResult<Empty> {
+    leader_call(&d, ADD_LEARNER_LOCAL, &req).await.map(Json)
+}
+
+async fn add_learner_local(State(d): D, Json(req): Json<AddLearner>) -> ApiResult<Empty> {
+    require_leader(&d)?;
+    let info = NodeInfo {
+        name: req.name,
+        addrs: req.addrs,
+    };
+    // Not blocking: the new host is not running yet and cannot catch up until it is.
+    tokio::time::timeout(WRITE_TIMEOUT, d.raft.add_learner(req.id, info, false))
+        .await
+        .map_err(|_| ApiFailure::unavailable("adding the learner timed out: no quorum"))?
+        .map_err(|e| ApiFailure::unavailable(format!("adding the learner: {e}")))?;
+    Ok(Json(Empty {}))
+}
+
+async fn promote(State(d): D, Json(req): Json<Promote>) -> ApiResult<Empty> {
+    leader_call(&d, PROMOTE_LOCAL, &req).await.map(Json)
+}
+
+async fn promote_local(State(d): D, Json(req): Json<Promote>) -> ApiResult<Empty> {
+    require_leader(&d)?;
+    let state = d.view.state();
+    let Some((name, rec)) = state.nodes.iter().find(|(_, n)| n.id == req.id) else {
+        return Err(ApiFailure::forbidden(format!(
+            "node id {} never joined this cluster",
+            req.id
+        )));
+    };
+    if rec.learner {
+        return Err(ApiFailure::forbidden(format!(
+            "node {name} joined as a learner and stays one"
+        )));
+    }
+    let in_membership = d.members().iter().any(|(n, _)| n == name);
+    let work = async {
+        if !in_membership {
+            let info = NodeInfo {
+                name: name.clone(),
+                addrs: rec.addrs.clone(),
+            };
+            d.raft.add_learner(req.id, info, true).await?;
+        }
+        d.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
+            .await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT * 2, work)
+        .await
+        .map_err(|_| ApiFailure::unavailable("promotion timed out: no quorum"))?
+        .map_err(|e| ApiFailure::unavailable(format!("promotion: {e}")))?;
+    tracing::info!("{name} is now a voter");
+    Ok(Json(Empty {}))
+}
+
+async fn write_local(State(d): D, Json(req): Json<Request>) -> ApiResult<Response> {
+    require_leader(&d)?;
+    match tokio::time::timeout(WRITE_TIMEOUT, d.raft.client_write(req)).await {
+        Err(_) => Err(ApiFailure::unavailable("the write timed out: no quorum")),
+        Ok(Ok(r)) => Ok(Json(r.data)),
+        Ok(Err(e)) => Err(ApiFailure::unavailable(format!("the write failed: {e}"))),
+    }
+}
+
+async fn node_attrs(State(d): D, Json(req): Json<NodeAttrs>) -> ApiResult<Empty> {
+    match d
+        .write(Request::SetNodeAttrs {
+            name: req.name,
+            standby: req.standby,
+            maintenance: req.maintenance,
+        })
+        .await?
+    {
+        Response::Refused(why) => Err(ApiFailure(axum::http::StatusCode::NOT_FOUND, why)),
+        _ => Ok(Json(Empty {})),
+    }
+}
+
+async fn status(State(d): D) -> Json<StatusReport> {
+    Json(build_status(&d))
+}
+
+fn agent_name(p: &haven_model::config::Primitive) -> String {
+    match &p.provider {
+        Some(prov) => format!("{}:{}:{}", p.class, prov, p.agent),
+        None => format!("{}:{}", p.class, p.agent),
+    }
+}
+
+pub fn build_status(d: &Daemon) -> StatusReport {
+    use haven_ha::membership::Liveness;
+    let state = d.view.state();
+    let metrics = d.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let links_of = |name: &str| -> Vec<(String, bool)> {
+        d.membership
+            .lock()
+            .map(|m| m.links(name))
+            .unwrap_or_default()
+    };
+    let mut nodes = Vec::new();
+    for (id, info) in membership.nodes() {
+        let rec = state.nodes.get(&info.name);
+        let liveness = d.liveness(&info.name);
+        let state_name = match liveness {
+            Some(Liveness::Alive) => match rec {
+                Some(r) if r.maintenance => "maintenance",
+                Some(r) if r.standby => "standby",
+                _ => "online",
+            },
+            Some(Liveness::Lost { .. }) => "offline",
+            Some(Liveness::Pending) | None => "pending",
+        };
+        let role = if rec.is_some_and(|r| r.witness) {
+            "witness"
+        } else if voters.contains(id) {
+            "voter"
+        } else {
+            "learner"
+        };
+        let up: std::collections::BTreeMap<String, bool> =
+            links_of(&info.name).into_iter().collect();
+        let links = info
+            .addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let name = heartbeat::link_name(i);
+                LinkStatus {
+                    up: up.get(&name).copied().unwrap_or(false),
+                    name,
+                    addr: addr.clone(),
+                }
+            })
+            .collect();
+        nodes.push(NodeStatus {
+            name: info.name.clone(),
+            id: *id,
+            state: state_name.to_string(),
+            role: role.to_string(),
+            links,
+        });
+    }
+    let mut resources = Vec::new();
+    let mut failed_actions = Vec::new();
+    if let Ok(config) = haven_model::Config::from_toml("cluster configuration", &state.config.text)
+    {
+        for p in &config.resources {
+            let records = state.resources.get(&p.id);
+            let running_on = records
+                .map(|r| {
+                    r.iter()
+                        .filter(|(_, rec)| rec.running)
+                        .map(|(n, _)| n.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let failcounts = records
+                .map(|r| {
+                    r.iter()
+                        .filter(|(_, rec)| rec.failcount > 0)
+                        .map(|(n, rec)| (n.clone(), rec.failcount))
+                        .collect()
+                })
+                .unwrap_or_default();
+            resources.push(ResourceStatus {
+                id: p.id.clone(),
+                agent: agent_name(p),
+                running_on,
+                failcounts,
+            });
+        }
+    }
+    for (rsc, per_node) in &state.resources {
+        for (node, rec) in per_node {
+            if let Some(f) = &rec.last_failure {
+                failed_actions.push(FailedAction {
+                    resource: rsc.clone(),
+                    node: node.clone(),
+                    detail: format!("{f} (failcount {})", rec.failcount),
+                });
+            }
+        }
+    }
+    let leader = metrics
+        .current_leader
+        .and_then(|id| membership.get_node(&id).map(|n| n.name.clone()));
+    StatusReport {
+        cluster: d.node.cluster.clone(),
+        reported_by: d.node.name.clone(),
+        quorate: d.quorate(),
+        leader,
+        term: metrics.current_term,
+        config_version: state.config.version,
+        nodes,
+        resources,
+        failed_actions,
+    }
+}

@@ -1,0 +1,85 @@
+//! The CLI's connection to the cluster, from client.toml (`--config` or HAVEN_CONFIG).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use haven_net::{RpcClient, RpcError, TlsIdentity};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::files::ClientToml;
+
+pub struct Client {
+    rpc: RpcClient,
+    servers: Vec<String>,
+}
+
+/// The client.toml to use: `--config`, else HAVEN_CONFIG.
+pub fn config_path(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    arg.or_else(|| std::env::var_os("HAVEN_CONFIG").map(PathBuf::from))
+        .context("no cluster to talk to: pass --config FILE or set HAVEN_CONFIG to a client.toml (written by `haven cluster init` and `haven lab up`)")
+}
+
+impl Client {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let c: ClientToml =
+            toml::from_str(&text).with_context(|| format!("{}: invalid", path.display()))?;
+        if c.servers.is_empty() {
+            anyhow::bail!(
+                "{}: field servers: at least one server address is required",
+                path.display()
+            );
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let read = |field: &str, rel: &str| {
+            let p = base.join(rel);
+            std::fs::read_to_string(&p).with_context(|| {
+                format!(
+                    "{}: field {field}: cannot read {}",
+                    path.display(),
+                    p.display()
+                )
+            })
+        };
+        let identity = TlsIdentity::from_pem(
+            &read("ca", &c.ca)?,
+            &read("cert", &c.cert)?,
+            &read("key", &c.key)?,
+            &path.display().to_string(),
+        )?;
+        Ok(Client {
+            rpc: RpcClient::new(identity.client_config()?, Duration::from_secs(12)),
+            servers: c.servers,
+        })
+    }
+
+    pub fn from_arg(arg: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::load(&config_path(arg)?)
+    }
+
+    /// Calls the first server that answers. A refusal is final: another server would
+    /// refuse the same committed state.
+    pub async fn call<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Q,
+    ) -> anyhow::Result<R> {
+        let mut last = None;
+        for server in &self.servers {
+            match self.rpc.call(server, path, req).await {
+                Ok(r) => return Ok(r),
+                Err(RpcError::Remote { message, .. }) => anyhow::bail!("{message}"),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(anyhow::anyhow!(
+                "no server of the cluster answered; last: {e}"
+            )),
+            None => anyhow::bail!("no servers configured"),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The JSON messages of Haven's RPC, shared by the daemon and its clients.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A heartbeat sent over one link.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub from: String,
+    pub link: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplyConfig {
+    /// The version the new text was based on (compare-and-set).
+    pub based_on: u64,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigReply {
+    pub version: u64,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinTokenRequest {
+    pub ttl_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinTokenReply {
+    pub token: String,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub name: String,
+    pub addrs: Vec<String>,
+    pub witness: bool,
+    pub learner: bool,
+}
+
+/// What a joining host receives: its id, its certificate, and the cluster CA (with the
+/// CA key, so that every member can admit later joiners even when the founder is gone).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinReply {
+    pub id: u64,
+    pub cluster: String,
+    pub ca_pem: String,
+    pub ca_key_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Addresses of current members, to find the cluster again after a restart.
+    pub seeds: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddLearner {
+    pub id: u64,
+    pub name: String,
+    pub addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Promote {
+    pub id: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeAttrs {
+    pub name: String,
+    pub standby: Option<bool>,
+    pub maintenance: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// `haven status`: the cluster as the answering node sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub cluster: String,
+    /// The node that answered; liveness and links are from its point of view.
+    pub reported_by: String,
+    pub quorate: bool,
+    pub leader: Option<String>,
+    pub term: u64,
+    pub config_version: u64,
+    pub nodes: Vec<NodeStatus>,
+    pub resources: Vec<ResourceStatus>,
+    pub failed_actions: Vec<FailedAction>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub id: u64,
+    /// online, offline, pending, standby or maintenance.
+    pub state: String,
+    /// voter, learner or witness.
+    pub role: String,
+    pub links: Vec<LinkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub name: String,
+    pub addr: String,
+    pub up: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResourceStatus {
+    pub id: String,
+    pub agent: String,
+    pub running_on: Vec<String>,
+    pub failcounts: BTreeMap<String, u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailedAction {
+    pub resource: String,
+    pub node: String,
+    pub detail: String,
+}

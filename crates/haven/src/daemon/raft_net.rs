@@ -1,0 +1,103 @@
+//! openraft's network over Haven's mTLS RPC.
+
+use haven_net::{RpcClient, RpcError};
+use haven_store::{NodeId, NodeInfo, TypeConfig};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub const APPEND: &str = "/raft/append";
+pub const VOTE: &str = "/raft/vote";
+pub const SNAPSHOT: &str = "/raft/snapshot";
+
+#[derive(Clone)]
+pub struct Network {
+    pub rpc: RpcClient,
+}
+
+pub struct Conn {
+    rpc: RpcClient,
+    target: NodeId,
+    addr: Option<String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Conn {
+        Conn {
+            rpc: self.rpc.clone(),
+            target,
+            addr: node.addrs.first().cloned(),
+        }
+    }
+}
+
+impl Conn {
+    /// The server answers with the whole `Result` of the Raft call, so a Raft-level
+    /// refusal comes back as a `RemoteError`, and a transport failure as unreachable.
+    async fn send<Q, R, E>(
+        &self,
+        path: &str,
+        req: &Q,
+    ) -> Result<R, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>
+    where
+        Q: Serialize,
+        R: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(addr) = &self.addr else {
+            let e = std::io::Error::other(format!(
+                "node {} has no address in the membership",
+                self.target
+            ));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
+        let answer: Result<Result<R, RaftError<NodeId, E>>, RpcError> =
+            self.rpc.call(addr, path, req).await;
+        match answer {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Err(
+                e @ (RpcError::Connect { .. } | RpcError::Tls { .. } | RpcError::Timeout { .. }),
+            ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.send(APPEND, &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.send(SNAPSHOT, &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.send(VOTE, &rpc).await
+    }
+}
