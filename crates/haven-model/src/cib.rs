@@ -1,1 +1,1197 @@
-//! Pacemaker CIB import (work in progress).
+//! Pacemaker CIB import: the `configuration` section becomes a [`Config`], the `status`
+//! section a [`State`]. What Haven cannot express is listed in
+//! [`Imported::unsupported`] by element and id; nothing is dropped silently.
+//!
+//! How the status is read: each node's `node_state` gives membership (the cluster layer
+//! `in_ccm`, the controller `crmd`, the `join` phase and the `expected` state); each
+//! `lrm_resource` holds an operation history that is replayed in call order to find the
+//! resource's role there and whether it failed; `fail-count-*` and `last-failure-*`
+//! transient attributes give failcounts.
+
+use std::collections::{BTreeMap, HashMap};
+
+use roxmltree::{Document, Node as XNode};
+
+use crate::config::{
+    Action, BoolOp, Clone, Colocation, Config, ConfigError, Expr, ExprOp, FenceLevel, Group,
+    Location, Meta, NoQuorumPolicy, Node, OnFail, Op, Order, OrderKind, PlacementStrategy,
+    Primitive, ResourceSet, Role, Rule, ValueType,
+};
+use crate::score::{INFINITY, Score};
+use crate::state::{Migration, NodeState, NodeStatus, ResourceStatus, State};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CibError {
+    #[error("{source_name}: not well-formed XML: {message}")]
+    Xml {
+        source_name: String,
+        message: String,
+    },
+    #[error("{source_name}: <{element} id=\"{id}\">: {reason}")]
+    Invalid {
+        source_name: String,
+        element: String,
+        id: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+}
+
+/// Something in the CIB that Haven does not express, and was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    pub element: String,
+    pub id: String,
+    pub reason: String,
+}
+
+/// The result of an import.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub config: Config,
+    pub state: State,
+    pub unsupported: Vec<Unsupported>,
+}
+
+struct Ctx<'s> {
+    source: &'s str,
+    unsupported: Vec<Unsupported>,
+}
+
+impl Ctx<'_> {
+    fn skip(&mut self, n: XNode<'_, '_>, reason: impl Into<String>) {
+        self.unsupported.push(Unsupported {
+            element: n.tag_name().name().to_string(),
+            id: n.attribute("id").unwrap_or("").to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    fn invalid(&self, n: XNode<'_, '_>, reason: impl Into<String>) -> CibError {
+        CibError::Invalid {
+            source_name: self.source.to_string(),
+            element: n.tag_name().name().to_string(),
+            id: n.attribute("id").unwrap_or("").to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn children<'a, 'i>(n: XNode<'a, 'i>, tag: &'static str) -> impl Iterator<Item = XNode<'a, 'i>> {
+    n.children()
+        .filter(move |c| c.is_element() && c.tag_name().name() == tag)
+}
+
+fn child<'a, 'i>(n: XNode<'a, 'i>, tag: &'static str) -> Option<XNode<'a, 'i>> {
+    children(n, tag).next()
+}
+
+/// Pacemaker's booleans: true/false, yes/no, on/off, 1/0, y/n.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" | "y" => Some(true),
+        "false" | "no" | "off" | "0" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// A duration in seconds from Pacemaker's forms: `10`, `10s`, `500ms`, `2m`, `1h`, `PT10S`.
+pub fn parse_seconds(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    if let Some(iso) = t.strip_prefix("pt") {
+        let (num, unit) = iso.split_at(iso.len().saturating_sub(1));
+        let n: u64 = num.parse().ok()?;
+        return match unit {
+            "s" => Some(n),
+            "m" => Some(n * 60),
+            "h" => Some(n * 3600),
+            _ => None,
+        };
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "" | "s" | "sec" | "secs" => Some(n),
+        "ms" | "msec" | "msecs" => Some(n / 1000),
+        "us" | "usec" | "usecs" => Some(0),
+        "m" | "min" | "mins" => Some(n * 60),
+        "h" | "hr" | "hrs" => Some(n * 3600),
+        _ => None,
+    }
+}
+
+/// Name-value pairs of every child `tag` block (later blocks do not override earlier
+/// ones, as with Pacemaker's first-match rule for unordered sets).
+fn nvpairs(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, tag: &'static str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for block in children(n, tag) {
+        if child(block, "rule").is_some() {
+            ctx.skip(
+                block,
+                "attribute blocks conditional on rules are not supported; left out",
+            );
+            continue;
+        }
+        if block.attribute("id-ref").is_some() {
+            ctx.skip(
+                block,
+                "references to attribute blocks (id-ref) are not supported",
+            );
+            continue;
+        }
+        for nv in children(block, "nvpair") {
+            let (Some(k), Some(v)) = (nv.attribute("name"), nv.attribute("value")) else {
+                ctx.skip(nv, "nvpair without name or value");
+                continue;
+            };
+            if !out.iter().any(|(ek, _)| ek == k) {
+                out.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+    out
+}
+
+fn parse_score(ctx: &Ctx<'_>, n: XNode<'_, '_>, attr: &str) -> Result<Option<Score>, CibError> {
+    match n.attribute(attr) {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<Score>()
+            .map(Some)
+            .map_err(|e| ctx.invalid(n, format!("{attr}: {e}"))),
+    }
+}
+
+/// Apply one meta attribute; returns false when the name is not a meta attribute Haven
+/// knows for plain resources.
+fn apply_meta(meta: &mut Meta, k: &str, v: &str) -> Option<bool> {
+    match k {
+        "target-role" => meta.target_role = Some(Role::parse(v)?),
+        "is-managed" => meta.is_managed = Some(parse_bool(v)?),
+        "resource-stickiness" | "resource_stickiness" => {
+            meta.resource_stickiness = Some(v.parse().ok()?)
+        }
+        "migration-threshold" => {
+            let s: Score = v.parse().ok()?;
+            meta.migration_threshold = Some(if s.is_pos_inf() {
+                INFINITY as u32
+            } else {
+                u32::try_from(s.value().max(0)).ok()?
+            });
+        }
+        "failure-timeout" => meta.failure_timeout = Some(parse_seconds(v)?),
+        "allow-migrate" => meta.allow_migrate = Some(parse_bool(v)?),
+        "priority" => meta.priority = Some(v.parse::<Score>().ok()?.value()),
+        "critical" => meta.critical = Some(parse_bool(v)?),
+        _ => return Some(false),
+    }
+    Some(true)
+}
+
+fn read_meta(
+    ctx: &mut Ctx<'_>,
+    n: XNode<'_, '_>,
+    extra_ok: &[&str],
+) -> Result<(Meta, Vec<(String, String)>), CibError> {
+    let mut meta = Meta::default();
+    let mut rest = Vec::new();
+    for (k, v) in nvpairs(ctx, n, "meta_attributes") {
+        match apply_meta(&mut meta, &k, &v) {
+            Some(true) => {}
+            Some(false) => {
+                if extra_ok.contains(&k.as_str()) {
+                    rest.push((k, v));
+                } else if !IGNORED_META.contains(&k.as_str()) {
+                    ctx.unsupported.push(Unsupported {
+                        element: n.tag_name().name().to_string(),
+                        id: n.attribute("id").unwrap_or("").to_string(),
+                        reason: format!("meta attribute `{k}` is not supported; left out"),
+                    });
+                }
+            }
+            None => {
+                return Err(ctx.invalid(n, format!("meta attribute `{k}`: bad value `{v}`")));
+            }
+        }
+    }
+    Ok((meta, rest))
+}
+
+/// Meta attributes that change nothing Haven decides.
+const IGNORED_META: &[&str] = &[
+    "description",
+    "requires",
+    "multiple-active",
+    "restart-type",
+    "resource-discovery",
+];
+
+const CLONE_META: &[&str] = &[
+    "clone-max",
+    "clone-node-max",
+    "interleave",
+    "notify",
+    "globally-unique",
+    "ordered",
+    "promotable",
+    "promoted-max",
+    "master-max",
+    "promoted-node-max",
+    "master-node-max",
+];
+
+fn read_primitive(ctx: &mut Ctx<'_>, n: XNode<'_, '_>) -> Result<Primitive, CibError> {
+    let id = n
+        .attribute("id")
+        .ok_or_else(|| ctx.invalid(n, "a primitive needs an id"))?;
+    if n.attribute("template").is_some() {
+        ctx.skip(
+            n,
+            "resource templates are not supported; the primitive keeps only its own attributes",
+        );
+    }
+    let class = n.attribute("class").unwrap_or("ocf").to_string();
+    let (meta, _) = read_meta(ctx, n, &[])?;
+    let params = nvpairs(ctx, n, "instance_attributes").into_iter().collect();
+    let mut ops = Vec::new();
+    if let Some(opsn) = child(n, "operations") {
+        for o in children(opsn, "op") {
+            let name = o.attribute("name").unwrap_or("").to_string();
+            let interval = match o.attribute("interval") {
+                Some(v) => parse_seconds(v)
+                    .ok_or_else(|| ctx.invalid(o, format!("interval: `{v}` is not a duration")))?,
+                None => 0,
+            };
+            let timeout = o.attribute("timeout").and_then(parse_seconds);
+            let role = o.attribute("role").and_then(Role::parse);
+            let on_fail = match o.attribute("on-fail") {
+                None => None,
+                Some(v) => Some(match v {
+                    "ignore" => OnFail::Ignore,
+                    "block" => OnFail::Block,
+                    "stop" => OnFail::Stop,
+                    "restart" | "restart-container" => OnFail::Restart,
+                    "standby" => OnFail::Standby,
+                    "fence" => OnFail::Fence,
+                    "demote" => OnFail::Demote,
+                    _ => return Err(ctx.invalid(o, format!("on-fail: unknown value `{v}`"))),
+                }),
+            };
+            ops.push(Op {
+                name,
+                interval,
+                timeout,
+                role,
+                on_fail,
+            });
+        }
+    }
+    let utilization = read_utilization(ctx, n)?;
+    Ok(Primitive {
+        id: id.to_string(),
+        provider: n
+            .attribute("provider")
+            .map(str::to_string)
+            .or_else(|| (class == "ocf").then(|| "heartbeat".to_string())),
+        class,
+        agent: n.attribute("type").unwrap_or("").to_string(),
+        params,
+        meta,
+        ops,
+        utilization,
+        home: None,
+        failback: false,
+    })
+}
+
+fn read_utilization(
+    ctx: &mut Ctx<'_>,
+    n: XNode<'_, '_>,
+) -> Result<BTreeMap<String, i64>, CibError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in nvpairs(ctx, n, "utilization") {
+        let x: i64 = v
+            .trim()
+            .parse()
+            .map_err(|_| ctx.invalid(n, format!("utilization `{k}`: `{v}` is not an integer")))?;
+        out.insert(k, x);
+    }
+    Ok(out)
+}
+
+fn read_resources(ctx: &mut Ctx<'_>, res: XNode<'_, '_>, cfg: &mut Config) -> Result<(), CibError> {
+    for n in res.children().filter(|c| c.is_element()) {
+        match n.tag_name().name() {
+            "primitive" => cfg.resources.push(read_primitive(ctx, n)?),
+            "group" => {
+                let g = read_group(ctx, n, cfg)?;
+                cfg.groups.push(g);
+            }
+            "clone" | "master" => {
+                let id = n
+                    .attribute("id")
+                    .ok_or_else(|| ctx.invalid(n, "a clone needs an id"))?;
+                let (meta, extra) = read_meta(ctx, n, CLONE_META)?;
+                let mut c = Clone {
+                    id: id.to_string(),
+                    meta,
+                    promotable: n.tag_name().name() == "master",
+                    ..Default::default()
+                };
+                for (k, v) in extra {
+                    let bad = || ctx.invalid(n, format!("meta attribute `{k}`: bad value `{v}`"));
+                    let num = || v.trim().parse::<u32>().map_err(|_| bad());
+                    match k.as_str() {
+                        "clone-max" => c.clone_max = Some(num()?),
+                        "clone-node-max" => c.clone_node_max = Some(num()?),
+                        "promoted-max" | "master-max" => c.promoted_max = Some(num()?),
+                        "promoted-node-max" | "master-node-max" => {
+                            c.promoted_node_max = Some(num()?)
+                        }
+                        "interleave" => c.interleave = parse_bool(&v).ok_or_else(bad)?,
+                        "notify" => c.notify = parse_bool(&v).ok_or_else(bad)?,
+                        "globally-unique" => c.globally_unique = parse_bool(&v).ok_or_else(bad)?,
+                        "ordered" => c.ordered = parse_bool(&v).ok_or_else(bad)?,
+                        "promotable" => c.promotable = parse_bool(&v).ok_or_else(bad)?,
+                        _ => {}
+                    }
+                }
+                if !c.promotable {
+                    c.promoted_max = None;
+                    c.promoted_node_max = None;
+                }
+                let inner = n.children().find(|c| {
+                    c.is_element() && matches!(c.tag_name().name(), "primitive" | "group")
+                });
+                let Some(inner) = inner else {
+                    ctx.skip(n, "a clone without a primitive or group inside; left out");
+                    continue;
+                };
+                if inner.tag_name().name() == "primitive" {
+                    cfg.resources.push(read_primitive(ctx, inner)?);
+                } else {
+                    let g = read_group(ctx, inner, cfg)?;
+                    cfg.groups.push(g);
+                }
+                c.child = inner.attribute("id").unwrap_or("").to_string();
+                cfg.clones.push(c);
+            }
+            "template" => ctx.skip(n, "resource templates are not supported"),
+            "bundle" => ctx.skip(n, "bundles (container resources) are not supported"),
+            _ => ctx.skip(n, "unknown resource kind"),
+        }
+    }
+    Ok(())
+}
+
+fn read_group(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, cfg: &mut Config) -> Result<Group, CibError> {
+    let id = n
+        .attribute("id")
+        .ok_or_else(|| ctx.invalid(n, "a group needs an id"))?;
+    let (meta, _) = read_meta(ctx, n, &[])?;
+    let mut members = Vec::new();
+    for p in children(n, "primitive") {
+        let prim = read_primitive(ctx, p)?;
+        members.push(prim.id.clone());
+        cfg.resources.push(prim);
+    }
+    Ok(Group {
+        id: id.to_string(),
+        members,
+        meta,
+    })
+}
+
+fn read_rule(ctx: &mut Ctx<'_>, r: XNode<'_, '_>) -> Result<Option<Rule>, CibError> {
+    let mut rule = Rule {
+        score: parse_score(ctx, r, "score")?,
+        score_attribute: r.attribute("score-attribute").map(str::to_string),
+        boolean_op: if r.attribute("boolean-op") == Some("or") {
+            BoolOp::Or
+        } else {
+            BoolOp::And
+        },
+        role: r.attribute("role").and_then(Role::parse),
+        ..Default::default()
+    };
+    for e in r.children().filter(|c| c.is_element()) {
+        match e.tag_name().name() {
+            "expression" => {
+                if e.attribute("value-source").is_some_and(|v| v != "literal") {
+                    ctx.skip(r, "expressions whose value comes from a parameter are not supported; rule left out");
+                    return Ok(None);
+                }
+                let op = match e.attribute("operation").unwrap_or("") {
+                    "eq" => ExprOp::Eq,
+                    "ne" => ExprOp::Ne,
+                    "lt" => ExprOp::Lt,
+                    "gt" => ExprOp::Gt,
+                    "lte" => ExprOp::Lte,
+                    "gte" => ExprOp::Gte,
+                    "defined" => ExprOp::Defined,
+                    "not_defined" => ExprOp::NotDefined,
+                    other => return Err(ctx.invalid(e, format!("operation: unknown `{other}`"))),
+                };
+                let value_type = match e.attribute("type") {
+                    None => None,
+                    Some("string") => Some(ValueType::String),
+                    Some("integer") => Some(ValueType::Integer),
+                    Some("number") => Some(ValueType::Number),
+                    Some("version") => Some(ValueType::Version),
+                    Some(t) => return Err(ctx.invalid(e, format!("type: unknown `{t}`"))),
+                };
+                rule.expressions.push(Expr {
+                    attribute: e.attribute("attribute").unwrap_or("").to_string(),
+                    operation: op,
+                    value: e.attribute("value").map(str::to_string),
+                    value_type,
+                });
+            }
+            "rule" => match read_rule(ctx, e)? {
+                Some(sub) => rule.rules.push(sub),
+                None => return Ok(None),
+            },
+            other => {
+                ctx.skip(
+                    r,
+                    format!("rule element <{other}> is not supported; rule left out"),
+                );
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(rule))
+}
+
+fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>) -> Vec<ResourceSet> {
+    let mut sets = Vec::new();
+    for s in children(n, "resource_set") {
+        let resources = children(s, "resource_ref")
+            .filter_map(|r| r.attribute("id").map(str::to_string))
+            .collect();
+        if s.attribute("ordering").is_some() {
+            ctx.skip(
+                s,
+                "the `ordering` attribute of sets is not supported; ignored",
+            );
+        }
+        sets.push(ResourceSet {
+            resources,
+            sequential: s
+                .attribute("sequential")
+                .and_then(parse_bool)
+                .unwrap_or(true),
+            require_all: s
+                .attribute("require-all")
+                .and_then(parse_bool)
+                .unwrap_or(true),
+            role: s.attribute("role").and_then(Role::parse),
+            action: s.attribute("action").and_then(Action::parse),
+        });
+    }
+    sets
+}
+
+fn read_constraints(
+    ctx: &mut Ctx<'_>,
+    cons: XNode<'_, '_>,
+    cfg: &mut Config,
+) -> Result<(), CibError> {
+    for n in cons.children().filter(|c| c.is_element()) {
+        let id = n.attribute("id").unwrap_or("").to_string();
+        match n.tag_name().name() {
+            "rsc_location" => {
+                if n.attribute("rsc-pattern").is_some() {
+                    ctx.skip(n, "rsc-pattern locations are not supported");
+                    continue;
+                }
+                let mut rscs: Vec<String> = n
+                    .attribute("rsc")
+                    .map(|r| vec![r.to_string()])
+                    .unwrap_or_default();
+                for s in read_sets(ctx, n) {
+                    rscs.extend(s.resources);
+                }
+                let mut rules = Vec::new();
+                for r in children(n, "rule") {
+                    if let Some(rule) = read_rule(ctx, r)? {
+                        rules.push(rule);
+                    }
+                }
+                let node = n.attribute("node").map(str::to_string);
+                let score = parse_score(ctx, n, "score")?;
+                let role = n.attribute("role").and_then(Role::parse);
+                if node.is_none() && rules.is_empty() {
+                    if child(n, "rule").is_none() {
+                        ctx.skip(n, "a location without node or rule; left out");
+                    }
+                    continue;
+                }
+                let score = if node.is_some() {
+                    Some(score.unwrap_or(Score::ZERO))
+                } else {
+                    None
+                };
+                for (k, rsc) in rscs.iter().enumerate() {
+                    let cid = if k == 0 {
+                        id.clone()
+                    } else {
+                        format!("{id}-{k}")
+                    };
+                    cfg.constraints.location.push(Location {
+                        id: cid,
+                        rsc: rsc.clone(),
+                        node: node.clone(),
+                        score,
+                        role,
+                        rules: if node.is_some() {
+                            Vec::new()
+                        } else {
+                            rules.clone()
+                        },
+                    });
+                }
+            }
+            "rsc_colocation" => {
+                if n.attribute("node-attribute").is_some_and(|a| a != "#uname") {
+                    ctx.skip(
+                        n,
+                        "colocation by a node attribute other than #uname is not supported",
+                    );
+                    continue;
+                }
+                if n.attribute("influence").is_some() {
+                    ctx.skip(n, "the `influence` attribute is not supported; ignored");
+                }
+                let Some(score) = parse_score(ctx, n, "score")? else {
+                    ctx.skip(n, "a colocation without a score; left out");
+                    continue;
+                };
+                cfg.constraints.colocation.push(Colocation {
+                    id,
+                    rsc: n.attribute("rsc").map(str::to_string),
+                    with: n.attribute("with-rsc").map(str::to_string),
+                    score,
+                    rsc_role: n.attribute("rsc-role").and_then(Role::parse),
+                    with_role: n.attribute("with-rsc-role").and_then(Role::parse),
+                    sets: read_sets(ctx, n),
+                });
+            }
+            "rsc_order" => {
+                let score = parse_score(ctx, n, "score")?;
+                let kind = match n.attribute("kind") {
+                    Some("Optional") => OrderKind::Optional,
+                    Some("Serialize") => OrderKind::Serialize,
+                    Some("Mandatory") => OrderKind::Mandatory,
+                    Some(k) => return Err(ctx.invalid(n, format!("kind: unknown `{k}`"))),
+                    None if score == Some(Score::ZERO) => OrderKind::Optional,
+                    None => OrderKind::Mandatory,
+                };
+                if n.attribute("require-all").is_some() {
+                    ctx.skip(
+                        n,
+                        "`require-all` on a plain order is not supported; ignored",
+                    );
+                }
+                cfg.constraints.order.push(Order {
+                    id,
+                    first: n.attribute("first").map(str::to_string),
+                    then: n.attribute("then").map(str::to_string),
+                    first_action: n.attribute("first-action").and_then(Action::parse),
+                    then_action: n.attribute("then-action").and_then(Action::parse),
+                    kind,
+                    symmetrical: n.attribute("symmetrical").and_then(parse_bool),
+                    sets: read_sets(ctx, n),
+                });
+            }
+            "rsc_ticket" => ctx.skip(n, "tickets are not supported"),
+            _ => ctx.skip(n, "unknown constraint kind"),
+        }
+    }
+    Ok(())
+}
+
+/// Remove constraints that name resources the configuration does not have (Pacemaker
+/// ignores them too), reporting each.
+fn drop_dangling(ctx: &mut Ctx<'_>, cfg: &mut Config) {
+    let known: std::collections::HashSet<String> =
+        cfg.id_index().keys().map(|s| s.to_string()).collect();
+    let nodes: std::collections::HashSet<String> =
+        cfg.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut report = |el: &str, id: &str, why: String| {
+        ctx.unsupported.push(Unsupported {
+            element: el.into(),
+            id: id.into(),
+            reason: why,
+        });
+    };
+    cfg.constraints.location.retain(|l| {
+        if !known.contains(&l.rsc) {
+            report(
+                "rsc_location",
+                &l.id,
+                format!("names unknown resource `{}`; left out", l.rsc),
+            );
+            return false;
+        }
+        if let Some(n) = &l.node
+            && !nodes.contains(n)
+        {
+            report(
+                "rsc_location",
+                &l.id,
+                format!("names unknown node `{n}`; left out"),
+            );
+            return false;
+        }
+        true
+    });
+    let ok_set = |sets: &mut Vec<ResourceSet>| {
+        for s in sets.iter_mut() {
+            s.resources.retain(|r| known.contains(r));
+        }
+        sets.retain(|s| !s.resources.is_empty());
+    };
+    let mut dropped = Vec::new();
+    cfg.constraints.colocation.retain_mut(|c| {
+        ok_set(&mut c.sets);
+        let ok = match (&c.rsc, &c.with) {
+            (Some(a), Some(b)) => known.contains(a) && known.contains(b) && a != b,
+            (None, None) => !c.sets.is_empty(),
+            _ => false,
+        };
+        if !ok {
+            dropped.push(("rsc_colocation", c.id.clone()));
+        }
+        ok
+    });
+    cfg.constraints.order.retain_mut(|o| {
+        ok_set(&mut o.sets);
+        let ok = match (&o.first, &o.then) {
+            (Some(a), Some(b)) => known.contains(a) && known.contains(b) && a != b,
+            (None, None) => !o.sets.is_empty(),
+            _ => false,
+        };
+        if !ok {
+            dropped.push(("rsc_order", o.id.clone()));
+        }
+        ok
+    });
+    for (el, id) in dropped {
+        report(el, &id, "names an unknown resource; left out".into());
+    }
+    cfg.fencing.levels.retain(|l| nodes.contains(&l.node));
+}
+
+fn read_config(ctx: &mut Ctx<'_>, conf: XNode<'_, '_>) -> Result<Config, CibError> {
+    let mut cfg = Config::default();
+    if let Some(crm) = child(conf, "crm_config") {
+        for (k, v) in nvpairs(ctx, crm, "cluster_property_set") {
+            let o = &mut cfg.options;
+            let bad = || CibError::Invalid {
+                source_name: ctx.source.to_string(),
+                element: "nvpair".into(),
+                id: k.clone(),
+                reason: format!("bad value `{v}`"),
+            };
+            match k.as_str() {
+                "stonith-enabled" | "fencing-enabled" => {
+                    o.stonith_enabled = parse_bool(&v).ok_or_else(bad)?
+                }
+                "symmetric-cluster" => o.symmetric_cluster = parse_bool(&v).ok_or_else(bad)?,
+                "maintenance-mode" => o.maintenance_mode = parse_bool(&v).ok_or_else(bad)?,
+                "stop-all-resources" => o.stop_all_resources = parse_bool(&v).ok_or_else(bad)?,
+                "start-failure-is-fatal" => {
+                    o.start_failure_is_fatal = parse_bool(&v).ok_or_else(bad)?
+                }
+                "default-resource-stickiness" => {
+                    o.resource_stickiness = v.parse().map_err(|_| bad())?
+                }
+                "no-quorum-policy" => {
+                    o.no_quorum_policy = match v.as_str() {
+                        "stop" => NoQuorumPolicy::Stop,
+                        "freeze" => NoQuorumPolicy::Freeze,
+                        "ignore" => NoQuorumPolicy::Ignore,
+                        "suicide" | "fence" => NoQuorumPolicy::Suicide,
+                        "demote" => NoQuorumPolicy::Demote,
+                        _ => return Err(bad()),
+                    }
+                }
+                "placement-strategy" => {
+                    o.placement_strategy = match v.as_str() {
+                        "default" => PlacementStrategy::Default,
+                        "utilization" => PlacementStrategy::Utilization,
+                        "minimal" => PlacementStrategy::Minimal,
+                        "balanced" => PlacementStrategy::Balanced,
+                        _ => return Err(bad()),
+                    }
+                }
+                _ if INFORMATIONAL_OPTIONS.contains(&k.as_str()) => {}
+                _ => ctx.unsupported.push(Unsupported {
+                    element: "cluster_property_set".into(),
+                    id: k.clone(),
+                    reason: format!("cluster option `{k}` is not supported; ignored"),
+                }),
+            }
+        }
+    }
+    if let Some(nodes) = child(conf, "nodes") {
+        for n in children(nodes, "node") {
+            let Some(name) = n.attribute("uname") else {
+                ctx.skip(n, "a node without uname; left out");
+                continue;
+            };
+            if n.attribute("type")
+                .is_some_and(|t| t != "member" && t != "normal")
+            {
+                ctx.skip(n, "remote and ping nodes are not supported");
+                continue;
+            }
+            let mut node = Node {
+                name: name.to_string(),
+                id: n.attribute("id").map(str::to_string),
+                ..Default::default()
+            };
+            for (k, v) in nvpairs(ctx, n, "instance_attributes") {
+                match k.as_str() {
+                    "standby" => node.standby = parse_bool(&v).unwrap_or(false),
+                    "maintenance" => node.maintenance = parse_bool(&v).unwrap_or(false),
+                    _ => {
+                        node.attributes.insert(k, v);
+                    }
+                }
+            }
+            node.utilization = read_utilization(ctx, n)?;
+            cfg.nodes.push(node);
+        }
+    }
+    if let Some(rd) = child(conf, "rsc_defaults") {
+        let (meta, _) = read_meta(ctx, rd, &[])?;
+        cfg.options.resource_defaults = meta;
+        if let Some(s) = cfg.options.resource_defaults.resource_stickiness.take() {
+            cfg.options.resource_stickiness = s;
+        }
+    }
+    if let Some(od) = child(conf, "op_defaults") {
+        for (k, _) in nvpairs(ctx, od, "meta_attributes") {
+            if k != "timeout" && k != "record-pending" {
+                ctx.unsupported.push(Unsupported {
+                    element: "op_defaults".into(),
+                    id: k.clone(),
+                    reason: format!("operation default `{k}` is not supported; ignored"),
+                });
+            }
+        }
+    }
+    if let Some(res) = child(conf, "resources") {
+        read_resources(ctx, res, &mut cfg)?;
+    }
+    if let Some(cons) = child(conf, "constraints") {
+        read_constraints(ctx, cons, &mut cfg)?;
+    }
+    if let Some(ft) = child(conf, "fencing-topology") {
+        for l in children(ft, "fencing-level") {
+            let (Some(target), Some(idx), Some(devs)) = (
+                l.attribute("target"),
+                l.attribute("index"),
+                l.attribute("devices"),
+            ) else {
+                ctx.skip(
+                    l,
+                    "only fencing levels with target, index and devices are supported",
+                );
+                continue;
+            };
+            let index = idx
+                .parse()
+                .map_err(|_| ctx.invalid(l, format!("index: `{idx}` is not a number")))?;
+            cfg.fencing.levels.push(FenceLevel {
+                node: target.to_string(),
+                index,
+                devices: devs.split(',').map(|d| d.trim().to_string()).collect(),
+            });
+        }
+    }
+    for other in conf.children().filter(|c| c.is_element()) {
+        if matches!(other.tag_name().name(), "tags" | "acls" | "alerts") {
+            ctx.skip(other, "not part of Haven's configuration; left out");
+        }
+    }
+    drop_dangling(ctx, &mut cfg);
+    Ok(cfg)
+}
+
+const INFORMATIONAL_OPTIONS: &[&str] = &[
+    "dc-version",
+    "cluster-infrastructure",
+    "cluster-name",
+    "last-lrm-refresh",
+    "have-watchdog",
+    "expected-quorum-votes",
+    "cluster-recheck-interval",
+    "stonith-timeout",
+    "dc-deadtime",
+    "election-timeout",
+    "shutdown-escalation",
+    "pe-error-series-max",
+    "pe-warn-series-max",
+    "pe-input-series-max",
+    "batch-limit",
+    "stonith-action",
+    "startup-fencing",
+    "no_quorum_policy",
+    "stop-orphan-resources",
+    "stop-orphan-actions",
+    "remove-after-stop",
+    "crmd-transition-delay",
+    "node-health-strategy",
+    "enable-startup-probes",
+    "migration-limit",
+    "concurrent-fencing",
+    "priority-fencing-delay",
+    "shutdown-lock",
+];
+
+/// One recorded operation.
+struct OpRec {
+    call: i64,
+    op: String,
+    interval: u64,
+    rc: i64,
+    status: i64,
+    expected: Option<i64>,
+    migrate_source: Option<String>,
+    migrate_target: Option<String>,
+    last_rc_change: Option<i64>,
+}
+
+fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
+    let mut ops: Vec<OpRec> = Vec::new();
+    for o in children(r, "lrm_rsc_op") {
+        let call = o
+            .attribute("call-id")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1);
+        let op = o.attribute("operation").unwrap_or("").to_string();
+        let interval = o
+            .attribute("interval")
+            .and_then(parse_seconds_ms)
+            .unwrap_or(0);
+        let expected = o
+            .attribute("transition-key")
+            .and_then(|k| k.split(':').nth(2))
+            .and_then(|v| v.parse().ok());
+        let rec = OpRec {
+            call,
+            interval,
+            rc: o
+                .attribute("rc-code")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            status: o
+                .attribute("op-status")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            expected,
+            migrate_source: o.attribute("migrate_source").map(str::to_string),
+            migrate_target: o.attribute("migrate_target").map(str::to_string),
+            last_rc_change: o.attribute("last-rc-change").and_then(|v| v.parse().ok()),
+            op,
+        };
+        // `*_last_failure_0` repeats an operation already listed under its call id.
+        if ops.iter().any(|x| {
+            x.call == rec.call && x.op == rec.op && x.interval == rec.interval && rec.call >= 0
+        }) {
+            continue;
+        }
+        ops.push(rec);
+    }
+    // Pending operations (call id -1) happened last.
+    ops.sort_by_key(|o| if o.call < 0 { i64::MAX } else { o.call });
+    ops
+}
+
+/// Intervals in the status section are milliseconds.
+fn parse_seconds_ms(v: &str) -> Option<u64> {
+    v.trim().parse::<u64>().ok().map(|ms| ms / 1000)
+}
+
+/// Replay a resource's operation history on one node.
+fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
+    let mut st = ResourceStatus::default();
+    for o in ops {
+        if o.status == 1 || o.op == "notify" || o.op == "meta-data" {
+            continue; // cancelled or informational
+        }
+        let pending = o.status == -1 || o.call < 0;
+        let probe = o.op == "monitor" && o.interval == 0;
+        let ok = o.status == 0
+            && match o.rc {
+                0 => true,
+                7 => probe || o.op == "stop" || o.expected == Some(7),
+                8 => probe || o.op == "monitor" || o.op == "promote",
+                _ => false,
+            };
+        if pending {
+            match o.op.as_str() {
+                "start" | "migrate_from" => st.role = Role::Started,
+                "promote" => st.role = Role::Promoted,
+                _ => {}
+            }
+            continue;
+        }
+        if !ok {
+            st.failed = true;
+            st.last_failure = o.last_rc_change.or(st.last_failure);
+            match o.op.as_str() {
+                "stop" => {
+                    st.stop_failed = true;
+                    if st.role == Role::Stopped {
+                        st.role = Role::Started;
+                    }
+                }
+                "monitor" if o.rc == 7 => {
+                    // Found not running when it should be: it needs recovery, but it is
+                    // not active any more.
+                    if st.role == Role::Stopped {
+                        st.role = Role::Started;
+                    }
+                }
+                "demote" | "promote" => st.role = Role::Promoted,
+                _ => {
+                    if st.role == Role::Stopped {
+                        st.role = Role::Started;
+                    }
+                }
+            }
+            continue;
+        }
+        match o.op.as_str() {
+            "start" => {
+                st.role = Role::Started;
+                st.failed = false;
+                st.migration = None;
+            }
+            "stop" => {
+                st.role = Role::Stopped;
+                st.failed = false;
+                st.stop_failed = false;
+                st.migration = None;
+            }
+            "promote" => st.role = Role::Promoted,
+            "demote" => st.role = Role::Unpromoted,
+            "monitor" => {
+                if probe {
+                    st.failed = false;
+                }
+                st.role = match o.rc {
+                    7 => Role::Stopped,
+                    8 => Role::Promoted,
+                    _ if st.role == Role::Promoted && !probe => Role::Unpromoted,
+                    _ if st.role == Role::Stopped || probe => Role::Started,
+                    _ => st.role,
+                };
+            }
+            "migrate_to" => {
+                st.role = Role::Started;
+                if let Some(t) = &o.migrate_target {
+                    st.migration = Some(Migration {
+                        source: node.to_string(),
+                        target: t.clone(),
+                        completed: false,
+                    });
+                }
+            }
+            "migrate_from" => {
+                st.role = Role::Started;
+                st.failed = false;
+                if let Some(s) = &o.migrate_source {
+                    st.migration = Some(Migration {
+                        source: s.clone(),
+                        target: node.to_string(),
+                        completed: true,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    st
+}
+
+fn read_status(ctx: &mut Ctx<'_>, status: XNode<'_, '_>, cfg: &Config, state: &mut State) {
+    let fencing = cfg.options.stonith_enabled;
+    for ns in children(status, "node_state") {
+        let Some(uname) = ns.attribute("uname") else {
+            ctx.skip(ns, "node_state without uname; left out");
+            continue;
+        };
+        let truthy = |a: &str| {
+            ns.attribute(a).is_some_and(|v| {
+                v == "true" || v == "online" || v.parse::<i64>().is_ok_and(|t| t > 0)
+            })
+        };
+        let in_ccm = truthy("in_ccm");
+        let crmd = truthy("crmd");
+        let join = ns.attribute("join").unwrap_or("down");
+        let expected = ns.attribute("expected").unwrap_or("down");
+        let mut node = NodeStatus::default();
+        let mut attrs = BTreeMap::new();
+        if let Some(ta) = child(ns, "transient_attributes") {
+            for (k, v) in nvpairs(ctx, ta, "instance_attributes") {
+                attrs.insert(k, v);
+            }
+        }
+        let shutdown = attrs
+            .get("shutdown")
+            .is_some_and(|v| v != "0" && v != "false")
+            || ns.attribute("shutdown").is_some_and(|v| v != "0");
+        node.shutdown = shutdown;
+        node.state = if in_ccm && crmd && join == "member" {
+            NodeState::Online
+        } else if in_ccm && crmd {
+            NodeState::Pending
+        } else if !in_ccm && (expected == "down" || join == "down" && !crmd && expected != "member")
+        {
+            NodeState::Offline
+        } else if in_ccm && !crmd && (expected == "down" || shutdown) {
+            NodeState::Offline
+        } else if !fencing {
+            NodeState::Offline
+        } else {
+            node.unclean_reason = Some(if in_ccm {
+                "peer process is no longer available".to_string()
+            } else {
+                "peer is no longer part of the cluster".to_string()
+            });
+            NodeState::Unclean
+        };
+        if let Some(v) = attrs.get("standby") {
+            node.standby = parse_bool(v);
+        }
+        if let Some(v) = attrs.get("maintenance") {
+            node.maintenance = parse_bool(v);
+        }
+        // Failcounts per resource, summed over operations.
+        let mut fails: HashMap<String, (u32, Option<i64>)> = HashMap::new();
+        for (k, v) in &attrs {
+            if let Some(rest) = k.strip_prefix("fail-count-") {
+                let rsc = rest.split('#').next().unwrap_or(rest).to_string();
+                let n: u32 = v
+                    .parse::<Score>()
+                    .map(|s| s.value().clamp(0, INFINITY) as u32)
+                    .unwrap_or(0);
+                let e = fails.entry(rsc).or_default();
+                e.0 = e.0.saturating_add(n).min(INFINITY as u32);
+            } else if let Some(rest) = k.strip_prefix("last-failure-") {
+                let rsc = rest.split('#').next().unwrap_or(rest).to_string();
+                let t = v.parse::<i64>().ok();
+                let e = fails.entry(rsc).or_default();
+                e.1 = e.1.max(t);
+            }
+        }
+        node.attributes = attrs
+            .into_iter()
+            .filter(|(k, _)| {
+                !k.starts_with("fail-count-")
+                    && !k.starts_with("last-failure-")
+                    && k != "probe_complete"
+                    && k != "shutdown"
+                    && k != "standby"
+                    && k != "maintenance"
+            })
+            .collect();
+        if let Some(lrm) = child(ns, "lrm")
+            && let Some(rs) = child(lrm, "lrm_resources")
+        {
+            for r in children(rs, "lrm_resource") {
+                let Some(rid) = r.attribute("id") else {
+                    continue;
+                };
+                let ops = read_ops(r);
+                let mut st = replay(&ops, uname);
+                st.probed = true;
+                if let Some((n, t)) = fails.remove(rid) {
+                    st.failcount = n;
+                    st.last_failure = t.or(st.last_failure);
+                }
+                state
+                    .resources
+                    .entry(rid.to_string())
+                    .or_default()
+                    .insert(uname.to_string(), st);
+            }
+        }
+        // Failcounts of resources with no history on this node still count.
+        for (rid, (n, t)) in fails {
+            let e = state
+                .resources
+                .entry(rid)
+                .or_default()
+                .entry(uname.to_string())
+                .or_default();
+            e.failcount = n;
+            e.last_failure = t;
+        }
+        state.nodes.insert(uname.to_string(), node);
+    }
+    // Nodes never seen are offline (clean): nothing can run on a node that never joined.
+    for n in &cfg.nodes {
+        state
+            .nodes
+            .entry(n.name.clone())
+            .or_insert_with(|| NodeStatus {
+                state: NodeState::Offline,
+                ..Default::default()
+            });
+    }
+}
+
+/// Import a Pacemaker CIB; `source` names the file in errors.
+pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
+    let doc = Document::parse(xml).map_err(|e| CibError::Xml {
+        source_name: source.to_string(),
+        message: e.to_string(),
+    })?;
+    let root = doc.root_element();
+    let mut ctx = Ctx {
+        source,
+        unsupported: Vec::new(),
+    };
+    if root.tag_name().name() != "cib" {
+        return Err(ctx.invalid(root, "the root element must be <cib>"));
+    }
+    let conf = child(root, "configuration")
+        .ok_or_else(|| ctx.invalid(root, "no <configuration> section"))?;
+    let mut config = read_config(&mut ctx, conf)?;
+    let mut state = State {
+        have_quorum: root
+            .attribute("have-quorum")
+            .and_then(parse_bool)
+            .unwrap_or(true),
+        now: root
+            .attribute("execution-date")
+            .and_then(|v| v.parse().ok()),
+        ..Default::default()
+    };
+    if let Some(status) = child(root, "status") {
+        read_status(&mut ctx, status, &config, &mut state);
+    }
+    // Nodes present only in the status section still exist.
+    for name in state.nodes.keys() {
+        if !config.nodes.iter().any(|n| &n.name == name) {
+            config.nodes.push(Node {
+                name: name.clone(),
+                ..Default::default()
+            });
+        }
+    }
+    config.validate(source)?;
+    Ok(Imported {
+        config,
+        state,
+        unsupported: ctx.unsupported,
+    })
+}

@@ -1,0 +1,1707 @@
+//! Placement, promotion, ordering and the action graph.
+
+use std::collections::{BTreeMap, HashMap};
+
+use haven_model::{
+    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, NoQuorumPolicy, NodeState,
+    OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State, ValueType,
+};
+
+use crate::plan::{Action, AllocationScore, Change, ChangeKind, Fence, Placement, Plan};
+
+const NEG: Score = Score::NEG_INFINITY;
+
+struct NodeInfo<'a> {
+    name: &'a str,
+    /// May host resources after this transition.
+    can_run: bool,
+    /// Its resource history counts (it is up, or may still be running things).
+    counts: bool,
+    fence: Option<String>,
+    attrs: HashMap<String, String>,
+    capacity: Option<&'a BTreeMap<String, i64>>,
+}
+
+#[derive(Clone)]
+struct Cur<'a> {
+    key: &'a str,
+    node: usize,
+    role: Role,
+    failed: bool,
+    status: &'a ResourceStatus,
+}
+
+struct Prim<'a> {
+    cfg: &'a Primitive,
+    meta: Meta,
+    unit: usize,
+    cur: Vec<Cur<'a>>,
+    /// node → (failcount, last failure)
+    fails: HashMap<usize, (u32, Option<i64>)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Prim,
+    Group,
+    Clone,
+}
+
+struct CloneSpec {
+    max: usize,
+    node_max: usize,
+    promotable: bool,
+    promoted_max: usize,
+    promoted_node_max: usize,
+    unique: bool,
+}
+
+struct Unit<'a> {
+    id: &'a str,
+    kind: Kind,
+    prims: Vec<usize>,
+    /// Ids whose location constraints apply to this unit.
+    ids: Vec<&'a str>,
+    meta: Meta,
+    clone: Option<CloneSpec>,
+    doc_order: usize,
+}
+
+/// One placed copy of a unit (the unit itself, or a clone instance).
+#[derive(Clone, Debug)]
+struct Inst {
+    number: Option<u32>,
+    /// Where the instance is now (for clones: the node its members are on).
+    cur_node: Option<usize>,
+    node: Option<usize>,
+    promoted: bool,
+    /// Per member: may it run (members after a banned one cannot).
+    member_ok: Vec<bool>,
+    restart: bool,
+}
+
+struct Coloc {
+    dep: usize,
+    primary: usize,
+    score: Score,
+    dep_role: Option<Role>,
+    primary_role: Option<Role>,
+}
+
+struct Ord {
+    first: usize,
+    then: usize,
+    first_action: OrderAction,
+    then_action: OrderAction,
+    mandatory: bool,
+    symmetrical: bool,
+}
+
+struct Sched<'a> {
+    cfg: &'a Config,
+    st: &'a State,
+    nodes: Vec<NodeInfo<'a>>,
+    node_ix: HashMap<&'a str, usize>,
+    prims: Vec<Prim<'a>>,
+    units: Vec<Unit<'a>>,
+    unit_of: HashMap<&'a str, usize>,
+    locs: HashMap<&'a str, Vec<&'a Location>>,
+    colocs: Vec<Coloc>,
+    /// unit → colocation indices where it is the dependent / the primary
+    dep_of: Vec<Vec<usize>>,
+    prim_of: Vec<Vec<usize>>,
+    orders: Vec<Ord>,
+    placed: Vec<Option<Vec<Inst>>>,
+    load: Vec<u32>,
+    used: Vec<BTreeMap<String, i64>>,
+    scores: Vec<AllocationScore>,
+    freeze: bool,
+    orphans: Vec<Cur<'a>>,
+}
+
+/// Decide what the cluster should do: a pure, deterministic function of its inputs.
+pub fn schedule(cfg: &Config, st: &State) -> Plan {
+    let mut s = Sched::new(cfg, st);
+    s.place_all();
+    s.apply_orders();
+    s.into_plan()
+}
+
+fn parse_num(s: &str) -> Option<f64> {
+    s.trim().parse::<f64>().ok()
+}
+
+fn cmp_version(a: &str, b: &str) -> std::cmp::Ordering {
+    let pa: Vec<u64> = a.split('.').map(|x| x.parse().unwrap_or(0)).collect();
+    let pb: Vec<u64> = b.split('.').map(|x| x.parse().unwrap_or(0)).collect();
+    pa.cmp(&pb)
+}
+
+fn eval_rule(r: &Rule, attrs: &HashMap<String, String>) -> bool {
+    let mut results = r.expressions.iter().map(|e| {
+        let v = attrs.get(&e.attribute);
+        match e.operation {
+            ExprOp::Defined => return v.is_some(),
+            ExprOp::NotDefined => return v.is_none(),
+            _ => {}
+        }
+        let (Some(v), Some(want)) = (v, e.value.as_ref()) else {
+            return e.operation == ExprOp::Ne && v.is_none();
+        };
+        let ord = match e.value_type {
+            Some(ValueType::Version) => cmp_version(v, want),
+            Some(ValueType::Integer) | Some(ValueType::Number) => {
+                match (parse_num(v), parse_num(want)) {
+                    (Some(a), Some(b)) => a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal),
+                    _ => return false,
+                }
+            }
+            Some(ValueType::String) => v.as_str().cmp(want.as_str()),
+            None => match (parse_num(v), parse_num(want)) {
+                (Some(a), Some(b)) if e.operation != ExprOp::Eq && e.operation != ExprOp::Ne => {
+                    a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
+                }
+                _ => v.as_str().cmp(want.as_str()),
+            },
+        };
+        use std::cmp::Ordering::*;
+        match e.operation {
+            ExprOp::Eq => ord == Equal,
+            ExprOp::Ne => ord != Equal,
+            ExprOp::Lt => ord == Less,
+            ExprOp::Gt => ord == Greater,
+            ExprOp::Lte => ord != Greater,
+            ExprOp::Gte => ord != Less,
+            ExprOp::Defined | ExprOp::NotDefined => false,
+        }
+    });
+    let subs = r.rules.iter().map(|sub| eval_rule(sub, attrs));
+    match r.boolean_op {
+        BoolOp::And => results.all(|x| x) && subs.clone().all(|x| x),
+        BoolOp::Or => results.any(|x| x) || subs.clone().any(|x| x),
+    }
+}
+
+impl<'a> Sched<'a> {
+    fn new(cfg: &'a Config, st: &'a State) -> Sched<'a> {
+        let opts = &cfg.options;
+        let quorum_ok = st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
+        let freeze = !st.have_quorum && opts.no_quorum_policy == NoQuorumPolicy::Freeze;
+        let mut nodes = Vec::new();
+        let mut node_ix = HashMap::new();
+        for n in &cfg.nodes {
+            let ns = st.nodes.get(&n.name);
+            let state = ns.map(|x| x.state).unwrap_or(NodeState::Offline);
+            let standby = ns.and_then(|x| x.standby).unwrap_or(n.standby);
+            let maint = ns.and_then(|x| x.maintenance).unwrap_or(n.maintenance);
+            let shutdown = ns.is_some_and(|x| x.shutdown);
+            let mut attrs: HashMap<String, String> = n.attributes.clone().into_iter().collect();
+            if let Some(ns) = ns {
+                for (k, v) in &ns.attributes {
+                    attrs.insert(k.clone(), v.clone());
+                }
+            }
+            attrs.insert("#uname".into(), n.name.clone());
+            attrs.insert("#id".into(), n.id.clone().unwrap_or_else(|| n.name.clone()));
+            attrs.insert("#kind".into(), "cluster".into());
+            let unclean = state == NodeState::Unclean;
+            let fence = (unclean && opts.stonith_enabled).then(|| {
+                ns.and_then(|x| x.unclean_reason.clone())
+                    .unwrap_or_else(|| "node is unclean".to_string())
+            });
+            node_ix.insert(n.name.as_str(), nodes.len());
+            nodes.push(NodeInfo {
+                name: &n.name,
+                can_run: state == NodeState::Online
+                    && !standby
+                    && !maint
+                    && !shutdown
+                    && quorum_ok
+                    && !opts.stop_all_resources,
+                counts: matches!(
+                    state,
+                    NodeState::Online | NodeState::Unclean | NodeState::Pending
+                ),
+                fence,
+                attrs,
+                capacity: (opts.placement_strategy != PlacementStrategy::Default)
+                    .then_some(&n.utilization),
+            });
+        }
+        let n_nodes = nodes.len();
+        let mut s = Sched {
+            cfg,
+            st,
+            nodes,
+            node_ix,
+            prims: Vec::new(),
+            units: Vec::new(),
+            unit_of: HashMap::new(),
+            locs: HashMap::new(),
+            colocs: Vec::new(),
+            dep_of: Vec::new(),
+            prim_of: Vec::new(),
+            orders: Vec::new(),
+            placed: Vec::new(),
+            load: vec![0; n_nodes],
+            used: vec![BTreeMap::new(); n_nodes],
+            scores: Vec::new(),
+            freeze,
+            orphans: Vec::new(),
+        };
+        s.build_units();
+        s.gather_current();
+        s.build_constraints();
+        s
+    }
+
+    fn build_units(&mut self) {
+        let cfg = self.cfg;
+        let defaults = &cfg.options.resource_defaults;
+        let prim_ix: HashMap<&str, usize> = cfg
+            .resources
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.as_str(), i))
+            .collect();
+        let group_ix: HashMap<&str, usize> = cfg
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.id.as_str(), i))
+            .collect();
+        let mut in_group: HashMap<&str, usize> = HashMap::new();
+        for (gi, g) in cfg.groups.iter().enumerate() {
+            for m in &g.members {
+                in_group.insert(m, gi);
+            }
+        }
+        let mut cloned: HashMap<&str, usize> = HashMap::new();
+        for (ci, c) in cfg.clones.iter().enumerate() {
+            cloned.insert(&c.child, ci);
+        }
+        let n_nodes = self.nodes.len();
+        // Prims in document order; each unit is created when its first primitive is met.
+        let mut prim_slot: Vec<Option<usize>> = vec![None; cfg.resources.len()];
+        for (pi, p) in cfg.resources.iter().enumerate() {
+            if prim_slot[pi].is_some() {
+                continue;
+            }
+            let group = in_group.get(p.id.as_str()).copied();
+            let top_id: &str = match group {
+                Some(gi) => &cfg.groups[gi].id,
+                None => &p.id,
+            };
+            let clone = cloned.get(top_id).copied();
+            let unit_ix = self.units.len();
+            let (kind, member_ids): (Kind, Vec<&str>) = match group {
+                Some(gi) => (
+                    Kind::Group,
+                    cfg.groups[gi].members.iter().map(|m| m.as_str()).collect(),
+                ),
+                None => (Kind::Prim, vec![p.id.as_str()]),
+            };
+            let clone_cfg = clone.map(|ci| &cfg.clones[ci]);
+            let mut unit_meta = Meta::default();
+            if let Some(c) = clone_cfg {
+                unit_meta = c.meta.inherit(defaults);
+            }
+            let group_meta = group
+                .map(|gi| cfg.groups[gi].meta.inherit(&unit_meta))
+                .unwrap_or(unit_meta.clone());
+            let mut ids: Vec<&str> = Vec::new();
+            if let Some(c) = clone_cfg {
+                ids.push(&c.id);
+            }
+            if let Some(gi) = group {
+                ids.push(&cfg.groups[gi].id);
+            }
+            let mut prims = Vec::new();
+            for mid in &member_ids {
+                let Some(&mpi) = prim_ix.get(mid) else {
+                    continue;
+                };
+                let mp = &cfg.resources[mpi];
+                let parent = if group.is_some() {
+                    &group_meta
+                } else if clone.is_some() {
+                    &unit_meta
+                } else {
+                    defaults
+                };
+                let meta = mp.meta.inherit(parent).inherit(defaults);
+                let slot = self.prims.len();
+                prim_slot[mpi] = Some(slot);
+                self.prims.push(Prim {
+                    cfg: mp,
+                    meta,
+                    unit: unit_ix,
+                    cur: Vec::new(),
+                    fails: HashMap::new(),
+                });
+                prims.push(slot);
+                ids.push(mid);
+            }
+            let kind = if clone.is_some() { Kind::Clone } else { kind };
+            let top_meta = match (clone_cfg, group) {
+                (Some(_), _) => unit_meta.clone(),
+                (None, Some(_)) => group_meta.clone(),
+                (None, None) => self.prims[prims[0]].meta.clone(),
+            };
+            let spec = clone_cfg.map(|c| CloneSpec {
+                max: c.clone_max.map(|x| x as usize).unwrap_or(n_nodes),
+                node_max: c.clone_node_max.unwrap_or(1).max(1) as usize,
+                promotable: c.promotable,
+                promoted_max: c.promoted_max.unwrap_or(1) as usize,
+                promoted_node_max: c.promoted_node_max.unwrap_or(1) as usize,
+                unique: c.globally_unique,
+            });
+            let uid: &str = clone_cfg.map(|c| c.id.as_str()).unwrap_or(top_id);
+            self.unit_of.insert(uid, unit_ix);
+            for id in &ids {
+                self.unit_of.insert(id, unit_ix);
+            }
+            let _ = group_ix.get(top_id);
+            self.units.push(Unit {
+                id: uid,
+                kind,
+                prims,
+                ids,
+                meta: top_meta,
+                clone: spec,
+                doc_order: unit_ix,
+            });
+        }
+        self.placed = vec![None; self.units.len()];
+        self.dep_of = vec![Vec::new(); self.units.len()];
+        self.prim_of = vec![Vec::new(); self.units.len()];
+    }
+
+    fn gather_current(&mut self) {
+        let prim_by_id: HashMap<&str, usize> = self
+            .prims
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.cfg.id.as_str(), i))
+            .collect();
+        for (key, per_node) in &self.st.resources {
+            let base = match prim_by_id.get(key.as_str()) {
+                Some(&i) => Some(i),
+                None => key
+                    .rsplit_once(':')
+                    .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+                    .and_then(|(b, _)| prim_by_id.get(b).copied()),
+            };
+            for (node, status) in per_node {
+                let Some(&ni) = self.node_ix.get(node.as_str()) else {
+                    continue;
+                };
+                if let Some(pi) = base
+                    && (status.failcount > 0 || status.last_failure.is_some())
+                {
+                    let e = self.prims[pi].fails.entry(ni).or_default();
+                    e.0 = e.0.saturating_add(status.failcount);
+                    e.1 = e.1.max(status.last_failure);
+                }
+                if !self.nodes[ni].counts || status.role == Role::Stopped {
+                    continue;
+                }
+                let c = Cur {
+                    key,
+                    node: ni,
+                    role: status.role,
+                    failed: status.failed,
+                    status,
+                };
+                match base {
+                    Some(pi) => self.prims[pi].cur.push(c),
+                    None => self.orphans.push(c),
+                }
+            }
+        }
+        for p in &mut self.prims {
+            p.cur.sort_by_key(|c| c.node);
+        }
+    }
+
+    fn build_constraints(&mut self) {
+        let cfg = self.cfg;
+        for l in &cfg.constraints.location {
+            self.locs.entry(l.rsc.as_str()).or_default().push(l);
+        }
+        let mut pairs: Vec<(&str, &str, Score, Option<Role>, Option<Role>)> = Vec::new();
+        for c in &cfg.constraints.colocation {
+            if let (Some(a), Some(b)) = (&c.rsc, &c.with) {
+                pairs.push((a, b, c.score, c.rsc_role, c.with_role));
+            }
+            // Within a set each member goes with the one before it; a later set goes
+            // with the last member of the set before it.
+            let mut prev_last: Option<(&str, Option<Role>)> = None;
+            for set in &c.sets {
+                if set.sequential {
+                    for w in set.resources.windows(2) {
+                        pairs.push((&w[1], &w[0], c.score, set.role, set.role));
+                    }
+                }
+                if let Some((p, pr)) = prev_last {
+                    for r in &set.resources {
+                        pairs.push((r, p, c.score, set.role, pr));
+                    }
+                }
+                prev_last = set.resources.last().map(|r| (r.as_str(), set.role));
+            }
+        }
+        for (a, b, score, ar, br) in pairs {
+            let (Some(&du), Some(&pu)) = (self.unit_of.get(a), self.unit_of.get(b)) else {
+                continue;
+            };
+            if du == pu {
+                continue;
+            }
+            let ix = self.colocs.len();
+            self.colocs.push(Coloc {
+                dep: du,
+                primary: pu,
+                score,
+                dep_role: ar,
+                primary_role: br,
+            });
+            self.dep_of[du].push(ix);
+            self.prim_of[pu].push(ix);
+        }
+        for o in &cfg.constraints.order {
+            let mandatory = o.kind == OrderKind::Mandatory;
+            let symmetrical = o.symmetrical.unwrap_or(o.kind != OrderKind::Serialize);
+            let fa = o.first_action.unwrap_or(OrderAction::Start);
+            let ta = o.then_action.unwrap_or(fa);
+            let mut pairs: Vec<(&str, OrderAction, &str, OrderAction)> = Vec::new();
+            if let (Some(f), Some(t)) = (&o.first, &o.then) {
+                pairs.push((f, fa, t, ta));
+            }
+            for set in &o.sets {
+                if set.sequential {
+                    let a = set.action.unwrap_or(fa);
+                    for w in set.resources.windows(2) {
+                        pairs.push((&w[0], a, &w[1], a));
+                    }
+                }
+            }
+            for w in o.sets.windows(2) {
+                let a0 = w[0].action.unwrap_or(fa);
+                let a1 = w[1].action.unwrap_or(fa);
+                let firsts: Vec<&String> = if w[0].sequential {
+                    w[0].resources.last().into_iter().collect()
+                } else {
+                    w[0].resources.iter().collect()
+                };
+                let thens: Vec<&String> = if w[1].sequential {
+                    w[1].resources.first().into_iter().collect()
+                } else {
+                    w[1].resources.iter().collect()
+                };
+                for f in &firsts {
+                    for t in &thens {
+                        pairs.push((f, a0, t, a1));
+                    }
+                }
+            }
+            for (f, fa, t, ta) in pairs {
+                let (Some(&fu), Some(&tu)) = (self.unit_of.get(f), self.unit_of.get(t)) else {
+                    continue;
+                };
+                if fu == tu {
+                    continue;
+                }
+                self.orders.push(Ord {
+                    first: fu,
+                    then: tu,
+                    first_action: fa,
+                    then_action: ta,
+                    mandatory,
+                    symmetrical,
+                });
+            }
+        }
+    }
+
+    fn stickiness(&self, pi: usize) -> Score {
+        self.prims[pi]
+            .meta
+            .resource_stickiness
+            .unwrap_or(self.cfg.options.resource_stickiness)
+    }
+
+    fn managed(&self, pi: usize) -> bool {
+        !self.cfg.options.maintenance_mode && self.prims[pi].meta.is_managed.unwrap_or(true)
+    }
+
+    fn target_stopped(meta: &Meta) -> bool {
+        meta.target_role == Some(Role::Stopped)
+    }
+
+    /// Is prim `pi` banned from node `n` by its failures?
+    fn failed_out(&self, pi: usize, n: usize) -> bool {
+        let p = &self.prims[pi];
+        let Some(&(count, last)) = p.fails.get(&n) else {
+            return false;
+        };
+        if count == 0 {
+            return false;
+        }
+        let threshold = p
+            .meta
+            .migration_threshold
+            .unwrap_or(haven_model::INFINITY as u32);
+        if threshold == 0 || count < threshold {
+            return false;
+        }
+        if let Some(t) = p.meta.failure_timeout.filter(|t| *t > 0) {
+            // Without a clock the failure is as old as can be: expired.
+            match (self.st.now, last) {
+                (Some(now), Some(last)) if last + t as i64 > now => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Location constraint scores of `ids` on node `n` for placement (`promoted` false)
+    /// or promotion (`promoted` true). None when no constraint speaks of the node.
+    fn location(&self, ids: &[&str], n: usize, promoted: bool) -> Option<Score> {
+        let mut total: Option<Score> = None;
+        let node = &self.nodes[n];
+        for id in ids {
+            let Some(ls) = self.locs.get(id) else {
+                continue;
+            };
+            for l in ls {
+                let l_promoted = l.role == Some(Role::Promoted);
+                if let Some(ln) = &l.node {
+                    if l_promoted != promoted || ln != node.name {
+                        continue;
+                    }
+                    total = Some(total.unwrap_or_default() + l.score.unwrap_or_default());
+                    continue;
+                }
+                for r in &l.rules {
+                    let r_promoted = r.role.or(l.role) == Some(Role::Promoted);
+                    if r_promoted != promoted || !eval_rule(r, &node.attrs) {
+                        continue;
+                    }
+                    let sc = match &r.score_attribute {
+                        Some(a) => match node.attrs.get(a).and_then(|v| v.parse::<Score>().ok()) {
+                            Some(s) => s,
+                            None => continue,
+                        },
+                        None => r.score.unwrap_or_default(),
+                    };
+                    total = Some(total.unwrap_or_default() + sc);
+                }
+            }
+        }
+        total
+    }
+
+    fn base_weights(&self, u: usize) -> Vec<Score> {
+        let unit = &self.units[u];
+        let symmetric = self.cfg.options.symmetric_cluster;
+        (0..self.nodes.len())
+            .map(|n| {
+                let loc = self.location(&unit.ids, n, false);
+                let mut w = match (symmetric, loc) {
+                    (true, l) => l.unwrap_or_default(),
+                    (false, Some(l)) => l,
+                    (false, None) => NEG,
+                };
+                for &pi in &unit.prims {
+                    let p = self.prims[pi].cfg;
+                    if let Some(h) = &p.home
+                        && h == self.nodes[n].name
+                    {
+                        w += if p.failback {
+                            Score::INFINITY
+                        } else {
+                            Score::new(1)
+                        };
+                    }
+                    if self.failed_out(pi, n) {
+                        w = NEG;
+                    }
+                }
+                w
+            })
+            .collect()
+    }
+
+    /// Nodes where unit `p` is placed in `role` (None: any role).
+    fn nodes_of(&self, p: usize, role: Option<Role>) -> Option<Vec<usize>> {
+        let insts = self.placed[p].as_ref()?;
+        Some(
+            insts
+                .iter()
+                .filter_map(|i| {
+                    let n = i.node?;
+                    match role {
+                        Some(Role::Promoted) if !i.promoted => None,
+                        Some(Role::Unpromoted) if i.promoted => None,
+                        _ => Some(n),
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn apply_colocations(&self, u: usize, w: &mut [Score]) {
+        for &ci in &self.dep_of[u] {
+            let c = &self.colocs[ci];
+            if matches!(c.dep_role, Some(Role::Promoted) | Some(Role::Unpromoted))
+                && self.units[u].clone.as_ref().is_some_and(|s| s.promotable)
+            {
+                continue; // a role-specific constraint: applied at promotion
+            }
+            let Some(on) = self.nodes_of(c.primary, c.primary_role) else {
+                continue;
+            };
+            if c.score.is_pos_inf() {
+                for (n, x) in w.iter_mut().enumerate() {
+                    if !on.contains(&n) {
+                        *x = NEG;
+                    }
+                }
+            } else {
+                for &n in &on {
+                    w[n] += c.score;
+                }
+            }
+        }
+    }
+
+    /// Preferences of unit `d` by itself (location and stickiness), for the units it
+    /// is colocated with.
+    fn own_prefs(&self, d: usize) -> Vec<Score> {
+        let mut w = self.base_weights(d);
+        for &pi in &self.units[d].prims {
+            for c in &self.prims[pi].cur {
+                if self.units[d].kind != Kind::Clone {
+                    w[c.node] += self.stickiness(pi);
+                }
+            }
+        }
+        w
+    }
+
+    fn apply_dependents(&self, u: usize, w: &mut [Score]) {
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || c.score.is_neg_inf()
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            if c.primary_role == Some(Role::Promoted) {
+                continue;
+            }
+            let prefs = self.own_prefs(c.dep);
+            // A dependent that can run nowhere adds nothing.
+            if !prefs
+                .iter()
+                .enumerate()
+                .any(|(n, s)| *s >= Score::ZERO && self.nodes[n].can_run)
+            {
+                continue;
+            }
+            for (n, s) in prefs.iter().enumerate() {
+                if *s > Score::ZERO && !s.is_neg_inf() {
+                    w[n] += s.scale(c.score);
+                }
+            }
+        }
+    }
+
+    fn fits(&self, n: usize, need: &BTreeMap<String, i64>) -> bool {
+        let Some(cap) = self.nodes[n].capacity else {
+            return true;
+        };
+        need.iter().all(|(k, v)| {
+            let have = cap.get(k).copied().unwrap_or(0);
+            let used = self.used[n].get(k).copied().unwrap_or(0);
+            used + v <= have
+        })
+    }
+
+    fn unit_util(&self, u: usize) -> BTreeMap<String, i64> {
+        let mut m = BTreeMap::new();
+        for &pi in &self.units[u].prims {
+            for (k, v) in &self.prims[pi].cfg.utilization {
+                *m.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+        m
+    }
+
+    fn take(&mut self, n: usize, u: usize) {
+        self.load[n] += self.units[u].prims.len() as u32;
+        if self.nodes[n].capacity.is_some() {
+            for (k, v) in self.unit_util(u) {
+                *self.used[n].entry(k).or_insert(0) += v;
+            }
+        }
+    }
+
+    fn free_capacity(&self, n: usize) -> i64 {
+        let Some(cap) = self.nodes[n].capacity else {
+            return 0;
+        };
+        cap.iter()
+            .map(|(k, v)| v - self.used[n].get(k).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// The best node: highest score; then the current node; then the least loaded.
+    fn choose(
+        &self,
+        w: &[Score],
+        cur: Option<usize>,
+        need: &BTreeMap<String, i64>,
+        extra_load: &[u32],
+    ) -> Option<usize> {
+        let balanced = self.cfg.options.placement_strategy == PlacementStrategy::Balanced;
+        let mut best: Option<usize> = None;
+        for n in 0..self.nodes.len() {
+            if !self.nodes[n].can_run || w[n] < Score::ZERO || !self.fits(n, need) {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some(b) => {
+                    if w[n] != w[b] {
+                        w[n] > w[b]
+                    } else if cur == Some(n) || cur == Some(b) {
+                        cur == Some(n)
+                    } else if extra_load.get(n) != extra_load.get(b) {
+                        extra_load.get(n) < extra_load.get(b)
+                    } else if balanced && self.free_capacity(n) != self.free_capacity(b) {
+                        self.free_capacity(n) > self.free_capacity(b)
+                    } else {
+                        self.load[n] < self.load[b]
+                    }
+                }
+            };
+            if better {
+                best = Some(n);
+            }
+        }
+        best
+    }
+
+    fn place_all(&mut self) {
+        let mut order: Vec<usize> = (0..self.units.len()).collect();
+        order.sort_by_key(|&u| {
+            (
+                std::cmp::Reverse(self.units[u].meta.priority.unwrap_or(0)),
+                self.units[u].doc_order,
+            )
+        });
+        let mut busy = vec![false; self.units.len()];
+        for u in order {
+            self.place(u, &mut busy);
+        }
+    }
+
+    fn place(&mut self, u: usize, busy: &mut [bool]) {
+        if self.placed[u].is_some() || busy[u] {
+            return;
+        }
+        busy[u] = true;
+        let primaries: Vec<usize> = self.dep_of[u]
+            .iter()
+            .map(|&c| self.colocs[c].primary)
+            .collect();
+        for p in primaries {
+            self.place(p, busy);
+        }
+        let insts = if self.units[u].kind == Kind::Clone {
+            self.place_clone(u)
+        } else {
+            self.place_single(u)
+        };
+        self.placed[u] = Some(insts);
+        busy[u] = false;
+    }
+
+    fn record_scores(&mut self, u: usize, w: &[Score]) {
+        for (n, s) in w.iter().enumerate() {
+            self.scores.push(AllocationScore {
+                resource: self.units[u].id.to_string(),
+                node: self.nodes[n].name.to_string(),
+                score: *s,
+            });
+        }
+    }
+
+    fn unit_current(&self, u: usize) -> Option<usize> {
+        self.units[u]
+            .prims
+            .iter()
+            .find_map(|&pi| self.prims[pi].cur.first().map(|c| c.node))
+    }
+
+    fn members_ok(&self, u: usize, n: usize, w_own: bool) -> Vec<bool> {
+        let mut ok = true;
+        self.units[u]
+            .prims
+            .iter()
+            .map(|&pi| {
+                let p = &self.prims[pi];
+                if Self::target_stopped(&p.meta) || self.failed_out(pi, n) {
+                    ok = false;
+                }
+                if w_own {
+                    let own = self.location(&[p.cfg.id.as_str()], n, false);
+                    if own.is_some_and(|s| s.is_neg_inf()) {
+                        ok = false;
+                    }
+                }
+                ok
+            })
+            .collect()
+    }
+
+    fn place_single(&mut self, u: usize) -> Vec<Inst> {
+        let cur = self.unit_current(u);
+        let first = self.units[u].prims[0];
+        let n_members = self.units[u].prims.len();
+        let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
+        let frozen = self.freeze
+            || cur.is_some_and(|n| {
+                !self.nodes[n].can_run
+                    && self.nodes[n].fence.is_none()
+                    && self.nodes[n].counts
+                    && self.node_maintenance(n)
+            });
+        if unmanaged || frozen {
+            if let Some(n) = cur {
+                self.take(n, u);
+            }
+            return vec![Inst {
+                number: None,
+                cur_node: cur,
+                node: cur,
+                promoted: false,
+                member_ok: vec![true; n_members],
+                restart: false,
+            }];
+        }
+        let mut w = self.base_weights(u);
+        for &pi in &self.units[u].prims.clone() {
+            for c in self.prims[pi].cur.clone() {
+                w[c.node] += self.stickiness(pi);
+            }
+        }
+        self.apply_dependents(u, &mut w);
+        self.apply_colocations(u, &mut w);
+        self.record_scores(u, &w);
+        let stopped = Self::target_stopped(&self.units[u].meta)
+            || Self::target_stopped(&self.prims[first].meta);
+        let need = self.unit_util(u);
+        let node = if stopped {
+            None
+        } else {
+            self.choose(&w, cur, &need, &[])
+        };
+        let member_ok = match node {
+            Some(n) => self.members_ok(u, n, true),
+            None => vec![false; n_members],
+        };
+        if let Some(n) = node {
+            self.take(n, u);
+        }
+        vec![Inst {
+            number: None,
+            cur_node: cur,
+            node,
+            promoted: false,
+            member_ok,
+            restart: false,
+        }]
+    }
+
+    fn node_maintenance(&self, n: usize) -> bool {
+        let name = self.nodes[n].name;
+        let cfgm = self
+            .cfg
+            .nodes
+            .iter()
+            .find(|x| x.name == name)
+            .is_some_and(|x| x.maintenance);
+        self.st
+            .nodes
+            .get(name)
+            .and_then(|x| x.maintenance)
+            .unwrap_or(cfgm)
+    }
+
+    fn place_clone(&mut self, u: usize) -> Vec<Inst> {
+        let n_nodes = self.nodes.len();
+        let n_members = self.units[u].prims.len();
+        let Some(spec) = self.units[u].clone.as_ref() else {
+            return Vec::new();
+        };
+        let (max, node_max, unique) = (spec.max, spec.node_max, spec.unique);
+        // Current instances: one per node holding any member (anonymous), or per
+        // instance number (globally unique).
+        let mut current: BTreeMap<(u32, usize), ()> = BTreeMap::new();
+        let mut next_free = 0u32;
+        let mut per_node_seen: HashMap<usize, Vec<u32>> = HashMap::new();
+        for &pi in &self.units[u].prims {
+            for c in &self.prims[pi].cur {
+                let num = c
+                    .key
+                    .rsplit_once(':')
+                    .and_then(|(_, n)| n.parse::<u32>().ok());
+                let seen = per_node_seen.entry(c.node).or_default();
+                if !unique && !seen.is_empty() && pi != self.units[u].prims[0] {
+                    continue;
+                }
+                let num = match num {
+                    Some(x) if !current.keys().any(|(k, _)| *k == x) => x,
+                    _ => {
+                        if !unique && !seen.is_empty() {
+                            continue;
+                        }
+                        while current.keys().any(|(k, _)| *k == next_free) {
+                            next_free += 1;
+                        }
+                        next_free
+                    }
+                };
+                seen.push(num);
+                current.insert((num, c.node), ());
+            }
+        }
+        let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
+        let stopped = Self::target_stopped(&self.units[u].meta)
+            || self.units[u]
+                .prims
+                .first()
+                .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
+        let mut w = self.base_weights(u);
+        self.apply_colocations(u, &mut w);
+        self.record_scores(u, &w);
+        let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && w[n] >= Score::ZERO;
+        let mut per_node = vec![0usize; n_nodes];
+        let mut insts: Vec<Inst> = Vec::new();
+        let mut leftovers: Vec<(u32, usize)> = Vec::new();
+        let mut cur_list: Vec<(u32, usize)> = current.keys().copied().collect();
+        cur_list.sort_by_key(|&(num, n)| (std::cmp::Reverse(w[n]), num));
+        for (num, n) in cur_list {
+            let keep = if unmanaged || self.freeze {
+                true
+            } else {
+                !stopped
+                    && allowed(self, n)
+                    && per_node[n] < node_max
+                    && insts.len() < max
+                    && self.fits(n, &self.unit_util(u))
+            };
+            if keep {
+                per_node[n] += 1;
+                self.take(n, u);
+                let member_ok = if unmanaged {
+                    vec![true; n_members]
+                } else {
+                    self.members_ok(u, n, true)
+                };
+                insts.push(Inst {
+                    number: Some(num),
+                    cur_node: Some(n),
+                    node: Some(n),
+                    promoted: false,
+                    member_ok,
+                    restart: false,
+                });
+            } else {
+                leftovers.push((num, n));
+            }
+        }
+        if !unmanaged && !self.freeze && !stopped {
+            let need = self.unit_util(u);
+            while insts.len() < max {
+                let avail: Vec<Score> = (0..n_nodes)
+                    .map(|n| if per_node[n] < node_max { w[n] } else { NEG })
+                    .collect();
+                let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
+                let Some(n) = self.choose(&avail, None, &need, &spread) else {
+                    break;
+                };
+                if !allowed(self, n) {
+                    break;
+                }
+                per_node[n] += 1;
+                self.take(n, u);
+                let member_ok = self.members_ok(u, n, true);
+                // A displaced instance moves; otherwise a new instance starts.
+                let (num, cur_node) = if let Some(pos) = leftovers.iter().position(|_| true) {
+                    let (num, cn) = leftovers.remove(pos);
+                    (num, Some(cn))
+                } else {
+                    let mut k = 0u32;
+                    while insts.iter().any(|i| i.number == Some(k))
+                        || current.keys().any(|(x, _)| *x == k)
+                    {
+                        k += 1;
+                    }
+                    (k, None)
+                };
+                insts.push(Inst {
+                    number: Some(num),
+                    cur_node,
+                    node: Some(n),
+                    promoted: false,
+                    member_ok,
+                    restart: false,
+                });
+            }
+        }
+        for (num, n) in leftovers {
+            insts.push(Inst {
+                number: Some(num),
+                cur_node: Some(n),
+                node: None,
+                promoted: false,
+                member_ok: vec![false; n_members],
+                restart: false,
+            });
+        }
+        insts.sort_by_key(|i| i.number);
+        if self.units[u].clone.as_ref().is_some_and(|s| s.promotable) {
+            self.promote(u, &mut insts);
+        }
+        insts
+    }
+
+    fn promotion_attr(&self, u: usize, n: usize, num: Option<u32>) -> Option<Score> {
+        let attrs = &self.nodes[n].attrs;
+        let mut found: Option<Score> = None;
+        for &pi in &self.units[u].prims {
+            let id = &self.prims[pi].cfg.id;
+            let mut names = vec![format!("master-{id}"), format!("promotion-{id}")];
+            if let Some(k) = num {
+                names.insert(0, format!("master-{id}:{k}"));
+                names.insert(1, format!("promotion-{id}:{k}"));
+            }
+            for nm in names {
+                if let Some(v) = attrs.get(&nm).and_then(|v| v.parse::<Score>().ok()) {
+                    found = Some(found.unwrap_or_default() + v);
+                    break;
+                }
+            }
+        }
+        found
+    }
+
+    fn currently_promoted(&self, u: usize, n: usize) -> bool {
+        self.units[u].prims.iter().any(|&pi| {
+            self.prims[pi]
+                .cur
+                .iter()
+                .any(|c| c.node == n && c.role == Role::Promoted)
+        })
+    }
+
+    fn promote(&mut self, u: usize, insts: &mut [Inst]) {
+        let Some(spec) = self.units[u].clone.as_ref() else {
+            return;
+        };
+        let (pmax, pnode_max) = (spec.promoted_max, spec.promoted_node_max);
+        let target = self.units[u].meta.target_role;
+        if matches!(target, Some(Role::Unpromoted) | Some(Role::Started))
+            && target == Some(Role::Unpromoted)
+        {
+            return;
+        }
+        if !self.cfg.nodes.is_empty()
+            && !self.st.have_quorum
+            && self.cfg.options.no_quorum_policy == NoQuorumPolicy::Demote
+        {
+            return;
+        }
+        let mut cands: Vec<(Score, bool, usize, usize)> = Vec::new();
+        for (i, inst) in insts.iter().enumerate() {
+            let Some(n) = inst.node else { continue };
+            if inst.member_ok.iter().any(|ok| !ok) {
+                continue;
+            }
+            let attr = self.promotion_attr(u, n, inst.number);
+            let mut s = attr.unwrap_or_default();
+            let loc = self.location(&self.units[u].ids, n, true);
+            if let Some(l) = loc {
+                s += l;
+            }
+            for &ci in &self.dep_of[u] {
+                let c = &self.colocs[ci];
+                if c.dep_role != Some(Role::Promoted) {
+                    continue;
+                }
+                let Some(on) = self.nodes_of(c.primary, c.primary_role) else {
+                    continue;
+                };
+                if c.score.is_pos_inf() {
+                    if !on.contains(&n) {
+                        s = NEG;
+                    }
+                } else if on.contains(&n) {
+                    s += c.score;
+                }
+            }
+            let was = self.currently_promoted(u, n);
+            let has_pref =
+                attr.is_some() || loc.is_some_and(|l| l > Score::ZERO) || s > Score::ZERO;
+            if s < Score::ZERO || !has_pref {
+                continue;
+            }
+            cands.push((s, was, n, i));
+        }
+        cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        let mut per_node: HashMap<usize, usize> = HashMap::new();
+        let mut count = 0;
+        for (_, _, n, i) in cands {
+            if count >= pmax {
+                break;
+            }
+            let c = per_node.entry(n).or_default();
+            if *c >= pnode_max {
+                continue;
+            }
+            *c += 1;
+            count += 1;
+            insts[i].promoted = true;
+        }
+    }
+
+    fn promotable(&self, u: usize) -> bool {
+        self.units[u].clone.as_ref().is_some_and(|s| s.promotable)
+    }
+
+    /// The current status of member `pi` of an instance on `node`.
+    fn member_cur(
+        &self,
+        pi: usize,
+        node: Option<usize>,
+        number: Option<u32>,
+        unique: bool,
+    ) -> Option<&Cur<'a>> {
+        let n = node?;
+        let p = &self.prims[pi];
+        if unique {
+            let k = number?;
+            p.cur.iter().find(|c| {
+                c.node == n
+                    && c.key
+                        .rsplit_once(':')
+                        .and_then(|(_, x)| x.parse::<u32>().ok())
+                        == Some(k)
+            })
+        } else {
+            p.cur.iter().find(|c| c.node == n)
+        }
+    }
+
+    /// Per instance member: (had, will) — where it is and will be, with roles.
+    fn member_transition(
+        &self,
+        u: usize,
+        inst: &Inst,
+        m: usize,
+    ) -> (Option<(usize, Role, bool)>, Option<(usize, Role)>) {
+        let pi = self.units[u].prims[m];
+        let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
+        let promotable = self.promotable(u);
+        let cur = if self.units[u].kind == Kind::Clone {
+            self.member_cur(pi, inst.cur_node, inst.number, unique)
+        } else {
+            self.prims[pi].cur.first()
+        };
+        let had = cur.map(|c| {
+            let role = match c.role {
+                Role::Started if promotable => Role::Unpromoted,
+                Role::Unpromoted if !promotable => Role::Started,
+                r => r,
+            };
+            (c.node, role, c.failed)
+        });
+        let will = match inst.node {
+            Some(n) if inst.member_ok.get(m).copied().unwrap_or(false) => {
+                let role = if !promotable {
+                    Role::Started
+                } else if inst.promoted {
+                    Role::Promoted
+                } else {
+                    Role::Unpromoted
+                };
+                Some((n, role))
+            }
+            _ => None,
+        };
+        (had, will)
+    }
+
+    fn apply_orders(&mut self) {
+        // Group members: a member that cannot run stops the ones after it, and one that
+        // restarts restarts the ones after it (handled when rendering changes).
+        for _round in 0..8 {
+            let mut changed = false;
+            for oi in 0..self.orders.len() {
+                let (first, then, fa, ta, mandatory) = {
+                    let o = &self.orders[oi];
+                    (o.first, o.then, o.first_action, o.then_action, o.mandatory)
+                };
+                if !mandatory {
+                    continue;
+                }
+                let runnable = self.unit_runnable(first, fa);
+                if !runnable && matches!(ta, OrderAction::Start | OrderAction::Promote) {
+                    if let Some(insts) = self.placed[then].as_mut() {
+                        for i in insts.iter_mut() {
+                            if ta == OrderAction::Promote {
+                                if i.promoted {
+                                    i.promoted = false;
+                                    changed = true;
+                                }
+                            } else if i.node.is_some()
+                                && !self.units[then].prims.iter().any(|&pi| {
+                                    !(!self.cfg.options.maintenance_mode
+                                        && self.prims[pi].meta.is_managed.unwrap_or(true))
+                                })
+                            {
+                                i.node = None;
+                                changed = true;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                let (starts, stops) = self.unit_activity(first);
+                let symmetrical = self.orders[oi].symmetrical;
+                let trigger = (fa == OrderAction::Start && starts)
+                    || (symmetrical && fa == OrderAction::Start && stops);
+                if trigger && ta == OrderAction::Start {
+                    let staying: Vec<usize> =
+                        (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
+                            .filter(|&i| self.inst_stays(then, i))
+                            .collect();
+                    if let Some(insts) = self.placed[then].as_mut() {
+                        for i in staying {
+                            if !insts[i].restart {
+                                insts[i].restart = true;
+                                changed = true;
+                            }
+                        }
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+    }
+
+    /// Will `u` have an instance able to do `action` after the transition?
+    fn unit_runnable(&self, u: usize, action: OrderAction) -> bool {
+        let Some(insts) = self.placed[u].as_ref() else {
+            return true;
+        };
+        match action {
+            OrderAction::Promote => insts.iter().any(|i| i.promoted),
+            OrderAction::Start => insts
+                .iter()
+                .any(|i| i.node.is_some() && i.member_ok.iter().all(|x| *x)),
+            _ => true,
+        }
+    }
+
+    /// Does any part of `u` start, and does any part stop, in this transition?
+    fn unit_activity(&self, u: usize) -> (bool, bool) {
+        let Some(insts) = self.placed[u].as_ref() else {
+            return (false, false);
+        };
+        let mut starts = false;
+        let mut stops = false;
+        for inst in insts {
+            for m in 0..self.units[u].prims.len() {
+                let (had, will) = self.member_transition(u, inst, m);
+                match (had, will) {
+                    (None, Some(_)) => starts = true,
+                    (Some(_), None) => stops = true,
+                    (Some((a, _, failed)), Some((b, _))) => {
+                        if a != b || failed || inst.restart {
+                            starts = true;
+                            stops = true;
+                        }
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        (starts, stops)
+    }
+
+    fn inst_stays(&self, u: usize, i: usize) -> bool {
+        let Some(insts) = self.placed[u].as_ref() else {
+            return false;
+        };
+        let inst = &insts[i];
+        (0..self.units[u].prims.len()).any(|m| {
+            let (had, will) = self.member_transition(u, inst, m);
+            matches!((had, will), (Some((a, _, false)), Some((b, _))) if a == b)
+        })
+    }
+
+    fn display_name(&self, u: usize, pi: usize, inst: &Inst) -> String {
+        let id = &self.prims[pi].cfg.id;
+        match (self.units[u].kind, inst.number) {
+            (Kind::Clone, Some(k)) => format!("{id}:{k}"),
+            _ => id.clone(),
+        }
+    }
+
+    fn can_migrate(&self, pi: usize, from: usize) -> bool {
+        let u = self.prims[pi].unit;
+        self.units[u].kind == Kind::Prim
+            && self.prims[pi].meta.allow_migrate.unwrap_or(false)
+            && self.nodes[from].fence.is_none()
+            && self.nodes[from].can_run_or_online()
+    }
+
+    fn into_plan(self) -> Plan {
+        let mut plan = Plan::default();
+        for n in &self.nodes {
+            if let Some(r) = &n.fence {
+                plan.fences.push(Fence {
+                    node: n.name.to_string(),
+                    reason: r.clone(),
+                });
+            }
+        }
+        // Nodes whose stop failed must be fenced before the resource can go anywhere.
+        for p in &self.prims {
+            for c in &p.cur {
+                if c.status.stop_failed
+                    && self.cfg.options.stonith_enabled
+                    && self.nodes[c.node].fence.is_none()
+                    && !plan
+                        .fences
+                        .iter()
+                        .any(|f| f.node == self.nodes[c.node].name)
+                {
+                    plan.fences.push(Fence {
+                        node: self.nodes[c.node].name.to_string(),
+                        reason: format!("{} failed there", c.key),
+                    });
+                }
+            }
+        }
+        let fenced: Vec<bool> = self
+            .nodes
+            .iter()
+            .map(|n| plan.fences.iter().any(|f| f.node == n.name))
+            .collect();
+        for u in 0..self.units.len() {
+            let Some(insts) = self.placed[u].as_ref() else {
+                continue;
+            };
+            let promotable = self.promotable(u);
+            for inst in insts {
+                let mut restart_rest = inst.restart;
+                for m in 0..self.units[u].prims.len() {
+                    let pi = self.units[u].prims[m];
+                    if !self.managed(pi) {
+                        continue;
+                    }
+                    let (had, will) = self.member_transition(u, inst, m);
+                    let name = self.display_name(u, pi, inst);
+                    let place = |n: usize, r: Role| Placement {
+                        node: self.nodes[n].name.to_string(),
+                        role: r,
+                    };
+                    let change = match (had, will) {
+                        (None, None) => None,
+                        (None, Some((n, r))) => Some((
+                            if r == Role::Promoted {
+                                ChangeKind::Promote
+                            } else {
+                                ChangeKind::Start
+                            },
+                            None,
+                            Some(place(n, r)),
+                        )),
+                        (Some((n, r, _)), None) => {
+                            Some((ChangeKind::Stop, Some(place(n, r)), None))
+                        }
+                        (Some((a, ra, failed)), Some((b, rb))) => {
+                            let from = Some(place(a, ra));
+                            let to = Some(place(b, rb));
+                            if a != b {
+                                restart_rest = true;
+                                let kind = if failed {
+                                    ChangeKind::Recover
+                                } else if self.can_migrate(pi, a) && !inst.restart && !fenced[a] {
+                                    ChangeKind::Migrate
+                                } else {
+                                    ChangeKind::Move
+                                };
+                                Some((kind, from, to))
+                            } else if failed {
+                                restart_rest = true;
+                                Some((ChangeKind::Recover, from, to))
+                            } else if restart_rest {
+                                Some((ChangeKind::Restart, from, to))
+                            } else if ra < rb {
+                                Some((ChangeKind::Promote, from, to))
+                            } else if ra > rb {
+                                Some((ChangeKind::Demote, from, to))
+                            } else {
+                                None
+                            }
+                        }
+                    };
+                    if let Some((kind, from, to)) = change {
+                        plan.changes.push(Change {
+                            kind,
+                            resource: name,
+                            from,
+                            to,
+                            show_roles: promotable,
+                            reason: None,
+                        });
+                    }
+                }
+            }
+            // Extra copies of a resource that may run once: stop them.
+            if self.units[u].kind != Kind::Clone {
+                for &pi in &self.units[u].prims {
+                    for c in self.prims[pi].cur.iter().skip(1) {
+                        if self.managed(pi) {
+                            plan.changes.push(Change {
+                                kind: ChangeKind::Stop,
+                                resource: self.prims[pi].cfg.id.clone(),
+                                from: Some(Placement {
+                                    node: self.nodes[c.node].name.to_string(),
+                                    role: c.role,
+                                }),
+                                to: None,
+                                show_roles: false,
+                                reason: Some("multiple active".into()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for c in &self.orphans {
+            plan.changes.push(Change {
+                kind: ChangeKind::Stop,
+                resource: c.key.to_string(),
+                from: Some(Placement {
+                    node: self.nodes[c.node].name.to_string(),
+                    role: c.role,
+                }),
+                to: None,
+                show_roles: false,
+                reason: Some("node availability".into()),
+            });
+        }
+        self.build_actions(&mut plan);
+        plan.scores = self.scores;
+        plan
+    }
+
+    fn build_actions(&self, plan: &mut Plan) {
+        let mut fence_ix = Vec::new();
+        for f in &plan.fences {
+            fence_ix.push(plan.actions.len());
+            plan.actions.push(Action::Fence {
+                node: f.node.clone(),
+            });
+        }
+        // Per resource: its stop-side and start-side actions, for ordering.
+        let mut stops: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut starts: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut edges = Vec::new();
+        for ch in &plan.changes {
+            let r = ch.resource.clone();
+            let base = r
+                .rsplit_once(':')
+                .map(|(b, _)| b.to_string())
+                .unwrap_or(r.clone());
+            let push = |a: Action, actions: &mut Vec<Action>| {
+                actions.push(a);
+                actions.len() - 1
+            };
+            let mut chain: Vec<usize> = Vec::new();
+            let from = ch.from.as_ref();
+            let to = ch.to.as_ref();
+            if ch.kind == ChangeKind::Migrate
+                && let (Some(f), Some(t)) = (from, to)
+            {
+                let a = push(
+                    Action::MigrateTo {
+                        resource: r.clone(),
+                        source: f.node.clone(),
+                        target: t.node.clone(),
+                    },
+                    &mut plan.actions,
+                );
+                let b = push(
+                    Action::MigrateFrom {
+                        resource: r.clone(),
+                        source: f.node.clone(),
+                        target: t.node.clone(),
+                    },
+                    &mut plan.actions,
+                );
+                let c = push(
+                    Action::Stop {
+                        resource: r.clone(),
+                        node: f.node.clone(),
+                    },
+                    &mut plan.actions,
+                );
+                edges.push((a, b));
+                edges.push((b, c));
+                starts.entry(base.clone()).or_default().push(b);
+                stops.entry(base.clone()).or_default().push(c);
+                continue;
+            }
+            let moving = matches!(
+                ch.kind,
+                ChangeKind::Stop | ChangeKind::Move | ChangeKind::Recover | ChangeKind::Restart
+            );
+            if let Some(f) = from {
+                if f.role == Role::Promoted && (moving || ch.kind == ChangeKind::Demote) {
+                    let a = push(
+                        Action::Demote {
+                            resource: r.clone(),
+                            node: f.node.clone(),
+                        },
+                        &mut plan.actions,
+                    );
+                    chain.push(a);
+                    stops.entry(base.clone()).or_default().push(a);
+                }
+                if moving {
+                    let a = push(
+                        Action::Stop {
+                            resource: r.clone(),
+                            node: f.node.clone(),
+                        },
+                        &mut plan.actions,
+                    );
+                    chain.push(a);
+                    stops.entry(base.clone()).or_default().push(a);
+                }
+            }
+            if let Some(t) = to {
+                let needs_start = from.is_none()
+                    || matches!(
+                        ch.kind,
+                        ChangeKind::Move | ChangeKind::Recover | ChangeKind::Restart
+                    );
+                if needs_start {
+                    let a = push(
+                        Action::Start {
+                            resource: r.clone(),
+                            node: t.node.clone(),
+                        },
+                        &mut plan.actions,
+                    );
+                    chain.push(a);
+                    starts.entry(base.clone()).or_default().push(a);
+                }
+                if t.role == Role::Promoted && (needs_start || ch.kind == ChangeKind::Promote) {
+                    let a = push(
+                        Action::Promote {
+                            resource: r.clone(),
+                            node: t.node.clone(),
+                        },
+                        &mut plan.actions,
+                    );
+                    chain.push(a);
+                    starts.entry(base.clone()).or_default().push(a);
+                }
+            }
+            for w in chain.windows(2) {
+                edges.push((w[0], w[1]));
+            }
+        }
+        // Fencing comes before anything starts: the node's resources must be known dead.
+        for (i, a) in plan.actions.iter().enumerate() {
+            if matches!(
+                a,
+                Action::Start { .. }
+                    | Action::Promote { .. }
+                    | Action::MigrateTo { .. }
+                    | Action::MigrateFrom { .. }
+            ) {
+                for &f in &fence_ix {
+                    edges.push((f, i));
+                }
+            }
+        }
+        // Orders between resources: starts after the first's starts, stops (symmetrical)
+        // before the first's stops.
+        let prim_ids = |u: usize| -> Vec<String> {
+            self.units[u]
+                .prims
+                .iter()
+                .map(|&pi| self.prims[pi].cfg.id.clone())
+                .collect()
+        };
+        for o in &self.orders {
+            if !o.mandatory {
+                continue;
+            }
+            for f in prim_ids(o.first) {
+                for t in prim_ids(o.then) {
+                    for &a in starts.get(&f).into_iter().flatten() {
+                        for &b in starts.get(&t).into_iter().flatten() {
+                            edges.push((a, b));
+                        }
+                    }
+                    if o.symmetrical {
+                        for &a in stops.get(&t).into_iter().flatten() {
+                            for &b in stops.get(&f).into_iter().flatten() {
+                                edges.push((a, b));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for u in &self.units {
+            for w in u.prims.windows(2) {
+                let (a, b) = (&self.prims[w[0]].cfg.id, &self.prims[w[1]].cfg.id);
+                for &x in starts.get(a).into_iter().flatten() {
+                    for &y in starts.get(b).into_iter().flatten() {
+                        edges.push((x, y));
+                    }
+                }
+                for &x in stops.get(b).into_iter().flatten() {
+                    for &y in stops.get(a).into_iter().flatten() {
+                        edges.push((x, y));
+                    }
+                }
+            }
+        }
+        edges.sort_unstable();
+        edges.dedup();
+        plan.edges = edges;
+    }
+}
+
+impl NodeInfo<'_> {
+    fn can_run_or_online(&self) -> bool {
+        self.counts
+    }
+}
