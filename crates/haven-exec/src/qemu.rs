@@ -626,16 +626,21 @@ async fn migrate_to(c: &Config, p: &Paths, m: &Migration, deadline: Instant) -> 
     let fail = |code, why: String| OpResult::new(code, Duration::ZERO).note(why);
     // The destination may not listen yet: a migration that fails before sending
     // anything is retried until the deadline.
+    let mut last_failure = String::from("no attempt finished");
     'attempt: loop {
+        if Instant::now() >= deadline {
+            return fail(
+                OpCode::Timeout,
+                format!("migration to {uri} could not start before the timeout: {last_failure}"),
+            );
+        }
         if let Err(e) = q
             .execute("migrate", Some(json!({ "uri": uri })), deadline)
             .await
         {
-            if Instant::now() + POLL < deadline {
-                tokio::time::sleep(POLL).await;
-                continue 'attempt;
-            }
-            return fail(OpCode::Error, format!("migrate to {uri}: {e}"));
+            last_failure = e.to_string();
+            tokio::time::sleep(POLL).await;
+            continue 'attempt;
         }
         let mut transferred = 0u64;
         let mut progress_at = Instant::now();
@@ -643,10 +648,12 @@ async fn migrate_to(c: &Config, p: &Paths, m: &Migration, deadline: Instant) -> 
             let now = Instant::now();
             if now >= deadline {
                 let _ = q.execute("migrate_cancel", None, now + QMP_CALL).await;
-                return fail(
-                    OpCode::Timeout,
-                    format!("migration to {uri} did not finish in time; cancelled"),
-                );
+                let why = if transferred == 0 {
+                    format!("migration to {uri} could not start before the timeout: {last_failure}")
+                } else {
+                    format!("migration to {uri} did not finish in time; cancelled")
+                };
+                return fail(OpCode::Timeout, why);
             }
             let info = match q.execute("query-migrate", None, deadline).await {
                 Ok(i) => i,
@@ -663,6 +670,11 @@ async fn migrate_to(c: &Config, p: &Paths, m: &Migration, deadline: Instant) -> 
             match status {
                 "completed" => break 'attempt,
                 "failed" | "cancelled" if transferred == 0 && sent == 0 => {
+                    last_failure = info
+                        .get("error-desc")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or(status)
+                        .to_string();
                     tokio::time::sleep(POLL).await;
                     continue 'attempt;
                 }

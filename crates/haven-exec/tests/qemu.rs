@@ -296,7 +296,8 @@ async fn qemu_migration_to_nowhere_times_out_and_the_guest_keeps_running() {
         address: format!("127.0.0.1:{port}"),
     });
     let r = run_op(&spec, to, Duration::from_secs(2)).await;
-    assert_ne!(r.code, OpCode::Success, "{r:?}");
+    assert_eq!(r.code, OpCode::Timeout, "{r:?}");
+    assert!(r.notes[0].contains("could not start"), "{:?}", r.notes);
     assert_eq!(
         run_op(&spec, PROBE, BOOT).await.code,
         OpCode::Success,
@@ -304,6 +305,108 @@ async fn qemu_migration_to_nowhere_times_out_and_the_guest_keeps_running() {
     );
     assert_eq!(
         run_op(&spec, Op::Stop, Duration::from_secs(30)).await.code,
+        OpCode::Success
+    );
+}
+
+/// A TCP relay that forwards `budget` bytes from its client to `to`, then stops
+/// reading: to the sender, a link that went dead mid-transfer.
+async fn stalling_relay(
+    budget: usize,
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let Ok((mut inbound, _)) = l.accept().await else {
+            return;
+        };
+        // The destination QEMU may not listen yet.
+        let mut outbound = None;
+        for _ in 0..200 {
+            if let Ok(s) = tokio::net::TcpStream::connect(to).await {
+                outbound = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(mut outbound) = outbound else { return };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = budget;
+        while left > 0 {
+            let n = match inbound.read(&mut buf[..left.min(64 * 1024)]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if outbound.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        // Hold both ends open without reading until the test drops the task.
+        std::future::pending::<()>().await;
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn qemu_stalled_migration_is_cancelled_and_the_source_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src_state, dst_state) = (dir.path().join("src"), dir.path().join("dst"));
+    let _c = Cleanup(vec![src_state.join("vm1.pid"), dst_state.join("vm1.pid")]);
+    let src = guest("vm1", &src_state).param("migrate_stall_timeout", "1");
+    let dst = guest("vm1", &dst_state);
+    assert_eq!(run_op(&src, Op::Start, BOOT).await.code, OpCode::Success);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dst_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let from = Op::MigrateFrom(Migration {
+        peer: "src".into(),
+        address: dst_addr.to_string(),
+    });
+    let dst_task = {
+        let dst = dst.clone();
+        tokio::spawn(async move { run_op(&dst, from, Duration::from_secs(20)).await })
+    };
+    // Wait for the destination to listen before putting the relay in front of it.
+    assert!(eventually(BOOT, || dst_state.join("vm1.qmp").exists()).await);
+    let (relay, relay_task) = stalling_relay(4 << 20, dst_addr).await;
+    let to = Op::MigrateTo(Migration {
+        peer: "dst".into(),
+        address: relay.to_string(),
+    });
+    let r = run_op(&src, to, Duration::from_secs(60)).await;
+    relay_task.abort();
+    assert_eq!(r.code, OpCode::Error, "{r:?}");
+    assert!(
+        r.notes.iter().any(|n| n.contains("no progress")),
+        "{:?}",
+        r.notes
+    );
+    assert_eq!(
+        run_op(&src, PROBE, BOOT).await.code,
+        OpCode::Success,
+        "the source must keep running"
+    );
+
+    let rd = dst_task.await.unwrap();
+    assert_ne!(
+        rd.code,
+        OpCode::Success,
+        "the destination never got the guest: {rd:?}"
+    );
+    assert_eq!(
+        run_op(&dst, PROBE, BOOT).await.code,
+        OpCode::NotRunning,
+        "a failed incoming QEMU is cleaned up"
+    );
+    assert_eq!(
+        run_op(&src, Op::Stop, Duration::from_secs(30)).await.code,
         OpCode::Success
     );
 }
