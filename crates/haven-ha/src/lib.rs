@@ -11,6 +11,7 @@ pub mod agent;
 pub mod coordinator;
 pub mod fencing;
 pub mod membership;
+pub mod planner;
 pub mod quorum;
 pub mod time;
 pub mod view;
@@ -22,6 +23,7 @@ pub use coordinator::{
 };
 pub use fencing::{Confirmation, FenceCommand, FenceStep, Fencer, StepKind, VictimState};
 pub use membership::{Liveness, Membership, MembershipEvent, Timeouts};
+pub use planner::SchedPlanner;
 pub use quorum::{NoQuorumPolicy, QuorumAction, QuorumWatch};
 pub use time::Time;
 pub use view::{ClusterView, NodeState, Observed, Plan, Planner, Step};

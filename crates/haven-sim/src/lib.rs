@@ -19,4 +19,4 @@ mod invariants;
 mod world;
 
 pub use invariants::Violation;
-pub use world::{FaultOptions, SimOptions, SimReport, run};
+pub use world::{FaultOptions, SimOptions, SimReport, cluster_config, run, run_scheduler};

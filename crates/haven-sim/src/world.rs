@@ -4,11 +4,13 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::Duration;
 
+use haven_ha::adapter::coordinator_config;
 use haven_ha::{
-    AgentCommand, Coordinator, CoordinatorCommand, CoordinatorConfig, FenceStep, NoQuorumPolicy,
-    NodeAgent, NodeSpec, OpKind, OpOutcome, OpReport, OpRequest, Planner, QuorumAction,
-    QuorumWatch, ResourceOps, StepKind, Time, Timeouts,
+    AgentCommand, Coordinator, CoordinatorCommand, CoordinatorConfig, NoQuorumPolicy, NodeAgent,
+    OpKind, OpOutcome, OpReport, OpRequest, Planner, QuorumAction, QuorumWatch, SchedPlanner, Time,
+    Timeouts,
 };
+use haven_model::Config;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -90,7 +92,7 @@ pub struct SimReport {
 }
 
 const TICK: Duration = Duration::from_millis(50);
-const LINKS: [&str; 2] = ["ring0", "ring1"];
+const LINKS: [&str; 2] = ["link0", "link1"];
 const ELECTION_DELAY: Duration = Duration::from_millis(600);
 
 #[derive(Clone, Debug)]
@@ -138,38 +140,48 @@ struct World<P> {
     faults_on: bool,
 }
 
+/// The cluster every run simulates: `nodes` hosts with two heartbeat links each and a
+/// power switch, `resources` supervised processes, stickiness 100.
+pub fn cluster_config(opts: &SimOptions) -> Config {
+    let mut text = format!(
+        "[options]\nstonith-enabled = {}\nresource-stickiness = 100\n\n\
+         [[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\n\
+         params = {{ pcmk_reboot_timeout = \"5\" }}\n",
+        opts.stonith_enabled
+    );
+    for i in 1..=opts.nodes {
+        text.push_str(&format!(
+            "\n[[nodes]]\nname = \"n{i}\"\naddrs = [\"127.0.0.{i}\", \"127.0.1.{i}\"]\n"
+        ));
+    }
+    for i in 1..=opts.resources {
+        text.push_str(&format!(
+            "\n[[resources]]\nid = \"r{i}\"\nclass = \"process\"\ntype = \"r{i}\"\n\
+             ops = [{{ name = \"monitor\", interval = 2, timeout = 20 }}]\n"
+        ));
+    }
+    match Config::from_toml("simulated cluster", &text) {
+        Ok(c) => c,
+        // The text is generated above from numbers alone; a failure is a bug here.
+        Err(e) => unreachable!("generated configuration is invalid: {e}"),
+    }
+}
+
+/// Runs one simulation with Haven's scheduler planning, as on a real leader.
+pub fn run_scheduler(opts: SimOptions) -> SimReport {
+    let config = cluster_config(&opts);
+    run(opts, || SchedPlanner::new(config.clone()))
+}
+
 /// Runs one simulation. `planner` makes the planner of each new coordinator (one per
 /// leadership term, as on the real leader).
 pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimReport {
-    let names: Vec<String> = (1..=opts.nodes).map(|i| format!("n{i}")).collect();
-    let resources: Vec<String> = (1..=opts.resources).map(|i| format!("r{i}")).collect();
-    let config = CoordinatorConfig {
-        nodes: names
-            .iter()
-            .map(|n| NodeSpec {
-                name: n.clone(),
-                links: LINKS.iter().map(|l| l.to_string()).collect(),
-                fence_levels: vec![vec![FenceStep {
-                    device: "power".into(),
-                    kind: StepKind::Run {
-                        timeout: Duration::from_secs(5),
-                    },
-                }]],
-            })
-            .collect(),
-        resources: resources
-            .iter()
-            .map(|r| {
-                let ops = ResourceOps {
-                    monitor_interval: Some(Duration::from_secs(2)),
-                    ..ResourceOps::default()
-                };
-                (r.clone(), ops)
-            })
-            .collect(),
-        stonith_enabled: opts.stonith_enabled,
-        auto_rejoin: true,
-    };
+    let model = cluster_config(&opts);
+    let mut config = coordinator_config(&model);
+    // Booted nodes come back by themselves, so the liveness phase can converge.
+    config.auto_rejoin = true;
+    let names: Vec<String> = model.nodes.iter().map(|n| n.name.clone()).collect();
+    let resources: Vec<String> = model.resources.iter().map(|r| r.id.clone()).collect();
     let mut w = World {
         rng: ChaCha8Rng::seed_from_u64(opts.seed),
         report: SimReport {
