@@ -240,3 +240,86 @@ async fn process_that_exits_at_once_fails_its_start() {
     assert_eq!(r.code, OpCode::NotConfigured);
     assert!(r.notes[0].contains("`command`"), "{:?}", r.notes);
 }
+
+/// A network namespace this test owns; removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Netns {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test needs root (it creates a network namespace); CI runs it as root"
+        );
+        let name = format!("haven-exec-{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&[
+            "-n", &ns.0, "link", "add", "hv0", "type", "veth", "peer", "name", "hv1",
+        ]);
+        ip(&["-n", &ns.0, "addr", "add", "10.231.0.1/24", "dev", "hv0"]);
+        for dev in ["lo", "hv0", "hv1"] {
+            ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+        }
+        ns
+    }
+
+    fn addresses(&self) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.0, "-4", "addr", "show", "dev", "hv0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 `ip` is needed");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn ocf_ipaddr2_in_a_network_namespace() {
+    need(
+        "/usr/lib/ocf/resource.d/heartbeat/IPaddr2",
+        "resource-agents",
+    );
+    let ns = Netns::create();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = AgentSpec::new("vip", "ocf:heartbeat:IPaddr2".parse().unwrap(), dir.path())
+        .param("ip", "10.231.0.10")
+        .param("cidr_netmask", "24")
+        .param("nic", "hv0")
+        .param("network_namespace", ns.0.clone());
+    assert_eq!(run_op(&spec, PROBE, T).await.code, OpCode::NotRunning);
+    let r = run_op(&spec, Op::Start, T).await;
+    assert_eq!(r.code, OpCode::Success, "{r:?}");
+    assert!(
+        ns.addresses().contains("10.231.0.10/24"),
+        "{}",
+        ns.addresses()
+    );
+    assert_eq!(run_op(&spec, PROBE, T).await.code, OpCode::Success);
+    let r = run_op(&spec, Op::Stop, T).await;
+    assert_eq!(r.code, OpCode::Success, "{r:?}");
+    assert!(
+        !ns.addresses().contains("10.231.0.10"),
+        "{}",
+        ns.addresses()
+    );
+    assert_eq!(run_op(&spec, PROBE, T).await.code, OpCode::NotRunning);
+}
