@@ -9,7 +9,7 @@
 //! peer that drops mid-write gets its unacknowledged regions marked, so a later resync
 //! brings it up to date without copying everything.
 
-use crate::decide::{self, PeerLink, Plan, PromoteError, SideView, SplitBrainPolicy};
+use crate::decide::{self, PeerLink, Plan, PromoteError, Refusal, SideView, SplitBrainPolicy};
 use crate::meta::{DATA_FILE, DiskState, Meta, MetaError, Role};
 use crate::wire::{self, GenUpdate, Hello, Msg, StateUpdate};
 use serde::{Deserialize, Serialize};
@@ -370,9 +370,9 @@ impl Volume {
                     .is_some_and(|p| p.want && p.conn.is_none())
             };
             if want {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await {
-                    Ok(Ok(s)) => self.clone().run_conn(s, Some(peer.clone())).await,
-                    Ok(Err(_)) | Err(_) => {}
+                let dial = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await;
+                if let Ok(Ok(s)) = dial {
+                    self.clone().run_conn(s, Some(peer.clone())).await;
                 }
             }
             let _ = tokio::time::timeout(DIAL_INTERVAL, self.wake.notified()).await;
@@ -491,6 +491,37 @@ impl Volume {
             }
             let mine = sent.unwrap_or_else(|| self.hello(&st, &peer));
             let outcome = decide::plan_connection(&mine.view, &theirs.view, self.cfg.policy);
+            let peer_role = if outcome.peer_deposed {
+                Role::Secondary
+            } else {
+                theirs.view.role
+            };
+            // One sync target, one source at a time; and while a primary replicates to
+            // us directly, a secondary must not sync us too (its stream and the
+            // primary's would race on the same regions). Retry later instead.
+            if matches!(outcome.plan, Plan::Target { .. }) && !outcome.local_deposed {
+                let busy = st.peers.iter().filter(|(n, _)| **n != peer).any(|(_, p)| {
+                    p.conn.as_ref().is_some_and(|c| {
+                        *lock(&c.repl) == Replication::SyncTarget
+                            || (peer_role == Role::Secondary
+                                && *lock(&c.peer_role) == Role::Primary)
+                    })
+                });
+                if busy {
+                    return;
+                }
+            }
+            if peer_role == Role::Primary {
+                for (n, p) in &st.peers {
+                    if let Some(c) = &p.conn
+                        && *n != peer
+                        && *lock(&c.repl) == Replication::SyncTarget
+                        && *lock(&c.peer_role) == Role::Secondary
+                    {
+                        c.shut();
+                    }
+                }
+            }
             let mut changed = false;
             if outcome.local_deposed {
                 st.meta.role = Role::Secondary;
@@ -508,8 +539,11 @@ impl Volume {
                     Plan::Refuse(r) => Some(r.to_string()),
                     _ => None,
                 };
-                if matches!(outcome.plan, Plan::Refuse(_)) {
-                    // Like DRBD's StandAlone: wait for the operator.
+                if matches!(
+                    outcome.plan,
+                    Plan::Refuse(Refusal::SplitBrain | Refusal::Unrelated | Refusal::BothDiscard)
+                ) {
+                    // Like DRBD's StandAlone: only the operator can settle these.
                     p.want = false;
                 }
             }
@@ -540,11 +574,7 @@ impl Volume {
                     queue: VecDeque::new(),
                 })),
                 acked: ack_tx,
-                peer_role: Mutex::new(if outcome.peer_deposed {
-                    Role::Secondary
-                } else {
-                    theirs.view.role
-                }),
+                peer_role: Mutex::new(peer_role),
                 peer_disk: Mutex::new(theirs.view.disk),
                 peer_epoch: AtomicU64::new(theirs.view.epoch),
                 repl: Mutex::new(repl),
@@ -560,11 +590,9 @@ impl Volume {
             }
             (outcome, conn, rx, mine)
         };
-        if dialed.is_none() {
-            if send_json(&mut wr, wire::K_HELLO, &mine).await.is_err() {
-                self.teardown(&conn);
-                return;
-            }
+        if dialed.is_none() && send_json(&mut wr, wire::K_HELLO, &mine).await.is_err() {
+            self.teardown(&conn);
+            return;
         }
         if outcome.local_deposed {
             tracing::warn!("deposed by {peer}: a newer primary exists; demoted");

@@ -186,14 +186,7 @@ fn create(a: CreateArgs) -> anyhow::Result<()> {
     if a.volume.is_empty() || a.node.is_empty() {
         bail!("--volume and --node must not be empty");
     }
-    let m = meta::create(
-        &a.dir,
-        &a.volume,
-        &a.node,
-        a.size,
-        a.region_size,
-        a.initial,
-    )?;
+    let m = meta::create(&a.dir, &a.volume, &a.node, a.size, a.region_size, a.initial)?;
     println!(
         "created volume {} replica {} in {} ({} bytes, {:?})",
         m.volume,
@@ -371,11 +364,19 @@ mod tests {
         assert_eq!(parse_size("2M"), Ok(2 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("x").unwrap_err().contains("not a size"));
-        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("99999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
         assert_eq!(
             parse_peer("b=127.0.0.1:7000"),
             Ok(("b".into(), "127.0.0.1:7000".parse().unwrap()))
         );
-        assert!(parse_peer("127.0.0.1:7000").unwrap_err().contains("NAME=ADDR"));
+        assert!(
+            parse_peer("127.0.0.1:7000")
+                .unwrap_err()
+                .contains("NAME=ADDR")
+        );
     }
 }

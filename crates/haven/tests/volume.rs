@@ -1,0 +1,667 @@
+//! Replicated volumes with real processes: `haven volume serve` replicas on loopback,
+//! driven by real NBD clients (`qemu-io`, `qemu-img`, `nbdinfo`, `nbdcopy` — Debian's
+//! qemu-utils and libnbd-bin) and by the `haven volume` CLI. Every wait is bounded.
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
+const SIZE: u64 = 16 << 20;
+const REGION: u64 = 65536;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Runs a command to completion, killing it if it outlives `limit`.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    nbd: PathBuf,
+    ctl: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn create(tmp: &Path, name: &str, initial: bool) -> Node {
+        let dir = tmp.join(name);
+        let mut c = Command::new(HAVEN);
+        c.args(["volume", "create", "--volume", "vol", "--node", name])
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--size", &SIZE.to_string(), "--region-size", "64K"]);
+        if initial {
+            c.arg("--initial");
+        }
+        let o = run_bounded(&mut c, WAIT);
+        assert!(o.status.success(), "create {name}: {}", text(&o));
+        Node {
+            name: name.into(),
+            nbd: tmp.join(format!("{name}.nbd")),
+            ctl: tmp.join(format!("{name}.ctl")),
+            dir,
+            port: free_port(),
+            child: None,
+        }
+    }
+
+    fn start(&mut self, peers: &[(&str, u16)], extra: &[&str]) {
+        assert!(self.child.is_none());
+        let mut c = Command::new(HAVEN);
+        c.args(["volume", "serve", "--dir"])
+            .arg(&self.dir)
+            .arg("--nbd")
+            .arg(&self.nbd)
+            .arg("--control")
+            .arg(&self.ctl)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (n, p) in peers {
+            c.args(["--peer", &format!("{n}=127.0.0.1:{p}")]);
+        }
+        self.child = Some(c.spawn().expect("spawning haven volume serve"));
+        self.wait_for("control socket", |_| true);
+    }
+
+    fn peer(&self) -> (&str, u16) {
+        (&self.name, self.port)
+    }
+
+    /// SIGKILL: the process dies with no chance to flush or save anything.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.nbd);
+        let _ = std::fs::remove_file(&self.ctl);
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(HAVEN);
+        c.arg("volume")
+            .arg(args[0])
+            .arg("--control")
+            .arg(&self.ctl)
+            .args(&args[1..]);
+        run_bounded(&mut c, WAIT)
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let o = self.ctl(args);
+        assert!(o.status.success(), "{} {args:?}: {}", self.name, text(&o));
+        o
+    }
+
+    fn status(&self) -> Option<Value> {
+        let o = self.ctl(&["status", "--json"]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{}: timed out waiting for {what}; last status: {last:#?}",
+            self.name
+        );
+    }
+
+    fn peer_status(s: &Value, peer: &str) -> Value {
+        s["peers"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["node"] == peer))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn wait_in_sync(&self, peer: &str) -> Value {
+        self.wait_for(&format!("in sync with {peer}"), |s| {
+            let p = Node::peer_status(s, peer);
+            s["disk"] == "UpToDate"
+                && p["connection"] == "Connected"
+                && p["replication"] == "Established"
+                && p["disk"] == "UpToDate"
+                && p["out_of_sync_bytes"] == 0
+        })
+    }
+
+    fn data(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("data.img")).expect("reading a backing file")
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///vol?socket={}", self.nbd.display())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[String]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    run_bounded(&mut c, WAIT)
+}
+
+fn qemu_io_ok(uri: &str, cmds: &[String]) -> String {
+    let o = qemu_io(uri, cmds);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?}: {}",
+        text(&o)
+    );
+    out
+}
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+fn assert_identical(a: &Node, b: &Node) {
+    let (x, y) = (a.data(), b.data());
+    assert_eq!(x.len(), y.len());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "replicas {} and {} differ first at byte {i} (region {})",
+            a.name,
+            b.name,
+            i as u64 / REGION
+        );
+    }
+}
+
+/// A pair: `a` initial and primary, `b` fully synced from it.
+fn pair(tmp: &Path, extra: &[&str]) -> (Node, Node) {
+    let mut a = Node::create(tmp, "a", true);
+    let mut b = Node::create(tmp, "b", false);
+    a.start(&[b.peer()], extra);
+    b.start(&[a.peer()], extra);
+    a.wait_in_sync("b");
+    a.ok(&["promote"]);
+    (a, b)
+}
+
+#[test]
+fn volume_real_clients_read_back_what_they_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let tcp = free_port();
+    a.start(&[], &["--nbd-tcp", &format!("127.0.0.1:{tcp}")]);
+    // A secondary serves no I/O.
+    let o = qemu_io(&a.uri(), &[s("write -P 0x11 0 4k")]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Operation not permitted"),
+        "{}",
+        text(&o)
+    );
+    a.ok(&["promote"]);
+
+    qemu_io_ok(
+        &a.uri(),
+        &[
+            s("write -P 0xab 0 1M"),
+            s("write -f -P 0xcd 1M 4k"),
+            s("write -z 2M 64k"),
+            s("discard 3M 64k"),
+            s("write -P 0x5a 5246975 3"),
+            s("flush"),
+            s("read -P 0xab 0 1M"),
+            s("read -P 0xcd 1M 4k"),
+            s("read -P 0 2M 64k"),
+            s("read -P 0 3M 64k"),
+            s("read -P 0x5a 5246975 3"),
+        ],
+    );
+    // Out of range is an error, not a crash.
+    let o = qemu_io(&a.uri(), &[format!("read 0 {}", SIZE + 4096)]);
+    assert!(!o.status.success() || String::from_utf8_lossy(&o.stdout).contains("failed"));
+    // The same data over TCP.
+    qemu_io_ok(
+        &format!("nbd://127.0.0.1:{tcp}/vol"),
+        &[s("read -P 0xcd 1M 4k")],
+    );
+
+    let o = run_bounded(
+        Command::new("qemu-img").args(["info", "--output=json", &a.uri()]),
+        WAIT,
+    );
+    let info: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(info["virtual-size"], SIZE, "{}", text(&o));
+
+    let o = run_bounded(Command::new("nbdinfo").args(["--json", &a.uri()]), WAIT);
+    let info: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], SIZE, "{}", text(&o));
+    assert_eq!(export["can_fua"], true);
+    assert_eq!(export["can_flush"], true);
+    assert_eq!(export["can_trim"], true);
+    assert_eq!(export["can_zero"], true);
+    assert_eq!(export["can_multi_conn"], true);
+    let o = run_bounded(
+        Command::new("nbdinfo")
+            .args(["--list", &format!("nbd+unix://?socket={}", a.nbd.display())]),
+        WAIT,
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("export=\"vol\""),
+        "{}",
+        text(&o)
+    );
+    // An unknown export is refused cleanly.
+    let o = run_bounded(
+        Command::new("nbdinfo").arg(format!("nbd+unix:///nope?socket={}", a.nbd.display())),
+        WAIT,
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+
+    // nbdcopy with several connections and requests in flight, in and out.
+    let src = tmp.path().join("src.bin");
+    let mut rnd = vec![0u8; SIZE as usize];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in rnd.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&src, &rnd).unwrap();
+    let o = run_bounded(
+        Command::new("nbdcopy")
+            .args(["--connections=4", "--requests=16"])
+            .arg(&src)
+            .arg(a.uri()),
+        WAIT,
+    );
+    assert!(o.status.success(), "nbdcopy in: {}", text(&o));
+    let back = tmp.path().join("back.bin");
+    let o = run_bounded(Command::new("nbdcopy").arg(a.uri()).arg(&back), WAIT);
+    assert!(o.status.success(), "nbdcopy out: {}", text(&o));
+    assert!(
+        std::fs::read(&back).unwrap() == rnd,
+        "nbdcopy round trip differs"
+    );
+}
+
+#[test]
+fn volume_writes_reach_every_replica_and_new_replicas_get_a_full_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    let mut c = Node::create(tmp.path(), "c", false);
+    a.start(&[b.peer(), c.peer()], &[]);
+    // b and c do not exist yet: the operator vouches that they hold nothing newer.
+    a.ok(&["promote", "--peer-fenced", "b", "--peer-fenced", "c"]);
+    // Data written before the others exist must reach them by full sync.
+    qemu_io_ok(&a.uri(), &[s("write -P 0x77 8M 1M")]);
+    b.start(&[a.peer(), c.peer()], &[]);
+    c.start(&[a.peer(), b.peer()], &[]);
+    a.wait_in_sync("b");
+    a.wait_in_sync("c");
+    // A secondary that is Inconsistent-then-synced is UpToDate; status says so.
+    let st = b.wait_for("b up to date", |s| s["disk"] == "UpToDate");
+    assert_eq!(st["role"], "Secondary");
+    qemu_io_ok(
+        &a.uri(),
+        &[
+            s("write -P 0x21 0 64k"),
+            s("write -f -P 0x22 100k 8k"),
+            s("write -z 8M 4k"),
+            s("flush"),
+        ],
+    );
+    assert_identical(&a, &b);
+    assert_identical(&a, &c);
+    // Promotion of b is refused while a is primary and connected.
+    let o = b.ctl(&["promote"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("primary"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn volume_reconnect_resyncs_only_dirty_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &[]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x01 0 4M")]);
+    a.ok(&["disconnect", "--peer", "b"]);
+    a.wait_for("b disconnected", |s| {
+        Node::peer_status(s, "b")["connection"] == "StandAlone"
+    });
+    // Three regions change while b is away (one write spans two regions).
+    qemu_io_ok(
+        &a.uri(),
+        &[s("write -P 0x02 128k 4k"), s("write -P 0x03 1020k 8k")],
+    );
+    let st = a.status().unwrap();
+    assert_eq!(Node::peer_status(&st, "b")["out_of_sync_bytes"], 3 * REGION);
+    let before = Node::peer_status(&st, "b")["resynced_bytes_total"]
+        .as_u64()
+        .unwrap();
+    a.ok(&["connect", "--peer", "b"]);
+    let st = a.wait_in_sync("b");
+    let resynced = Node::peer_status(&st, "b")["resynced_bytes_total"]
+        .as_u64()
+        .unwrap()
+        - before;
+    assert_eq!(resynced, 3 * REGION, "only the dirty regions are resynced");
+    qemu_io_ok(&a.uri(), &[s("flush")]);
+    assert_identical(&a, &b);
+}
+
+#[test]
+fn volume_killed_primary_loses_no_acknowledged_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(tmp.path(), &[]);
+    const N: u64 = SIZE / 4096;
+    let cmds: Vec<String> = (0..N)
+        .map(|i| format!("write -P {} {} 4k", i % 250 + 1, i * 4096))
+        .collect();
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in &cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(a.uri());
+    let writer = std::thread::spawn(move || run_bounded(&mut c, Duration::from_secs(300)));
+    // Kill the primary once the secondary has seen a good part of the stream.
+    let probe = 200 * 4096;
+    let deadline = Instant::now() + WAIT;
+    let bf = std::fs::File::open(b.dir.join("data.img")).unwrap();
+    loop {
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(&bf, &mut byte, probe).unwrap();
+        if byte[0] != 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write stream never reached b"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    a.kill();
+    let out = writer.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let acked: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("wrote 4096/4096 bytes at offset "))
+        .filter_map(|o| o.trim().parse().ok())
+        .collect();
+    assert!(
+        acked.len() >= 200,
+        "too few acknowledged writes: {}",
+        acked.len()
+    );
+    assert!(
+        (acked.len() as u64) < N,
+        "the primary died before the stream ended"
+    );
+
+    // Without the cluster's word that a is fenced, b must not be promoted.
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    let o = b.ctl(&["promote"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("fenced"),
+        "{}",
+        text(&o)
+    );
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    let out = tmp.path().join("b.bin");
+    let o = run_bounded(Command::new("nbdcopy").arg(b.uri()).arg(&out), WAIT);
+    assert!(o.status.success(), "{}", text(&o));
+    let data = std::fs::read(&out).unwrap();
+    for off in &acked {
+        let i = off / 4096;
+        let want = (i % 250 + 1) as u8;
+        let block = &data[*off as usize..*off as usize + 4096];
+        assert!(
+            block.iter().all(|x| *x == want),
+            "acknowledged write {i} at offset {off} is missing on the promoted replica"
+        );
+    }
+}
+
+/// Splits `a` (primary) from `b`, lets each side write while primary on its own, and
+/// leaves both secondary and disconnected. Returns the pair.
+fn split_brain(tmp: &Path, policy: &str, a_writes: &[String], b_writes: &[String]) -> (Node, Node) {
+    let (a, b) = pair(tmp, &["--after-sb", policy]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x10 0 1M")]);
+    a.ok(&["disconnect", "--peer", "b"]);
+    b.ok(&["disconnect", "--peer", "a"]);
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    if !a_writes.is_empty() {
+        qemu_io_ok(&a.uri(), a_writes);
+    }
+    a.ok(&["demote"]);
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    if !b_writes.is_empty() {
+        qemu_io_ok(&b.uri(), b_writes);
+    }
+    b.ok(&["demote"]);
+    (a, b)
+}
+
+fn reconnect(a: &Node, b: &Node) {
+    a.ok(&["connect", "--peer", "b"]);
+    b.ok(&["connect", "--peer", "a"]);
+}
+
+#[test]
+fn volume_split_brain_disconnect_policy_waits_for_manual_resolution() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = split_brain(
+        tmp.path(),
+        "disconnect",
+        &[s("write -P 0xaa 2M 4k")],
+        &[s("write -P 0xbb 3M 4k")],
+    );
+    reconnect(&a, &b);
+    for n in [&a, &b] {
+        let other = if n.name == "a" { "b" } else { "a" };
+        n.wait_for("split brain detected", |s| {
+            let p = Node::peer_status(s, other);
+            p["split_brain"] == true && p["connection"] == "StandAlone"
+        });
+    }
+    // The operator discards a's changes.
+    a.ok(&["resolve", "--peer", "b", "--discard", "a"]);
+    b.ok(&["connect", "--peer", "a"]);
+    b.wait_in_sync("a");
+    a.wait_for("a up to date", |s| s["disk"] == "UpToDate");
+    assert_identical(&a, &b);
+    let d = a.data();
+    assert_eq!(d[3 << 20], 0xbb, "b's change survives");
+    assert_eq!(d[2 << 20], 0, "a's change is discarded");
+}
+
+#[test]
+fn volume_split_brain_automatic_policies() {
+    // (policy, a's writes, b's writes, the side that should survive)
+    let cases: [(&str, Vec<String>, Vec<String>, &str); 3] = [
+        (
+            "discard-zero-changes",
+            vec![],
+            vec![s("write -P 0xbb 3M 4k")],
+            "b",
+        ),
+        (
+            "discard-least-changes",
+            vec![s("write -P 0xaa 2M 4k"), s("write -P 0xaa 5M 4k")],
+            vec![s("write -P 0xbb 3M 4k")],
+            "a",
+        ),
+        (
+            // b was promoted after a, so b's changes go.
+            "discard-younger-primary",
+            vec![s("write -P 0xaa 2M 4k")],
+            vec![s("write -P 0xbb 3M 4k"), s("write -P 0xbb 6M 4k")],
+            "a",
+        ),
+    ];
+    for (policy, aw, bw, survivor) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = split_brain(tmp.path(), policy, &aw, &bw);
+        reconnect(&a, &b);
+        let (win, lose) = if survivor == "a" { (&a, &b) } else { (&b, &a) };
+        win.wait_in_sync(&lose.name);
+        lose.wait_for("loser up to date", |s| s["disk"] == "UpToDate");
+        assert_identical(&a, &b);
+        let d = a.data();
+        let (won, lost) = if survivor == "a" {
+            (&aw, &bw)
+        } else {
+            (&bw, &aw)
+        };
+        let byte = |w: &String| {
+            let parts: Vec<&str> = w.split_whitespace().collect();
+            let off: u64 = parts[3].trim_end_matches('M').parse::<u64>().unwrap() << 20;
+            (
+                off,
+                u8::from_str_radix(parts[2].trim_start_matches("0x"), 16).unwrap(),
+            )
+        };
+        for w in won {
+            let (off, v) = byte(w);
+            assert_eq!(
+                d[off as usize], v,
+                "{policy}: surviving change at {off} lost"
+            );
+        }
+        for w in lost {
+            let (off, _) = byte(w);
+            assert_eq!(
+                d[off as usize], 0,
+                "{policy}: discarded change at {off} kept"
+            );
+        }
+    }
+}
+
+#[test]
+fn volume_deposed_primary_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &[]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x10 0 1M")]);
+    // A partition: each side stops talking to the other; a stays primary.
+    a.ok(&["disconnect", "--peer", "b"]);
+    b.ok(&["disconnect", "--peer", "a"]);
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    qemu_io_ok(&b.uri(), &[s("write -P 0xbb 3M 4k")]);
+    // The old primary still takes writes locally while alone...
+    qemu_io_ok(&a.uri(), &[s("write -P 0xaa 3M 4k")]);
+    reconnect(&a, &b);
+    // ...but on contact it learns the newer epoch: it is demoted and outdated, and b
+    // keeps its data.
+    let st = a.wait_for("a deposed", |s| {
+        s["role"] == "Secondary" && s["disk"] == "Outdated"
+    });
+    assert!(st["epoch"].as_u64().unwrap() >= 2);
+    let o = qemu_io(&a.uri(), &[s("write -P 0xcc 3M 4k")]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Operation not permitted"),
+        "{}",
+        text(&o)
+    );
+    let sb = b.status().unwrap();
+    assert_eq!(sb["role"], "Primary");
+    assert_eq!(b.data()[3 << 20], 0xbb);
+    // An Outdated replica cannot be promoted.
+    let o = a.ctl(&["promote", "--peer-fenced", "b"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Outdated"),
+        "{}",
+        text(&o)
+    );
+}
