@@ -1,6 +1,341 @@
-#[derive(clap::Args)]
-pub struct Args {}
+//! `haven lab up|down|status`: a local cluster of real daemons on loopback addresses.
+//!
+//! Node i listens on 127.0.0.(10+i) (link0) and 127.0.1.(10+i) (link1), on ports the
+//! kernel picks, so several labs (and tests) can run side by side without root.
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`haven lab` is not built yet")
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::daemon::api;
+use crate::daemon::client::Client;
+use crate::daemon::files::{ClientToml, write_file};
+use crate::daemon::protocol::{
+    ApplyConfig, ConfigReply, Empty, JoinTokenReply, JoinTokenRequest, StatusReport,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Start a lab cluster and return once it is quorate
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+        /// Run the nodes in network namespaces (root), for real link cuts
+        #[arg(long)]
+        netns: bool,
+        /// Add QEMU guests (TCG) to the demo configuration
+        #[arg(long)]
+        vms: bool,
+    },
+    /// Stop every daemon the lab started
+    Down {
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
+    /// Show the lab's processes and the cluster's status
+    Status {
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
+}
+
+/// How long `lab up` waits for each step before giving up (and stopping what it started).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        LabCommand::Up {
+            nodes,
+            dir,
+            netns,
+            vms,
+        } => {
+            if netns {
+                anyhow::bail!(
+                    "--netns is not built yet; run the lab on loopback (without --netns)"
+                );
+            }
+            if vms {
+                anyhow::bail!("--vms is not built yet: the daemon does not run resources yet");
+            }
+            if !(1..=50).contains(&nodes) {
+                anyhow::bail!("--nodes must be between 1 and 50, got {nodes}");
+            }
+            let rt = tokio::runtime::Runtime::new()?;
+            match rt.block_on(up(nodes, &dir)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // Leave nothing running behind a failed start.
+                    let _ = down(&dir);
+                    Err(e)
+                }
+            }
+        }
+        LabCommand::Down { dir } => {
+            let stopped = down(&dir)?;
+            println!("lab in {}: stopped {stopped} daemon(s)", dir.display());
+            Ok(())
+        }
+        LabCommand::Status { dir } => status(&dir),
+    }
+}
+
+fn node_name(i: u8) -> String {
+    format!("n{i}")
+}
+
+/// A free port on `ip`, as the kernel picks it.
+fn free_port(ip: &str) -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("cannot bind {ip}"))?;
+    Ok(l.local_addr()?.port())
+}
+
+fn addrs_for(i: u8) -> anyhow::Result<Vec<String>> {
+    let host = 10 + u16::from(i);
+    let mut out = Vec::new();
+    for net in ["127.0.0", "127.0.1"] {
+        let ip = format!("{net}.{host}");
+        out.push(format!("{ip}:{}", free_port(&ip)?));
+    }
+    Ok(out)
+}
+
+fn pidfile(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name).join("daemon.pid")
+}
+
+fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let node_dir = dir.join(name);
+    let log = std::fs::File::create(node_dir.join("daemon.log"))
+        .with_context(|| format!("cannot create {}/daemon.log", node_dir.display()))?;
+    let child = Command::new(std::env::current_exe()?)
+        .arg("daemon")
+        .arg("--dir")
+        .arg(&node_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: the daemon outlives `lab up` and a Ctrl-C in its terminal.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start the daemon of {name}"))?;
+    let pid = child.id();
+    write_file(&pidfile(dir, name), format!("{pid}\n").as_bytes(), false)?;
+    Ok(pid)
+}
+
+async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out after {STEP_TIMEOUT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn up(nodes: u8, dir: &Path) -> anyhow::Result<()> {
+    if dir.join("client.toml").exists() {
+        anyhow::bail!(
+            "{} already holds a lab; run `haven lab down --dir {0}` and remove it first",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let mut all_addrs = Vec::new();
+    let first = addrs_for(1)?;
+    let client_path = super::cluster::init(
+        &dir.join(node_name(1)),
+        &node_name(1),
+        &first,
+        "lab",
+        Some(&dir),
+    )?;
+    all_addrs.push(first);
+    spawn_daemon(&dir, &node_name(1))?;
+    let client = Client::load(&client_path)?;
+    wait_for("node n1 to found the cluster", async || {
+        let c: ConfigReply = client.call(api::CONFIG, &Empty {}).await.ok()?;
+        (c.version >= 1).then_some(())
+    })
+    .await?;
+    let seed = all_addrs[0][0].clone();
+    for i in 2..=nodes {
+        let name = node_name(i);
+        let addrs = addrs_for(i)?;
+        let token: JoinTokenReply = client
+            .call(api::JOIN_TOKEN, &JoinTokenRequest { ttl_secs: 300 })
+            .await?;
+        super::cluster::join(
+            &dir.join(&name),
+            &name,
+            &addrs,
+            false,
+            false,
+            &seed,
+            &token.token,
+        )
+        .await
+        .with_context(|| format!("joining {name}"))?;
+        spawn_daemon(&dir, &name)?;
+        all_addrs.push(addrs);
+    }
+
+    // Every node is a server for the CLI, so it keeps working when n1 is down.
+    let mut ct: ClientToml = toml::from_str(&std::fs::read_to_string(&client_path)?)?;
+    ct.servers = all_addrs.iter().map(|a| a[0].clone()).collect();
+    write_file(&client_path, toml::to_string(&ct)?.as_bytes(), false)?;
+    let client = Client::load(&client_path)?;
+
+    let current: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;
+    let demo = demo_config(&all_addrs);
+    let _: ConfigReply = client
+        .call(
+            api::CONFIG_APPLY,
+            &ApplyConfig {
+                based_on: current.version,
+                text: demo,
+            },
+        )
+        .await
+        .context("applying the demo configuration")?;
+
+    let n = usize::from(nodes);
+    let report = wait_for(
+        "every node to be online and a voter, with quorum",
+        async || {
+            let r: StatusReport = client.call(api::STATUS, &Empty {}).await.ok()?;
+            let ready = r.quorate
+                && r.nodes.len() == n
+                && r.nodes
+                    .iter()
+                    .all(|x| x.state == "online" && x.role == "voter");
+            ready.then_some(r)
+        },
+    )
+    .await?;
+    print!("{}", super::status::render(&report));
+    let c = client_path.display();
+    println!(
+        "\nThe lab is up ({} nodes, logs in {}/NODE/daemon.log). Try:",
+        nodes,
+        dir.display()
+    );
+    println!("  export HAVEN_CONFIG={c}");
+    println!("  haven status");
+    println!("  haven config show > cluster.toml   # edit, then: haven config apply cluster.toml");
+    println!("  haven node standby n2");
+    println!("  haven lab down --dir {}", dir.display());
+    Ok(())
+}
+
+/// A few supervised processes and a group, on the lab's nodes.
+fn demo_config(addrs: &[Vec<String>]) -> String {
+    let mut s = String::from(
+        "# Haven lab demo: supervised processes (no QEMU needed) and an ordered group.\n\
+         [options]\nstonith-enabled = false\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
+    );
+    for (i, a) in addrs.iter().enumerate() {
+        let ips: Vec<String> = a
+            .iter()
+            .filter_map(|x| x.rsplit_once(':').map(|(ip, _)| format!("\"{ip}\"")))
+            .collect();
+        s.push_str(&format!(
+            "\n[[nodes]]\nname = \"{}\"\naddrs = [{}]\n",
+            node_name(i as u8 + 1),
+            ips.join(", ")
+        ));
+    }
+    for id in ["db", "web", "worker"] {
+        s.push_str(&format!(
+            "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 2, timeout = 10 }}]\n"
+        ));
+    }
+    s.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
+    s
+}
+
+/// The lab's daemon pidfiles, by node directory.
+fn pidfiles(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path().join("daemon.pid");
+            if p.exists() {
+                out.push((e.file_name().to_string_lossy().into_owned(), p));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The pid in `pidfile`, if that process is still the lab's daemon for `node_dir` (a
+/// recycled pid belonging to something else is never signalled).
+fn live_daemon(pidfile: &Path, node_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let dir = node_dir.to_string_lossy();
+    (args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == dir)).then_some(pid)
+}
+
+/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 5 s.
+pub fn down(dir: &Path) -> anyhow::Result<usize> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{}: no lab here", dir.display()))?;
+    let mut stopped = 0;
+    for (name, pf) in pidfiles(&dir) {
+        let node_dir = dir.join(&name);
+        if let Some(pid) = live_daemon(&pf, &node_dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while live_daemon(&pf, &node_dir).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if live_daemon(&pf, &node_dir).is_some() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            stopped += 1;
+        }
+        let _ = std::fs::remove_file(&pf);
+    }
+    Ok(stopped)
+}
+
+fn status(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{}: no lab here", dir.display()))?;
+    for (name, pf) in pidfiles(&dir) {
+        match live_daemon(&pf, &dir.join(&name)) {
+            Some(pid) => println!("{name}: daemon running (pid {pid})"),
+            None => println!("{name}: daemon NOT running"),
+        }
+    }
+    let report = super::status::fetch(Some(dir.join("client.toml")))?;
+    print!("{}", super::status::render(&report));
+    Ok(())
 }
