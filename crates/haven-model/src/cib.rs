@@ -99,7 +99,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 /// A duration in seconds from Pacemaker's forms: `10`, `10s`, `500ms`, `2m`, `1h`, `PT10S`.
 pub fn parse_seconds(s: &str) -> Option<u64> {
     let t = s.trim().to_ascii_lowercase();
-    if let Some(iso) = t.strip_prefix("pt") {
+    if let Some(iso) = t.strip_prefix("pt").or_else(|| t.strip_prefix('p')) {
         let (num, unit) = iso.split_at(iso.len().saturating_sub(1));
         let n: u64 = num.parse().ok()?;
         return match unit {
@@ -168,6 +168,7 @@ fn parse_score(ctx: &Ctx<'_>, n: XNode<'_, '_>, attr: &str) -> Result<Option<Sco
 /// knows for plain resources.
 fn apply_meta(meta: &mut Meta, k: &str, v: &str) -> Option<bool> {
     match k {
+        "target-role" if v == "#default" => {}
         "target-role" => meta.target_role = Some(Role::parse(v)?),
         "is-managed" => meta.is_managed = Some(parse_bool(v)?),
         "resource-stickiness" | "resource_stickiness" => {
@@ -183,7 +184,12 @@ fn apply_meta(meta: &mut Meta, k: &str, v: &str) -> Option<bool> {
         }
         "failure-timeout" => meta.failure_timeout = Some(parse_seconds(v)?),
         "allow-migrate" => meta.allow_migrate = Some(parse_bool(v)?),
-        "priority" => meta.priority = Some(v.parse::<Score>().ok()?.value()),
+        "priority" => {
+            meta.priority = Some(match v.parse::<Score>() {
+                Ok(s) => s.value(),
+                Err(_) => v.trim().parse::<f64>().ok()? as i64,
+            })
+        }
         "critical" => meta.critical = Some(parse_bool(v)?),
         _ => return Some(false),
     }
@@ -865,6 +871,8 @@ struct OpRec {
     migrate_source: Option<String>,
     migrate_target: Option<String>,
     last_rc_change: Option<i64>,
+    graph: Option<i64>,
+    uuid: Option<String>,
 }
 
 fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
@@ -883,7 +891,14 @@ fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
             .attribute("transition-key")
             .and_then(|k| k.split(':').nth(2))
             .and_then(|v| v.parse().ok());
+        let key: Vec<&str> = o
+            .attribute("transition-key")
+            .unwrap_or("")
+            .split(':')
+            .collect();
         let rec = OpRec {
+            graph: key.get(1).and_then(|v| v.parse().ok()),
+            uuid: key.get(3).map(|v| v.to_string()),
             call,
             interval,
             rc: o
@@ -908,8 +923,21 @@ fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
         }
         ops.push(rec);
     }
-    // Pending operations (call id -1) happened last.
-    ops.sort_by_key(|o| if o.call < 0 { i64::MAX } else { o.call });
+    // Pending operations (call id -1) happened last. Call ids restart with the
+    // executor; when every operation came from one controller (one transition uuid),
+    // the transition number orders them first.
+    let uuids: std::collections::HashSet<&str> =
+        ops.iter().filter_map(|o| o.uuid.as_deref()).collect();
+    let one_controller = uuids.len() == 1;
+    ops.sort_by_key(|o| {
+        let call = if o.call < 0 { i64::MAX } else { o.call };
+        let graph = if one_controller {
+            o.graph.unwrap_or(0)
+        } else {
+            0
+        };
+        (o.call < 0, graph, call)
+    });
     ops
 }
 
@@ -927,7 +955,9 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
         }
         let pending = o.status == -1 || o.call < 0;
         let probe = o.op == "monitor" && o.interval == 0;
-        let ok = o.status == 0
+        // An "error" status whose rc is what was expected was remapped to success by
+        // older controllers.
+        let ok = (o.status == 0 || o.status == 4 && o.expected == Some(o.rc))
             && match o.rc {
                 0 => true,
                 7 => probe || o.op == "stop" || o.expected == Some(7),
@@ -1166,6 +1196,7 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
     let conf = child(root, "configuration")
         .ok_or_else(|| ctx.invalid(root, "no <configuration> section"))?;
     let mut config = read_config(&mut ctx, conf)?;
+    let dc = root.attribute("dc-uuid");
     let mut state = State {
         have_quorum: root
             .attribute("have-quorum")
@@ -1178,6 +1209,13 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
     };
     if let Some(status) = child(root, "status") {
         read_status(&mut ctx, status, &config, &mut state);
+    }
+    // Rules may test `#is_dc`; the DC is named by its node id.
+    for n in &config.nodes {
+        let is_dc = dc.is_some() && n.id.as_deref() == dc;
+        if let Some(ns) = state.nodes.get_mut(&n.name) {
+            ns.attributes.insert("#is_dc".into(), is_dc.to_string());
+        }
     }
     // Nodes present only in the status section still exist.
     for name in state.nodes.keys() {

@@ -731,12 +731,6 @@ impl Config {
                         .into(),
                 ));
             }
-            if c.promoted_node_max == Some(0) && c.promotable {
-                return Err(bad(
-                    format!("clones[{i}].promoted-node-max"),
-                    "must be at least 1".into(),
-                ));
-            }
         }
 
         let rsc_known = |r: &str| index.contains_key(r);

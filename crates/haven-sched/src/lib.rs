@@ -20,6 +20,7 @@
 //! - mandatory orders stop what depends on something that cannot run and restart what
 //!   depends on something that restarts; unclean nodes are fenced first.
 
+pub mod conformance;
 mod plan;
 mod sched;
 

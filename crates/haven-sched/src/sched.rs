@@ -783,8 +783,10 @@ impl<'a> Sched<'a> {
                         extra_load.get(n) < extra_load.get(b)
                     } else if balanced && self.free_capacity(n) != self.free_capacity(b) {
                         self.free_capacity(n) > self.free_capacity(b)
-                    } else {
+                    } else if self.load[n] != self.load[b] {
                         self.load[n] < self.load[b]
+                    } else {
+                        self.nodes[n].name < self.nodes[b].name
                     }
                 }
             };
@@ -1335,7 +1337,8 @@ impl<'a> Sched<'a> {
                     (None, Some(_)) => starts = true,
                     (Some(_), None) => stops = true,
                     (Some((a, _, failed)), Some((b, _))) => {
-                        if a != b || failed || inst.restart {
+                        let migrates = a != b && self.migratable(u, inst, m, a, failed, 0);
+                        if (a != b || failed || inst.restart) && !migrates {
                             starts = true;
                             stops = true;
                         }
@@ -1366,12 +1369,76 @@ impl<'a> Sched<'a> {
         }
     }
 
-    fn can_migrate(&self, pi: usize, from: usize) -> bool {
-        let u = self.prims[pi].unit;
-        self.units[u].kind == Kind::Prim
-            && self.prims[pi].meta.allow_migrate.unwrap_or(false)
-            && self.nodes[from].fence.is_none()
-            && self.nodes[from].can_run_or_online()
+    /// May member `m` of `inst` live-migrate from `a` instead of stopping and starting?
+    /// Only when it allows it, is healthy, its node is reachable, and nothing it is
+    /// ordered after stops the ordinary way (that would force it to stop first).
+    fn migratable(
+        &self,
+        u: usize,
+        inst: &Inst,
+        m: usize,
+        a: usize,
+        failed: bool,
+        depth: u32,
+    ) -> bool {
+        let pi = self.units[u].prims[m];
+        if self.units[u].kind == Kind::Clone
+            || !self.prims[pi].meta.allow_migrate.unwrap_or(false)
+            || failed
+            || inst.restart
+            || self.nodes[a].fence.is_some()
+            || !self.nodes[a].counts
+            || self.prims[pi].cur.iter().any(|c| c.status.stop_failed)
+            || depth > 8
+        {
+            return false;
+        }
+        for prev in 0..m {
+            let (had, will) = self.member_transition(u, inst, prev);
+            match (had, will) {
+                (Some((x, _, f)), Some((y, _))) if x != y => {
+                    if !self.migratable(u, inst, prev, x, f, depth + 1) {
+                        return false;
+                    }
+                }
+                (Some((_, _, true)), _) | (Some(_), None) => return false,
+                _ => {}
+            }
+        }
+        for o in &self.orders {
+            if o.then == u
+                && o.mandatory
+                && o.first != u
+                && self.unit_hard_stops(o.first, depth + 1)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Does `u` stop anything other than by live migration?
+    fn unit_hard_stops(&self, u: usize, depth: u32) -> bool {
+        let Some(insts) = self.placed[u].as_ref() else {
+            return false;
+        };
+        for inst in insts {
+            for m in 0..self.units[u].prims.len() {
+                match self.member_transition(u, inst, m) {
+                    (Some(_), None) => return true,
+                    (Some((a, _, failed)), Some((b, _))) => {
+                        if failed || inst.restart {
+                            return true;
+                        }
+                        if a != b && !self.migratable(u, inst, m, a, failed, depth + 1) {
+                            return true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        false
     }
 
     fn into_plan(self) -> Plan {
@@ -1446,7 +1513,7 @@ impl<'a> Sched<'a> {
                                 restart_rest = true;
                                 let kind = if failed {
                                     ChangeKind::Recover
-                                } else if self.can_migrate(pi, a) && !inst.restart && !fenced[a] {
+                                } else if !fenced[a] && self.migratable(u, inst, m, a, failed, 0) {
                                     ChangeKind::Migrate
                                 } else {
                                     ChangeKind::Move
@@ -1697,11 +1764,5 @@ impl<'a> Sched<'a> {
         edges.sort_unstable();
         edges.dedup();
         plan.edges = edges;
-    }
-}
-
-impl NodeInfo<'_> {
-    fn can_run_or_online(&self) -> bool {
-        self.counts
     }
 }
