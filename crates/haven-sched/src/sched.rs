@@ -997,7 +997,17 @@ impl<'a> Sched<'a> {
         let mut leftovers: Vec<(u32, usize)> = Vec::new();
         let mut cur_list: Vec<(u32, usize)> = current.keys().copied().collect();
         cur_list.sort_by_key(|&(num, n)| (std::cmp::Reverse(w[n]), num));
+        // Clones are a little sticky by default, so instances do not shuffle.
+        let stick = self.units[u]
+            .prims
+            .first()
+            .and_then(|&p| self.prims[p].meta.resource_stickiness)
+            .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
         for (num, n) in cur_list {
+            // An instance stays unless enough better nodes exist to take every instance.
+            let better = (0..n_nodes)
+                .filter(|&x| x != n && allowed(self, x) && w[x] > w[n] + stick)
+                .count();
             let keep = if unmanaged || self.freeze {
                 true
             } else {
@@ -1006,6 +1016,7 @@ impl<'a> Sched<'a> {
                     && per_node[n] < node_max
                     && insts.len() < max
                     && self.fits(n, &self.unit_util(u))
+                    && better < max
             };
             if keep {
                 per_node[n] += 1;
@@ -1044,8 +1055,8 @@ impl<'a> Sched<'a> {
                 self.take(n, u);
                 let member_ok = self.members_ok(u, n, true);
                 // A displaced instance moves; otherwise a new instance starts.
-                let (num, cur_node) = if let Some(pos) = leftovers.iter().position(|_| true) {
-                    let (num, cn) = leftovers.remove(pos);
+                let (num, cur_node) = if !leftovers.is_empty() {
+                    let (num, cn) = leftovers.remove(0);
                     (num, Some(cn))
                 } else {
                     let mut k = 0u32;
