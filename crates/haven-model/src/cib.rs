@@ -1051,7 +1051,13 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
     st
 }
 
-fn read_status(ctx: &mut Ctx<'_>, status: XNode<'_, '_>, cfg: &Config, state: &mut State) {
+fn read_status(
+    ctx: &mut Ctx<'_>,
+    status: XNode<'_, '_>,
+    cfg: &Config,
+    state: &mut State,
+    startup_fencing: bool,
+) {
     let fencing = cfg.options.stonith_enabled;
     for ns in children(status, "node_state") {
         let Some(uname) = ns.attribute("uname") else {
@@ -1167,15 +1173,20 @@ fn read_status(ctx: &mut Ctx<'_>, status: XNode<'_, '_>, cfg: &Config, state: &m
         }
         state.nodes.insert(uname.to_string(), node);
     }
-    // Nodes never seen are offline (clean): nothing can run on a node that never joined.
+    // A node never seen may be running anything: with startup fencing (the default)
+    // it is unclean until fenced; without, it is taken as down.
     for n in &cfg.nodes {
-        state
-            .nodes
-            .entry(n.name.clone())
-            .or_insert_with(|| NodeStatus {
-                state: NodeState::Offline,
-                ..Default::default()
-            });
+        state.nodes.entry(n.name.clone()).or_insert_with(|| {
+            if fencing && startup_fencing {
+                NodeStatus {
+                    state: NodeState::Unclean,
+                    unclean_reason: Some("node is unclean".into()),
+                    ..Default::default()
+                }
+            } else {
+                NodeStatus::default()
+            }
+        });
     }
 }
 
@@ -1197,6 +1208,14 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
         .ok_or_else(|| ctx.invalid(root, "no <configuration> section"))?;
     let mut config = read_config(&mut ctx, conf)?;
     let dc = root.attribute("dc-uuid");
+    let startup_fencing = child(conf, "crm_config")
+        .map(|crm| {
+            children(crm, "cluster_property_set")
+                .flat_map(|set| children(set, "nvpair"))
+                .filter(|nv| nv.attribute("name") == Some("startup-fencing"))
+                .all(|nv| nv.attribute("value").and_then(parse_bool).unwrap_or(true))
+        })
+        .unwrap_or(true);
     let mut state = State {
         have_quorum: root
             .attribute("have-quorum")
@@ -1208,7 +1227,7 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
         ..Default::default()
     };
     if let Some(status) = child(root, "status") {
-        read_status(&mut ctx, status, &config, &mut state);
+        read_status(&mut ctx, status, &config, &mut state, startup_fencing);
     }
     // Rules may test `#is_dc`; the DC is named by its node id.
     for n in &config.nodes {
