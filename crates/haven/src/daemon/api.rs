@@ -11,6 +11,7 @@ use axum::{Extension, Json, Router};
 use haven_net::{JoinToken, Peer};
 use haven_store::{NodeInfo, Request, Response};
 use openraft::ChangeMembers;
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
 use super::protocol::*;
@@ -259,11 +260,38 @@ async fn add_learner_local(State(d): D, Json(req): Json<AddLearner>) -> ApiResul
         addrs: req.addrs,
     };
     // Not blocking: the new host is not running yet and cannot catch up until it is.
-    tokio::time::timeout(WRITE_TIMEOUT, d.raft.add_learner(req.id, info, false))
-        .await
-        .map_err(|_| ApiFailure::unavailable("adding the learner timed out: no quorum"))?
-        .map_err(|e| ApiFailure::unavailable(format!("adding the learner: {e}")))?;
+    membership_change("adding the learner", || {
+        d.raft.add_learner(req.id, info.clone(), false)
+    })
+    .await?;
     Ok(Json(Empty {}))
+}
+
+/// Runs a membership change, retrying while another one is still in progress (Raft
+/// allows one at a time, and joins can overlap), within the write timeout.
+async fn membership_change<F, Fut, T>(what: &str, mut change: F) -> Result<T, ApiFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RaftError<u64, ClientWriteError<u64, NodeInfo>>>>,
+{
+    let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, change()).await {
+            Err(_) => {
+                return Err(ApiFailure::unavailable(format!(
+                    "{what} timed out after {WRITE_TIMEOUT:?}: no quorum"
+                )));
+            }
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            )))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Ok(Err(e)) => return Err(ApiFailure::unavailable(format!("{what}: {e}"))),
+        }
+    }
 }
 
 async fn promote(State(d): D, Json(req): Json<Promote>) -> ApiResult<Empty> {
@@ -285,22 +313,21 @@ async fn promote_local(State(d): D, Json(req): Json<Promote>) -> ApiResult<Empty
         )));
     }
     let in_membership = d.members().iter().any(|(n, _)| n == name);
-    let work = async {
-        if !in_membership {
-            let info = NodeInfo {
-                name: name.clone(),
-                addrs: rec.addrs.clone(),
-            };
-            d.raft.add_learner(req.id, info, true).await?;
-        }
+    if !in_membership {
+        let info = NodeInfo {
+            name: name.clone(),
+            addrs: rec.addrs.clone(),
+        };
+        membership_change("adding the learner", || {
+            d.raft.add_learner(req.id, info.clone(), true)
+        })
+        .await?;
+    }
+    membership_change("promotion", || {
         d.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
-            .await
-    };
-    tokio::time::timeout(WRITE_TIMEOUT * 2, work)
-        .await
-        .map_err(|_| ApiFailure::unavailable("promotion timed out: no quorum"))?
-        .map_err(|e| ApiFailure::unavailable(format!("promotion: {e}")))?;
+    })
+    .await?;
     tracing::info!("{name} is now a voter");
     Ok(Json(Empty {}))
 }

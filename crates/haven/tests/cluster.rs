@@ -1,0 +1,468 @@
+//! Real `haven daemon` processes on loopback: forming, configuration, joins, TLS,
+//! quorum with a witness. Every daemon is killed by PID when its test ends, pass or fail.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
+/// A bound on every wait, so that a broken cluster fails the test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(40);
+
+fn free_addr(ip: &str) -> String {
+    let l = std::net::TcpListener::bind((ip, 0)).expect("bind a loopback port");
+    format!("{ip}:{}", l.local_addr().unwrap().port())
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(HAVEN)
+        .args(args)
+        .env_remove("HAVEN_CONFIG")
+        .output()
+        .expect("run haven")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "haven failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {WAIT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A cluster of daemon processes in a temporary directory.
+struct Cluster {
+    dir: tempfile::TempDir,
+    daemons: BTreeMap<String, Child>,
+    addrs: BTreeMap<String, Vec<String>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.daemons) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// A founded (not yet started) one-node cluster.
+    fn init(first: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs = vec![free_addr("127.0.0.1"), free_addr("127.0.1.1")];
+        let node_dir = dir.path().join(first);
+        ok(run(&[
+            "cluster",
+            "init",
+            "--cluster",
+            "t",
+            "--dir",
+            node_dir.to_str().unwrap(),
+            "--name",
+            first,
+            "--addr",
+            &addrs[0],
+            "--addr",
+            &addrs[1],
+        ]));
+        let mut c = Cluster {
+            dir,
+            daemons: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+        };
+        c.addrs.insert(first.to_string(), addrs);
+        c
+    }
+
+    fn node_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start(&mut self, name: &str, extra: &[&str]) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(HAVEN)
+            .arg("daemon")
+            .arg("--dir")
+            .arg(self.node_dir(name))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start a daemon");
+        self.daemons.insert(name.to_string(), child);
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some(mut child) = self.daemons.remove(name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A client.toml that talks to `node` only (to see the cluster from its side).
+    fn client_for(&self, node: &str) -> PathBuf {
+        let base = self.node_dir(self.addrs.keys().next().unwrap());
+        let text = std::fs::read_to_string(base.join("client.toml")).unwrap();
+        let mut t: toml::Table = toml::from_str(&text).unwrap();
+        t.insert(
+            "servers".into(),
+            toml::Value::Array(vec![toml::Value::String(self.addrs[node][0].clone())]),
+        );
+        let path = base.join(format!("client-{node}.toml"));
+        std::fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+        path
+    }
+
+    fn client(&self) -> PathBuf {
+        self.client_for(self.addrs.keys().next().unwrap())
+    }
+
+    fn haven(&self, client: &Path, args: &[&str]) -> Output {
+        let mut all = vec![];
+        all.extend_from_slice(args);
+        Command::new(HAVEN)
+            .args(&all)
+            .env("HAVEN_CONFIG", client)
+            .output()
+            .expect("run haven")
+    }
+
+    fn token(&self) -> String {
+        ok(self.haven(&self.client(), &["cluster", "join-token"]))
+            .trim()
+            .to_string()
+    }
+
+    fn seed(&self) -> String {
+        self.addrs.values().next().unwrap()[0].clone()
+    }
+
+    fn join(&mut self, name: &str, token: &str, extra: &[&str]) -> Output {
+        let addrs = vec![free_addr("127.0.0.1"), free_addr("127.0.1.1")];
+        let dir = self.node_dir(name);
+        let mut args = vec![
+            "cluster",
+            "join",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--name",
+            name,
+            "--addr",
+            &addrs[0],
+            "--addr",
+            &addrs[1],
+        ];
+        args.extend_from_slice(extra);
+        let seed = self.seed();
+        args.push(&seed);
+        args.push(token);
+        let out = run(&args);
+        if out.status.success() {
+            self.addrs.insert(name.to_string(), addrs);
+        }
+        out
+    }
+
+    fn status(&self, client: &Path) -> Option<Value> {
+        let out = self.haven(client, &["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn config_version(&self, client: &Path) -> Option<(u64, String)> {
+        let out = self.haven(client, &["config", "show"]);
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (first, rest) = text.split_once('\n')?;
+        let v = first
+            .strip_prefix("# haven-config-version: ")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((v, rest.to_string()))
+    }
+
+    /// Waits until `client`'s node reports `names` all online voters and quorum.
+    fn wait_formed(&self, client: &Path, names: &[&str]) {
+        wait_until(
+            &format!("{names:?} online with quorum via {}", client.display()),
+            || {
+                let Some(s) = self.status(client) else {
+                    return false;
+                };
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                s["quorate"] == true
+                    && nodes.len() == names.len()
+                    && names.iter().all(|n| {
+                        nodes
+                            .iter()
+                            .any(|x| x["name"] == *n && x["state"] == "online")
+                    })
+            },
+        );
+    }
+
+    fn started_one(name: &str) -> Cluster {
+        let mut c = Cluster::init(name);
+        c.start(name, &[]);
+        let client = c.client();
+        wait_until("the founder to commit configuration version 1", || {
+            c.config_version(&client).is_some_and(|(v, _)| v >= 1)
+        });
+        c
+    }
+}
+
+const CONFIG_V2: &str = "[options]\nstonith-enabled = false\n\n[[resources]]\nid = \"web\"\nclass = \"process\"\ntype = \"web\"\nparams = { command = \"sleep 1000\" }\n";
+
+#[test]
+fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
+    let mut c = Cluster::started_one("n1");
+    for name in ["n2", "n3"] {
+        let token = c.token();
+        ok(c.join(name, &token, &[]));
+        c.start(name, &[]);
+    }
+    for n in ["n1", "n2", "n3"] {
+        c.wait_formed(&c.client_for(n), &["n1", "n2", "n3"]);
+    }
+    let s = c.status(&c.client()).unwrap();
+    assert!(
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["role"] == "voter"),
+        "{s}"
+    );
+    // Two links per node, both up.
+    assert!(
+        s["nodes"][1]["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["up"] == true),
+        "{s}"
+    );
+
+    // Apply through n2; it must appear on every node.
+    let file = c.dir.path().join("v2.toml");
+    std::fs::write(&file, CONFIG_V2).unwrap();
+    let out = ok(c.haven(
+        &c.client_for("n2"),
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    ));
+    assert!(out.contains("version 2"), "{out}");
+    for n in ["n1", "n2", "n3"] {
+        let client = c.client_for(n);
+        wait_until(&format!("version 2 on {n}"), || {
+            c.config_version(&client) == Some((2, CONFIG_V2.to_string()))
+        });
+    }
+    let s = c.status(&c.client_for("n3")).unwrap();
+    assert_eq!(s["resources"][0]["id"], "web", "{s}");
+}
+
+#[test]
+fn a_stale_config_apply_is_refused_naming_both_versions() {
+    let c = Cluster::started_one("n1");
+    let client = c.client();
+    let file = c.dir.path().join("v.toml");
+    std::fs::write(&file, CONFIG_V2).unwrap();
+    ok(c.haven(
+        &client,
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    ));
+    // A second operator, still working from version 1.
+    let out = c.haven(
+        &client,
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("based on version 1") && err.contains("at version 2"),
+        "{err}"
+    );
+    assert_eq!(c.config_version(&client).map(|(v, _)| v), Some(2));
+
+    // An invalid configuration is refused before it reaches the cluster.
+    std::fs::write(&file, "[[resources]]\nid = \"\"\n").unwrap();
+    let out = c.haven(
+        &client,
+        &["config", "apply", "--based-on", "2", file.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert_eq!(c.config_version(&client).map(|(v, _)| v), Some(2));
+}
+
+#[test]
+fn a_join_without_a_valid_token_is_refused() {
+    let mut c = Cluster::started_one("n1");
+    let good = c.token();
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+
+    // Right cluster, wrong secret.
+    parts[2] = "00".repeat(16);
+    let forged = parts.join(".");
+    let out = c.join("x1", &forged, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match"),
+        "{out:?}"
+    );
+
+    // A token for another cluster: the joiner refuses to talk to this one.
+    let other = Cluster::init("o1");
+    let fp = other.dir.path().join("o1/ca.pem");
+    assert!(fp.exists());
+    parts = good.split('.').map(str::to_string).collect();
+    parts[3] = "ab".repeat(32);
+    let out = c.join("x2", &parts.join("."), &[]);
+    assert!(!out.status.success(), "{out:?}");
+
+    // Malformed.
+    let out = c.join("x3", "let-me-in", &[]);
+    assert!(!out.status.success());
+
+    // The good token works once, and only once.
+    ok(c.join("x4", &good, &[]));
+    let out = c.join("x5", &good, &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already been used"),
+        "{out:?}"
+    );
+
+    let s = c.status(&c.client()).unwrap();
+    let names: Vec<&str> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["n1", "x4"], "{s}");
+}
+
+#[test]
+fn plaintext_and_foreign_certificates_are_refused_by_the_daemon() {
+    use std::io::{Read, Write};
+    let c = Cluster::started_one("n1");
+    let addr = c.seed();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"POST /api/status HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/"),
+        "plaintext was answered"
+    );
+
+    // A client certificate from another cluster's CA, pointed at this daemon.
+    let other = Cluster::init("o1");
+    let foreign = other.node_dir("o1").join("client.toml");
+    let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&foreign).unwrap()).unwrap();
+    t.insert(
+        "servers".into(),
+        toml::Value::Array(vec![toml::Value::String(addr)]),
+    );
+    std::fs::write(&foreign, toml::to_string(&t).unwrap()).unwrap();
+    let out = other.haven(&foreign, &["status"]);
+    assert!(
+        !out.status.success(),
+        "a foreign client certificate was served"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TLS"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn two_nodes_and_a_witness_keep_quorum_when_one_node_stops() {
+    let mut c = Cluster::started_one("n1");
+    let t = c.token();
+    ok(c.join("n2", &t, &[]));
+    c.start("n2", &[]);
+    let t = c.token();
+    ok(c.join("w", &t, &["--witness"]));
+    c.start("w", &["--witness"]);
+    let n1 = c.client_for("n1");
+    c.wait_formed(&n1, &["n1", "n2", "w"]);
+    wait_until("three voters", || {
+        c.status(&n1).is_some_and(|s| {
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["role"] != "learner")
+                .count()
+                == 3
+        })
+    });
+    let s = c.status(&n1).unwrap();
+    assert!(
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "w" && n["role"] == "witness"),
+        "{s}"
+    );
+
+    c.stop("n2");
+    wait_until("n2 to be seen offline", || {
+        c.status(&n1).is_some_and(|s| {
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "n2" && n["state"] == "offline")
+        })
+    });
+    let s = c.status(&n1).unwrap();
+    assert_eq!(s["quorate"], true, "{s}");
+    // Quorum is real: a change still commits with n2 gone.
+    let file = c.dir.path().join("v2.toml");
+    std::fs::write(&file, CONFIG_V2).unwrap();
+    let base = c.config_version(&n1).unwrap().0.to_string();
+    ok(c.haven(
+        &n1,
+        &[
+            "config",
+            "apply",
+            "--based-on",
+            &base,
+            file.to_str().unwrap(),
+        ],
+    ));
+
+    // Without the witness as well, n1 alone is a minority.
+    c.stop("w");
+    wait_until("n1 to lose quorum", || {
+        c.status(&n1).is_some_and(|s| s["quorate"] == false)
+    });
+}

@@ -1,0 +1,92 @@
+//! `haven lab up` then `haven status --json`, as a user would run them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
+
+fn haven(args: &[&str], client: Option<&Path>) -> Output {
+    let mut cmd = Command::new(HAVEN);
+    cmd.args(args).env_remove("HAVEN_CONFIG");
+    if let Some(c) = client {
+        cmd.env("HAVEN_CONFIG", c);
+    }
+    cmd.output().expect("run haven")
+}
+
+/// Runs `lab down` when the test ends, pass or fail, and checks that it worked.
+struct Lab<'a>(&'a Path);
+
+impl Drop for Lab<'_> {
+    fn drop(&mut self) {
+        let _ = haven(
+            &["lab", "down", "--dir", self.0.to_str().unwrap_or("")],
+            None,
+        );
+    }
+}
+
+fn pids(dir: &Path) -> Vec<i32> {
+    ["n1", "n2", "n3"]
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(dir.join(n).join("daemon.pid")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has an empty command line: it is no longer running.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+#[test]
+fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let guard = Lab(&dir);
+    let out = haven(
+        &["lab", "up", "--nodes", "3", "--dir", dir.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "lab up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("HAVEN_CONFIG="));
+
+    let out = haven(&["status", "--json"], Some(&dir.join("client.toml")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["quorate"], true, "{s}");
+    let nodes = s["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{s}");
+    assert!(nodes.iter().all(|n| n["state"] == "online"), "{s}");
+    let ids: Vec<&str> = s["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["db", "web", "worker"], "{s}");
+    assert!(s["resources"][0]["running_on"].is_array(), "{s}");
+
+    let started = pids(&dir);
+    assert_eq!(started.len(), 3);
+    assert!(started.iter().all(|p| alive(*p)));
+    let out = haven(&["lab", "down", "--dir", dir.to_str().unwrap()], None);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stopped 3"),
+        "{out:?}"
+    );
+    assert!(
+        started.iter().all(|p| !alive(*p)),
+        "a lab daemon survived lab down"
+    );
+    drop(guard);
+}
