@@ -225,7 +225,7 @@ fn command_line(
         "-net".into(),
         "none".into(),
         "-serial".into(),
-        format!("file:{}", p.serial.display()),
+        format!("file:{}", opt(&p.serial.display().to_string())),
         "-qmp".into(),
         format!(
             "unix:{},server=on,wait=off",
@@ -450,9 +450,9 @@ async fn wait_ready(
         }
         if Instant::now() >= deadline {
             let what = if running {
-                "the ready marker"
+                "ready marker on the console"
             } else {
-                "QMP status running"
+                "QMP status `running`"
             };
             return Err((OpCode::Timeout, format!("no {what} before the timeout")));
         }

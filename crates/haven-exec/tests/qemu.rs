@@ -410,3 +410,45 @@ async fn qemu_stalled_migration_is_cancelled_and_the_source_keeps_running() {
         OpCode::Success
     );
 }
+
+#[tokio::test]
+async fn qemu_accel_auto_runs_the_guest_and_says_which_accelerator() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s");
+    let _c = Cleanup(vec![state.join("vm1.pid")]);
+    let spec = guest("vm1", &state).param("accel", "auto");
+    // Half of this goes to KVM when /dev/kvm opens; nested KVMs that hang use all of it.
+    let r = run_op(&spec, Op::Start, Duration::from_secs(60)).await;
+    assert_eq!(r.code, OpCode::Success, "{r:?}");
+    assert!(serial(&state, "vm1").contains("HAVEN-GUEST-UP"));
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm_opens {
+        assert!(
+            r.notes.iter().any(|n| n.contains("using TCG")),
+            "{:?}",
+            r.notes
+        );
+    }
+    // What the result says must be what QEMU runs with.
+    let said_tcg = r.notes.iter().any(|n| n.contains("TCG"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut q = haven_exec::qmp::Qmp::connect(&state.join("vm1.qmp"), deadline)
+        .await
+        .unwrap();
+    let kvm = q.execute("query-kvm", None, deadline).await.unwrap();
+    assert_eq!(
+        kvm["enabled"].as_bool(),
+        Some(!said_tcg),
+        "{kvm} vs {:?}",
+        r.notes
+    );
+    drop(q);
+    assert_eq!(
+        run_op(&spec, Op::Stop, Duration::from_secs(30)).await.code,
+        OpCode::Success
+    );
+}
