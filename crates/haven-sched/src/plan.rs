@@ -51,6 +51,9 @@ pub struct Change {
     pub show_roles: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Shown, but not carried out: something it depends on cannot run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
 }
 
 /// A node to be fenced, and why.
@@ -167,6 +170,9 @@ impl Change {
         if let Some(r) = &self.reason {
             s.push_str("  due to ");
             s.push_str(r);
+        }
+        if self.blocked {
+            s.push_str(" (blocked)");
         }
         s
     }

@@ -78,6 +78,8 @@ struct Inst {
     /// Per member: may it run (members after a banned one cannot).
     member_ok: Vec<bool>,
     restart: bool,
+    /// It would start, but something it must follow cannot run.
+    blocked: bool,
 }
 
 struct Coloc {
@@ -893,6 +895,7 @@ impl<'a> Sched<'a> {
                 promoted: false,
                 member_ok: vec![true; n_members],
                 restart: false,
+                blocked: false,
             }];
         }
         let mut w = self.base_weights(u);
@@ -926,6 +929,7 @@ impl<'a> Sched<'a> {
             promoted: false,
             member_ok,
             restart: false,
+            blocked: false,
         }]
     }
 
@@ -1033,6 +1037,7 @@ impl<'a> Sched<'a> {
                     promoted: false,
                     member_ok,
                     restart: false,
+                    blocked: false,
                 });
             } else {
                 leftovers.push((num, n));
@@ -1074,6 +1079,7 @@ impl<'a> Sched<'a> {
                     promoted: false,
                     member_ok,
                     restart: false,
+                    blocked: false,
                 });
             }
         }
@@ -1085,6 +1091,7 @@ impl<'a> Sched<'a> {
                 promoted: false,
                 member_ok: vec![false; n_members],
                 restart: false,
+                blocked: false,
             });
         }
         insts.sort_by_key(|i| i.number);
@@ -1275,6 +1282,16 @@ impl<'a> Sched<'a> {
                 }
                 let runnable = self.unit_runnable(first, fa);
                 if !runnable && matches!(ta, OrderAction::Start | OrderAction::Promote) {
+                    let symmetrical = self.orders[oi].symmetrical;
+                    let mut failed_here = vec![false; self.nodes.len()];
+                    for &pi in &self.units[then].prims {
+                        for c in &self.prims[pi].cur {
+                            if c.failed {
+                                failed_here[c.node] = true;
+                            }
+                        }
+                    }
+                    let unmanaged = self.units[then].prims.iter().any(|&pi| !self.managed(pi));
                     if let Some(insts) = self.placed[then].as_mut() {
                         for i in insts.iter_mut() {
                             if ta == OrderAction::Promote {
@@ -1282,14 +1299,23 @@ impl<'a> Sched<'a> {
                                     i.promoted = false;
                                     changed = true;
                                 }
-                            } else if i.node.is_some()
-                                && !self.units[then].prims.iter().any(|&pi| {
-                                    !(!self.cfg.options.maintenance_mode
-                                        && self.prims[pi].meta.is_managed.unwrap_or(true))
-                                })
-                            {
-                                i.node = None;
-                                changed = true;
+                            } else if i.node.is_some() && !i.blocked && !unmanaged {
+                                // What already runs may keep running unless the first
+                                // stops now; what would start is blocked.
+                                match i.cur_node {
+                                    Some(c)
+                                        if c == i.node.unwrap_or(c)
+                                            && !symmetrical
+                                            && !failed_here[c] => {}
+                                    Some(_) => {
+                                        i.node = None;
+                                        changed = true;
+                                    }
+                                    None => {
+                                        i.blocked = true;
+                                        changed = true;
+                                    }
+                                }
                             }
                         }
                     }
@@ -1329,7 +1355,7 @@ impl<'a> Sched<'a> {
             OrderAction::Promote => insts.iter().any(|i| i.promoted),
             OrderAction::Start => insts
                 .iter()
-                .any(|i| i.node.is_some() && i.member_ok.iter().all(|x| *x)),
+                .any(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x)),
             _ => true,
         }
     }
@@ -1551,7 +1577,8 @@ impl<'a> Sched<'a> {
                             from,
                             to,
                             show_roles: promotable,
-                            reason: None,
+                            reason: inst.blocked.then(|| "unrunnable start".to_string()),
+                            blocked: inst.blocked,
                         });
                     }
                 }
@@ -1571,6 +1598,7 @@ impl<'a> Sched<'a> {
                                 to: None,
                                 show_roles: false,
                                 reason: Some("multiple active".into()),
+                                blocked: false,
                             });
                         }
                     }
@@ -1587,6 +1615,7 @@ impl<'a> Sched<'a> {
                 }),
                 to: None,
                 show_roles: false,
+                blocked: false,
                 reason: Some("node availability".into()),
             });
         }
@@ -1607,7 +1636,7 @@ impl<'a> Sched<'a> {
         let mut stops: HashMap<String, Vec<usize>> = HashMap::new();
         let mut starts: HashMap<String, Vec<usize>> = HashMap::new();
         let mut edges = Vec::new();
-        for ch in &plan.changes {
+        for ch in plan.changes.iter().filter(|c| !c.blocked) {
             let r = ch.resource.clone();
             let base = r
                 .rsplit_once(':')
