@@ -311,6 +311,9 @@ impl OpResult {
 /// [`OpCode::NotConfigured`] or [`OpCode::InvalidArgs`] with a note naming the field.
 pub async fn run_op(spec: &AgentSpec, op: Op, timeout: Duration) -> OpResult {
     let started = std::time::Instant::now();
+    if let Err(why) = check_instance(&spec.instance) {
+        return OpResult::new(OpCode::NotConfigured, started.elapsed()).note(why);
+    }
     let mut r = match &spec.class {
         AgentClass::Ocf { provider, kind } => {
             crate::ocf::run(spec, provider, kind, &op, timeout).await
@@ -328,9 +331,36 @@ pub async fn run_op(spec: &AgentSpec, op: Op, timeout: Duration) -> OpResult {
     r
 }
 
+/// Instance names become file names in the state dir (pidfiles, sockets) and
+/// environment values; keep them to a safe alphabet.
+fn check_instance(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "resource id {name:?}: must be 1 to 100 characters of letters, digits, '-', '_', '.', ':' or '@', not starting with '.'"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_instance_name_that_could_escape_the_state_dir_is_refused() {
+        let spec = AgentSpec::new("../etc/x", AgentClass::Process, "/tmp").param("command", "true");
+        let r = run_op(&spec, Op::Start, Duration::from_secs(1)).await;
+        assert_eq!(r.code, OpCode::NotConfigured);
+        assert!(r.notes[0].contains("\"../etc/x\""), "{:?}", r.notes);
+        assert!(check_instance("vm-1.a:0").is_ok());
+    }
 
     #[test]
     fn classes_parse_and_print() {

@@ -21,8 +21,8 @@ pub const OUTPUT_LIMIT: usize = 64 * 1024;
 /// that left the process group can hold the pipe open forever.
 const DRAIN_BOUND: Duration = Duration::from_secs(2);
 
-/// A helper to run.
-#[derive(Debug, Clone)]
+/// A helper to run. Not `Debug`: stdin may carry a password.
+#[derive(Clone)]
 pub(crate) struct Invocation {
     pub program: PathBuf,
     pub args: Vec<OsString>,
