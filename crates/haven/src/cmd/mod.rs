@@ -2,8 +2,8 @@
 
 pub mod bench;
 pub mod cluster;
-pub mod conformance;
 pub mod config;
+pub mod conformance;
 pub mod daemon;
 pub mod import;
 pub mod lab;
