@@ -196,10 +196,10 @@ agent = "lab"
         let mut dead: Option<String> = None;
         let mut now = Time(0);
         let tick = |c: &mut Coordinator<SchedPlanner>,
-                        running: &mut BTreeMap<String, String>,
-                        fences: &mut Vec<(u64, String)>,
-                        dead: Option<&str>,
-                        now: Time| {
+                    running: &mut BTreeMap<String, String>,
+                    fences: &mut Vec<(u64, String)>,
+                    dead: Option<&str>,
+                    now: Time| {
             for n in ["n1", "n2", "n3"] {
                 if Some(n) != dead {
                     c.handle_heartbeat(n, "link0", now);
