@@ -861,6 +861,7 @@ const INFORMATIONAL_OPTIONS: &[&str] = &[
 ];
 
 /// One recorded operation.
+#[derive(Clone)]
 struct OpRec {
     call: i64,
     op: String,
@@ -915,13 +916,18 @@ fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
             last_rc_change: o.attribute("last-rc-change").and_then(|v| v.parse().ok()),
             op,
         };
-        // `*_last_failure_0` repeats an operation already listed under its call id.
-        if ops.iter().any(|x| {
+        // `*_last_failure_0` repeats an operation listed under the same call id; the
+        // entry for a recurring monitor keeps its last success, so the failure wins.
+        let is_failure_record = o
+            .attribute("id")
+            .is_some_and(|i| i.ends_with("_last_failure_0"));
+        match ops.iter().position(|x| {
             x.call == rec.call && x.op == rec.op && x.interval == rec.interval && rec.call >= 0
         }) {
-            continue;
+            Some(i) if is_failure_record => ops[i] = rec,
+            Some(_) => {}
+            None => ops.push(rec),
         }
-        ops.push(rec);
     }
     // Pending operations (call id -1) happened last. Call ids restart with the
     // executor; when every operation came from one controller (one transition uuid),
@@ -955,6 +961,13 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
         }
         let pending = o.status == -1 || o.call < 0;
         let probe = o.op == "monitor" && o.interval == 0;
+        // "Degraded" results count as running (190) and running promoted (191).
+        let rc = match o.rc {
+            190 => 0,
+            191 => 8,
+            rc => rc,
+        };
+        let o = &OpRec { rc, ..o.clone() };
         // An "error" status whose rc is what was expected was remapped to success by
         // older controllers.
         let ok = (o.status == 0 || o.status == 4 && o.expected == Some(o.rc))
