@@ -40,6 +40,8 @@ use crate::run::signal_group;
 
 /// How often a wait re-checks QMP, the serial log or the process table.
 const POLL: Duration = Duration::from_millis(50);
+/// Starts each run's section of `INSTANCE.log`.
+const LOG_HEADER: &str = "--- haven: starting QEMU";
 /// Per-connection bound for QMP calls made while some other deadline governs.
 const QMP_CALL: Duration = Duration::from_secs(2);
 
@@ -389,6 +391,16 @@ async fn launch(
 ) -> Result<(), (OpCode, String)> {
     // A socket left by a killed QEMU would make the new one fail to bind.
     let _ = std::fs::remove_file(&p.qmp);
+    // The log accumulates across starts; a header lets errors quote only this run.
+    let _ = std::fs::create_dir_all(&spec.state_dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p.log)
+    {
+        use std::io::Write;
+        let _ = writeln!(f, "{LOG_HEADER} with {}", accel.name());
+    }
     let mut cmd = tokio::process::Command::new(&c.qemu);
     cmd.args(command_line(c, accel, p, &spec.instance, incoming));
     let mut child =
@@ -510,7 +522,15 @@ fn serial_has(serial: &Path, marker: &str) -> bool {
 /// The last lines of QEMU's own output, for error notes.
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    let this_run = text
+        .rsplit_once(LOG_HEADER)
+        .map_or(text.as_str(), |(_, r)| r);
+    let all: Vec<&str> = this_run
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let lines: Vec<&str> = all.into_iter().rev().take(3).collect();
     if lines.is_empty() {
         format!("no output in {}", log.display())
     } else {

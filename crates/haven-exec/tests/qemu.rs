@@ -176,7 +176,9 @@ async fn qemu_start_failure_is_reported_and_leaves_nothing() {
     let r = run_op(&spec, Op::Start, BOOT).await;
     assert_eq!(r.code, OpCode::Error, "{r:?}");
     assert!(
-        r.notes.iter().any(|n| n.contains("QEMU exited")),
+        r.notes
+            .iter()
+            .any(|n| n.contains("QEMU exited") && n.contains("no-such-kernel")),
         "{:?}",
         r.notes
     );
