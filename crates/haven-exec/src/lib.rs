@@ -52,3 +52,26 @@ pub use fence::{
     run_fence,
 };
 pub use run::OUTPUT_LIMIT;
+
+/// The daemon runs operations on tokio tasks: the futures must be `Send`.
+#[cfg(test)]
+mod send_check {
+    fn is_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn operation_futures_are_send() {
+        let spec = crate::AgentSpec::new("x", crate::AgentClass::Qemu, "/nonexistent");
+        is_send(&crate::run_op(
+            &spec,
+            crate::Op::Start,
+            std::time::Duration::ZERO,
+        ));
+        let fence = crate::FenceAgentSpec::new("fence_dummy");
+        is_send(&crate::run_fence(
+            &fence,
+            crate::FenceAction::Status,
+            "n1",
+            std::time::Duration::ZERO,
+        ));
+    }
+}
