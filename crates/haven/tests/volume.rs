@@ -665,3 +665,71 @@ fn volume_deposed_primary_is_refused() {
         text(&o)
     );
 }
+
+#[test]
+fn volume_resync_progress_is_visible_and_rate_limited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--resync-rate", "4M"]);
+    a.ok(&["disconnect", "--peer", "b"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x42 4M 8M")]);
+    a.ok(&["connect", "--peer", "b"]);
+    let st = a.wait_for("resync under way", |s| {
+        let r = &Node::peer_status(s, "b")["resync"];
+        r["done_bytes"]
+            .as_u64()
+            .is_some_and(|d| d > 0 && d < 8 << 20)
+    });
+    let p = Node::peer_status(&st, "b");
+    assert_eq!(p["replication"], "SyncSource");
+    assert_eq!(p["resync"]["total_bytes"], 8u64 << 20);
+    assert!(p["resync"]["eta_s"].is_u64(), "{p:#}");
+    let o = a.ok(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("replication:SyncSource"),
+        "{}",
+        text(&o)
+    );
+    let sb = b.status().unwrap();
+    assert_eq!(
+        sb["disk"], "Inconsistent",
+        "a sync target is not up to date"
+    );
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+}
+
+#[test]
+fn volume_crashed_primary_rejoins_with_a_full_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(tmp.path(), &[]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x31 0 2M")]);
+    a.kill();
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    qemu_io_ok(
+        &b.uri(),
+        &[s("write -P 0x32 1M 64k"), s("write -P 0x33 9M 4k")],
+    );
+    let before = Node::peer_status(&b.status().unwrap(), "a")["resynced_bytes_total"]
+        .as_u64()
+        .unwrap();
+    a.start(&[b.peer()], &[]);
+    // a died as primary: it comes back secondary and flagged, and takes everything from
+    // b, because its last in-flight writes are unknown.
+    let st = b.wait_in_sync("a");
+    let resynced = Node::peer_status(&st, "a")["resynced_bytes_total"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        resynced - before,
+        SIZE,
+        "a crashed primary gets a full sync"
+    );
+    let sa = a.wait_for("a up to date", |s| s["disk"] == "UpToDate");
+    assert_eq!(sa["role"], "Secondary");
+    assert_eq!(sa["crashed_primary"], false);
+    qemu_io_ok(&b.uri(), &[s("flush")]);
+    assert_identical(&a, &b);
+}
