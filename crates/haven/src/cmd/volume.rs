@@ -34,6 +34,26 @@ enum VolumeCommand {
     Disconnect(PeerArgs),
     /// Resolve a split brain with a peer by naming the node whose data is discarded
     Resolve(ResolveArgs),
+    /// Benchmark: unreplicated qemu-nbd, one Haven replica and two, in one run
+    Bench(BenchArgs),
+}
+
+#[derive(Parser)]
+pub struct BenchArgs {
+    /// Bytes per sequential-write round (also the volume size)
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    size: u64,
+    /// Rounds per measurement; medians are reported
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// 4 KiB writes per latency round
+    #[arg(long, default_value_t = 2000)]
+    small_writes: u32,
+    /// Scratch directory (default /dev/shm, else the system temp dir)
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser)]
@@ -172,6 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         VolumeCommand::Demote(a) => ctl(&a, ControlRequest::Demote),
         VolumeCommand::Connect(a) => ctl(&a.ctl, ControlRequest::Connect { peer: a.peer }),
         VolumeCommand::Disconnect(a) => ctl(&a.ctl, ControlRequest::Disconnect { peer: a.peer }),
+        VolumeCommand::Bench(a) => bench(a),
         VolumeCommand::Resolve(a) => ctl(
             &a.ctl,
             ControlRequest::Resolve {
@@ -285,6 +306,74 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     rt.shutdown_background();
     result
+}
+
+/// Runs the volume benchmark; `haven bench volume` can call this with the same args.
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    use haven_volume::bench::{BenchOpts, Latency, bench_volume};
+    let scratch = a.scratch.unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let opts = BenchOpts {
+        haven: std::env::current_exe().context("locating the haven executable")?,
+        size: a.size,
+        rounds: a.rounds.max(1),
+        small_writes: a.small_writes.max(1),
+        scratch,
+    };
+    let r = bench_volume(&opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let lat = |l: &Latency| format!("{:>8.0} {:>8.1} {:>8.1}", l.iops, l.p50_us, l.p99_us);
+    println!(
+        "volume bench: {} MiB per copy, {} rounds (medians), loopback RTT p50 {:.1} us",
+        r.size >> 20,
+        r.rounds,
+        r.loopback_rtt_p50_us
+    );
+    println!(
+        "{:<20} {:>10} {:>10} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8}",
+        "target", "seq 1c", "seq 4c", "4k IOPS", "p50 us", "p99 us", "FUA IOPS", "p50 us", "p99 us"
+    );
+    for t in [&r.qemu_nbd, &r.haven_1_replica, &r.haven_2_replicas] {
+        println!(
+            "{:<20} {:>7.0}MB/s {:>7.0}MB/s | {} | {}",
+            t.name,
+            t.seq_write_1conn_mb_s,
+            t.seq_write_4conn_mb_s,
+            lat(&t.write_4k_qd1),
+            lat(&t.write_4k_qd1_fua)
+        );
+    }
+    println!(
+        "{:<20} {:>7.0}MB/s {:>7.0}MB/s   (nbdcopy into two qemu-nbd exports at once, per export)",
+        "2-export ceiling", r.two_exports_ceiling_1conn_mb_s, r.two_exports_ceiling_4conn_mb_s
+    );
+    println!(
+        "ratios: 1 replica / qemu-nbd = {:.2} (1c), {:.2} (4c); 2 replicas / ceiling = {:.2} (1c), {:.2} (4c)",
+        r.ratio_1_replica_vs_qemu_nbd_1conn,
+        r.ratio_1_replica_vs_qemu_nbd_4conn,
+        r.ratio_2_replicas_vs_ceiling_1conn,
+        r.ratio_2_replicas_vs_ceiling_4conn
+    );
+    println!(
+        "FUA p50 with 2 replicas {:.1} us; budget (qemu-nbd FUA p50 + RTT) x 1.1 = {:.1} us: {}",
+        r.haven_2_replicas.write_4k_qd1_fua.p50_us,
+        r.fua_latency_budget_us,
+        if r.fua_latency_within_budget {
+            "within"
+        } else {
+            "over"
+        }
+    );
+    Ok(())
 }
 
 fn ctl(a: &CtlArgs, req: ControlRequest) -> anyhow::Result<()> {
