@@ -1102,12 +1102,11 @@ fn read_status(
             NodeState::Online
         } else if in_ccm && crmd {
             NodeState::Pending
-        } else if !in_ccm && (expected == "down" || join == "down" && !crmd && expected != "member")
+        } else if !fencing
+            || !in_ccm && (expected == "down" || join == "down" && !crmd && expected != "member")
+            || in_ccm && !crmd && (expected == "down" || shutdown)
         {
-            NodeState::Offline
-        } else if in_ccm && !crmd && (expected == "down" || shutdown) {
-            NodeState::Offline
-        } else if !fencing {
+            // Left cleanly, or (without fencing) simply taken as down.
             NodeState::Offline
         } else {
             node.unclean_reason = Some(if in_ccm {

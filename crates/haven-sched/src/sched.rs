@@ -11,6 +11,13 @@ use crate::plan::{Action, AllocationScore, Change, ChangeKind, Fence, Placement,
 
 const NEG: Score = Score::NEG_INFINITY;
 
+/// (dependent, primary, score, dependent role, primary role)
+type ColocPair<'a> = (&'a str, &'a str, Score, Option<Role>, Option<Role>);
+/// Where a member is now: node, role, failed.
+type Had = Option<(usize, Role, bool)>;
+/// Where a member will be: node, role.
+type Will = Option<(usize, Role)>;
+
 struct NodeInfo<'a> {
     name: &'a str,
     /// May host resources after this transition.
@@ -34,7 +41,6 @@ struct Cur<'a> {
 struct Prim<'a> {
     cfg: &'a Primitive,
     meta: Meta,
-    unit: usize,
     cur: Vec<Cur<'a>>,
     /// node → (failcount, last failure)
     fails: HashMap<usize, (u32, Option<i64>)>,
@@ -337,7 +343,7 @@ impl<'a> Sched<'a> {
                 self.prims.push(Prim {
                     cfg: mp,
                     meta,
-                    unit: unit_ix,
+
                     cur: Vec::new(),
                     fails: HashMap::new(),
                 });
@@ -431,7 +437,7 @@ impl<'a> Sched<'a> {
         for l in &cfg.constraints.location {
             self.locs.entry(l.rsc.as_str()).or_default().push(l);
         }
-        let mut pairs: Vec<(&str, &str, Score, Option<Role>, Option<Role>)> = Vec::new();
+        let mut pairs: Vec<ColocPair<'_>> = Vec::new();
         for c in &cfg.constraints.colocation {
             if let (Some(a), Some(b)) = (&c.rsc, &c.with) {
                 pairs.push((a, b, c.score, c.rsc_role, c.with_role));
@@ -1229,12 +1235,7 @@ impl<'a> Sched<'a> {
     }
 
     /// Per instance member: (had, will) — where it is and will be, with roles.
-    fn member_transition(
-        &self,
-        u: usize,
-        inst: &Inst,
-        m: usize,
-    ) -> (Option<(usize, Role, bool)>, Option<(usize, Role)>) {
+    fn member_transition(&self, u: usize, inst: &Inst, m: usize) -> (Had, Will) {
         let pi = self.units[u].prims[m];
         let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
         let promotable = self.promotable(u);
@@ -1433,11 +1434,12 @@ impl<'a> Sched<'a> {
         for prev in 0..m {
             let (had, will) = self.member_transition(u, inst, prev);
             match (had, will) {
-                (Some((x, _, f)), Some((y, _))) if x != y => {
-                    if !self.migratable(u, inst, prev, x, f, depth + 1) {
-                        return false;
-                    }
+                (Some((x, _, f)), Some((y, _)))
+                    if x != y && !self.migratable(u, inst, prev, x, f, depth + 1) =>
+                {
+                    return false;
                 }
+                (Some((x, _, f)), Some((y, _))) if x != y && !f => {}
                 (Some((_, _, true)), _) | (Some(_), None) => return false,
                 _ => {}
             }
