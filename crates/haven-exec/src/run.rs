@@ -20,6 +20,9 @@ pub const OUTPUT_LIMIT: usize = 64 * 1024;
 /// After a kill, how long the output readers may take to see end-of-file. A grandchild
 /// that left the process group can hold the pipe open forever.
 const DRAIN_BOUND: Duration = Duration::from_secs(2);
+/// After a normal exit, the same; shorter, because a daemon the agent started (and
+/// that kept the agent's stdout) is normal and must not slow every start down.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(300);
 
 /// A helper to run. Not `Debug`: stdin may carry a password.
 #[derive(Clone)]
@@ -64,8 +67,7 @@ pub(crate) async fn run(inv: &Invocation, timeout: Duration) -> Finished {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -77,7 +79,9 @@ pub(crate) async fn run(inv: &Invocation, timeout: Duration) -> Finished {
             };
         }
     };
-    let pgid = child.id();
+    // If the caller abandons the operation (drops this future), the helper and all it
+    // forked must not run on unsupervised.
+    let mut guard = GroupGuard(child.id());
     if let (Some(data), Some(mut stdin)) = (inv.stdin.clone(), child.stdin.take()) {
         // A helper that never reads stdin must not block us: write in the background
         // and let a broken pipe be its problem.
@@ -86,24 +90,29 @@ pub(crate) async fn run(inv: &Invocation, timeout: Duration) -> Finished {
             let _ = stdin.shutdown().await;
         });
     }
-    let out = child.stdout.take().map(|s| tokio::spawn(read_bounded(s)));
-    let err = child.stderr.take().map(|s| tokio::spawn(read_bounded(s)));
+    let out = child.stdout.take().map(Capture::start);
+    let err = child.stderr.take().map(Capture::start);
 
     let exit = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => exit_of(status),
         Ok(Err(e)) => Exit::SpawnFailed(format!("waiting for {}: {e}", inv.program.display())),
         Err(_) => {
-            if let Some(pid) = pgid {
+            if let Some(pid) = guard.0 {
                 kill_group(pid);
             }
             let _ = tokio::time::timeout(DRAIN_BOUND, child.wait()).await;
             Exit::TimedOut
         }
     };
-    // The group may have survivors that still hold the pipes after a normal exit
-    // (an agent that daemonised something without closing its fds); do not wait on them.
-    let stdout = collect(out).await;
-    let stderr = collect(err).await;
+    // A normal exit may leave daemons it started in the group: they are the service.
+    let drain = if exit == Exit::TimedOut {
+        DRAIN_BOUND
+    } else {
+        DRAIN_AFTER_EXIT
+    };
+    guard.0 = None;
+    let stdout = Capture::finish(out, drain).await;
+    let stderr = Capture::finish(err, drain).await;
     Finished {
         exit,
         duration: started.elapsed(),
@@ -112,40 +121,69 @@ pub(crate) async fn run(inv: &Invocation, timeout: Duration) -> Finished {
     }
 }
 
-async fn collect(task: Option<tokio::task::JoinHandle<Vec<u8>>>) -> String {
-    let Some(mut task) = task else {
-        return String::new();
-    };
-    match tokio::time::timeout(DRAIN_BOUND, &mut task).await {
-        Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-        Ok(Err(_)) => String::new(),
-        Err(_) => {
-            task.abort();
-            String::from("[output not collected: the stream stayed open after exit]")
+/// Kills a helper's process group when dropped, unless disarmed.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            kill_group(pid);
         }
+    }
+}
+
+/// One output stream, read in the background into a buffer the caller can take at any
+/// time, so a stream that never closes costs a bounded wait, not the output.
+struct Capture {
+    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Capture {
+    fn start<R: AsyncRead + Unpin + Send + 'static>(r: R) -> Capture {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = tokio::spawn(read_bounded(r, buf.clone()));
+        Capture { buf, task }
+    }
+
+    async fn finish(c: Option<Capture>, bound: Duration) -> String {
+        let Some(mut c) = c else {
+            return String::new();
+        };
+        // A daemon the helper started may hold the pipe open forever.
+        let closed = tokio::time::timeout(bound, &mut c.task).await.is_ok();
+        c.task.abort();
+        let bytes = c.buf.lock().map(|b| b.clone()).unwrap_or_default();
+        let mut s = String::from_utf8_lossy(&bytes).into_owned();
+        if !closed {
+            s.push_str("\n[stream still held open by a process the agent left behind]");
+        }
+        s
     }
 }
 
 /// Reads a stream to its end, keeping the first [`OUTPUT_LIMIT`] bytes. Draining the
 /// rest keeps a verbose helper from blocking on a full pipe.
-async fn read_bounded<R: AsyncRead + Unpin>(mut r: R) -> Vec<u8> {
-    let mut kept = Vec::new();
+async fn read_bounded<R: AsyncRead + Unpin>(
+    mut r: R,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
     let mut buf = [0u8; 8192];
     let mut dropped = false;
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let Ok(mut kept) = out.lock() else { return };
                 let room = OUTPUT_LIMIT.saturating_sub(kept.len());
                 kept.extend_from_slice(&buf[..n.min(room)]);
-                dropped |= n > room;
+                if n > room && !dropped {
+                    dropped = true;
+                    kept.extend_from_slice(b"\n[output truncated]");
+                }
             }
         }
     }
-    if dropped {
-        kept.extend_from_slice(b"\n[output truncated]");
-    }
-    kept
 }
 
 fn exit_of(status: std::process::ExitStatus) -> Exit {
@@ -225,6 +263,70 @@ mod tests {
         };
         let f = run(&inv, Duration::from_secs(10)).await;
         assert!(matches!(f.exit, Exit::SpawnFailed(ref m) if m.contains("/nonexistent/agent")));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_holding_stdout_costs_neither_the_output_nor_its_life() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("daemon.pid");
+        let script = format!(
+            "echo started; sleep 300 & echo $! > {}; exit 0",
+            pidfile.display()
+        );
+        let f = run(&sh(&script), Duration::from_secs(10)).await;
+        assert_eq!(f.exit, Exit::Code(0));
+        assert!(f.stdout.starts_with("started\n"), "{:?}", f.stdout);
+        assert!(f.stdout.contains("held open"), "{:?}", f.stdout);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            crate::pidfile::is_alive(pid),
+            "a service the agent started was killed"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_operation_kills_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let inv = sh(&script);
+        let op = run(&inv, Duration::from_secs(300));
+        // The caller gives up (drops the future) once the child exists.
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::pin!(op);
+            loop {
+                tokio::select! {
+                    _ = &mut op => panic!("a 300 s sleep finished"),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n')) {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = (0..200).any(|_| {
+            let alive = crate::pidfile::is_alive(pid);
+            if alive {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !alive
+        });
+        assert!(gone, "the abandoned operation's child {pid} survived");
     }
 
     #[tokio::test]
