@@ -261,6 +261,26 @@ pub struct OpResult {
 }
 
 impl OpResult {
+    /// One line saying why, for a failure report: Haven's notes, else the agent's last
+    /// line of stderr (or stdout), cut to 200 characters.
+    pub fn reason(&self) -> String {
+        let last_line = |s: &str| {
+            s.lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .map(str::to_string)
+        };
+        let r = if self.notes.is_empty() {
+            last_line(&self.stderr)
+                .or_else(|| last_line(&self.stdout))
+                .unwrap_or_else(|| format!("{:?}", self.code))
+        } else {
+            self.notes.join("; ")
+        };
+        r.chars().take(200).collect()
+    }
+
     pub(crate) fn new(code: OpCode, duration: Duration) -> Self {
         OpResult {
             code,
@@ -398,6 +418,17 @@ mod tests {
         );
         let e = "lsb:a/b".parse::<AgentClass>().unwrap_err().to_string();
         assert!(e.contains("a/b") && e.contains("only letters"), "{e}");
+    }
+
+    #[test]
+    fn reason_prefers_notes_then_stderr() {
+        let mut r = OpResult::new(OpCode::Error, Duration::ZERO);
+        assert_eq!(r.reason(), "Error");
+        r.stdout = "out\n".into();
+        r.stderr = "first\nERROR: no such device\n\n".into();
+        assert_eq!(r.reason(), "ERROR: no such device");
+        let r = r.note("cannot run the agent: x");
+        assert_eq!(r.reason(), "cannot run the agent: x");
     }
 
     #[test]
