@@ -389,8 +389,10 @@ async fn launch(
     incoming: Option<&str>,
     deadline: Instant,
 ) -> Result<(), (OpCode, String)> {
-    // A socket left by a killed QEMU would make the new one fail to bind.
+    // A socket left by a killed QEMU would make the new one fail to bind; an old
+    // console would show the ready marker of the previous boot.
     let _ = std::fs::remove_file(&p.qmp);
+    let _ = std::fs::remove_file(&p.serial);
     // The log accumulates across starts; a header lets errors quote only this run.
     let _ = std::fs::create_dir_all(&spec.state_dir);
     if let Ok(mut f) = std::fs::OpenOptions::new()
