@@ -59,6 +59,24 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Supervised processes outlive their daemon by design; the test started them,
+        // so it stops them, by the pids their agents recorded.
+        for name in self.addrs.keys() {
+            let Ok(entries) = std::fs::read_dir(self.node_dir(name).join("resources")) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "pid")
+                    && let Some(pid) = pid_in(&e.path())
+                    && alive(pid)
+                {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -465,4 +483,127 @@ fn two_nodes_and_a_witness_keep_quorum_when_one_node_stops() {
     wait_until("n1 to lose quorum", || {
         c.status(&n1).is_some_and(|s| s["quorate"] == false)
     });
+}
+
+fn running_on(s: &Value, id: &str) -> Vec<String> {
+    s["resources"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["id"] == id))
+        .and_then(|r| r["running_on"].as_array())
+        .map(|v| {
+            v.iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pid_in(pidfile: &Path) -> Option<i32> {
+    std::fs::read_to_string(pidfile)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+#[test]
+fn an_ocf_dummy_and_a_process_are_started_monitored_recovered_and_stopped_as_placed() {
+    let mut c = Cluster::started_one("n1");
+    let t = c.token();
+    ok(c.join("n2", &t, &[]));
+    c.start("n2", &[]);
+    let client = c.client();
+    c.wait_formed(&client, &["n1", "n2"]);
+
+    let state = c.dir.path().join("dummy.state");
+    let ip = |n: &str| c.addrs[n][0].rsplit_once(':').unwrap().0.to_string();
+    let config = |role: &str| {
+        format!(
+            "[options]\nstonith-enabled = false\n\n\
+             [[nodes]]\nname = \"n1\"\naddrs = [\"{}\"]\n\n[[nodes]]\nname = \"n2\"\naddrs = [\"{}\"]\n\n\
+             [[resources]]\nid = \"dummy\"\nclass = \"ocf\"\nprovider = \"heartbeat\"\ntype = \"Dummy\"\n\
+             params = {{ state = \"{}\" }}\nmeta = {{ target-role = \"{role}\" }}\n\
+             ops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n\n\
+             [[resources]]\nid = \"loop\"\nclass = \"process\"\ntype = \"loop\"\n\
+             params = {{ command = \"sleep 100000\" }}\nmeta = {{ target-role = \"{role}\" }}\n\
+             ops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n",
+            ip("n1"),
+            ip("n2"),
+            state.display()
+        )
+    };
+    let file = c.dir.path().join("rsc.toml");
+    std::fs::write(&file, config("Started")).unwrap();
+    ok(c.haven(
+        &client,
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    ));
+
+    let mut placed = BTreeMap::new();
+    wait_until("both resources running exactly once", || {
+        let Some(s) = c.status(&client) else {
+            return false;
+        };
+        let (d, l) = (running_on(&s, "dummy"), running_on(&s, "loop"));
+        if d.len() == 1 && l.len() == 1 {
+            placed.insert("dummy", d[0].clone());
+            placed.insert("loop", l[0].clone());
+            true
+        } else {
+            false
+        }
+    });
+    assert!(
+        state.exists(),
+        "the Dummy agent's state file is missing after its start"
+    );
+    let pidfile = c.node_dir(&placed["loop"]).join("resources/loop.pid");
+    let first = pid_in(&pidfile).expect("the process resource's pidfile");
+    assert!(alive(first));
+
+    // The process dies behind the cluster's back: the monitor notices, it is recovered.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the killed process to be recovered", || {
+        let Some(s) = c.status(&client) else {
+            return false;
+        };
+        let again = running_on(&s, "loop");
+        let pid = again
+            .first()
+            .and_then(|n| pid_in(&c.node_dir(n).join("resources/loop.pid")));
+        again.len() == 1 && pid.is_some_and(|p| p != first && alive(p))
+    });
+
+    // Stopped by configuration: both stop, the agents' traces are gone.
+    let base = c.config_version(&client).unwrap().0.to_string();
+    std::fs::write(&file, config("Stopped")).unwrap();
+    ok(c.haven(
+        &client,
+        &[
+            "config",
+            "apply",
+            "--based-on",
+            &base,
+            file.to_str().unwrap(),
+        ],
+    ));
+    wait_until("both resources stopped", || {
+        c.status(&client).is_some_and(|s| {
+            running_on(&s, "dummy").is_empty() && running_on(&s, "loop").is_empty()
+        })
+    });
+    assert!(!state.exists(), "Dummy's state file survived its stop");
+    let gone = ["n1", "n2"]
+        .iter()
+        .all(|n| pid_in(&c.node_dir(n).join("resources/loop.pid")).is_none_or(|p| !alive(p)));
+    assert!(gone, "the process resource survived its stop");
 }

@@ -55,13 +55,16 @@ fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("HAVEN_CONFIG="));
 
-    let out = haven(&["status", "--json"], Some(&dir.join("client.toml")));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = || -> serde_json::Value {
+        let out = haven(&["status", "--json"], Some(&dir.join("client.toml")));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s = status();
     assert_eq!(s["quorate"], true, "{s}");
     let nodes = s["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3, "{s}");
@@ -73,7 +76,43 @@ fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
         .filter_map(|r| r["id"].as_str())
         .collect();
     assert_eq!(ids, vec!["db", "web", "worker"], "{s}");
-    assert!(s["resources"][0]["running_on"].is_array(), "{s}");
+    // The coordinator places every demo resource, each exactly once (bounded wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let s = loop {
+        let s = status();
+        let once = s["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["running_on"].as_array().is_some_and(|n| n.len() == 1));
+        if once {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo resources not each running once: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // The group's members run together.
+    assert_eq!(
+        s["resources"][0]["running_on"], s["resources"][1]["running_on"],
+        "{s}"
+    );
+    let resource_pids: Vec<i32> = ["n1", "n2", "n3"]
+        .iter()
+        .flat_map(|n| {
+            std::fs::read_dir(dir.join(n).join("resources"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(resource_pids.len(), 3, "one process per demo resource");
+    assert!(resource_pids.iter().all(|p| alive(*p)));
 
     let started = pids(&dir);
     assert_eq!(started.len(), 3);
@@ -87,6 +126,10 @@ fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
     assert!(
         started.iter().all(|p| !alive(*p)),
         "a lab daemon survived lab down"
+    );
+    assert!(
+        resource_pids.iter().all(|p| !alive(*p)),
+        "a demo resource survived lab down"
     );
     drop(guard);
 }

@@ -322,7 +322,63 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
         }
         let _ = std::fs::remove_file(&pf);
     }
+    stop_resources(&dir);
     Ok(stopped)
+}
+
+/// Stops the supervised processes the lab's agents left behind (their daemons are gone,
+/// so nobody else will): each through its pidfile, which haven-exec checks still names
+/// the process it started.
+fn stop_resources(dir: &Path) {
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        return;
+    };
+    for (name, _) in node_dirs(dir) {
+        let state_dir = dir.join(&name).join("resources");
+        let Ok(entries) = std::fs::read_dir(&state_dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "pid") {
+                continue;
+            }
+            let Some(instance) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let spec = haven_exec::AgentSpec::new(
+                instance.clone(),
+                haven_exec::AgentClass::Process,
+                state_dir.clone(),
+            );
+            let r = rt.block_on(haven_exec::run_op(
+                &spec,
+                haven_exec::Op::Stop,
+                Duration::from_secs(10),
+            ));
+            if r.code != haven_exec::OpCode::Success {
+                eprintln!(
+                    "{name}: stopping {instance}: {:?} {}",
+                    r.code,
+                    r.notes.join(" ")
+                );
+            }
+        }
+    }
+}
+
+/// The lab's node directories (those with a node.toml).
+fn node_dirs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().join("node.toml").exists() {
+                out.push((e.file_name().to_string_lossy().into_owned(), e.path()));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 fn status(dir: &Path) -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 
 use super::protocol::*;
-use super::{ApiFailure, Daemon, WRITE_TIMEOUT, heartbeat, raft_net, wall_ms};
+use super::{ApiFailure, Daemon, WRITE_TIMEOUT, ha, heartbeat, raft_net, wall_ms};
 
 pub const STATUS: &str = "/api/status";
 pub const CONFIG: &str = "/api/config";
@@ -48,6 +48,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(ADD_LEARNER, post(add_learner))
         .route(ADD_LEARNER_LOCAL, post(add_learner_local))
         .route(WRITE_LOCAL, post(write_local))
+        .route(ha::OP_PATH, post(ha_op))
+        .route(ha::REPORT_PATH, post(ha_report))
         .layer(axum::middleware::from_fn(require_certificate));
     let public = Router::new().route(JOIN, post(join));
     protected.merge(public).with_state(daemon)
@@ -339,6 +341,30 @@ async fn write_local(State(d): D, Json(req): Json<Request>) -> ApiResult<Respons
         Ok(Ok(r)) => Ok(Json(r.data)),
         Ok(Err(e)) => Err(ApiFailure::unavailable(format!("the write failed: {e}"))),
     }
+}
+
+async fn ha_op(State(d): D, Json(req): Json<haven_ha::OpRequest>) -> ApiResult<Empty> {
+    if d.node.witness {
+        return Err(ApiFailure::refused(format!(
+            "{} is a witness and runs no resources",
+            d.node.name
+        )));
+    }
+    d.ha.agent
+        .send(ha::AgentInput::Request(req))
+        .map_err(|_| ApiFailure::unavailable("the node agent has stopped"))?;
+    Ok(Json(Empty {}))
+}
+
+async fn ha_report(State(d): D, Json(msg): Json<ha::ReportMsg>) -> ApiResult<Empty> {
+    if !d.is_leader() {
+        return Err(ApiFailure::unavailable("this node is not the leader"));
+    }
+    let _ = d.ha.coord.send(ha::CoordInput::Report {
+        node: msg.node,
+        report: msg.report,
+    });
+    Ok(Json(Empty {}))
 }
 
 async fn node_attrs(State(d): D, Json(req): Json<NodeAttrs>) -> ApiResult<Empty> {

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod files;
+pub mod ha;
 pub mod heartbeat;
 pub mod node_cmd;
 pub mod protocol;
@@ -65,6 +66,10 @@ pub struct Daemon {
     pub hb_rpc: RpcClient,
     pub ca: ClusterCa,
     pub membership: Mutex<Membership>,
+    /// Senders into the coordinator and agent loops.
+    pub ha: ha::Handles,
+    /// The node's directory; resource agents keep their state under it.
+    pub state_dir: std::path::PathBuf,
     started: std::time::Instant,
 }
 
@@ -86,6 +91,11 @@ impl Daemon {
         if let Ok(mut m) = self.membership.lock() {
             m.handle_heartbeat(node, link, now);
         }
+        // Only the leader's coordinator uses it; elsewhere the loop drops it.
+        let _ = self.ha.coord.send(ha::CoordInput::Heartbeat {
+            node: node.to_string(),
+            link: link.to_string(),
+        });
     }
 
     /// Raft members (voters and learners) by name.
@@ -245,7 +255,10 @@ pub async fn run(dir: &Path, witness: bool) -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_millis(node.timers.heartbeat_ms),
         dead_after: Duration::from_millis(node.timers.dead_after_ms),
     };
+    let (ha_handles, ha_receivers) = ha::channels();
     let daemon = Arc::new(Daemon {
+        ha: ha_handles,
+        state_dir: nd.dir.clone(),
         membership: Mutex::new(Membership::new(timeouts, Time::from_millis(0))),
         node,
         raft,
@@ -277,6 +290,7 @@ pub async fn run(dir: &Path, witness: bool) -> anyhow::Result<()> {
     }
 
     tokio::spawn(heartbeat::run(daemon.clone()));
+    ha::spawn(daemon.clone(), ha_receivers);
     if daemon.node.bootstrap {
         tokio::spawn(bootstrap_records(daemon.clone()));
     }

@@ -1,0 +1,493 @@
+//! The coordinator on the Raft leader and the node agent on every node, driven with
+//! real time, RPC and haven-exec. The decisions are haven-ha's; this is only their I/O.
+//!
+//! Coordinator loop (leader only): heartbeats and agent reports come in over a channel;
+//! every tick it runs `handle_timeout`, dispatches `CoordinatorCommand::Op` to the
+//! node's agent (locally or over `/ha/op`), and commits each reported result to Raft
+//! (`RecordOp`: history, failcounts, where things run) for `haven status`.
+//! Agent loop (every node but a witness): requests in, `AgentCommand::Run` executed with
+//! `haven_exec::run_op`, reports sent to whoever leads.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use haven_exec::{AgentClass, AgentSpec, Migration, Op, OpCode, OpResult};
+use haven_ha::adapter::coordinator_config;
+use haven_ha::membership::Timeouts;
+use haven_ha::{
+    AgentCommand, ClusterView, Coordinator, CoordinatorCommand, NodeAgent, Observed, OpKind,
+    OpOutcome, OpReport, OpRequest, Plan, Planner, SchedPlanner,
+};
+use haven_store::Request;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::Daemon;
+
+pub const OP_PATH: &str = "/ha/op";
+pub const REPORT_PATH: &str = "/ha/report";
+
+/// How often both loops wake to run their timers; well below every operation timeout
+/// and the failure-detection time.
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReportMsg {
+    pub node: String,
+    pub report: OpReport,
+}
+
+pub enum CoordInput {
+    Heartbeat { node: String, link: String },
+    Report { node: String, report: OpReport },
+}
+
+pub enum AgentInput {
+    Request(OpRequest),
+    Done { token: u64, outcome: OpOutcome },
+}
+
+/// The senders into both loops; the receivers go to [`spawn`].
+pub struct Handles {
+    pub coord: mpsc::UnboundedSender<CoordInput>,
+    pub agent: mpsc::UnboundedSender<AgentInput>,
+}
+
+pub struct Receivers {
+    coord: mpsc::UnboundedReceiver<CoordInput>,
+    agent: mpsc::UnboundedReceiver<AgentInput>,
+}
+
+pub fn channels() -> (Handles, Receivers) {
+    let (ctx, crx) = mpsc::unbounded_channel();
+    let (atx, arx) = mpsc::unbounded_channel();
+    (
+        Handles {
+            coord: ctx,
+            agent: atx,
+        },
+        Receivers {
+            coord: crx,
+            agent: arx,
+        },
+    )
+}
+
+pub fn spawn(d: Arc<Daemon>, rx: Receivers) {
+    tokio::spawn(coordinator_loop(d.clone(), rx.coord));
+    if d.node.witness {
+        // A witness votes and runs nothing: requests to it are refused at the API.
+        drop(rx.agent);
+    } else {
+        tokio::spawn(agent_loop(d, rx.agent));
+    }
+}
+
+/// The scheduler, with a configuration that is swapped when a new one commits.
+#[derive(Clone)]
+struct LivePlanner(Arc<Mutex<SchedPlanner>>);
+
+impl Planner for LivePlanner {
+    fn plan(&mut self, view: &ClusterView) -> Plan {
+        match self.0.lock() {
+            Ok(mut p) => p.plan(view),
+            Err(_) => Plan::default(),
+        }
+    }
+}
+
+struct Leading {
+    coordinator: Coordinator<LivePlanner>,
+    planner: LivePlanner,
+    config_version: u64,
+}
+
+fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
+    let state = d.view.state();
+    match haven_model::Config::from_toml("cluster configuration", &state.config.text) {
+        Ok(c) => Some((state.config.version, c)),
+        Err(e) => {
+            tracing::error!(
+                "configuration version {} unusable: {e}",
+                state.config.version
+            );
+            None
+        }
+    }
+}
+
+async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordInput>) {
+    let timeouts = Timeouts {
+        heartbeat_interval: Duration::from_millis(d.node.timers.heartbeat_ms),
+        dead_after: Duration::from_millis(d.node.timers.dead_after_ms),
+    };
+    let mut leading: Option<Leading> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let input = tokio::select! {
+            i = rx.recv() => match i { Some(i) => Some(i), None => return },
+            _ = tick.tick() => None,
+        };
+        if !d.is_leader() {
+            if leading.take().is_some() {
+                tracing::info!("no longer the leader: coordinator stopped");
+            }
+            continue;
+        }
+        let now = d.now();
+        let version = d.view.state().config.version;
+        match leading.as_mut() {
+            None => {
+                let Some((v, config)) = parse_config(&d) else {
+                    continue;
+                };
+                let planner = LivePlanner(Arc::new(Mutex::new(SchedPlanner::new(config.clone()))));
+                let coordinator =
+                    Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
+                tracing::info!("leader: coordinator started on configuration version {v}");
+                leading = Some(Leading {
+                    coordinator,
+                    planner,
+                    config_version: v,
+                });
+            }
+            Some(l) if l.config_version != version => {
+                if let Some((v, config)) = parse_config(&d) {
+                    if let Ok(mut p) = l.planner.0.lock() {
+                        *p = SchedPlanner::new(config.clone());
+                    }
+                    l.coordinator
+                        .handle_config(coordinator_config(&config), now);
+                    l.config_version = v;
+                    tracing::info!("coordinator: configuration version {v}");
+                }
+            }
+            Some(_) => {}
+        }
+        let Some(l) = leading.as_mut() else { continue };
+        let c = &mut l.coordinator;
+        match input {
+            Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
+            Some(CoordInput::Report { node, report }) => {
+                let resource = report.resource.clone();
+                let record = record_op(&node, &report);
+                c.handle_report(&node, report, now);
+                let running = matches!(
+                    c.view().resources.get(&resource).and_then(|r| r.get(&node)),
+                    Some(Observed::Started | Observed::Promoted)
+                );
+                if let Some(Request::RecordOp {
+                    resource,
+                    node,
+                    op,
+                    rc,
+                    at_ms,
+                    ok,
+                    ..
+                }) = record
+                {
+                    let d2 = d.clone();
+                    tokio::spawn(async move {
+                        let req = Request::RecordOp {
+                            resource,
+                            node,
+                            op,
+                            rc,
+                            at_ms,
+                            ok,
+                            running,
+                        };
+                        if let Err(e) = d2.write(req).await {
+                            tracing::warn!("recording an operation result: {}", e.1);
+                        }
+                    });
+                }
+            }
+            None => {
+                // The leader is alive on its own links, like any member.
+                for i in 0..d.node.addrs.len() {
+                    c.handle_heartbeat(&d.node.name, &super::heartbeat::link_name(i), now);
+                }
+                c.handle_timeout(now);
+            }
+        }
+        for line in c.take_log() {
+            tracing::info!("coordinator: {line}");
+        }
+        while let Some(cmd) = c.poll_command() {
+            dispatch(&d, cmd);
+        }
+    }
+}
+
+fn record_op(node: &str, report: &OpReport) -> Option<Request> {
+    let (rc, ok) = match &report.outcome {
+        OpOutcome::Ok => (0, true),
+        OpOutcome::NotRunning => (7, true),
+        OpOutcome::RunningPromoted => (8, true),
+        OpOutcome::Failed { rc, .. } => (*rc, false),
+        OpOutcome::TimedOut => (-1, false),
+    };
+    Some(Request::RecordOp {
+        resource: report.resource.clone(),
+        node: node.to_string(),
+        op: op_name(report.op).to_string(),
+        rc,
+        at_ms: super::wall_ms(),
+        ok,
+        running: false,
+    })
+}
+
+fn op_name(op: OpKind) -> &'static str {
+    match op {
+        OpKind::Start => "start",
+        OpKind::Stop => "stop",
+        OpKind::Monitor => "monitor",
+        OpKind::Promote => "promote",
+        OpKind::Demote => "demote",
+        OpKind::MigrateTo => "migrate_to",
+        OpKind::MigrateFrom => "migrate_from",
+    }
+}
+
+fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
+    match cmd {
+        CoordinatorCommand::Op { node, request } => {
+            if node == d.node.name {
+                let _ = d.ha.agent.send(AgentInput::Request(request));
+                return;
+            }
+            let Some(addr) = d
+                .members()
+                .into_iter()
+                .find(|(n, _)| *n == node)
+                .and_then(|(_, info)| info.addrs.first().cloned())
+            else {
+                tracing::warn!(
+                    "no address for node {node}: {} {:?} not sent",
+                    request.resource,
+                    request.op
+                );
+                return;
+            };
+            let d = d.clone();
+            tokio::spawn(async move {
+                let r: Result<super::protocol::Empty, _> =
+                    d.rpc.call(&addr, OP_PATH, &request).await;
+                if let Err(e) = r {
+                    // The coordinator times the operation out and decides what it means.
+                    tracing::warn!(
+                        "sending {} {:?} to {node}: {e}",
+                        request.resource,
+                        request.op
+                    );
+                }
+            });
+        }
+        CoordinatorCommand::Fence { victim, device, .. } => {
+            // Fencing devices are wired by the fencing issue; until then the fencer's
+            // own timeout handles the silence (and nothing is recovered unfenced).
+            tracing::error!(
+                "fencing of {victim} with {device} requested, but fence execution is not wired yet"
+            );
+        }
+        CoordinatorCommand::Alert { message } => tracing::warn!("alert: {message}"),
+    }
+}
+
+async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>) {
+    let mut agent = NodeAgent::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let input = tokio::select! {
+            i = rx.recv() => match i { Some(i) => Some(i), None => return },
+            _ = tick.tick() => None,
+        };
+        let now = d.now();
+        match input {
+            Some(AgentInput::Request(req)) => agent.handle_request(req, now),
+            Some(AgentInput::Done { token, outcome }) => agent.handle_op_done(token, outcome, now),
+            None => agent.handle_timeout(now),
+        }
+        while let Some(cmd) = agent.poll_command() {
+            match cmd {
+                AgentCommand::Run {
+                    token,
+                    resource,
+                    op,
+                    timeout,
+                    peer,
+                } => {
+                    let d = d.clone();
+                    tokio::spawn(async move {
+                        let outcome = execute(&d, &resource, op, timeout, peer).await;
+                        let _ = d.ha.agent.send(AgentInput::Done { token, outcome });
+                    });
+                }
+                AgentCommand::Report(report) => {
+                    let d = d.clone();
+                    tokio::spawn(async move { send_report(&d, report).await });
+                }
+            }
+        }
+    }
+}
+
+async fn send_report(d: &Daemon, report: OpReport) {
+    let msg = ReportMsg {
+        node: d.node.name.clone(),
+        report,
+    };
+    // A few tries across a leader change; after that the coordinator's own timeout
+    // takes over (an unanswered operation counts as timed out).
+    for _ in 0..10 {
+        match d.leader() {
+            Some((id, _)) if id == d.node.id => {
+                let _ = d.ha.coord.send(CoordInput::Report {
+                    node: msg.node.clone(),
+                    report: msg.report.clone(),
+                });
+                return;
+            }
+            Some((_, info)) => {
+                if let Some(addr) = info.addrs.first() {
+                    let r: Result<super::protocol::Empty, _> =
+                        d.rpc.call(addr, REPORT_PATH, &msg).await;
+                    match r {
+                        Ok(_) => return,
+                        Err(e) => tracing::debug!("report to the leader: {e}"),
+                    }
+                }
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::warn!(
+        "could not deliver the result of {} {:?} to a leader",
+        msg.report.resource,
+        msg.report.op
+    );
+}
+
+/// The agent spec for `resource` from the committed configuration.
+fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> {
+    let state = d.view.state();
+    let config = haven_model::Config::from_toml("cluster configuration", &state.config.text)
+        .map_err(|e| e.to_string())?;
+    let p = config
+        .resources
+        .iter()
+        .find(|p| p.id == resource)
+        .ok_or_else(|| format!("resource {resource} is not in the configuration"))?;
+    let class_text = match (p.class.as_str(), &p.provider) {
+        ("ocf", Some(provider)) => format!("ocf:{provider}:{}", p.agent),
+        ("lsb" | "systemd", _) => format!("{}:{}", p.class, p.agent),
+        (other, _) => other.to_string(),
+    };
+    let class: AgentClass = class_text
+        .parse()
+        .map_err(|e: haven_exec::AgentClassError| format!("resources.{resource}.class: {e}"))?;
+    let mut spec = AgentSpec::new(resource, class, d.state_dir.join("resources"));
+    spec.params = p.params.clone();
+    Ok(spec)
+}
+
+async fn execute(
+    d: &Daemon,
+    resource: &str,
+    op: OpKind,
+    timeout: Duration,
+    peer: Option<String>,
+) -> OpOutcome {
+    let spec = match spec_for(d, resource) {
+        Ok(s) => s,
+        Err(reason) => return OpOutcome::Failed { rc: 6, reason },
+    };
+    let migration = || Migration {
+        peer: peer.clone().unwrap_or_default(),
+        address: String::new(),
+    };
+    let exec_op = match op {
+        OpKind::Start => Op::Start,
+        OpKind::Stop => Op::Stop,
+        OpKind::Monitor => Op::Monitor {
+            interval: Duration::ZERO,
+        },
+        OpKind::Promote => Op::Promote,
+        OpKind::Demote => Op::Demote,
+        OpKind::MigrateTo => Op::MigrateTo(migration()),
+        OpKind::MigrateFrom => Op::MigrateFrom(migration()),
+    };
+    let result = haven_exec::run_op(&spec, exec_op, timeout).await;
+    if result.code != OpCode::Success && result.code != OpCode::NotRunning {
+        tracing::info!(
+            "{resource} {}: {:?} {}",
+            op_name(op),
+            result.code,
+            result.notes.join(" ")
+        );
+    }
+    outcome(op, &result)
+}
+
+/// An agent's result as the cluster decides on it.
+fn outcome(op: OpKind, r: &OpResult) -> OpOutcome {
+    let failed = |r: &OpResult| OpOutcome::Failed {
+        rc: r.code.exit_code().unwrap_or(1),
+        reason: if r.notes.is_empty() {
+            format!("{:?}", r.code)
+        } else {
+            r.notes.join(" ")
+        },
+    };
+    match (op, r.code) {
+        (_, OpCode::Timeout) => OpOutcome::TimedOut,
+        (_, OpCode::Success) => OpOutcome::Ok,
+        (OpKind::Monitor, OpCode::NotRunning) => OpOutcome::NotRunning,
+        (OpKind::Monitor, OpCode::RunningPromoted) => OpOutcome::RunningPromoted,
+        _ => failed(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(code: OpCode) -> OpResult {
+        OpResult {
+            code,
+            duration: Duration::ZERO,
+            stdout: String::new(),
+            stderr: String::new(),
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn agent_results_map_to_outcomes_by_operation() {
+        assert_eq!(
+            outcome(OpKind::Monitor, &result(OpCode::NotRunning)),
+            OpOutcome::NotRunning
+        );
+        assert!(matches!(
+            outcome(OpKind::Start, &result(OpCode::NotRunning)),
+            OpOutcome::Failed { rc: 7, .. }
+        ));
+        assert_eq!(
+            outcome(OpKind::Stop, &result(OpCode::Timeout)),
+            OpOutcome::TimedOut
+        );
+        assert_eq!(
+            outcome(OpKind::Start, &result(OpCode::Success)),
+            OpOutcome::Ok
+        );
+        assert!(matches!(
+            outcome(OpKind::Start, &result(OpCode::SpawnFailed)),
+            OpOutcome::Failed { rc: 1, .. }
+        ));
+    }
+}
