@@ -309,6 +309,7 @@ mod tests {
             policy: SplitBrainPolicy::Disconnect,
             allow_two_primaries: false,
             resync_rate: None,
+            peer_timeout: Duration::from_secs(5),
         })
         .unwrap()
     }

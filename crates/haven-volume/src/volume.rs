@@ -98,6 +98,10 @@ pub struct VolumeConfig {
     pub allow_two_primaries: bool,
     /// Resync rate limit in bytes per second; `None` is unlimited.
     pub resync_rate: Option<u64>,
+    /// A connected peer that takes longer than this to accept or acknowledge a write is
+    /// disconnected (its regions go to the bitmap), so one hung peer cannot stall the
+    /// volume — DRBD's `timeout`/`ko-count`.
+    pub peer_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -657,6 +661,8 @@ impl Volume {
             .and_then(|p| p.conn.as_ref())
             .is_some_and(|c| c.id == conn.id);
         if !mine {
+            drop(st);
+            conn.acked.send_modify(|a| a.alive = false);
             return;
         }
         if let Some(p) = st.peers.get_mut(&conn.peer) {
@@ -970,10 +976,18 @@ impl Volume {
     }
 
     async fn sync_data(&self) -> std::io::Result<()> {
-        let f = self.file.clone();
-        tokio::task::spawn_blocking(move || f.sync_data())
-            .await
-            .map_err(std::io::Error::other)?
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::current().runtime_flavor() {
+            // Saves a hop to the blocking pool; the runtime hands this worker's other
+            // tasks to another one meanwhile.
+            RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| self.file.sync_data()),
+            _ => {
+                let f = self.file.clone();
+                tokio::task::spawn_blocking(move || f.sync_data())
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IoFail> {
@@ -1045,23 +1059,20 @@ impl Volume {
                 flags |= wire::WF_ZEROES;
             }
             for (c, seq) in &waits {
-                // A closed channel means the connection is being torn down; its
-                // teardown marks this write's region dirty from the inflight queue.
-                let _ =
-                    c.tx.send(Out::Write {
-                        seq: *seq,
-                        offset,
-                        len,
-                        flags,
-                        data: data.clone(),
-                    })
-                    .await;
+                let out = Out::Write {
+                    seq: *seq,
+                    offset,
+                    len,
+                    flags,
+                    data: data.clone(),
+                };
+                send_or_drop(c, out, self.cfg.peer_timeout).await;
             }
         }
         if fua {
             self.sync_data().await.map_err(|_| IoFail::Io)?;
         }
-        wait_acks(&waits).await;
+        wait_acks(&waits, self.cfg.peer_timeout).await;
         Ok(())
     }
 
@@ -1084,11 +1095,11 @@ impl Volume {
                 }
             }
             for (c, s) in &waits {
-                let _ = c.tx.send(Out::Flush(*s)).await;
+                send_or_drop(c, Out::Flush(*s), self.cfg.peer_timeout).await;
             }
         }
         self.sync_data().await.map_err(|_| IoFail::Io)?;
-        wait_acks(&waits).await;
+        wait_acks(&waits, self.cfg.peer_timeout).await;
         Ok(())
     }
 
@@ -1300,12 +1311,35 @@ impl Volume {
     }
 }
 
-async fn wait_acks(waits: &[(Arc<Conn>, u64)]) {
+/// Queues `out` to a peer; a peer whose queue stays full past `limit` is dropped. Either
+/// way the frame's region is safe: it is in the inflight queue, which the connection's
+/// teardown moves into the dirty bitmap.
+async fn send_or_drop(c: &Conn, out: Out, limit: Duration) {
+    if tokio::time::timeout(limit, c.tx.send(out)).await.is_err() {
+        tracing::warn!(
+            "peer {} accepted no data for {limit:?}: disconnecting",
+            c.peer
+        );
+        c.shut();
+    }
+}
+
+async fn wait_acks(waits: &[(Arc<Conn>, u64)], limit: Duration) {
     for (c, seq) in waits {
         let mut rx = c.acked.subscribe();
         // A dead connection counts as done: its unacknowledged regions were marked
         // dirty for that peer before `alive` was cleared.
-        let _ = rx.wait_for(|a| a.seq >= *seq || !a.alive).await;
+        let acked = rx.wait_for(|a| a.seq >= *seq || !a.alive);
+        if tokio::time::timeout(limit, acked).await.is_err() {
+            tracing::warn!(
+                "peer {} acknowledged nothing for {limit:?}: disconnecting",
+                c.peer
+            );
+            c.shut();
+            // Teardown is local and prompt; it clears `alive` once the regions are
+            // in the bitmap.
+            let _ = rx.wait_for(|a| !a.alive).await;
+        }
     }
 }
 

@@ -733,3 +733,47 @@ fn volume_crashed_primary_rejoins_with_a_full_sync() {
     qemu_io_ok(&b.uri(), &[s("flush")]);
     assert_identical(&a, &b);
 }
+
+fn signal(n: &Node, sig: &str) {
+    let pid = n.child.as_ref().expect("node not running").id();
+    let o = run_bounded(Command::new("kill").args([sig, &pid.to_string()]), WAIT);
+    assert!(o.status.success(), "kill {sig} {pid}: {}", text(&o));
+}
+
+#[test]
+fn volume_hung_peer_is_dropped_and_resynced_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--peer-timeout", "1"]);
+    signal(&b, "-STOP");
+    // The write completes once a gives up on b; b's share goes to the bitmap.
+    qemu_io_ok(&a.uri(), &[s("write -P 0x66 64k 64k")]);
+    let st = a.status().unwrap();
+    let p = Node::peer_status(&st, "b");
+    assert_ne!(p["connection"], "Connected", "{p:#}");
+    assert_eq!(p["out_of_sync_bytes"], REGION);
+    signal(&b, "-CONT");
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+}
+
+#[test]
+fn volume_dual_primary_only_inside_an_explicit_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--allow-two-primaries"]);
+    // A live-migration window: both primary, writes from either reach the other.
+    b.ok(&["promote"]);
+    qemu_io_ok(&b.uri(), &[s("write -P 0x71 0 64k")]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x72 64k 64k")]);
+    assert_identical(&a, &b);
+    a.ok(&["demote"]);
+    let sb = b.wait_for("a secondary", |s| {
+        Node::peer_status(s, "a")["role"] == "Secondary"
+    });
+    assert_eq!(sb["role"], "Primary");
+    let o = qemu_io(&a.uri(), &[s("write -P 0x73 0 4k")]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Operation not permitted"),
+        "{}",
+        text(&o)
+    );
+}

@@ -108,6 +108,13 @@ struct ServeArgs {
     /// Resync rate limit, bytes per second (K/M/G suffixes allowed)
     #[arg(long, value_parser = parse_size)]
     resync_rate: Option<u64>,
+    /// Seconds a connected peer may take to take or acknowledge a write before it is
+    /// disconnected and tracked in the bitmap instead
+    #[arg(long, default_value_t = 5.0, value_parser = parse_timeout)]
+    peer_timeout: f64,
+    /// Runtime worker threads (1: everything on one thread, lowest latency)
+    #[arg(long, default_value_t = 2, env = "HAVEN_VOLUME_THREADS")]
+    threads: usize,
 }
 
 #[derive(Parser)]
@@ -165,6 +172,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "`{s}` must be a number of seconds between 0 and 3600"
+        )),
+    }
+}
+
 fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s
         .split_once('=')
@@ -219,12 +235,17 @@ fn create(a: CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    // One thread keeps every hop of a replicated write (client task, peer writer, ack
+    // reader) on the same thread: no cross-thread wake-ups on the latency path.
+    let mut b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all().build().context("starting the async runtime")
 }
 
 fn refuse_existing(path: &Path, what: &str) -> anyhow::Result<()> {
@@ -257,9 +278,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         policy: a.after_sb,
         allow_two_primaries: a.allow_two_primaries,
         resync_rate: a.resync_rate,
+        peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout),
     };
     let vol = Volume::open(cfg).with_context(|| format!("opening {}", a.dir.display()))?;
-    let rt = runtime()?;
+    let rt = runtime(a.threads)?;
     let result = rt.block_on(async {
         vol.start().await?;
         let mut tasks = tokio::task::JoinSet::new();
