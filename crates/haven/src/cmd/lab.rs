@@ -43,6 +43,13 @@ pub enum LabCommand {
         #[arg(long, default_value = "haven-lab")]
         dir: PathBuf,
     },
+    /// Time configuration commits on a fresh lab (p50/p99), then remove it
+    BenchCommit {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
     /// Show the lab's processes and the cluster's status
     Status {
         #[arg(long, default_value = "haven-lab")]
@@ -88,6 +95,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Status { dir } => status(&dir),
+        LabCommand::BenchCommit { nodes, samples } => {
+            if samples == 0 || !(1..=50).contains(&nodes) {
+                anyhow::bail!("--samples must be positive and --nodes between 1 and 50");
+            }
+            let r = crate::daemon::bench::commit_latency(nodes, samples)?;
+            println!(
+                "config commit latency, {} nodes on loopback, {} samples: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                r.nodes,
+                r.samples,
+                r.p50.as_secs_f64() * 1e3,
+                r.p99.as_secs_f64() * 1e3,
+                r.max.as_secs_f64() * 1e3
+            );
+            Ok(())
+        }
     }
 }
 
@@ -150,6 +172,26 @@ async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> a
 }
 
 async fn up(nodes: u8, dir: &Path) -> anyhow::Result<()> {
+    let (client_path, report) = start(nodes, dir).await?;
+    print!("{}", super::status::render(&report));
+    let c = client_path.display();
+    let dir = dir.canonicalize()?;
+    println!(
+        "\nThe lab is up ({} nodes, logs in {}/NODE/daemon.log). Try:",
+        nodes,
+        dir.display()
+    );
+    println!("  export HAVEN_CONFIG={c}");
+    println!("  haven status");
+    println!("  haven config show > cluster.toml   # edit, then: haven config apply cluster.toml");
+    println!("  haven node standby n2");
+    println!("  haven lab down --dir {}", dir.display());
+    Ok(())
+}
+
+/// Starts a lab of `nodes` daemons in `dir` and returns its client.toml and first
+/// quorate status. On error, what was started is still running: call [`down`].
+pub async fn start(nodes: u8, dir: &Path) -> anyhow::Result<(PathBuf, StatusReport)> {
     if dir.join("client.toml").exists() {
         anyhow::bail!(
             "{} already holds a lab; run `haven lab down --dir {0}` and remove it first",
@@ -230,19 +272,7 @@ async fn up(nodes: u8, dir: &Path) -> anyhow::Result<()> {
         },
     )
     .await?;
-    print!("{}", super::status::render(&report));
-    let c = client_path.display();
-    println!(
-        "\nThe lab is up ({} nodes, logs in {}/NODE/daemon.log). Try:",
-        nodes,
-        dir.display()
-    );
-    println!("  export HAVEN_CONFIG={c}");
-    println!("  haven status");
-    println!("  haven config show > cluster.toml   # edit, then: haven config apply cluster.toml");
-    println!("  haven node standby n2");
-    println!("  haven lab down --dir {}", dir.display());
-    Ok(())
+    Ok((client_path, report))
 }
 
 /// A few supervised processes and a group, on the lab's nodes.

@@ -4,6 +4,7 @@
 //! haven-ha; this module only connects them to sockets, files and the clock.
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod files;
 pub mod ha;
