@@ -929,22 +929,25 @@ fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
             None => ops.push(rec),
         }
     }
-    // Pending operations (call id -1) happened last. Call ids restart with the
-    // executor; when every operation came from one controller (one transition uuid),
-    // the transition number orders them first.
-    let uuids: std::collections::HashSet<&str> =
-        ops.iter().filter_map(|o| o.uuid.as_deref()).collect();
-    let one_controller = uuids.len() == 1;
-    ops.sort_by_key(|o| {
-        let call = if o.call < 0 { i64::MAX } else { o.call };
-        let graph = if one_controller {
-            o.graph.unwrap_or(0)
-        } else {
-            0
-        };
-        (o.call < 0, graph, call)
-    });
-    ops
+    // Completed operations are ordered by call id. A pending one (call id -1) has no
+    // call id yet: it goes before the first completed operation of a later transition
+    // of the same controller, else last.
+    let (mut pending, mut done): (Vec<OpRec>, Vec<OpRec>) =
+        ops.into_iter().partition(|o| o.call < 0);
+    done.sort_by_key(|o| o.call);
+    pending.sort_by_key(|o| o.graph.unwrap_or(i64::MAX));
+    for p in pending {
+        let at = done
+            .iter()
+            .position(|d| {
+                d.uuid.is_some()
+                    && d.uuid == p.uuid
+                    && matches!((d.graph, p.graph), (Some(dg), Some(pg)) if dg > pg && pg >= 0)
+            })
+            .unwrap_or(done.len());
+        done.insert(at, p);
+    }
+    done
 }
 
 /// Intervals in the status section are milliseconds.

@@ -213,7 +213,7 @@ impl<'a> Sched<'a> {
             attrs.insert("#id".into(), n.id.clone().unwrap_or_else(|| n.name.clone()));
             attrs.insert("#kind".into(), "cluster".into());
             let unclean = state == NodeState::Unclean;
-            let fence = (unclean && opts.stonith_enabled).then(|| {
+            let fence = (unclean && opts.stonith_enabled && quorum_ok).then(|| {
                 ns.and_then(|x| x.unclean_reason.clone())
                     .unwrap_or_else(|| "node is unclean".to_string())
             });
@@ -1550,7 +1550,8 @@ impl<'a> Sched<'a> {
                             let to = Some(place(b, rb));
                             if a != b {
                                 restart_rest = true;
-                                let kind = if failed {
+                                // After fencing, a failed resource is simply gone.
+                                let kind = if failed && !fenced[a] {
                                     ChangeKind::Recover
                                 } else if !fenced[a] && self.migratable(u, inst, m, a, failed, 0) {
                                     ChangeKind::Migrate
