@@ -777,3 +777,109 @@ fn volume_dual_primary_only_inside_an_explicit_window() {
         text(&o)
     );
 }
+
+/// A TCG guest from scripts/build-guest whose disk is a Haven volume over NBD. Its init
+/// writes `HAVEN-COUNTER n` to sector 0 with fsync every 0.5 s and prints the same line
+/// after each write is durable; at boot it prints `HAVEN-RESUME n` from the disk.
+struct Guest {
+    child: Child,
+    console: PathBuf,
+}
+
+impl Guest {
+    fn start(dir: &Path, name: &str, nbd: &Path) -> Guest {
+        let g = std::env::var_os("HAVEN_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
+        assert!(
+            g.join("vmlinux").is_file() && g.join("initramfs.cpio").is_file(),
+            "no test guest in {}: run scripts/build-guest (or set HAVEN_GUEST_DIR)",
+            g.display()
+        );
+        let console = dir.join(format!("{name}.console"));
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-m", "128", "-nodefaults", "-no-reboot"])
+            .args(["-display", "none", "-monitor", "none", "-net", "none"])
+            .arg("-kernel")
+            .arg(g.join("vmlinux"))
+            .arg("-initrd")
+            .arg(g.join("initramfs.cpio"))
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=nbd,node-name=n0,server.type=unix,server.path={},export=vol",
+                nbd.display()
+            ))
+            .args(["-blockdev", "driver=raw,node-name=d0,file=n0"])
+            .args(["-device", "virtio-blk-pci,drive=d0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting qemu-system-x86_64 (Debian package qemu-system-x86)");
+        Guest { child, console }
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the console has a line `prefix N` and returns the last N.
+    fn wait_line(&self, prefix: &str, at_least: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let last = self
+                .console()
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(prefix))
+                .filter_map(|n| n.trim().parse::<u64>().ok())
+                .next_back();
+            if let Some(n) = last.filter(|n| *n >= at_least) {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest never printed `{prefix} >= {at_least}`; console:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn volume_guest_fails_over_to_the_secondary_without_losing_a_counter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(tmp.path(), &[]);
+    let mut g1 = Guest::start(tmp.path(), "g1", &a.nbd);
+    g1.wait_line("HAVEN-RESUME", 0);
+    g1.wait_line("HAVEN-COUNTER", 3);
+    // Power loss of the primary's host: volume server and guest die together.
+    a.kill();
+    g1.kill();
+    let seen = g1.wait_line("HAVEN-COUNTER", 3);
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    let g2 = Guest::start(tmp.path(), "g2", &b.nbd);
+    let resumed = g2.wait_line("HAVEN-RESUME", 0);
+    assert!(
+        resumed >= seen,
+        "the guest saw counter {seen} durable, but the promoted replica resumed at {resumed}"
+    );
+    g2.wait_line("HAVEN-COUNTER", resumed + 2);
+}
