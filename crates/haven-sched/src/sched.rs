@@ -57,6 +57,7 @@ struct CloneSpec {
     max: usize,
     node_max: usize,
     promotable: bool,
+    interleave: bool,
     promoted_max: usize,
     promoted_node_max: usize,
     unique: bool,
@@ -360,6 +361,7 @@ impl<'a> Sched<'a> {
                 max: c.clone_max.map(|x| x as usize).unwrap_or(n_nodes),
                 node_max: c.clone_node_max.unwrap_or(1).max(1) as usize,
                 promotable: c.promotable,
+                interleave: c.interleave,
                 promoted_max: c.promoted_max.unwrap_or(1) as usize,
                 promoted_node_max: c.promoted_node_max.unwrap_or(1) as usize,
                 unique: c.globally_unique,
@@ -715,7 +717,7 @@ impl<'a> Sched<'a> {
             if !prefs
                 .iter()
                 .enumerate()
-                .any(|(n, s)| *s >= Score::ZERO && self.nodes[n].can_run)
+                .any(|(n, s)| !s.is_neg_inf() && self.nodes[n].can_run)
             {
                 continue;
             }
@@ -777,7 +779,7 @@ impl<'a> Sched<'a> {
         let balanced = self.cfg.options.placement_strategy == PlacementStrategy::Balanced;
         let mut best: Option<usize> = None;
         for n in 0..self.nodes.len() {
-            if !self.nodes[n].can_run || w[n] < Score::ZERO || !self.fits(n, need) {
+            if !self.nodes[n].can_run || w[n].is_neg_inf() || !self.fits(n, need) {
                 continue;
             }
             let better = match best {
@@ -1001,7 +1003,7 @@ impl<'a> Sched<'a> {
         let mut w = self.base_weights(u);
         self.apply_colocations(u, &mut w);
         self.record_scores(u, &w);
-        let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && w[n] >= Score::ZERO;
+        let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
         let mut per_node = vec![0usize; n_nodes];
         let mut insts: Vec<Inst> = Vec::new();
         let mut leftovers: Vec<(u32, usize)> = Vec::new();
@@ -1322,14 +1324,36 @@ impl<'a> Sched<'a> {
                     }
                     continue;
                 }
-                let (starts, stops) = self.unit_activity(first);
                 let symmetrical = self.orders[oi].symmetrical;
-                let trigger = (fa == OrderAction::Start && starts)
-                    || (symmetrical && fa == OrderAction::Start && stops);
-                if trigger && ta == OrderAction::Start {
+                let then_clone = self.units[then].kind == Kind::Clone;
+                let interleaved = then_clone
+                    && self.units[first].kind == Kind::Clone
+                    && self.units[then]
+                        .clone
+                        .as_ref()
+                        .is_some_and(|c| c.interleave);
+                // A clone that must follow restarts nothing when the first changes: only
+                // its collective start waits. Interleaved clones follow per node.
+                if then_clone && !interleaved {
+                    continue;
+                }
+                let triggered = |s: &Sched<'_>, node: Option<usize>| {
+                    let (starts, stops) = s.unit_activity(first, node);
+                    fa == OrderAction::Start && (starts || symmetrical && stops)
+                };
+                if ta == OrderAction::Start {
+                    let any = triggered(self, None);
                     let staying: Vec<usize> =
                         (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
                             .filter(|&i| self.inst_stays(then, i))
+                            .filter(|&i| {
+                                if interleaved {
+                                    let node = self.placed[then].as_ref().and_then(|v| v[i].node);
+                                    node.is_some() && triggered(self, node)
+                                } else {
+                                    any
+                                }
+                            })
                             .collect();
                     if let Some(insts) = self.placed[then].as_mut() {
                         for i in staying {
@@ -1361,14 +1385,18 @@ impl<'a> Sched<'a> {
         }
     }
 
-    /// Does any part of `u` start, and does any part stop, in this transition?
-    fn unit_activity(&self, u: usize) -> (bool, bool) {
+    /// Does any part of `u` (on `node`, if given) start, and does any part stop, in this
+    /// transition?
+    fn unit_activity(&self, u: usize, node: Option<usize>) -> (bool, bool) {
         let Some(insts) = self.placed[u].as_ref() else {
             return (false, false);
         };
         let mut starts = false;
         let mut stops = false;
         for inst in insts {
+            if node.is_some() && inst.node != node && inst.cur_node != node {
+                continue;
+            }
             for m in 0..self.units[u].prims.len() {
                 let (had, will) = self.member_transition(u, inst, m);
                 match (had, will) {
