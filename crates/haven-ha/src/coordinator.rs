@@ -327,6 +327,20 @@ impl<P: Planner> Coordinator<P> {
         self.progress(now);
     }
 
+    /// The planner's inputs changed (run-time node attributes such as standby): plan
+    /// again.
+    pub fn handle_planner_changed(&mut self, now: Time) {
+        self.dirty = true;
+        if let Some(t) = self.transition.as_mut() {
+            t.aborted = true;
+        }
+        self.progress(now);
+    }
+
+    pub fn planner_mut(&mut self) -> &mut P {
+        &mut self.planner
+    }
+
     /// Failures are forgotten and the resource is re-probed everywhere, as Pacemaker's
     /// cleanup does (`haven resource cleanup`): the truth is on the nodes.
     pub fn handle_cleanup(&mut self, resource: &str, now: Time) {

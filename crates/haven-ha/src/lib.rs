@@ -23,7 +23,7 @@ pub use coordinator::{
 };
 pub use fencing::{Confirmation, FenceCommand, FenceStep, Fencer, StepKind, VictimState};
 pub use membership::{Liveness, Membership, MembershipEvent, Timeouts};
-pub use planner::SchedPlanner;
+pub use planner::{NodeOverride, SchedPlanner};
 pub use quorum::{NoQuorumPolicy, QuorumAction, QuorumWatch};
 pub use time::Time;
 pub use view::{ClusterView, NodeState, Observed, Plan, Planner, Step};

@@ -7,25 +7,51 @@ use haven_sched::PlanAction;
 
 use crate::view::{ClusterView, NodeState, Observed, Plan, Planner, Step};
 
+/// Node attributes set at run time (`haven node standby|maintenance`), which override
+/// the configuration's, as Pacemaker's transient node attributes do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeOverride {
+    pub standby: Option<bool>,
+    pub maintenance: Option<bool>,
+}
+
 /// Plans with Pacemaker's semantics, from the configuration committed through Raft.
 #[derive(Clone, Debug)]
 pub struct SchedPlanner {
     config: Config,
+    overrides: BTreeMap<String, NodeOverride>,
 }
 
 impl SchedPlanner {
     pub fn new(config: Config) -> Self {
-        SchedPlanner { config }
+        SchedPlanner {
+            config,
+            overrides: BTreeMap::new(),
+        }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
+
+    /// Replaces the run-time node attributes. Returns whether anything changed, in
+    /// which case the caller tells the coordinator (`handle_planner_changed`).
+    pub fn set_overrides(&mut self, overrides: BTreeMap<String, NodeOverride>) -> bool {
+        let changed = self.overrides != overrides;
+        self.overrides = overrides;
+        changed
+    }
 }
 
 impl Planner for SchedPlanner {
     fn plan(&mut self, view: &ClusterView) -> Plan {
-        let state = observed_state(view);
+        let mut state = observed_state(view);
+        for (n, o) in &self.overrides {
+            if let Some(status) = state.nodes.get_mut(n) {
+                status.standby = o.standby;
+                status.maintenance = o.maintenance;
+            }
+        }
         let plan = haven_sched::schedule(&self.config, &state);
         Plan {
             steps: plan.actions.into_iter().map(step).collect(),
@@ -262,5 +288,39 @@ agent = "lab"
         }
         assert_eq!(running.len(), 2, "both resources run again: {running:?}");
         assert!(running.values().all(|n| *n != dead_name));
+    }
+
+    #[test]
+    fn standby_override_moves_resources_away() {
+        let config = Config::from_toml("test.toml", CONFIG).expect("valid config");
+        let mut p = SchedPlanner::new(config);
+        let mut view = ClusterView::default();
+        for n in ["n1", "n2", "n3"] {
+            view.nodes.insert(n.to_string(), NodeState::Online);
+        }
+        for r in ["web", "db"] {
+            view.resources
+                .entry(r.to_string())
+                .or_default()
+                .insert("n1".to_string(), Observed::Started);
+        }
+        assert!(p.plan(&view).is_empty(), "both run, nothing to do");
+        let standby = NodeOverride {
+            standby: Some(true),
+            maintenance: None,
+        };
+        assert!(p.set_overrides([("n1".to_string(), standby)].into()));
+        let plan = p.plan(&view);
+        let stops = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Stop { node, .. } if node == "n1"))
+            .count();
+        let starts_elsewhere = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Start { node, .. } if node != "n1"))
+            .count();
+        assert_eq!((stops, starts_elsewhere), (2, 2), "{plan:?}");
     }
 }
