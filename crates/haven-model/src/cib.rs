@@ -1006,6 +1006,15 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
                     }
                 }
                 "demote" | "promote" => st.role = Role::Promoted,
+                "start" => {
+                    // A start the executor itself gave up on (timed out, could not
+                    // run) bans the node; an agent's error result is recovered in place
+                    // unless failcounts say otherwise.
+                    st.start_failed = o.status != 0;
+                    if st.role == Role::Stopped {
+                        st.role = Role::Started;
+                    }
+                }
                 _ => {
                     if st.role == Role::Stopped {
                         st.role = Role::Started;
@@ -1018,11 +1027,13 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
             "start" => {
                 st.role = Role::Started;
                 st.failed = false;
+                st.start_failed = false;
                 st.migration = None;
             }
             "stop" => {
                 st.role = Role::Stopped;
                 st.failed = false;
+                st.start_failed = false;
                 st.stop_failed = false;
                 st.migration = None;
             }

@@ -93,6 +93,9 @@ pub struct ResourceStatus {
     /// A stop failed: only fencing the node makes it safe.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stop_failed: bool,
+    /// A start failed: with `start-failure-is-fatal` the node is out for this resource.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub start_failed: bool,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub failcount: u32,
     /// Seconds since the epoch of the last failure.
@@ -115,6 +118,7 @@ impl Default for ResourceStatus {
             role: Role::Stopped,
             failed: false,
             stop_failed: false,
+            start_failed: false,
             failcount: 0,
             last_failure: None,
             migration: None,

@@ -407,10 +407,19 @@ impl<'a> Sched<'a> {
                     continue;
                 };
                 if let Some(pi) = base
-                    && (status.failcount > 0 || status.last_failure.is_some())
+                    && (status.failcount > 0
+                        || status.last_failure.is_some()
+                        || status.start_failed)
                 {
+                    // A failed start is fatal on that node unless configured otherwise.
+                    let fatal = status.start_failed && self.cfg.options.start_failure_is_fatal;
+                    let count = if fatal {
+                        haven_model::INFINITY as u32
+                    } else {
+                        status.failcount
+                    };
                     let e = self.prims[pi].fails.entry(ni).or_default();
-                    e.0 = e.0.saturating_add(status.failcount);
+                    e.0 = e.0.saturating_add(count);
                     e.1 = e.1.max(status.last_failure);
                 }
                 if !self.nodes[ni].counts || status.role == Role::Stopped {
