@@ -200,6 +200,9 @@ impl Client {
             s.read_exact(&mut h).map_err(io("NBD option reply"))?;
             let typ = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
             let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+            if len > 1 << 16 {
+                return Err(BenchError::Client(format!("option reply of {len} bytes")));
+            }
             let mut skip = vec![0u8; len as usize];
             s.read_exact(&mut skip).map_err(io("NBD option reply"))?;
             match typ {

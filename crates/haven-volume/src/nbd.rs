@@ -11,8 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, Semaphore};
 
-/// Requests one client may have in progress at once.
-const MAX_INFLIGHT: u32 = 64;
+/// What one connection's requests in progress may hold, in KiB: payload buffers are
+/// bounded per client, however deep its queue (each request also costs 1 KiB).
+const BUDGET_KIB: u32 = 64 << 10;
 
 #[derive(Debug, Error)]
 pub enum NbdError {
@@ -206,7 +207,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let wr = Arc::new(Mutex::new(wr));
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT as usize));
+    let slots = Arc::new(Semaphore::new(BUDGET_KIB as usize));
     let mut header = [0u8; proto::REQUEST_LEN];
     loop {
         rd.read_exact(&mut header).await?;
@@ -215,7 +216,7 @@ where
         match req.cmd {
             Cmd::Disc => {
                 // Finish what is in flight, then close.
-                let _all = slots.acquire_many(MAX_INFLIGHT).await;
+                let _all = slots.acquire_many(BUDGET_KIB).await;
                 return Ok(());
             }
             Cmd::Write if req.length > proto::MAX_PAYLOAD => {
@@ -235,16 +236,21 @@ where
             }
             _ => {}
         }
+        // Reserve before reading the payload, so a deep queue waits instead of growing.
+        let cost = match req.cmd {
+            Cmd::Read | Cmd::Write => 1 + req.length / 1024,
+            _ => 1,
+        };
+        let permit = match slots.clone().acquire_many_owned(cost).await {
+            Ok(p) => p,
+            Err(_) => return Ok(()),
+        };
         let payload = if req.cmd == Cmd::Write {
             let mut d = vec![0u8; req.length as usize];
             rd.read_exact(&mut d).await?;
             Some(Arc::new(d))
         } else {
             None
-        };
-        let permit = match slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return Ok(()),
         };
         let vol = vol.clone();
         let wr = wr.clone();
