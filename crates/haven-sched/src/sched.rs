@@ -817,10 +817,41 @@ impl<'a> Sched<'a> {
     }
 
     fn place_all(&mut self) {
+        // Higher priority first; then resources that are well placed where they run
+        // (they keep their nodes) before ones that must find a new home.
+        let keys: Vec<(i64, Score)> = (0..self.units.len())
+            .map(|u| {
+                let w = self.base_weights(u);
+                let here = match self.unit_current(u) {
+                    Some(n) if self.units[u].kind != Kind::Clone => {
+                        let stick: Score = self.units[u]
+                            .prims
+                            .iter()
+                            .filter(|&&pi| self.prims[pi].cur.iter().any(|c| c.node == n))
+                            .map(|&pi| self.stickiness(pi))
+                            .fold(Score::ZERO, |a, b| a + b);
+                        if self.nodes[n].can_run {
+                            w[n] + stick
+                        } else {
+                            NEG
+                        }
+                    }
+                    _ => w
+                        .iter()
+                        .enumerate()
+                        .filter(|(n, _)| self.nodes[*n].can_run)
+                        .map(|(_, s)| *s)
+                        .max()
+                        .unwrap_or(NEG),
+                };
+                (self.units[u].meta.priority.unwrap_or(0), here)
+            })
+            .collect();
         let mut order: Vec<usize> = (0..self.units.len()).collect();
         order.sort_by_key(|&u| {
             (
-                std::cmp::Reverse(self.units[u].meta.priority.unwrap_or(0)),
+                std::cmp::Reverse(keys[u].0),
+                std::cmp::Reverse(keys[u].1),
                 self.units[u].doc_order,
             )
         });
