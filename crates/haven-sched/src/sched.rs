@@ -1366,6 +1366,7 @@ impl<'a> Sched<'a> {
                 }
                 let symmetrical = self.orders[oi].symmetrical;
                 let then_clone = self.units[then].kind == Kind::Clone;
+                let first_clone = self.units[first].kind == Kind::Clone;
                 let interleaved = then_clone
                     && self.units[first].kind == Kind::Clone
                     && self.units[then]
@@ -1387,7 +1388,9 @@ impl<'a> Sched<'a> {
                         (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
                             .filter(|&i| self.inst_stays(then, i))
                             .filter(|&i| {
-                                if interleaved {
+                                // What follows a clone waits only on its instance where it
+                                // runs.
+                                if interleaved || first_clone {
                                     let node = self.placed[then].as_ref().and_then(|v| v[i].node);
                                     node.is_some() && triggered(self, node)
                                 } else {
