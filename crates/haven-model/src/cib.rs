@@ -990,6 +990,7 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
         }
         if !ok {
             st.failed = true;
+            st.failed_op = Some(format!("{}:{}", o.op, o.interval));
             st.last_failure = o.last_rc_change.or(st.last_failure);
             match o.op.as_str() {
                 "stop" => {
@@ -1027,12 +1028,14 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
             "start" => {
                 st.role = Role::Started;
                 st.failed = false;
+                st.failed_op = None;
                 st.start_failed = false;
                 st.migration = None;
             }
             "stop" => {
                 st.role = Role::Stopped;
                 st.failed = false;
+                st.failed_op = None;
                 st.start_failed = false;
                 st.stop_failed = false;
                 st.migration = None;

@@ -93,6 +93,9 @@ pub struct ResourceStatus {
     /// A stop failed: only fencing the node makes it safe.
     #[serde(default, skip_serializing_if = "is_false")]
     pub stop_failed: bool,
+    /// The operation that failed last, as `name:interval-seconds` (e.g. `monitor:10`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_op: Option<String>,
     /// A start failed: with `start-failure-is-fatal` the node is out for this resource.
     #[serde(default, skip_serializing_if = "is_false")]
     pub start_failed: bool,
@@ -119,6 +122,7 @@ impl Default for ResourceStatus {
             failed: false,
             stop_failed: false,
             start_failed: false,
+            failed_op: None,
             failcount: 0,
             last_failure: None,
             migration: None,

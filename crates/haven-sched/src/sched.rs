@@ -438,8 +438,21 @@ impl<'a> Sched<'a> {
                 }
             }
         }
+        let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
+            // An expired failure is forgotten (without a clock, every failure is old).
+            if let Some(t) = p.meta.failure_timeout.filter(|t| *t > 0) {
+                for c in &mut p.cur {
+                    let expired = match (now, c.status.last_failure) {
+                        (Some(now), Some(last)) => last + t as i64 <= now,
+                        _ => true,
+                    };
+                    if c.failed && expired {
+                        c.failed = false;
+                    }
+                }
+            }
         }
     }
 
@@ -551,7 +564,37 @@ impl<'a> Sched<'a> {
     }
 
     fn managed(&self, pi: usize) -> bool {
-        !self.cfg.options.maintenance_mode && self.prims[pi].meta.is_managed.unwrap_or(true)
+        !self.cfg.options.maintenance_mode
+            && self.prims[pi].meta.is_managed.unwrap_or(true)
+            && !self.prims[pi]
+                .cur
+                .iter()
+                .any(|c| self.blocked_failure(pi, c))
+    }
+
+    /// A failure the cluster must leave alone: the failed operation says `on-fail =
+    /// block`, or a stop failed and there is no fencing to make the node safe.
+    fn blocked_failure(&self, pi: usize, c: &Cur<'_>) -> bool {
+        // Fencing, or a ban from the failcount, still stops it.
+        if !c.failed || self.nodes[c.node].fence.is_some() || self.failed_out(pi, c.node) {
+            return false;
+        }
+        if c.status.stop_failed && !self.cfg.options.stonith_enabled {
+            return true;
+        }
+        let Some((name, interval)) = c
+            .status
+            .failed_op
+            .as_deref()
+            .and_then(|f| f.split_once(':'))
+        else {
+            return false;
+        };
+        self.prims[pi].cfg.ops.iter().any(|o| {
+            o.name == name
+                && o.interval.to_string() == interval
+                && o.on_fail == Some(haven_model::OnFail::Block)
+        })
     }
 
     fn target_stopped(meta: &Meta) -> bool {
@@ -660,6 +703,14 @@ impl<'a> Sched<'a> {
                 .iter()
                 .filter_map(|i| {
                     let n = i.node?;
+                    if self.units[p].prims.iter().any(|&pi| {
+                        self.prims[pi]
+                            .cur
+                            .iter()
+                            .any(|c| c.node == n && self.blocked_failure(pi, c))
+                    }) {
+                        return None;
+                    }
                     match role {
                         Some(Role::Promoted) if !i.promoted => None,
                         Some(Role::Unpromoted) if i.promoted => None,
@@ -936,12 +987,29 @@ impl<'a> Sched<'a> {
             if let Some(n) = cur {
                 self.take(n, u);
             }
+            // Members after a blocked failure cannot stay: they depend on it.
+            let mut ok = true;
+            let member_ok = self.units[u]
+                .prims
+                .iter()
+                .map(|&pi| {
+                    let here = ok || !self.managed(pi);
+                    if self.prims[pi]
+                        .cur
+                        .iter()
+                        .any(|c| self.blocked_failure(pi, c))
+                    {
+                        ok = false;
+                    }
+                    here
+                })
+                .collect();
             return vec![Inst {
                 number: None,
                 cur_node: cur,
                 node: cur,
                 promoted: false,
-                member_ok: vec![true; n_members],
+                member_ok,
                 restart: false,
                 blocked: false,
             }];
