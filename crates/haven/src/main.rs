@@ -41,6 +41,8 @@ enum Command {
     Lab(cmd::lab::Args),
     /// Put a node in standby or maintenance, or back online
     Node(daemon::node_cmd::Args),
+    /// Start, stop, move or clean up a resource
+    Resource(daemon::resource_cmd::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(a) => cmd::status::run(a),
         Command::Lab(a) => cmd::lab::run(a),
         Command::Node(a) => daemon::node_cmd::run(a),
+        Command::Resource(a) => daemon::resource_cmd::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,9 +21,10 @@ pub const STATUS: &str = "/api/status";
 pub const CONFIG: &str = "/api/config";
 pub const CONFIG_APPLY: &str = "/api/config/apply";
 pub const JOIN_TOKEN: &str = "/api/join-token";
-pub const NODE_ATTRS: &str = "/api/node-attrs";
 pub const PROMOTE: &str = "/api/promote";
 pub const JOIN: &str = "/join";
+pub const CLEANUP: &str = "/api/cleanup";
+const CLEANUP_LOCAL: &str = "/local/cleanup";
 pub const WRITE_LOCAL: &str = "/local/write";
 const ADD_LEARNER: &str = "/api/add-learner";
 const ADD_LEARNER_LOCAL: &str = "/local/add-learner";
@@ -42,12 +43,13 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(CONFIG, post(config_show))
         .route(CONFIG_APPLY, post(config_apply))
         .route(JOIN_TOKEN, post(join_token))
-        .route(NODE_ATTRS, post(node_attrs))
         .route(PROMOTE, post(promote))
         .route(PROMOTE_LOCAL, post(promote_local))
         .route(ADD_LEARNER, post(add_learner))
         .route(ADD_LEARNER_LOCAL, post(add_learner_local))
         .route(WRITE_LOCAL, post(write_local))
+        .route(CLEANUP, post(cleanup))
+        .route(CLEANUP_LOCAL, post(cleanup_local))
         .route(ha::OP_PATH, post(ha_op))
         .route(ha::REPORT_PATH, post(ha_report))
         .layer(axum::middleware::from_fn(require_certificate));
@@ -343,6 +345,23 @@ async fn write_local(State(d): D, Json(req): Json<Request>) -> ApiResult<Respons
     }
 }
 
+async fn cleanup(State(d): D, Json(req): Json<Cleanup>) -> ApiResult<Empty> {
+    d.write(Request::ClearFailures {
+        resource: req.resource.clone(),
+        node: None,
+    })
+    .await?;
+    leader_call(&d, CLEANUP_LOCAL, &req).await.map(Json)
+}
+
+async fn cleanup_local(State(d): D, Json(req): Json<Cleanup>) -> ApiResult<Empty> {
+    require_leader(&d)?;
+    let _ = d.ha.coord.send(ha::CoordInput::Cleanup {
+        resource: req.resource,
+    });
+    Ok(Json(Empty {}))
+}
+
 async fn ha_op(State(d): D, Json(req): Json<haven_ha::OpRequest>) -> ApiResult<Empty> {
     if d.node.witness {
         return Err(ApiFailure::refused(format!(
@@ -365,20 +384,6 @@ async fn ha_report(State(d): D, Json(msg): Json<ha::ReportMsg>) -> ApiResult<Emp
         report: msg.report,
     });
     Ok(Json(Empty {}))
-}
-
-async fn node_attrs(State(d): D, Json(req): Json<NodeAttrs>) -> ApiResult<Empty> {
-    match d
-        .write(Request::SetNodeAttrs {
-            name: req.name,
-            standby: req.standby,
-            maintenance: req.maintenance,
-        })
-        .await?
-    {
-        Response::Refused(why) => Err(ApiFailure(axum::http::StatusCode::NOT_FOUND, why)),
-        _ => Ok(Json(Empty {})),
-    }
 }
 
 async fn status(State(d): D) -> Json<StatusReport> {
@@ -404,16 +409,20 @@ pub fn build_status(d: &Daemon) -> StatusReport {
             .map(|m| m.links(name))
             .unwrap_or_default()
     };
+    let config = haven_model::Config::from_toml("cluster configuration", &state.config.text).ok();
     let mut nodes = Vec::new();
     for (id, info) in membership.nodes() {
         let rec = state.nodes.get(&info.name);
+        let configured = config
+            .as_ref()
+            .and_then(|c| c.nodes.iter().find(|n| n.name == info.name));
+        let standby = configured.is_some_and(|n| n.standby);
+        let maintenance = configured.is_some_and(|n| n.maintenance);
         let liveness = d.liveness(&info.name);
         let state_name = match liveness {
-            Some(Liveness::Alive) => match rec {
-                Some(r) if r.maintenance => "maintenance",
-                Some(r) if r.standby => "standby",
-                _ => "online",
-            },
+            Some(Liveness::Alive) if maintenance => "maintenance",
+            Some(Liveness::Alive) if standby => "standby",
+            Some(Liveness::Alive) => "online",
             Some(Liveness::Lost { .. }) => "offline",
             Some(Liveness::Pending) | None => "pending",
         };
@@ -449,8 +458,7 @@ pub fn build_status(d: &Daemon) -> StatusReport {
     }
     let mut resources = Vec::new();
     let mut failed_actions = Vec::new();
-    if let Ok(config) = haven_model::Config::from_toml("cluster configuration", &state.config.text)
-    {
+    if let Some(config) = &config {
         for p in &config.resources {
             let records = state.resources.get(&p.id);
             let running_on = records

@@ -83,3 +83,38 @@ impl Client {
         }
     }
 }
+
+/// How many times an edit is redone when other changes keep landing first.
+const CAS_ATTEMPTS: usize = 5;
+
+/// Applies `edit` to the cluster's configuration with compare-and-set, redoing it on
+/// the new version if another change lands in between. Returns the new version. The
+/// text is re-rendered by haven-model (comments are not kept).
+pub async fn edit_config(
+    client: &Client,
+    mut edit: impl FnMut(&mut haven_model::Config) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    use super::protocol::{ApplyConfig, ConfigReply, Empty};
+    for _ in 0..CAS_ATTEMPTS {
+        let current: ConfigReply = client.call(super::api::CONFIG, &Empty {}).await?;
+        let mut config =
+            haven_model::Config::from_toml("the cluster configuration", &current.text)?;
+        edit(&mut config)?;
+        let text = config.to_toml().context("rendering the configuration")?;
+        let r: anyhow::Result<ConfigReply> = client
+            .call(
+                super::api::CONFIG_APPLY,
+                &ApplyConfig {
+                    based_on: current.version,
+                    text,
+                },
+            )
+            .await;
+        match r {
+            Ok(c) => return Ok(c.version),
+            Err(e) if e.to_string().contains("configuration change refused") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    anyhow::bail!("the configuration kept changing under this edit; try again")
+}

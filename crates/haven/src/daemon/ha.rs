@@ -39,6 +39,7 @@ pub struct ReportMsg {
 
 pub enum CoordInput {
     Heartbeat { node: String, link: String },
+    Cleanup { resource: String },
     Report { node: String, report: OpReport },
 }
 
@@ -169,6 +170,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         let c = &mut l.coordinator;
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
+            Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
             Some(CoordInput::Report { node, report }) => {
                 let resource = report.resource.clone();
                 let record = record_op(&node, &report);

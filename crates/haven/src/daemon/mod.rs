@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod node_cmd;
 pub mod protocol;
 pub mod raft_net;
+pub mod resource_cmd;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

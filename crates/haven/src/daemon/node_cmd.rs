@@ -1,12 +1,11 @@
-//! `haven node standby|online|maintenance NODE`.
+//! `haven node standby|online|maintenance NODE`: node attributes in the configuration
+//! (`[[nodes]]` standby / maintenance), where the scheduler reads them.
 
 use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::api;
 use super::client::Client;
-use super::protocol::{Empty, NodeAttrs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,30 +27,32 @@ pub enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let req = match args.command {
-        Command::Standby { node } => NodeAttrs {
-            name: node,
-            standby: Some(true),
-            maintenance: None,
-        },
-        Command::Online { node } => NodeAttrs {
-            name: node,
-            standby: Some(false),
-            maintenance: Some(false),
-        },
-        Command::Maintenance { node } => NodeAttrs {
-            name: node,
-            standby: None,
-            maintenance: Some(true),
-        },
+    let (name, standby, maintenance) = match args.command {
+        Command::Standby { node } => (node, Some(true), None),
+        Command::Online { node } => (node, Some(false), Some(false)),
+        Command::Maintenance { node } => (node, None, Some(true)),
     };
-    let name = req.name.clone();
     let rt = tokio::runtime::Runtime::new()?;
-    let _: Empty = rt.block_on(async {
-        Client::from_arg(args.config)?
-            .call(api::NODE_ATTRS, &req)
-            .await
+    let version = rt.block_on(async {
+        let client = Client::from_arg(args.config)?;
+        super::client::edit_config(&client, |config| {
+            let node = config
+                .nodes
+                .iter_mut()
+                .find(|n| n.name == name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no node named {name:?} in the configuration's [[nodes]]")
+                })?;
+            if let Some(s) = standby {
+                node.standby = s;
+            }
+            if let Some(m) = maintenance {
+                node.maintenance = m;
+            }
+            Ok(())
+        })
+        .await
     })?;
-    println!("{name}: done");
+    println!("{name}: done (configuration version {version})");
     Ok(())
 }

@@ -76,14 +76,12 @@ pub struct Promote {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeAttrs {
-    pub name: String,
-    pub standby: Option<bool>,
-    pub maintenance: Option<bool>,
-}
+pub struct Empty {}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Empty {}
+pub struct Cleanup {
+    pub resource: String,
+}
 
 /// `haven status`: the cluster as the answering node sees it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
