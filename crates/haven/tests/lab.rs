@@ -133,3 +133,88 @@ fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
     );
     drop(guard);
 }
+
+fn status_of(dir: &Path) -> Option<serde_json::Value> {
+    let out = haven(&["status", "--json"], Some(&dir.join("client.toml")));
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn placement(s: &serde_json::Value, id: &str) -> Vec<String> {
+    s["resources"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["id"] == id))
+        .and_then(|r| r["running_on"].as_array())
+        .map(|v| {
+            v.iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(dir: &Path, what: &str, mut f: impl FnMut(&serde_json::Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        if let Some(s) = status_of(dir)
+            && f(&s)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn standby_move_and_stop_commands_change_where_resources_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let _guard = Lab(&dir);
+    let out = haven(
+        &["lab", "up", "--nodes", "2", "--dir", dir.to_str().unwrap()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = dir.join("client.toml");
+    let cli = |args: &[&str]| {
+        let out = haven(args, Some(&client));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    wait_for(&dir, "db placed", |s| placement(s, "db").len() == 1);
+
+    cli(&["node", "standby", "n1"]);
+    wait_for(&dir, "everything off n1", |s| {
+        ["db", "web", "worker"]
+            .iter()
+            .all(|r| placement(s, r) == ["n2"])
+            && s["nodes"][0]["state"] == "standby"
+    });
+    cli(&["node", "online", "n1"]);
+    cli(&["resource", "move", "worker", "n1"]);
+    wait_for(&dir, "worker moved to n1", |s| {
+        placement(s, "worker") == ["n1"]
+    });
+    cli(&["resource", "stop", "app"]);
+    wait_for(&dir, "the group stopped", |s| {
+        placement(s, "db").is_empty()
+            && placement(s, "web").is_empty()
+            && placement(s, "worker") == ["n1"]
+    });
+    let out = haven(&["resource", "stop", "nope"], Some(&client));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no resource, group or clone named"));
+}
