@@ -132,6 +132,7 @@ struct Sched<'a> {
 pub fn schedule(cfg: &Config, st: &State) -> Plan {
     let mut s = Sched::new(cfg, st);
     s.place_all();
+    s.apply_quorum();
     s.apply_orders();
     s.into_plan()
 }
@@ -225,7 +226,6 @@ impl<'a> Sched<'a> {
                     && !standby
                     && !maint
                     && !shutdown
-                    && quorum_ok
                     && !opts.stop_all_resources,
                 counts: matches!(
                     state,
@@ -1376,6 +1376,46 @@ impl<'a> Sched<'a> {
             _ => None,
         };
         (had, will)
+    }
+
+    /// Without quorum (and unless told to ignore that), nothing new starts; what runs
+    /// stops (`stop`), or stays as it is (`freeze`).
+    fn apply_quorum(&mut self) {
+        let policy = self.cfg.options.no_quorum_policy;
+        if self.st.have_quorum || policy == NoQuorumPolicy::Ignore {
+            return;
+        }
+        for u in 0..self.units.len() {
+            let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
+            let Some(insts) = self.placed[u].as_mut() else {
+                continue;
+            };
+            if unmanaged {
+                continue;
+            }
+            for i in insts.iter_mut() {
+                match i.cur_node {
+                    Some(c) => match policy {
+                        NoQuorumPolicy::Freeze => {
+                            i.node = Some(c);
+                            i.restart = false;
+                        }
+                        NoQuorumPolicy::Demote
+                            if self.units[u].clone.as_ref().is_some_and(|c| c.promotable) =>
+                        {
+                            i.node = Some(c);
+                            i.promoted = false;
+                        }
+                        _ => i.node = None,
+                    },
+                    None => {
+                        if i.node.is_some() {
+                            i.blocked = true;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn apply_orders(&mut self) {
