@@ -301,6 +301,29 @@ fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
     }
     let s = c.status(&c.client_for("n3")).unwrap();
     assert_eq!(s["resources"][0]["id"], "web", "{s}");
+
+    // A restarted node comes back with its state from disk and rejoins.
+    c.stop("n3");
+    c.start("n3", &[]);
+    c.wait_formed(&c.client_for("n3"), &["n1", "n2", "n3"]);
+    assert_eq!(
+        c.config_version(&c.client_for("n3")).map(|(v, _)| v),
+        Some(2)
+    );
+
+    // The leader dies: the others elect a new one and keep accepting changes.
+    c.stop("n1");
+    let n2 = c.client_for("n2");
+    wait_until("a new leader", || {
+        c.status(&n2).is_some_and(|s| {
+            s["quorate"] == true && s["leader"].as_str().is_some_and(|l| l != "n1")
+        })
+    });
+    let out = ok(c.haven(
+        &n2,
+        &["config", "apply", "--based-on", "2", file.to_str().unwrap()],
+    ));
+    assert!(out.contains("version 3"), "{out}");
 }
 
 #[test]
