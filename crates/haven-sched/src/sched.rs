@@ -1320,6 +1320,15 @@ impl<'a> Sched<'a> {
         self.units[u].clone.as_ref().is_some_and(|s| s.promotable)
     }
 
+    /// Of several active copies of a resource that may run once, the one that counts as
+    /// "the" current copy: the one where it will run, if any.
+    fn primary_cur(&self, pi: usize, node: Option<usize>) -> Option<&Cur<'a>> {
+        let cur = &self.prims[pi].cur;
+        cur.iter()
+            .find(|c| Some(c.node) == node)
+            .or_else(|| cur.first())
+    }
+
     /// The current status of member `pi` of an instance on `node`.
     fn member_cur(
         &self,
@@ -1352,7 +1361,7 @@ impl<'a> Sched<'a> {
         let cur = if self.units[u].kind == Kind::Clone {
             self.member_cur(pi, inst.cur_node, inst.number, unique)
         } else {
-            self.prims[pi].cur.first()
+            self.primary_cur(pi, inst.node)
         };
         let had = cur.map(|c| {
             let role = match c.role {
@@ -1768,7 +1777,13 @@ impl<'a> Sched<'a> {
             // Extra copies of a resource that may run once: stop them.
             if self.units[u].kind != Kind::Clone {
                 for &pi in &self.units[u].prims {
-                    for c in self.prims[pi].cur.iter().skip(1) {
+                    let node = insts.first().and_then(|i| i.node);
+                    let primary = self.primary_cur(pi, node).map(|c| c.node);
+                    for c in self.prims[pi]
+                        .cur
+                        .iter()
+                        .filter(|c| Some(c.node) != primary)
+                    {
                         if self.managed(pi) {
                             plan.changes.push(Change {
                                 kind: ChangeKind::Stop,
