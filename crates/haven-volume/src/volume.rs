@@ -23,13 +23,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_INTERVAL: Duration = Duration::from_millis(200);
-/// Frames queued to one peer before writers wait: the replication pipeline's bound.
-const PEER_QUEUE: usize = 128;
 static ZEROES: [u8; 65536] = [0; 65536];
 
 #[derive(Debug, Error)]
@@ -197,7 +196,11 @@ struct Progress {
 struct Conn {
     id: u64,
     peer: String,
-    tx: mpsc::Sender<Out>,
+    /// Senders write frames straight to the socket (no writer task: one less wake-up
+    /// per frame on the latency path). `None` once the connection is closed.
+    wr: Arc<tokio::sync::Mutex<Option<(BufWriter<OwnedWriteHalf>, Vec<u8>)>>>,
+    /// Bounds every send: a peer that takes no data for this long is dropped.
+    limit: Duration,
     inflight: Mutex<Option<Inflight>>,
     acked: watch::Sender<Acked>,
     peer_role: Mutex<Role>,
@@ -212,6 +215,46 @@ struct Conn {
 }
 
 impl Conn {
+    /// Writes one frame; on failure or timeout the connection is shut. Returns whether
+    /// the frame went out.
+    async fn send(&self, out: Out) -> bool {
+        let r = tokio::time::timeout(self.limit, async {
+            let mut g = self.wr.lock().await;
+            let Some((w, head)) = g.as_mut() else {
+                return Err(std::io::Error::other("connection closed"));
+            };
+            write_out(w, head, &out).await?;
+            w.flush().await
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => {
+                self.shut();
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "peer {} accepted no data for {:?}: disconnecting",
+                    self.peer,
+                    self.limit
+                );
+                self.shut();
+                false
+            }
+        }
+    }
+
+    /// Closes the socket's sending side so the peer sees the end promptly, even while
+    /// other tasks still hold this connection.
+    async fn close_writer(&self) {
+        if let Ok(mut g) = tokio::time::timeout(self.limit, self.wr.lock()).await
+            && let Some((mut w, _)) = g.take()
+        {
+            let _ = tokio::time::timeout(self.limit, w.shutdown()).await;
+        }
+    }
+
     fn shut(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.close.notify_waiters();
@@ -488,7 +531,7 @@ impl Volume {
         }
         // From here to registering the connection everything happens under the state
         // lock, so the plan is made on exactly the state the peer is told about.
-        let (outcome, conn, rx, mine) = {
+        let (outcome, conn, mine, guard) = {
             let mut st = lock(&self.state);
             if st.peers.get(&peer).is_none_or(|p| p.conn.is_some()) {
                 return;
@@ -559,7 +602,6 @@ impl Volume {
                 tracing::error!("saving metadata: {e}");
                 return;
             }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
             let (ack_tx, _) = watch::channel(Acked {
                 seq: 0,
                 alive: true,
@@ -572,7 +614,8 @@ impl Volume {
             let conn = Arc::new(Conn {
                 id: self.conn_ids.fetch_add(1, Ordering::Relaxed),
                 peer: peer.clone(),
-                tx,
+                wr: Arc::new(tokio::sync::Mutex::new(Some((wr, Vec::with_capacity(64))))),
+                limit: self.cfg.peer_timeout,
                 inflight: Mutex::new(Some(Inflight {
                     next_seq: 1,
                     queue: VecDeque::new(),
@@ -592,23 +635,40 @@ impl Volume {
             {
                 p.conn = Some(conn.clone());
             }
-            (outcome, conn, rx, mine)
+            // Held until our hello is out: writers that see the new connection wait
+            // for it instead of sending a write before the hello.
+            let Ok(guard) = conn.wr.clone().try_lock_owned() else {
+                return;
+            };
+            (outcome, conn, mine, guard)
         };
-        if dialed.is_none() && send_json(&mut wr, wire::K_HELLO, &mine).await.is_err() {
-            self.teardown(&conn);
-            return;
+        if dialed.is_none() {
+            let mut f = Vec::new();
+            wire::encode_json(&mut f, wire::K_HELLO, &mine);
+            let mut guard = guard;
+            let sent = match guard.as_mut() {
+                Some((w, _)) => w.write_all(&f).await.is_ok() && w.flush().await.is_ok(),
+                None => false,
+            };
+            drop(guard);
+            if !sent {
+                conn.shut();
+                self.teardown(&conn);
+                return;
+            }
+        } else {
+            drop(guard);
         }
         if outcome.local_deposed {
             tracing::warn!("deposed by {peer}: a newer primary exists; demoted");
         }
         if matches!(outcome.plan, Plan::Refuse(_)) {
-            let _ = wr.flush().await;
+            conn.close_writer().await;
             return;
         }
         self.wake.notify_waiters();
         self.close_stale_primaries();
 
-        let writer = tokio::spawn(writer_task(wr, rx, conn.clone()));
         if let Plan::Source { full } = outcome.plan {
             let mut regions: BTreeSet<u64> = theirs.dirty_for_peer.iter().copied().collect();
             {
@@ -631,7 +691,7 @@ impl Volume {
         }
         conn.shut();
         self.teardown(&conn);
-        writer.abort();
+        conn.close_writer().await;
     }
 
     fn note_error(&self, peer: &str, why: String) {
@@ -688,8 +748,9 @@ impl Volume {
             let mut f = Vec::new();
             wire::encode_json(&mut f, wire::K_GEN, &g);
             for p in st.peers.values() {
-                if let Some(c) = &p.conn {
-                    let _ = c.tx.try_send(Out::Frame(f.clone()));
+                if let Some(c) = p.conn.clone() {
+                    let f = f.clone();
+                    tokio::spawn(async move { c.send(Out::Frame(f)).await });
                 }
             }
         }
@@ -719,9 +780,7 @@ impl Volume {
                 self.note_error(&conn.peer, why.clone());
                 let mut f = Vec::new();
                 wire::encode_json(&mut f, wire::K_REJECT, &why);
-                let _ = conn.tx.send(Out::Frame(f)).await;
-                // Give the writer a moment to deliver the reason before closing.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                conn.send(Out::Frame(f)).await;
                 return;
             }
         }
@@ -752,11 +811,15 @@ impl Volume {
                     self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
                 }
                 self.mark_absent_peers(&conn.peer, offset, len);
-                conn.tx.send(Out::Ack(seq)).await.map_err(|_| "closed")?;
+                if !conn.send(Out::Ack(seq)).await {
+                    return Err("closed".into());
+                }
             }
             Msg::Flush { seq } => {
                 self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
-                conn.tx.send(Out::Ack(seq)).await.map_err(|_| "closed")?;
+                if !conn.send(Out::Ack(seq)).await {
+                    return Err("closed".into());
+                }
             }
             Msg::Ack { seq } => {
                 if let Some(inf) = lock(&conn.inflight).as_mut() {
@@ -807,7 +870,9 @@ impl Volume {
                 *lock(&conn.repl) = Replication::Established;
                 let mut f = Vec::new();
                 wire::encode_empty(&mut f, wire::K_RESYNC_DONE_ACK);
-                conn.tx.send(Out::Frame(f)).await.map_err(|_| "closed")?;
+                if !conn.send(Out::Frame(f)).await {
+                    return Err("closed".into());
+                }
             }
             Msg::ResyncDoneAck => {
                 let (regions, full) = std::mem::take(&mut *lock(&conn.synced));
@@ -923,12 +988,7 @@ impl Volume {
                     conn.shut();
                     return;
                 }
-                if conn
-                    .tx
-                    .send(Out::Resync { offset: off, data })
-                    .await
-                    .is_err()
-                {
+                if !conn.send(Out::Resync { offset: off, data }).await {
                     return;
                 }
             }
@@ -961,7 +1021,7 @@ impl Volume {
         };
         let mut f = Vec::new();
         wire::encode_json(&mut f, wire::K_RESYNC_DONE, &g);
-        let _ = conn.tx.send(Out::Frame(f)).await;
+        conn.send(Out::Frame(f)).await;
     }
 
     fn zero_local(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -1066,7 +1126,9 @@ impl Volume {
                     flags,
                     data: data.clone(),
                 };
-                send_or_drop(c, out, self.cfg.peer_timeout).await;
+                // On failure the frame's region is still safe: it is in the inflight
+                // queue, which the connection's teardown moves into the bitmap.
+                c.send(out).await;
             }
         }
         if fua {
@@ -1095,7 +1157,7 @@ impl Volume {
                 }
             }
             for (c, s) in &waits {
-                send_or_drop(c, Out::Flush(*s), self.cfg.peer_timeout).await;
+                c.send(Out::Flush(*s)).await;
             }
         }
         self.sync_data().await.map_err(|_| IoFail::Io)?;
@@ -1114,7 +1176,23 @@ impl Volume {
             .collect()
     }
 
-    fn announce(&self, st: &State) {
+    /// Tells connected peers this replica's generation, epoch, role and disk state.
+    /// Called with the order lock held, so the frames precede any later write.
+    async fn announce(&self) {
+        let (f, conns) = {
+            let st = lock(&self.state);
+            (self.state_frames(&st), self.conns(&st))
+        };
+        for c in conns {
+            c.send(Out::Frame(f.clone())).await;
+        }
+    }
+
+    fn conns(&self, st: &State) -> Vec<Arc<Conn>> {
+        st.peers.values().filter_map(|p| p.conn.clone()).collect()
+    }
+
+    fn state_frames(&self, st: &State) -> Vec<u8> {
         let mut f = Vec::new();
         wire::encode_json(
             &mut f,
@@ -1134,16 +1212,18 @@ impl Volume {
                 epoch: st.meta.epoch,
             },
         );
-        for p in st.peers.values() {
-            if let Some(c) = &p.conn {
-                let _ = c.tx.try_send(Out::Frame(f.clone()));
-            }
-        }
+        f
     }
 
     /// Becomes primary. `fenced` names peers the cluster confirmed fenced or outdated.
     pub async fn promote(&self, fenced: &[String]) -> Result<(), VolumeError> {
         let _o = self.order.lock().await;
+        self.promote_locked(fenced)?;
+        self.announce().await;
+        Ok(())
+    }
+
+    fn promote_locked(&self, fenced: &[String]) -> Result<(), VolumeError> {
         let mut st = lock(&self.state);
         if st.meta.role == Role::Primary {
             return Ok(());
@@ -1166,7 +1246,6 @@ impl Volume {
         st.meta.role = Role::Primary;
         st.meta.promoted_at_ms = now_ms();
         st.meta.save(&self.cfg.dir)?;
-        self.announce(&st);
         Ok(())
     }
 
@@ -1188,13 +1267,15 @@ impl Volume {
 
     pub async fn demote(&self) -> Result<(), VolumeError> {
         let _o = self.order.lock().await;
-        let mut st = lock(&self.state);
-        if st.meta.role == Role::Secondary {
-            return Ok(());
+        {
+            let mut st = lock(&self.state);
+            if st.meta.role == Role::Secondary {
+                return Ok(());
+            }
+            st.meta.role = Role::Secondary;
+            st.meta.save(&self.cfg.dir)?;
         }
-        st.meta.role = Role::Secondary;
-        st.meta.save(&self.cfg.dir)?;
-        self.announce(&st);
+        self.announce().await;
         Ok(())
     }
 
@@ -1311,19 +1392,6 @@ impl Volume {
     }
 }
 
-/// Queues `out` to a peer; a peer whose queue stays full past `limit` is dropped. Either
-/// way the frame's region is safe: it is in the inflight queue, which the connection's
-/// teardown moves into the dirty bitmap.
-async fn send_or_drop(c: &Conn, out: Out, limit: Duration) {
-    if tokio::time::timeout(limit, c.tx.send(out)).await.is_err() {
-        tracing::warn!(
-            "peer {} accepted no data for {limit:?}: disconnecting",
-            c.peer
-        );
-        c.shut();
-    }
-}
-
 async fn wait_acks(waits: &[(Arc<Conn>, u64)], limit: Duration) {
     for (c, seq) in waits {
         let mut rx = c.acked.subscribe();
@@ -1366,58 +1434,38 @@ async fn send_json<T: Serialize>(
     wr.flush().await
 }
 
-async fn writer_task(
-    mut wr: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Out>,
-    conn: Arc<Conn>,
-) {
-    let mut head = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next {
-            head.clear();
-            let r = match &out {
-                Out::Write {
-                    seq,
-                    offset,
-                    len,
-                    flags,
-                    data,
-                } => {
-                    let body: &[u8] = data.as_deref().map_or(&[], |d| d.as_slice());
-                    wire::encode_write_head(&mut head, *seq, *offset, *len, *flags, body.len());
-                    match wr.write_all(&head).await {
-                        Ok(()) => wr.write_all(body).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                Out::Flush(s) => {
-                    wire::encode_seq(&mut head, wire::K_FLUSH, *s);
-                    wr.write_all(&head).await
-                }
-                Out::Ack(s) => {
-                    wire::encode_seq(&mut head, wire::K_ACK, *s);
-                    wr.write_all(&head).await
-                }
-                Out::Resync { offset, data } => {
-                    wire::encode_resync_head(&mut head, *offset, data.len());
-                    match wr.write_all(&head).await {
-                        Ok(()) => wr.write_all(data).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                Out::Frame(f) => wr.write_all(f).await,
-            };
-            if r.is_err() {
-                conn.shut();
-                return;
-            }
-            // Batch whatever is already queued into one flush.
-            next = rx.try_recv().ok();
+async fn write_out(
+    wr: &mut BufWriter<OwnedWriteHalf>,
+    head: &mut Vec<u8>,
+    out: &Out,
+) -> std::io::Result<()> {
+    head.clear();
+    match out {
+        Out::Write {
+            seq,
+            offset,
+            len,
+            flags,
+            data,
+        } => {
+            let body: &[u8] = data.as_deref().map_or(&[], |d| d.as_slice());
+            wire::encode_write_head(head, *seq, *offset, *len, *flags, body.len());
+            wr.write_all(head).await?;
+            wr.write_all(body).await
         }
-        if wr.flush().await.is_err() {
-            conn.shut();
-            return;
+        Out::Flush(s) => {
+            wire::encode_seq(head, wire::K_FLUSH, *s);
+            wr.write_all(head).await
         }
+        Out::Ack(s) => {
+            wire::encode_seq(head, wire::K_ACK, *s);
+            wr.write_all(head).await
+        }
+        Out::Resync { offset, data } => {
+            wire::encode_resync_head(head, *offset, data.len());
+            wr.write_all(head).await?;
+            wr.write_all(data).await
+        }
+        Out::Frame(f) => wr.write_all(f).await,
     }
 }
