@@ -193,12 +193,15 @@ struct Progress {
     started: Instant,
 }
 
+/// A peer socket's sending side and a scratch buffer for frame headers.
+type PeerWriter = (BufWriter<OwnedWriteHalf>, Vec<u8>);
+
 struct Conn {
     id: u64,
     peer: String,
     /// Senders write frames straight to the socket (no writer task: one less wake-up
     /// per frame on the latency path). `None` once the connection is closed.
-    wr: Arc<tokio::sync::Mutex<Option<(BufWriter<OwnedWriteHalf>, Vec<u8>)>>>,
+    wr: Arc<tokio::sync::Mutex<Option<PeerWriter>>>,
     /// Bounds every send: a peer that takes no data for this long is dropped.
     limit: Duration,
     inflight: Mutex<Option<Inflight>>,
