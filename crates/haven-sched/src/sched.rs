@@ -847,14 +847,14 @@ impl<'a> Sched<'a> {
                 Some(b) => {
                     if w[n] != w[b] {
                         w[n] > w[b]
-                    } else if cur == Some(n) || cur == Some(b) {
-                        cur == Some(n)
                     } else if extra_load.get(n) != extra_load.get(b) {
                         extra_load.get(n) < extra_load.get(b)
                     } else if balanced && self.free_capacity(n) != self.free_capacity(b) {
                         self.free_capacity(n) > self.free_capacity(b)
                     } else if self.load[n] != self.load[b] {
                         self.load[n] < self.load[b]
+                    } else if cur == Some(n) || cur == Some(b) {
+                        cur == Some(n)
                     } else {
                         self.nodes[n].name < self.nodes[b].name
                     }
