@@ -12,13 +12,21 @@
 //!   on its current node, bans from failcounts past `migration-threshold`, and the
 //!   preferences of resources colocated with it (scaled by the colocation score);
 //! - resources are placed one at a time (higher `priority` first); a resource is placed
-//!   after the resources it is colocated with, on its best node with a non-negative
-//!   score; ties keep the current node, then prefer the least loaded node;
+//!   after the resources it is colocated with, on its best node (only -INFINITY bans a
+//!   node; a negative score only discourages it); ties go to the less loaded node,
+//!   then the current node, then the node name;
 //! - groups are placed as one unit (members follow the first, in order); clones place
 //!   instances (current ones stay where allowed, new ones spread), promotable clones
 //!   promote the instances with the best promotion scores;
-//! - mandatory orders stop what depends on something that cannot run and restart what
-//!   depends on something that restarts; unclean nodes are fenced first.
+//! - mandatory orders block starts behind something that cannot run, stop what runs
+//!   behind it (symmetrical orders), and restart what depends on something that
+//!   restarts (per node for clones); live migration replaces stop/start when allowed;
+//! - unclean nodes are fenced before anything starts (fencing needs quorum); without
+//!   quorum, `no-quorum-policy` stops, freezes or demotes; `on-fail = block` and
+//!   unmanaged resources are left alone.
+//!
+//! The semantics were learnt from Pacemaker's documentation and its scheduler
+//! regression cases (`haven conformance pacemaker`); no Pacemaker code is used.
 
 pub mod conformance;
 mod plan;
