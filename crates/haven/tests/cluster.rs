@@ -630,3 +630,52 @@ fn an_ocf_dummy_and_a_process_are_started_monitored_recovered_and_stopped_as_pla
         .all(|n| pid_in(&c.node_dir(n).join("resources/loop.pid")).is_none_or(|p| !alive(p)));
     assert!(gone, "the process resource survived its stop");
 }
+
+#[test]
+fn a_node_that_loses_quorum_stops_its_resources() {
+    let mut c = Cluster::started_one("n1");
+    for name in ["n2", "n3"] {
+        let t = c.token();
+        ok(c.join(name, &t, &[]));
+        c.start(name, &[]);
+    }
+    let client = c.client();
+    c.wait_formed(&client, &["n1", "n2", "n3"]);
+    let ip = |n: &str| c.addrs[n][0].rsplit_once(':').unwrap().0.to_string();
+    let mut text =
+        String::from("[options]\nstonith-enabled = false\nno-quorum-policy = \"stop\"\n");
+    for n in ["n1", "n2", "n3"] {
+        text.push_str(&format!(
+            "\n[[nodes]]\nname = \"{n}\"\naddrs = [\"{}\"]\n",
+            ip(n)
+        ));
+    }
+    text.push_str(
+        "\n[[resources]]\nid = \"svc\"\nclass = \"process\"\ntype = \"svc\"\nparams = { command = \"sleep 100000\" }\n",
+    );
+    let file = c.dir.path().join("q.toml");
+    std::fs::write(&file, text).unwrap();
+    ok(c.haven(
+        &client,
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    ));
+    let mut host = String::new();
+    wait_until("svc running", || {
+        c.status(&client).is_some_and(|s| {
+            let on = running_on(&s, "svc");
+            if on.len() == 1 {
+                host = on[0].clone();
+                true
+            } else {
+                false
+            }
+        })
+    });
+    let pid = pid_in(&c.node_dir(&host).join("resources/svc.pid")).expect("svc pidfile");
+    assert!(alive(pid));
+    // Cut the host off: the two other daemons go away, so it is a minority of one.
+    for other in ["n1", "n2", "n3"].into_iter().filter(|n| *n != host) {
+        c.stop(other);
+    }
+    wait_until("the minority node to stop svc", || !alive(pid));
+}

@@ -15,8 +15,9 @@ use haven_exec::{AgentClass, AgentSpec, Migration, Op, OpCode, OpResult};
 use haven_ha::adapter::coordinator_config;
 use haven_ha::membership::Timeouts;
 use haven_ha::{
-    AgentCommand, ClusterView, Coordinator, CoordinatorCommand, NodeAgent, Observed, OpKind,
-    OpOutcome, OpReport, OpRequest, Plan, Planner, SchedPlanner,
+    AgentCommand, ClusterView, Coordinator, CoordinatorCommand, NoQuorumPolicy, NodeAgent,
+    Observed, OpKind, OpOutcome, OpReport, OpRequest, Plan, Planner, QuorumAction, QuorumWatch,
+    SchedPlanner,
 };
 use haven_store::Request;
 use serde::{Deserialize, Serialize};
@@ -299,8 +300,53 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
     }
 }
 
+fn policy(config: &haven_model::Config) -> NoQuorumPolicy {
+    use haven_model::config::NoQuorumPolicy as P;
+    match config.options.no_quorum_policy {
+        P::Stop => NoQuorumPolicy::Stop,
+        P::Freeze => NoQuorumPolicy::Freeze,
+        P::Ignore => NoQuorumPolicy::Ignore,
+        P::Suicide => NoQuorumPolicy::Suicide,
+        // Demoting needs promotable resources to act on; stopping is the safe superset.
+        P::Demote => NoQuorumPolicy::Stop,
+    }
+}
+
+/// Stops every configured resource on this node, whatever the agent believed: stop is
+/// idempotent, and an operation in flight may have started something the agent has
+/// not heard of yet.
+fn stop_everything(d: &Arc<Daemon>) {
+    let Some((_, config)) = parse_config(d) else {
+        return;
+    };
+    let ops = coordinator_config(&config).resources;
+    for p in &config.resources {
+        let d = d.clone();
+        let id = p.id.clone();
+        let timeout = ops
+            .get(&id)
+            .map(|o| o.stop_timeout)
+            .unwrap_or(Duration::from_secs(20));
+        tokio::spawn(async move {
+            let o = execute(&d, &id, OpKind::Stop, timeout, None).await;
+            if o != OpOutcome::Ok {
+                tracing::error!("no quorum: stopping {id} failed: {o:?}");
+            }
+        });
+    }
+}
+
 async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>) {
     let mut agent = NodeAgent::new();
+    // A node cut off from the majority acts on no-quorum-policy once its lease (twice
+    // the failure-detection time, counted from when it last saw quorum) is over.
+    let lease = Duration::from_millis(2 * d.node.timers.dead_after_ms);
+    let mut current_policy = parse_config(&d)
+        .map(|(_, c)| policy(&c))
+        .unwrap_or_default();
+    let mut quorum = QuorumWatch::new(current_policy, lease, d.now());
+    // While frozen (or stopped for lack of quorum), nothing new is started here.
+    let mut frozen = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -310,9 +356,48 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
         };
         let now = d.now();
         match input {
-            Some(AgentInput::Request(req)) => agent.handle_request(req, now),
+            Some(AgentInput::Request(req)) => {
+                let starts = matches!(
+                    req.op,
+                    OpKind::Start | OpKind::Promote | OpKind::MigrateFrom | OpKind::MigrateTo
+                );
+                if frozen && starts {
+                    tracing::warn!("no quorum: refusing {} {:?}", req.resource, req.op);
+                } else {
+                    agent.handle_request(req, now);
+                }
+            }
             Some(AgentInput::Done { token, outcome }) => agent.handle_op_done(token, outcome, now),
-            None => agent.handle_timeout(now),
+            None => {
+                agent.handle_timeout(now);
+                if let Some(p) = parse_config(&d).map(|(_, c)| policy(&c))
+                    && p != current_policy
+                {
+                    current_policy = p;
+                    quorum = QuorumWatch::new(p, lease, now);
+                }
+                quorum.handle_quorum(d.quorate(), now);
+                while let Some(action) = quorum.poll_action() {
+                    match action {
+                        QuorumAction::StopAll | QuorumAction::SelfFence => {
+                            tracing::warn!(
+                                "quorum lost for longer than the lease: stopping every resource here ({action:?})"
+                            );
+                            agent.reset();
+                            frozen = true;
+                            stop_everything(&d);
+                        }
+                        QuorumAction::Freeze => {
+                            tracing::warn!("quorum lost: freezing (nothing new starts here)");
+                            frozen = true;
+                        }
+                        QuorumAction::Resume => {
+                            tracing::info!("quorum regained");
+                            frozen = false;
+                        }
+                    }
+                }
+            }
         }
         while let Some(cmd) = agent.poll_command() {
             match cmd {
