@@ -688,8 +688,19 @@ impl Volume {
             tokio::spawn(async move { me.resync(c, regions, full).await });
         }
         let reader = self.clone().reader_task(rd, conn.clone());
+        let pinger = async {
+            let mut f = Vec::new();
+            wire::encode_empty(&mut f, wire::K_PING);
+            loop {
+                tokio::time::sleep(self.cfg.peer_timeout / 4).await;
+                if !conn.send(Out::Frame(f.clone())).await {
+                    return;
+                }
+            }
+        };
         tokio::select! {
             _ = reader => {}
+            _ = pinger => {}
             _ = conn.close.notified() => {}
         }
         conn.shut();
@@ -767,10 +778,17 @@ impl Volume {
 
     async fn reader_task(self: Arc<Self>, mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Conn>) {
         let mut buf = Vec::with_capacity(1 << 20);
+        let limit = self.cfg.peer_timeout;
         loop {
-            let kind = match read_frame(&mut rd, &mut buf).await {
-                Ok(k) => k,
-                Err(_) => return,
+            // The peer pings when idle, so silence this long means it is gone (a cut
+            // link or a dead host sends no FIN); only then may this side be promoted.
+            let kind = match tokio::time::timeout(limit, read_frame(&mut rd, &mut buf)).await {
+                Ok(Ok(k)) => k,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.note_error(&conn.peer, format!("nothing heard for {limit:?}"));
+                    return;
+                }
             };
             let msg = match wire::decode(kind, &buf) {
                 Ok(m) => m,
@@ -925,6 +943,7 @@ impl Volume {
                 self.close_stale_primaries();
             }
             Msg::Reject(r) => return Err(format!("peer refused: {r}")),
+            Msg::Ping => {}
             Msg::Hello(_) => return Err("unexpected second hello".into()),
         }
         Ok(())

@@ -21,6 +21,8 @@ pub const K_RESYNC_DONE_ACK: u8 = 7;
 pub const K_GEN: u8 = 8;
 pub const K_STATE: u8 = 9;
 pub const K_REJECT: u8 = 10;
+/// Sent on an idle connection so the other side can tell a silent peer from a dead one.
+pub const K_PING: u8 = 11;
 
 pub const WF_FUA: u8 = 1;
 pub const WF_ZEROES: u8 = 2;
@@ -89,6 +91,7 @@ pub enum Msg<'a> {
     Gen(GenUpdate),
     State(StateUpdate),
     Reject(String),
+    Ping,
 }
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
@@ -150,6 +153,7 @@ pub fn decode(kind: u8, p: &[u8]) -> Result<Msg<'_>, WireError> {
         K_GEN => Msg::Gen(serde_json::from_slice(p).map_err(json)?),
         K_STATE => Msg::State(serde_json::from_slice(p).map_err(json)?),
         K_REJECT => Msg::Reject(serde_json::from_slice(p).map_err(json)?),
+        K_PING => Msg::Ping,
         k => return Err(WireError::UnknownKind(k)),
     })
 }
