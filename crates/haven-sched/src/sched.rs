@@ -1632,12 +1632,19 @@ impl<'a> Sched<'a> {
                 _ => {}
             }
         }
+        // What it is ordered after must not stop the ordinary way; a clone it follows
+        // only must not be starting on the node it migrates to.
+        let target = inst.node;
         for o in &self.orders {
-            if o.then == u
-                && o.mandatory
-                && o.first != u
-                && self.unit_hard_stops(o.first, depth + 1)
-            {
+            if o.then != u || !o.mandatory || o.first == u {
+                continue;
+            }
+            let blocks = if self.units[o.first].kind == Kind::Clone {
+                target.is_some() && self.unit_activity(o.first, target).0
+            } else {
+                self.unit_hard_stops(o.first, depth + 1)
+            };
+            if blocks {
                 return false;
             }
         }
