@@ -70,8 +70,67 @@ pub struct Meta {
     /// Set when the process died while primary: writes in flight then may exist here and
     /// nowhere else, so the next sync with any peer must be a full one.
     pub crashed_primary: bool,
-    /// Regions written while each peer was away, by peer name.
+    /// Regions written while each peer was away, by peer name. Stored as ranges: a
+    /// long sequential write while a peer is away is one entry, not thousands.
+    #[serde(with = "ranges_by_peer")]
     pub dirty: BTreeMap<String, BTreeSet<u64>>,
+}
+
+/// Half-open ranges `[start, end)` covering `set`, in order.
+pub fn to_ranges(set: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &r in set {
+        match out.last_mut() {
+            Some((_, end)) if *end == r => *end = r + 1,
+            _ => out.push((r, r + 1)),
+        }
+    }
+    out
+}
+
+/// The set covered by `ranges`, refusing ranges that exceed `limit` regions in total
+/// (so a corrupt or hostile input cannot make us allocate without bound).
+pub fn from_ranges(ranges: &[(u64, u64)], limit: u64) -> Result<BTreeSet<u64>, String> {
+    let mut set = BTreeSet::new();
+    for &(a, b) in ranges {
+        if a >= b || b > limit {
+            return Err(format!(
+                "range [{a}, {b}) is empty or beyond the {limit} regions"
+            ));
+        }
+        set.extend(a..b);
+    }
+    Ok(set)
+}
+
+mod ranges_by_peer {
+    use super::{from_ranges, to_ranges};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, BTreeSet<u64>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let r: BTreeMap<&String, Vec<(u64, u64)>> =
+            m.iter().map(|(k, v)| (k, to_ranges(v))).collect();
+        r.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, BTreeSet<u64>>, D::Error> {
+        let r: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::deserialize(d)?;
+        // The exact bound is checked by `Meta::validate`; this one only stops a huge
+        // range from being expanded (2^32 regions of 4 KiB is 16 TiB).
+        r.into_iter()
+            .map(|(k, v)| {
+                from_ranges(&v, 1 << 32)
+                    .map(|s| (k.clone(), s))
+                    .map_err(|e| serde::de::Error::custom(format!("dirty.{k}: {e}")))
+            })
+            .collect()
+    }
 }
 
 pub fn random_u64() -> u64 {
@@ -275,6 +334,8 @@ mod tests {
         let back = Meta::load(d.path()).unwrap();
         assert_eq!(back, m);
         assert_eq!(back.dirty["b"].iter().copied().collect::<Vec<_>>(), [0, 1]);
+        let text = std::fs::read_to_string(Meta::path(d.path())).unwrap();
+        assert!(text.contains("[\n        0,\n        2\n      ]"), "{text}");
         assert!(matches!(
             create(d.path(), "v1", "a", 1 << 20, 65536, true),
             Err(MetaError::Exists { .. })
@@ -295,6 +356,16 @@ mod tests {
         std::fs::write(Meta::path(d.path()), "{").unwrap();
         let e = Meta::load(d.path()).unwrap_err().to_string();
         assert!(e.contains("meta.json"), "{e}");
+    }
+
+    #[test]
+    fn ranges_round_trip_and_refuse_nonsense() {
+        let set: BTreeSet<u64> = [1, 2, 3, 7, 9, 10].into_iter().collect();
+        let r = to_ranges(&set);
+        assert_eq!(r, vec![(1, 4), (7, 8), (9, 11)]);
+        assert_eq!(from_ranges(&r, 11).unwrap(), set);
+        assert!(from_ranges(&[(5, 5)], 10).is_err());
+        assert!(from_ranges(&[(0, 11)], 10).is_err());
     }
 
     #[test]

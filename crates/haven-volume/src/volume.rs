@@ -457,7 +457,7 @@ impl Volume {
                 .meta
                 .dirty
                 .get(peer)
-                .map(|s| s.iter().copied().collect())
+                .map(crate::meta::to_ranges)
                 .unwrap_or_default(),
         }
     }
@@ -673,7 +673,15 @@ impl Volume {
         self.close_stale_primaries();
 
         if let Plan::Source { full } = outcome.plan {
-            let mut regions: BTreeSet<u64> = theirs.dirty_for_peer.iter().copied().collect();
+            let Ok(mut regions) =
+                crate::meta::from_ranges(&theirs.dirty_for_peer, self.size.div_ceil(self.region))
+            else {
+                self.note_error(&peer, "peer sent a bitmap beyond the volume".into());
+                conn.shut();
+                self.teardown(&conn);
+                conn.close_writer().await;
+                return;
+            };
             {
                 let st = lock(&self.state);
                 if full {

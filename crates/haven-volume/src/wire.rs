@@ -48,8 +48,8 @@ pub struct Hello {
     pub size: u64,
     pub region_size: u64,
     pub view: SideView,
-    /// The regions the sender wrote while the receiver was away.
-    pub dirty_for_peer: Vec<u64>,
+    /// The regions the sender wrote while the receiver was away, as `[start, end)`.
+    pub dirty_for_peer: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
