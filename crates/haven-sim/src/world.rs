@@ -27,7 +27,7 @@ pub struct FaultOptions {
     pub heal_per_s: f64,
     /// A running resource dies by itself (its monitor will notice).
     pub resource_death_per_s: f64,
-    /// Probability that a message is lost.
+    /// Probability that a heartbeat is lost.
     pub message_loss: f64,
     /// Maximum extra delivery delay of a message.
     pub max_delay: Duration,
@@ -94,6 +94,9 @@ pub struct SimReport {
 const TICK: Duration = Duration::from_millis(50);
 const LINKS: [&str; 2] = ["link0", "link1"];
 const ELECTION_DELAY: Duration = Duration::from_millis(600);
+/// How long after healing the operator's second cleanup comes: longer than an
+/// operation's timeout plus the coordinator's answer margin.
+const SETTLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 enum Payload {
@@ -141,7 +144,8 @@ struct World<P> {
 }
 
 /// The cluster every run simulates: `nodes` hosts with two heartbeat links each and a
-/// power switch, `resources` supervised processes, stickiness 100.
+/// power switch, `resources` supervised processes, stickiness 100, with a group and an
+/// ordered colocation among them.
 pub fn cluster_config(opts: &SimOptions) -> Config {
     let mut text = format!(
         "[options]\nstonith-enabled = {}\nresource-stickiness = 100\n\n\
@@ -159,6 +163,19 @@ pub fn cluster_config(opts: &SimOptions) -> Config {
             "\n[[resources]]\nid = \"r{i}\"\nclass = \"process\"\ntype = \"r{i}\"\n\
              ops = [{{ name = \"monitor\", interval = 2, timeout = 20 }}]\n"
         ));
+    }
+    // Dependencies the scheduler must order under faults, as in the seeds: an ordered,
+    // colocated group (000's volume -> mount -> service), and a service after and with
+    // another (001's DNS after its IP).
+    if opts.resources >= 2 {
+        text.push_str("\n[[groups]]\nid = \"g1\"\nmembers = [\"r1\", \"r2\"]\n");
+    }
+    if opts.resources >= 4 {
+        text.push_str(
+            "\n[[constraints.colocation]]\nid = \"r4-with-r3\"\nrsc = \"r4\"\n\
+             with = \"r3\"\nscore = \"INFINITY\"\n\
+             \n[[constraints.order]]\nid = \"r3-then-r4\"\nfirst = \"r3\"\nthen = \"r4\"\n",
+        );
     }
     match Config::from_toml("simulated cluster", &text) {
         Ok(c) => c,
@@ -220,9 +237,16 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
     let safety_end = Time(0) + w.opts.safety_phase;
     let end = safety_end + w.opts.liveness_phase;
     let mut heartbeat_due = Time(0);
+    let mut settled = false;
     while w.now <= end {
         if w.faults_on && w.now >= safety_end {
             w.enter_liveness_phase();
+        }
+        // Operations lost to a partition just before it healed time out only later; the
+        // operator cleans up once more when things have settled, as after any incident.
+        if !settled && w.now >= safety_end + SETTLE {
+            settled = true;
+            w.cleanup_all();
         }
         if w.faults_on {
             w.inject_faults();
@@ -322,6 +346,11 @@ impl<P: Planner> World<P> {
             }
         }
         // The operator cleans up the failures of the storm, as after any incident.
+        self.cleanup_all();
+    }
+
+    fn cleanup_all(&mut self) {
+        let now = self.now;
         if let Some((_, c)) = self.leader.as_mut() {
             for r in &self.resources {
                 c.handle_cleanup(r, now);
@@ -427,9 +456,13 @@ impl<P: Planner> World<P> {
     }
 
     fn send(&mut self, from: &str, to: &str, payload: Payload) {
-        if self
-            .rng
-            .random_bool(self.opts.faults.message_loss.clamp(0.0, 1.0))
+        // Heartbeats are fire-and-forget and may be lost; operations, reports and fence
+        // traffic ride a connection that retransmits, so only a partition loses them.
+        let lossy = matches!(payload, Payload::Heartbeat { .. });
+        if lossy
+            && self
+                .rng
+                .random_bool(self.opts.faults.message_loss.clamp(0.0, 1.0))
         {
             return;
         }
