@@ -375,12 +375,12 @@ agent = "lab"
         let mut roles: BTreeMap<String, Observed> = BTreeMap::new();
         let mut fences: Vec<(u64, String)> = Vec::new();
         let mut now = Time(0);
-        let mut run = |c: &mut Coordinator<SchedPlanner>,
-                       roles: &mut BTreeMap<String, Observed>,
-                       fences: &mut Vec<(u64, String)>,
-                       dead: &[&str],
-                       now: &mut Time,
-                       ticks: u32| {
+        let run = |c: &mut Coordinator<SchedPlanner>,
+                   roles: &mut BTreeMap<String, Observed>,
+                   fences: &mut Vec<(u64, String)>,
+                   dead: &[&str],
+                   now: &mut Time,
+                   ticks: u32| {
             for _ in 0..ticks {
                 for n in ["n1", "n2"] {
                     if !dead.contains(&n) {
