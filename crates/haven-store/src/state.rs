@@ -61,6 +61,9 @@ pub struct ClusterState {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// resource id → node name → record.
     pub resources: BTreeMap<String, BTreeMap<String, ResourceRecord>>,
+    /// Where the coordinator last saw each resource active: resource id → nodes.
+    #[serde(default)]
+    pub placement: BTreeMap<String, Vec<String>>,
 }
 
 /// A command proposed to Raft.
@@ -108,6 +111,10 @@ pub enum Request {
     ClearFailures {
         resource: String,
         node: Option<String>,
+    },
+    /// The coordinator's picture of where resources are active, replacing the last one.
+    SetPlacement {
+        placement: BTreeMap<String, Vec<String>>,
     },
 }
 
@@ -280,6 +287,10 @@ impl ClusterState {
                     rec.failcount = rec.failcount.saturating_add(1);
                     rec.last_failure = Some(format!("{op} returned {rc}"));
                 }
+                Response::Done
+            }
+            Request::SetPlacement { placement } => {
+                self.placement = placement.clone();
                 Response::Done
             }
             Request::ClearFailures { resource, node } => {

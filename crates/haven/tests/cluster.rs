@@ -631,9 +631,9 @@ fn an_ocf_dummy_and_a_process_are_started_monitored_recovered_and_stopped_as_pla
     assert!(gone, "the process resource survived its stop");
 }
 
-#[test]
-fn a_node_that_loses_quorum_stops_its_resources() {
-    let mut c = Cluster::started_one("n1");
+/// Three running nodes and one process resource `svc`; returns the node it runs on and
+/// its pid.
+fn three_nodes_running_svc(c: &mut Cluster) -> (String, i32) {
     for name in ["n2", "n3"] {
         let t = c.token();
         ok(c.join(name, &t, &[]));
@@ -673,9 +673,47 @@ fn a_node_that_loses_quorum_stops_its_resources() {
     });
     let pid = pid_in(&c.node_dir(&host).join("resources/svc.pid")).expect("svc pidfile");
     assert!(alive(pid));
+    (host, pid)
+}
+
+#[test]
+fn a_node_that_loses_quorum_stops_its_resources() {
+    let mut c = Cluster::started_one("n1");
+    let (host, pid) = three_nodes_running_svc(&mut c);
     // Cut the host off: the two other daemons go away, so it is a minority of one.
     for other in ["n1", "n2", "n3"].into_iter().filter(|n| *n != host) {
         c.stop(other);
     }
     wait_until("the minority node to stop svc", || !alive(pid));
+}
+
+#[test]
+fn without_fencing_a_lost_nodes_resource_is_started_on_a_survivor() {
+    let mut c = Cluster::started_one("n1");
+    let (host, pid) = three_nodes_running_svc(&mut c);
+    // Power the host off: its daemon and what it ran die together.
+    c.stop(&host);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let survivor = ["n1", "n2", "n3"].into_iter().find(|n| *n != host).unwrap();
+    let client = c.client_for(survivor);
+    let mut new_host = String::new();
+    wait_until("svc to run on a survivor", || {
+        c.status(&client).is_some_and(|s| {
+            let on = running_on(&s, "svc");
+            if on.len() == 1 && on[0] != host {
+                new_host = on[0].clone();
+                true
+            } else {
+                false
+            }
+        })
+    });
+    let new_pid = pid_in(&c.node_dir(&new_host).join("resources/svc.pid"));
+    assert!(
+        new_pid.is_some_and(alive),
+        "svc is not running on {new_host}"
+    );
 }

@@ -124,6 +124,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         dead_after: Duration::from_millis(d.node.timers.dead_after_ms),
     };
     let mut leading: Option<Leading> = None;
+    let placement_in_flight = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -218,10 +219,44 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         for line in c.take_log() {
             tracing::info!("coordinator: {line}");
         }
+        publish_placement(&d, &c.view(), &placement_in_flight);
         while let Some(cmd) = c.poll_command() {
             dispatch(&d, cmd);
         }
     }
+}
+
+/// Commits where resources run whenever the coordinator's picture differs from the
+/// committed one (one write at a time; a failed write is redone on a later tick).
+fn publish_placement(
+    d: &Arc<Daemon>,
+    view: &ClusterView,
+    in_flight: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let placement: std::collections::BTreeMap<String, Vec<String>> = view
+        .resources
+        .iter()
+        .map(|(r, per_node)| {
+            let on = per_node
+                .iter()
+                .filter(|(_, o)| matches!(o, Observed::Started | Observed::Promoted))
+                .map(|(n, _)| n.clone())
+                .collect();
+            (r.clone(), on)
+        })
+        .collect();
+    if d.view.state().placement == placement || in_flight.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let d = d.clone();
+    let in_flight = in_flight.clone();
+    tokio::spawn(async move {
+        if let Err(e) = d.write(Request::SetPlacement { placement }).await {
+            tracing::warn!("publishing placement: {}", e.1);
+        }
+        in_flight.store(false, Ordering::Release);
+    });
 }
 
 fn record_op(node: &str, report: &OpReport) -> Option<Request> {
