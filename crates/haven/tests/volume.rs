@@ -883,3 +883,20 @@ fn volume_guest_fails_over_to_the_secondary_without_losing_a_counter() {
     );
     g2.wait_line("HAVEN-COUNTER", resumed + 2);
 }
+
+#[test]
+fn volume_silent_primary_is_detected_so_the_secondary_can_be_promoted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--peer-timeout", "1"]);
+    // A frozen host sends no FIN: b must notice the silence by itself.
+    signal(&a, "-STOP");
+    b.wait_for("a declared gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    qemu_io_ok(&b.uri(), &[s("write -P 0x81 0 64k")]);
+    // a wakes up believing it is still primary; its first contact deposes it.
+    signal(&a, "-CONT");
+    a.wait_for("a deposed", |s| s["role"] == "Secondary");
+    assert_eq!(b.status().unwrap()["role"], "Primary");
+}
