@@ -115,8 +115,12 @@ pub struct Plan {
     /// `(a, b)`: action `a` must complete before action `b` begins (indices into
     /// `actions`).
     pub edges: Vec<(usize, usize)>,
+    /// Allocation scores: node names, then one row per placed resource (compact; see
+    /// [`Plan::scores`]).
     #[serde(skip)]
-    pub scores: Vec<AllocationScore>,
+    pub score_nodes: Vec<String>,
+    #[serde(skip)]
+    pub score_rows: Vec<(String, Vec<Score>)>,
 }
 
 impl Change {
@@ -190,9 +194,26 @@ impl Plan {
         out
     }
 
+    /// Every node's score for every placed resource.
+    pub fn scores(&self) -> Vec<AllocationScore> {
+        self.score_rows
+            .iter()
+            .flat_map(|(r, row)| {
+                self.score_nodes
+                    .iter()
+                    .zip(row)
+                    .map(move |(n, s)| AllocationScore {
+                        resource: r.clone(),
+                        node: n.clone(),
+                        score: *s,
+                    })
+            })
+            .collect()
+    }
+
     /// Allocation scores, one line each.
     pub fn score_lines(&self) -> Vec<String> {
-        self.scores
+        self.scores()
             .iter()
             .map(|s| format!("{} allocation score on {}: {}", s.resource, s.node, s.score))
             .collect()

@@ -7,7 +7,7 @@ use haven_model::{
     OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State, ValueType,
 };
 
-use crate::plan::{Action, AllocationScore, Change, ChangeKind, Fence, Placement, Plan};
+use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
 
 const NEG: Score = Score::NEG_INFINITY;
 
@@ -123,7 +123,9 @@ struct Sched<'a> {
     placed: Vec<Option<Vec<Inst>>>,
     load: Vec<u32>,
     used: Vec<BTreeMap<String, i64>>,
-    scores: Vec<AllocationScore>,
+    scores: Vec<(String, Vec<Score>)>,
+    /// Location, home and failcount scores per unit, computed once.
+    base: Vec<Option<Vec<Score>>>,
     freeze: bool,
     orphans: Vec<Cur<'a>>,
 }
@@ -255,6 +257,7 @@ impl<'a> Sched<'a> {
             load: vec![0; n_nodes],
             used: vec![BTreeMap::new(); n_nodes],
             scores: Vec::new(),
+            base: Vec::new(),
             freeze,
             orphans: Vec::new(),
         };
@@ -665,6 +668,13 @@ impl<'a> Sched<'a> {
     }
 
     fn base_weights(&self, u: usize) -> Vec<Score> {
+        match self.base.get(u) {
+            Some(Some(w)) => w.clone(),
+            _ => self.compute_base_weights(u),
+        }
+    }
+
+    fn compute_base_weights(&self, u: usize) -> Vec<Score> {
         let unit = &self.units[u];
         let symmetric = self.cfg.options.symmetric_cluster;
         (0..self.nodes.len())
@@ -868,6 +878,9 @@ impl<'a> Sched<'a> {
     }
 
     fn place_all(&mut self) {
+        self.base = (0..self.units.len())
+            .map(|u| Some(self.compute_base_weights(u)))
+            .collect();
         // Higher priority first; then resources that are well placed where they run
         // (they keep their nodes) before ones that must find a new home.
         let keys: Vec<(i64, Score)> = (0..self.units.len())
@@ -934,13 +947,7 @@ impl<'a> Sched<'a> {
     }
 
     fn record_scores(&mut self, u: usize, w: &[Score]) {
-        for (n, s) in w.iter().enumerate() {
-            self.scores.push(AllocationScore {
-                resource: self.units[u].id.to_string(),
-                node: self.nodes[n].name.to_string(),
-                score: *s,
-            });
-        }
+        self.scores.push((self.units[u].id.to_string(), w.to_vec()));
     }
 
     fn unit_current(&self, u: usize) -> Option<usize> {
@@ -1824,7 +1831,8 @@ impl<'a> Sched<'a> {
             });
         }
         self.build_actions(&mut plan);
-        plan.scores = self.scores;
+        plan.score_nodes = self.nodes.iter().map(|n| n.name.to_string()).collect();
+        plan.score_rows = self.scores;
         plan
     }
 
