@@ -128,6 +128,23 @@ impl Cluster {
         self.daemons.insert(name.to_string(), child);
     }
 
+    /// A clean stop: SIGTERM, and wait (bounded) for the daemon to exit.
+    fn terminate(&mut self, name: &str) {
+        if let Some(mut child) = self.daemons.remove(name) {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + WAIT;
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{name} did not exit within {WAIT:?} of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     fn stop(&mut self, name: &str) {
         if let Some(mut child) = self.daemons.remove(name) {
             let _ = child.kill();
@@ -716,4 +733,23 @@ fn without_fencing_a_lost_nodes_resource_is_started_on_a_survivor() {
         new_pid.is_some_and(alive),
         "svc is not running on {new_host}"
     );
+}
+
+#[test]
+fn a_node_shut_down_cleanly_stops_its_resources_and_they_move() {
+    let mut c = Cluster::started_one("n1");
+    let (host, pid) = three_nodes_running_svc(&mut c);
+    c.terminate(&host);
+    assert!(
+        !alive(pid),
+        "svc still runs on {host} after its daemon exited"
+    );
+    let survivor = ["n1", "n2", "n3"].into_iter().find(|n| *n != host).unwrap();
+    let client = c.client_for(survivor);
+    wait_until("svc to run on a survivor", || {
+        c.status(&client).is_some_and(|s| {
+            let on = running_on(&s, "svc");
+            on.len() == 1 && on[0] != host
+        })
+    });
 }

@@ -363,7 +363,7 @@ fn live_daemon(pidfile: &Path, node_dir: &Path) -> Option<i32> {
     (args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == dir)).then_some(pid)
 }
 
-/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 5 s.
+/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 30 s.
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
@@ -375,7 +375,8 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
         let node_dir = dir.join(&name);
         if let Some(pid) = live_daemon(&pf, &node_dir) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
+            // A daemon stops its resources before it exits (guests shut down over ACPI).
+            let deadline = Instant::now() + Duration::from_secs(30);
             while live_daemon(&pf, &node_dir).is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -46,7 +46,12 @@ pub enum CoordInput {
 
 pub enum AgentInput {
     Request(OpRequest),
-    Done { token: u64, outcome: OpOutcome },
+    Done {
+        token: u64,
+        outcome: OpOutcome,
+    },
+    /// The daemon is stopping: stop every resource here, then answer.
+    Shutdown(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The senders into both loops; the receivers go to [`spawn`].
@@ -350,11 +355,12 @@ fn policy(config: &haven_model::Config) -> NoQuorumPolicy {
 /// Stops every configured resource on this node, whatever the agent believed: stop is
 /// idempotent, and an operation in flight may have started something the agent has
 /// not heard of yet.
-fn stop_everything(d: &Arc<Daemon>) {
+fn stop_everything(d: &Arc<Daemon>, why: &'static str) -> Vec<tokio::task::JoinHandle<()>> {
     let Some((_, config)) = parse_config(d) else {
-        return;
+        return Vec::new();
     };
     let ops = coordinator_config(&config).resources;
+    let mut tasks = Vec::new();
     for p in &config.resources {
         let d = d.clone();
         let id = p.id.clone();
@@ -362,13 +368,14 @@ fn stop_everything(d: &Arc<Daemon>) {
             .get(&id)
             .map(|o| o.stop_timeout)
             .unwrap_or(Duration::from_secs(20));
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let o = execute(&d, &id, OpKind::Stop, timeout, None).await;
             if o != OpOutcome::Ok {
-                tracing::error!("no quorum: stopping {id} failed: {o:?}");
+                tracing::error!("{why}: stopping {id} failed: {o:?}");
             }
-        });
+        }));
     }
+    tasks
 }
 
 async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>) {
@@ -403,6 +410,19 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                 }
             }
             Some(AgentInput::Done { token, outcome }) => agent.handle_op_done(token, outcome, now),
+            Some(AgentInput::Shutdown(done)) => {
+                // Nothing starts any more; everything here stops before the node leaves,
+                // so the survivors never run a resource this node still runs.
+                frozen = true;
+                agent.reset();
+                let tasks = stop_everything(&d, "shutting down");
+                tokio::spawn(async move {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    let _ = done.send(());
+                });
+            }
             None => {
                 agent.handle_timeout(now);
                 if let Some(p) = parse_config(&d).map(|(_, c)| policy(&c))
@@ -420,7 +440,7 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                             );
                             agent.reset();
                             frozen = true;
-                            stop_everything(&d);
+                            stop_everything(&d, "no quorum");
                         }
                         QuorumAction::Freeze => {
                             tracing::warn!("quorum lost: freezing (nothing new starts here)");
