@@ -900,3 +900,54 @@ fn volume_silent_primary_is_detected_so_the_secondary_can_be_promoted() {
     a.wait_for("a deposed", |s| s["role"] == "Secondary");
     assert_eq!(b.status().unwrap()["role"], "Primary");
 }
+
+#[test]
+fn volume_cli_errors_name_the_file_field_and_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _a = Node::create(tmp.path(), "a", true);
+    let run = |args: &[&str]| {
+        let o = run_bounded(Command::new(HAVEN).args(args), WAIT);
+        assert!(!o.status.success(), "{args:?} should fail: {}", text(&o));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let dir = tmp.path().join("a");
+    let dir = dir.to_str().unwrap();
+    let e = run(&[
+        "volume", "create", "--dir", dir, "--volume", "vol", "--node", "a", "--size", "1M",
+    ]);
+    assert!(
+        e.contains("meta.json") && e.contains("already exists"),
+        "{e}"
+    );
+    let e = run(&[
+        "volume", "create", "--dir", dir, "--volume", "v", "--node", "a", "--size", "1Q",
+    ]);
+    assert!(e.contains("--size") && e.contains("not a size"), "{e}");
+    let e = run(&[
+        "volume",
+        "serve",
+        "--dir",
+        dir,
+        "--control",
+        "/nonexistent/c",
+        "--peer",
+        "b",
+    ]);
+    assert!(e.contains("NAME=ADDR"), "{e}");
+    let e = run(&["volume", "status", "--control", "/nonexistent/ctl"]);
+    assert!(e.contains("/nonexistent/ctl"), "{e}");
+    std::fs::write(tmp.path().join("a/meta.json"), "{\"volume\": 1}").unwrap();
+    let ctl = tmp.path().join("c.ctl");
+    let e = run(&[
+        "volume",
+        "serve",
+        "--dir",
+        dir,
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("meta.json") && e.contains("not valid volume metadata"),
+        "{e}"
+    );
+}
