@@ -49,6 +49,8 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// A cluster of daemon processes in a temporary directory.
 struct Cluster {
     dir: tempfile::TempDir,
+    /// The node made by `cluster init`: its directory holds client.toml.
+    founder: String,
     daemons: BTreeMap<String, Child>,
     addrs: BTreeMap<String, Vec<String>>,
 }
@@ -102,6 +104,7 @@ impl Cluster {
         ]));
         let mut c = Cluster {
             dir,
+            founder: first.to_string(),
             daemons: BTreeMap::new(),
             addrs: BTreeMap::new(),
         };
@@ -154,7 +157,7 @@ impl Cluster {
 
     /// A client.toml that talks to `node` only (to see the cluster from its side).
     fn client_for(&self, node: &str) -> PathBuf {
-        let base = self.node_dir(self.addrs.keys().next().unwrap());
+        let base = self.node_dir(&self.founder);
         let text = std::fs::read_to_string(base.join("client.toml")).unwrap();
         let mut t: toml::Table = toml::from_str(&text).unwrap();
         t.insert(
@@ -167,7 +170,7 @@ impl Cluster {
     }
 
     fn client(&self) -> PathBuf {
-        self.client_for(self.addrs.keys().next().unwrap())
+        self.client_for(&self.founder)
     }
 
     fn haven(&self, client: &Path, args: &[&str]) -> Output {
@@ -187,7 +190,7 @@ impl Cluster {
     }
 
     fn seed(&self) -> String {
-        self.addrs.values().next().unwrap()[0].clone()
+        self.addrs[&self.founder][0].clone()
     }
 
     fn join(&mut self, name: &str, token: &str, extra: &[&str]) -> Output {
@@ -752,4 +755,58 @@ fn a_node_shut_down_cleanly_stops_its_resources_and_they_move() {
             on.len() == 1 && on[0] != host
         })
     });
+}
+
+#[test]
+fn a_learner_receives_the_state_but_does_not_vote() {
+    let mut c = Cluster::started_one("n1");
+    let t = c.token();
+    ok(c.join("l1", &t, &["--learner"]));
+    c.start("l1", &[]);
+    let n1 = c.client_for("n1");
+    c.wait_formed(&n1, &["n1", "l1"]);
+    let file = c.dir.path().join("v2.toml");
+    std::fs::write(&file, CONFIG_V2).unwrap();
+    ok(c.haven(
+        &n1,
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    ));
+    let l1 = c.client_for("l1");
+    wait_until("version 2 on the learner", || {
+        c.config_version(&l1).is_some_and(|(v, _)| v == 2)
+    });
+    let s = c.status(&n1).unwrap();
+    let role = |n: &str| {
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .map(|x| x["role"].clone())
+    };
+    assert_eq!(role("l1"), Some(Value::from("learner")), "{s}");
+    assert_eq!(role("n1"), Some(Value::from("voter")), "{s}");
+    // Its absence changes nothing for quorum: n1 is still the whole voting set.
+    c.stop("l1");
+    wait_until("l1 offline", || {
+        c.status(&n1).is_some_and(|s| {
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["name"] == "l1" && x["state"] == "offline")
+        })
+    });
+    assert_eq!(c.status(&n1).unwrap()["quorate"], true);
+    let base = "2";
+    ok(c.haven(
+        &n1,
+        &[
+            "config",
+            "apply",
+            "--based-on",
+            base,
+            file.to_str().unwrap(),
+        ],
+    ));
 }
