@@ -27,6 +27,8 @@ struct NodeInfo<'a> {
     fence: Option<String>,
     attrs: HashMap<String, String>,
     capacity: Option<&'a BTreeMap<String, i64>>,
+    /// Node health as a score every resource gets there.
+    health: Score,
 }
 
 #[derive(Clone)]
@@ -139,6 +141,31 @@ pub fn schedule(cfg: &Config, st: &State) -> Plan {
     s.into_plan()
 }
 
+/// The score node health attributes (`#health-*`) give every resource on a node.
+fn node_health(opts: &haven_model::Options, attrs: &HashMap<String, String>) -> Score {
+    use haven_model::HealthStrategy as H;
+    let (red, yellow, green) = match opts.node_health_strategy {
+        H::None => return Score::ZERO,
+        H::MigrateOnRed => (NEG, Score::ZERO, Score::ZERO),
+        H::OnlyGreen => (NEG, NEG, Score::ZERO),
+        H::Progressive | H::Custom => (
+            opts.node_health_red.unwrap_or(NEG),
+            opts.node_health_yellow.unwrap_or_default(),
+            opts.node_health_green.unwrap_or_default(),
+        ),
+    };
+    let mut keys: Vec<&String> = attrs.keys().filter(|k| k.starts_with("#health")).collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| match attrs[k].as_str() {
+            "red" => red,
+            "yellow" => yellow,
+            "green" => green,
+            v => v.parse::<Score>().unwrap_or_default(),
+        })
+        .fold(Score::ZERO, |a, b| a + b)
+}
+
 fn parse_num(s: &str) -> Option<f64> {
     s.trim().parse::<f64>().ok()
 }
@@ -221,6 +248,7 @@ impl<'a> Sched<'a> {
                 ns.and_then(|x| x.unclean_reason.clone())
                     .unwrap_or_else(|| "node is unclean".to_string())
             });
+            let health = node_health(opts, &attrs);
             node_ix.insert(n.name.as_str(), nodes.len());
             nodes.push(NodeInfo {
                 name: &n.name,
@@ -237,7 +265,19 @@ impl<'a> Sched<'a> {
                 attrs,
                 capacity: (opts.placement_strategy != PlacementStrategy::Default)
                     .then_some(&n.utilization),
+                health,
             });
+        }
+        // Quorum lost under `suicide`: every node of this partition fences itself.
+        if !st.have_quorum
+            && st.quorum_lost
+            && opts.no_quorum_policy == NoQuorumPolicy::Suicide
+            && opts.stonith_enabled
+        {
+            for n in nodes.iter_mut().filter(|n| n.counts) {
+                n.can_run = false;
+                n.fence = Some("cluster does not have quorum".into());
+            }
         }
         let n_nodes = nodes.len();
         let mut s = Sched {
@@ -685,6 +725,7 @@ impl<'a> Sched<'a> {
                     (false, Some(l)) => l,
                     (false, None) => NEG,
                 };
+                w += self.nodes[n].health;
                 for &pi in &unit.prims {
                     let p = self.prims[pi].cfg;
                     if let Some(h) = &p.home
