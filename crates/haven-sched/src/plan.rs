@@ -54,6 +54,10 @@ pub struct Change {
     /// Shown, but not carried out: something it depends on cannot run.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub blocked: bool,
+    /// Carried out, but implied by another line of the summary (Pacemaker shows the
+    /// stop of every copy of a multiply-active resource as one Restart or Move).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// A node to be fenced, and why.
@@ -190,7 +194,12 @@ impl Plan {
             .iter()
             .map(|f| format!("  * Fence (reboot) {} '{}'", f.node, f.reason))
             .collect();
-        out.extend(self.changes.iter().map(Change::summary_line));
+        out.extend(
+            self.changes
+                .iter()
+                .filter(|c| !c.quiet)
+                .map(Change::summary_line),
+        );
         out
     }
 

@@ -3,8 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use haven_model::{
-    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, NoQuorumPolicy, NodeState,
-    OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State, ValueType,
+    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, MultipleActive, NoQuorumPolicy,
+    NodeState, OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State,
+    ValueType,
 };
 
 use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
@@ -606,8 +607,23 @@ impl<'a> Sched<'a> {
             .unwrap_or(self.cfg.options.resource_stickiness)
     }
 
+    /// How a resource that may run once, found active on several nodes, is handled.
+    fn multi(&self, pi: usize) -> Option<MultipleActive> {
+        let p = &self.prims[pi];
+        (p.cur.len() > 1 && self.units[self.unit_of_prim(pi)].kind != Kind::Clone)
+            .then(|| p.meta.multiple_active.unwrap_or(MultipleActive::StopStart))
+    }
+
+    fn unit_of_prim(&self, pi: usize) -> usize {
+        self.unit_of
+            .get(self.prims[pi].cfg.id.as_str())
+            .copied()
+            .unwrap_or_default()
+    }
+
     fn managed(&self, pi: usize) -> bool {
-        !self.cfg.options.maintenance_mode
+        self.multi(pi) != Some(MultipleActive::Block)
+            && !self.cfg.options.maintenance_mode
             && self.prims[pi].meta.is_managed.unwrap_or(true)
             && !self.prims[pi]
                 .cur
@@ -1072,7 +1088,11 @@ impl<'a> Sched<'a> {
         self.apply_colocations(u, &mut w);
         self.record_scores(u, &w);
         let stopped = Self::target_stopped(&self.units[u].meta)
-            || Self::target_stopped(&self.prims[first].meta);
+            || Self::target_stopped(&self.prims[first].meta)
+            || self.units[u]
+                .prims
+                .iter()
+                .any(|&pi| self.multi(pi) == Some(MultipleActive::StopOnly));
         let need = self.unit_util(u);
         let node = if stopped {
             None
@@ -1805,7 +1825,10 @@ impl<'a> Sched<'a> {
                             } else if failed {
                                 restart_rest = true;
                                 Some((ChangeKind::Recover, from, to))
-                            } else if restart_rest {
+                            } else if restart_rest
+                                || self.multi(pi) == Some(MultipleActive::StopStart)
+                            {
+                                restart_rest = true;
                                 Some((ChangeKind::Restart, from, to))
                             } else if ra < rb {
                                 Some((ChangeKind::Promote, from, to))
@@ -1825,6 +1848,7 @@ impl<'a> Sched<'a> {
                             show_roles: promotable,
                             reason: inst.blocked.then(|| "unrunnable start".to_string()),
                             blocked: inst.blocked,
+                            quiet: false,
                         });
                     }
                 }
@@ -1851,6 +1875,9 @@ impl<'a> Sched<'a> {
                                 show_roles: false,
                                 reason: Some("multiple active".into()),
                                 blocked: false,
+                                // Stopping every copy and starting one shows as one line.
+                                quiet: node.is_some()
+                                    && self.multi(pi) != Some(MultipleActive::StopOnly),
                             });
                         }
                     }
@@ -1869,6 +1896,7 @@ impl<'a> Sched<'a> {
                 show_roles: false,
                 blocked: false,
                 reason: Some("node availability".into()),
+                quiet: false,
             });
         }
         self.build_actions(&mut plan);
