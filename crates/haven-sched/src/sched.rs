@@ -485,6 +485,35 @@ impl<'a> Sched<'a> {
         let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
+            // Failures of operations with `on-fail = ignore` do not count; a start or
+            // stop that failed that way leaves the resource taken as stopped.
+            let ignored = |c: &Cur<'_>| {
+                c.failed
+                    && c.status
+                        .failed_op
+                        .as_deref()
+                        .and_then(|f| f.split_once(':'))
+                        .is_some_and(|(name, interval)| {
+                            p.cfg.ops.iter().any(|o| {
+                                o.name == name
+                                    && o.interval.to_string() == interval
+                                    && o.on_fail == Some(haven_model::OnFail::Ignore)
+                            })
+                        })
+            };
+            let mut kept = Vec::new();
+            for mut c in std::mem::take(&mut p.cur) {
+                if ignored(&c) {
+                    if c.status.start_failed
+                        || matches!(c.status.failed_op.as_deref(), Some("start:0" | "stop:0"))
+                    {
+                        continue;
+                    }
+                    c.failed = false;
+                }
+                kept.push(c);
+            }
+            p.cur = kept;
             // An expired failure is forgotten (without a clock, every failure is old).
             if let Some(t) = p.meta.failure_timeout.filter(|t| *t > 0) {
                 for c in &mut p.cur {
