@@ -1220,11 +1220,12 @@ impl<'a> Sched<'a> {
             .first()
             .and_then(|&p| self.prims[p].meta.resource_stickiness)
             .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
+        // At first each node keeps only its fair share of current instances; the rest
+        // are placed with the new ones (their own node still favoured by stickiness), so
+        // instances spread out instead of piling up.
+        let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
+        let fair = max.checked_div(avail_nodes).unwrap_or(0);
         for (num, n) in cur_list {
-            // An instance stays unless enough better nodes exist to take every instance.
-            let better = (0..n_nodes)
-                .filter(|&x| x != n && allowed(self, x) && w[x] > w[n] + stick)
-                .count();
             let keep = if unmanaged || self.freeze {
                 true
             } else {
@@ -1233,7 +1234,7 @@ impl<'a> Sched<'a> {
                     && per_node[n] < node_max
                     && insts.len() < max
                     && self.fits(n, &self.unit_util(u))
-                    && better < max
+                    && per_node[n] < fair
             };
             if keep {
                 per_node[n] += 1;
@@ -1259,11 +1260,20 @@ impl<'a> Sched<'a> {
         if !unmanaged && !self.freeze && !stopped {
             let need = self.unit_util(u);
             while insts.len() < max {
+                let mover = leftovers.first().map(|&(_, cn)| cn);
                 let avail: Vec<Score> = (0..n_nodes)
-                    .map(|n| if per_node[n] < node_max { w[n] } else { NEG })
+                    .map(|n| {
+                        if per_node[n] >= node_max {
+                            NEG
+                        } else if Some(n) == mover {
+                            w[n] + stick
+                        } else {
+                            w[n]
+                        }
+                    })
                     .collect();
                 let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
-                let Some(n) = self.choose(&avail, None, &need, &spread) else {
+                let Some(n) = self.choose(&avail, mover, &need, &spread) else {
                     break;
                 };
                 if !allowed(self, n) {
