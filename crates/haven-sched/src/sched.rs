@@ -1399,8 +1399,9 @@ impl<'a> Sched<'a> {
                 }
             }
             let was = self.currently_promoted(u, n);
-            let has_pref =
-                attr.is_some() || loc.is_some_and(|l| l > Score::ZERO) || s > Score::ZERO;
+            // Only a promotion score or a promoted-role location makes an instance a
+            // candidate; colocations merely rank the candidates.
+            let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO);
             if s < Score::ZERO || !has_pref {
                 continue;
             }
