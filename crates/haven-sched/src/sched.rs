@@ -1398,6 +1398,26 @@ impl<'a> Sched<'a> {
                     s += c.score;
                 }
             }
+            // What must run with the promoted instance pulls the promotion toward where
+            // it can run (and away from where it cannot).
+            for &ci in &self.prim_of[u] {
+                let c = &self.colocs[ci];
+                if c.primary_role != Some(Role::Promoted)
+                    || c.score.is_neg_inf()
+                    || self.units[c.dep].kind == Kind::Clone
+                {
+                    continue;
+                }
+                let prefs = self.own_prefs(c.dep);
+                if !prefs
+                    .iter()
+                    .enumerate()
+                    .any(|(x, p)| !p.is_neg_inf() && self.nodes[x].can_run)
+                {
+                    continue;
+                }
+                s += prefs[n].scale(c.score);
+            }
             let was = self.currently_promoted(u, n);
             // Only a promotion score or a promoted-role location makes an instance a
             // candidate; colocations merely rank the candidates.
