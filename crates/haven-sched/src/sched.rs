@@ -304,6 +304,7 @@ impl<'a> Sched<'a> {
         };
         s.build_units();
         s.gather_current();
+        s.fence_failed_stops();
         s.build_constraints();
         s
     }
@@ -526,6 +527,31 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// A node where a stop failed must be fenced before the resource can run anywhere
+    /// else (when fencing is possible); until then it runs nothing.
+    fn fence_failed_stops(&mut self) {
+        let opts = &self.cfg.options;
+        let quorum_ok = self.st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
+        if !opts.stonith_enabled || !quorum_ok {
+            return;
+        }
+        let mut marks: Vec<(usize, String)> = Vec::new();
+        for (pi, p) in self.prims.iter().enumerate() {
+            for c in &p.cur {
+                if c.failed && c.status.stop_failed && !self.blocked_failure(pi, c) {
+                    marks.push((c.node, c.key.to_string()));
+                }
+            }
+        }
+        for (n, key) in marks {
+            let node = &mut self.nodes[n];
+            if node.fence.is_none() {
+                node.fence = Some(format!("{key} failed there"));
+            }
+            node.can_run = false;
         }
     }
 
@@ -1813,24 +1839,6 @@ impl<'a> Sched<'a> {
                 });
             }
         }
-        // Nodes whose stop failed must be fenced before the resource can go anywhere.
-        for p in &self.prims {
-            for c in &p.cur {
-                if c.status.stop_failed
-                    && self.cfg.options.stonith_enabled
-                    && self.nodes[c.node].fence.is_none()
-                    && !plan
-                        .fences
-                        .iter()
-                        .any(|f| f.node == self.nodes[c.node].name)
-                {
-                    plan.fences.push(Fence {
-                        node: self.nodes[c.node].name.to_string(),
-                        reason: format!("{} failed there", c.key),
-                    });
-                }
-            }
-        }
         let fenced: Vec<bool> = self
             .nodes
             .iter()
@@ -1874,7 +1882,11 @@ impl<'a> Sched<'a> {
                             if a != b {
                                 restart_rest = true;
                                 // After fencing, a failed resource is simply gone.
-                                let kind = if failed && !fenced[a] {
+                                let fenced_for_failure = self.nodes[a]
+                                    .fence
+                                    .as_deref()
+                                    .is_some_and(|r| r.ends_with("failed there"));
+                                let kind = if failed && (!fenced[a] || fenced_for_failure) {
                                     ChangeKind::Recover
                                 } else if !fenced[a] && self.migratable(u, inst, m, a, failed, 0) {
                                     ChangeKind::Migrate
