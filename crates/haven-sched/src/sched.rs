@@ -1148,11 +1148,25 @@ impl<'a> Sched<'a> {
                 .prims
                 .iter()
                 .any(|&pi| self.multi(pi) == Some(MultipleActive::StopOnly));
-        let need = self.unit_util(u);
+        // Whatever must run with it has to fit on the same node (if that fits anywhere).
+        let own_need = self.unit_util(u);
+        let mut need = own_need.clone();
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if c.score.is_pos_inf()
+                && self.placed[c.dep].is_none()
+                && self.units[c.dep].kind != Kind::Clone
+            {
+                for (k, v) in self.unit_util(c.dep) {
+                    *need.entry(k).or_insert(0) += v;
+                }
+            }
+        }
         let node = if stopped {
             None
         } else {
             self.choose(&w, cur, &need, &[])
+                .or_else(|| self.choose(&w, cur, &own_need, &[]))
         };
         let member_ok = match node {
             Some(n) => self.members_ok(u, n, true),
