@@ -932,6 +932,30 @@ impl<'a> Sched<'a> {
         m
     }
 
+    /// Add the utilization of everything that must run with `u` (transitively).
+    fn add_dependent_util(
+        &self,
+        u: usize,
+        need: &mut BTreeMap<String, i64>,
+        seen: &mut Vec<usize>,
+    ) {
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if !c.score.is_pos_inf()
+                || self.placed[c.dep].is_some()
+                || self.units[c.dep].kind == Kind::Clone
+                || seen.contains(&c.dep)
+            {
+                continue;
+            }
+            seen.push(c.dep);
+            for (k, v) in self.unit_util(c.dep) {
+                *need.entry(k).or_insert(0) += v;
+            }
+            self.add_dependent_util(c.dep, need, seen);
+        }
+    }
+
     fn take(&mut self, n: usize, u: usize) {
         self.load[n] += self.units[u].prims.len() as u32;
         if self.nodes[n].capacity.is_some() {
@@ -1151,17 +1175,8 @@ impl<'a> Sched<'a> {
         // Whatever must run with it has to fit on the same node (if that fits anywhere).
         let own_need = self.unit_util(u);
         let mut need = own_need.clone();
-        for &ci in &self.prim_of[u] {
-            let c = &self.colocs[ci];
-            if c.score.is_pos_inf()
-                && self.placed[c.dep].is_none()
-                && self.units[c.dep].kind != Kind::Clone
-            {
-                for (k, v) in self.unit_util(c.dep) {
-                    *need.entry(k).or_insert(0) += v;
-                }
-            }
-        }
+        let mut seen = vec![u];
+        self.add_dependent_util(u, &mut need, &mut seen);
         let node = if stopped {
             None
         } else {
