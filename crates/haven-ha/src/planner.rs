@@ -140,11 +140,13 @@ pub fn observed_state(view: &ClusterView) -> State {
                 });
         }
     }
+    // Fields the coordinator does not know (e.g. quorum history) keep their defaults.
     State {
         have_quorum: true,
         now: None,
         nodes,
         resources,
+        ..State::default()
     }
 }
 
