@@ -42,6 +42,7 @@ pub enum CoordInput {
     Heartbeat { node: String, link: String },
     Cleanup { resource: String },
     Report { node: String, report: OpReport },
+    Fence(super::fence::FenceInput),
 }
 
 pub enum AgentInput {
@@ -102,6 +103,8 @@ struct Leading {
     coordinator: Coordinator<LivePlanner>,
     planner: LivePlanner,
     config_version: u64,
+    /// Fence confirmations already committed to Raft.
+    fence_seen: std::collections::BTreeMap<String, haven_ha::Time>,
 }
 
 fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
@@ -131,9 +134,11 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             i = rx.recv() => match i { Some(i) => Some(i), None => return },
             _ = tick.tick() => None,
         };
-        if !d.is_leader() {
+        // A leader cut off from the majority must not act (it would fence the
+        // majority): the coordinator runs only while this node sees quorum.
+        if !d.is_leader() || !super::fence::quorate_now(&d) {
             if leading.take().is_some() {
-                tracing::info!("no longer the leader: coordinator stopped");
+                tracing::info!("no longer a leader with quorum: coordinator stopped");
             }
             continue;
         }
@@ -152,6 +157,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                     coordinator,
                     planner,
                     config_version: v,
+                    fence_seen: Default::default(),
                 });
             }
             Some(l) if l.config_version != version => {
@@ -172,6 +178,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
             Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
+            Some(CoordInput::Fence(f)) => super::fence::handle_input(&d, c, f, now),
             Some(CoordInput::Report { node, report }) => {
                 let resource = report.resource.clone();
                 let record = record_op(&node, &report);
@@ -221,6 +228,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         while let Some(cmd) = c.poll_command() {
             dispatch(&d, cmd);
         }
+        super::fence::record_confirmations(&d, &l.coordinator, &mut l.fence_seen);
     }
 }
 
@@ -275,6 +283,9 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
                 );
                 return;
             };
+            if d.lab.rpc_cut() {
+                return;
+            }
             let d = d.clone();
             tokio::spawn(async move {
                 let r: Result<super::protocol::Empty, _> =
@@ -289,12 +300,20 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
                 }
             });
         }
-        CoordinatorCommand::Fence { victim, device, .. } => {
-            // Fencing devices are wired by the fencing issue; until then the fencer's
-            // own timeout handles the silence (and nothing is recovered unfenced).
-            tracing::error!(
-                "fencing of {victim} with {device} requested, but fence execution is not wired yet"
-            );
+        CoordinatorCommand::Fence {
+            token,
+            victim,
+            device,
+            executor,
+            timeout,
+        } => {
+            let run = super::fence::FenceRun {
+                token,
+                victim,
+                device,
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            super::fence::dispatch(d, run, executor);
         }
         CoordinatorCommand::Alert { message } => tracing::warn!("alert: {message}"),
     }
@@ -439,7 +458,7 @@ async fn send_report(d: &Daemon, report: OpReport) {
                 });
                 return;
             }
-            Some((_, info)) => {
+            Some((_, info)) if !d.lab.rpc_cut() => {
                 if let Some(addr) = info.addrs.first() {
                     let r: Result<super::protocol::Empty, _> =
                         d.rpc.call(addr, REPORT_PATH, &msg).await;
@@ -449,7 +468,7 @@ async fn send_report(d: &Daemon, report: OpReport) {
                     }
                 }
             }
-            None => {}
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -461,7 +480,7 @@ async fn send_report(d: &Daemon, report: OpReport) {
 }
 
 /// The agent spec for `resource` from the committed configuration.
-fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> {
+pub(super) fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> {
     let state = d.view.state();
     let config = haven_model::Config::from_toml("cluster configuration", &state.config.text)
         .map_err(|e| e.to_string())?;
