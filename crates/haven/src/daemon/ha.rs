@@ -502,6 +502,10 @@ pub(super) fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> 
     Ok(spec)
 }
 
+/// The spec each resource last ran with on this node.
+static LAST_SPECS: Mutex<std::collections::BTreeMap<String, AgentSpec>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
 async fn execute(
     d: &Daemon,
     resource: &str,
@@ -509,9 +513,29 @@ async fn execute(
     timeout: Duration,
     peer: Option<String>,
 ) -> OpOutcome {
-    let spec = match spec_for(d, resource) {
-        Ok(s) => s,
-        Err(reason) => return OpOutcome::Failed { rc: 6, reason },
+    // The coordinator asks from a committed configuration this node may not have
+    // applied yet: give replication a moment before calling the resource unknown.
+    let mut found = spec_for(d, resource);
+    for _ in 0..20 {
+        if found.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        found = spec_for(d, resource);
+    }
+    let spec = match found {
+        Ok(s) => {
+            if let Ok(mut cache) = LAST_SPECS.lock() {
+                cache.insert(resource.to_string(), s.clone());
+            }
+            s
+        }
+        // A resource removed from the configuration must still be stoppable (a failed
+        // stop would get this node fenced): the spec it last ran with is kept.
+        Err(reason) => match LAST_SPECS.lock().ok().and_then(|c| c.get(resource).cloned()) {
+            Some(s) if matches!(op, OpKind::Stop | OpKind::Monitor) => s,
+            _ => return OpOutcome::Failed { rc: 6, reason },
+        },
     };
     let migration = || Migration {
         peer: peer.clone().unwrap_or_default(),
