@@ -405,7 +405,8 @@ fn a_real_fence_dummy_confirms_a_dead_node() {
     let _one = lock();
     let lab = Lab::up();
     let status_file = lab.dir.join("dummy.status");
-    std::fs::write(&status_file, "on\n").expect("status file");
+    // fence_dummy compares the whole file: no newline.
+    std::fs::write(&status_file, "on").expect("status file");
     lab.configure(&format!(
         "\n[[fencing.devices]]\nid = \"dummy\"\nagent = \"fence_dummy\"\nparams = {{ type = \"file\", status_file = \"{}\", pcmk_host_argument = \"none\" }}\n",
         status_file.display()
