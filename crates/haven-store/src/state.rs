@@ -63,6 +63,9 @@ pub struct FenceRecord {
     pub executor: String,
     pub ok: bool,
     pub at_ms: u64,
+    /// When the device started running (0 for confirmations without a device run).
+    #[serde(default)]
+    pub started_ms: u64,
     /// Why: the device's outcome or the confirmation.
     pub detail: String,
 }
@@ -518,6 +521,7 @@ mod tests {
             executor: "n2".into(),
             ok,
             at_ms: 2,
+            started_ms: 1,
             detail: String::new(),
         };
         s.apply(&Request::RecordFence {

@@ -74,6 +74,17 @@ pub enum LabCommand {
         #[arg(long, default_value = "haven-lab")]
         dir: PathBuf,
     },
+    /// Time failovers on a fresh lab: power off the node running a resource, until it
+    /// runs elsewhere (p50/p95/max, with detection, fencing and start)
+    BenchFailover {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Print JSON (every run) instead of the summary
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How long `lab up` waits for each step before giving up (and stopping what it started).
@@ -127,6 +138,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 r.p99.as_secs_f64() * 1e3,
                 r.max.as_secs_f64() * 1e3
             );
+            Ok(())
+        }
+        LabCommand::BenchFailover { nodes, runs, json } => {
+            let r = crate::daemon::failover_bench::failover(nodes, runs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.render());
+            }
             Ok(())
         }
         LabCommand::Kill { node, dir } => {
@@ -204,7 +224,7 @@ fn pidfile(dir: &Path, name: &str) -> PathBuf {
     dir.join(name).join("daemon.pid")
 }
 
-fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
+pub fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let node_dir = dir.join(name);
     let log = std::fs::File::create(node_dir.join("daemon.log"))

@@ -85,6 +85,9 @@ pub struct FenceDone {
     pub executor: String,
     pub ok: bool,
     pub detail: String,
+    /// Wall-clock milliseconds when the device started.
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -240,6 +243,7 @@ pub fn dispatch(d: &Arc<Daemon>, run: FenceRun, executor: String) {
             executor: executor.clone(),
             ok: false,
             detail,
+            started_ms: wall_ms(),
         };
         let r: Result<Empty, String> = match (&addr, d.lab.rpc_cut()) {
             (_, true) => Err("this node is cut off (lab partition)".into()),
@@ -262,6 +266,7 @@ pub fn dispatch(d: &Arc<Daemon>, run: FenceRun, executor: String) {
 
 /// Runs one device against one victim on this node.
 pub async fn execute(d: &Daemon, run: &FenceRun) -> FenceDone {
+    let started_ms = wall_ms();
     let timeout = Duration::from_millis(run.timeout_ms);
     let (ok, detail) = match device(d, &run.device) {
         Err(e) => (false, e),
@@ -324,6 +329,7 @@ pub async fn execute(d: &Daemon, run: &FenceRun) -> FenceDone {
         executor: d.node.name.clone(),
         ok,
         detail,
+        started_ms,
     }
 }
 
@@ -507,6 +513,7 @@ pub fn handle_input<P: Planner>(
                     executor: done.executor,
                     ok: done.ok,
                     at_ms: wall_ms(),
+                    started_ms: done.started_ms,
                     detail: done.detail,
                 },
                 confirmed,
@@ -560,6 +567,7 @@ pub fn record_confirmations<P: Planner>(
                 executor: d.node.name.clone(),
                 ok: true,
                 at_ms: wall_ms(),
+                started_ms: 0,
                 detail,
             },
             true,

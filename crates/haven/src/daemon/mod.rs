@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bench;
 pub mod client;
+pub mod failover_bench;
 pub mod fence;
 pub mod files;
 pub mod ha;
