@@ -347,7 +347,7 @@ fn stop_everything(d: &Arc<Daemon>) {
             .map(|o| o.stop_timeout)
             .unwrap_or(Duration::from_secs(20));
         tokio::spawn(async move {
-            let o = execute(&d, &id, OpKind::Stop, timeout, None).await;
+            let o = execute(&d, &id, OpKind::Stop, timeout, None, None).await;
             if o != OpOutcome::Ok {
                 tracing::error!("no quorum: stopping {id} failed: {o:?}");
             }
@@ -426,10 +426,11 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                     op,
                     timeout,
                     peer,
+                    interval,
                 } => {
                     let d = d.clone();
                     tokio::spawn(async move {
-                        let outcome = execute(&d, &resource, op, timeout, peer).await;
+                        let outcome = execute(&d, &resource, op, timeout, peer, interval).await;
                         let _ = d.ha.agent.send(AgentInput::Done { token, outcome });
                     });
                 }
@@ -502,6 +503,35 @@ pub(super) fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> 
     Ok(spec)
 }
 
+/// Where `dest` receives a live migration of `spec`'s resource: its first link's IP,
+/// and the resource's `migration_port` param or a port derived from its id (the same
+/// on every node, in 49152..=65151).
+fn migration_address(d: &Daemon, spec: &AgentSpec, dest: &str) -> String {
+    let ip = d
+        .members()
+        .into_iter()
+        .find(|(n, _)| n == dest)
+        .and_then(|(_, info)| info.addrs.first().cloned())
+        .and_then(|a| a.rsplit_once(':').map(|(ip, _)| ip.to_string()))
+        .unwrap_or_default();
+    let port = spec
+        .params
+        .get("migration_port")
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| derived_port(&spec.instance));
+    format!("{ip}:{port}")
+}
+
+/// FNV-1a of the resource id, folded into the dynamic port range.
+fn derived_port(id: &str) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    49152 + (h % 16000) as u16
+}
+
 /// The spec each resource last ran with on this node.
 static LAST_SPECS: Mutex<std::collections::BTreeMap<String, AgentSpec>> =
     Mutex::new(std::collections::BTreeMap::new());
@@ -512,6 +542,7 @@ async fn execute(
     op: OpKind,
     timeout: Duration,
     peer: Option<String>,
+    interval: Option<Duration>,
 ) -> OpOutcome {
     // The coordinator asks from a committed configuration this node may not have
     // applied yet: give replication a moment before calling the resource unknown.
@@ -532,25 +563,32 @@ async fn execute(
         }
         // A resource removed from the configuration must still be stoppable (a failed
         // stop would get this node fenced): the spec it last ran with is kept.
-        Err(reason) => match LAST_SPECS.lock().ok().and_then(|c| c.get(resource).cloned()) {
+        Err(reason) => match LAST_SPECS
+            .lock()
+            .ok()
+            .and_then(|c| c.get(resource).cloned())
+        {
             Some(s) if matches!(op, OpKind::Stop | OpKind::Monitor) => s,
             _ => return OpOutcome::Failed { rc: 6, reason },
         },
     };
-    let migration = || Migration {
-        peer: peer.clone().unwrap_or_default(),
-        address: String::new(),
+    let peer = peer.unwrap_or_default();
+    // The stream goes to the destination: the peer for migrate_to, this node for
+    // migrate_from; both sides derive the same HOST:PORT.
+    let migration = |dest: &str| Migration {
+        peer: peer.clone(),
+        address: migration_address(d, &spec, dest),
     };
     let exec_op = match op {
         OpKind::Start => Op::Start,
         OpKind::Stop => Op::Stop,
         OpKind::Monitor => Op::Monitor {
-            interval: Duration::ZERO,
+            interval: interval.unwrap_or(Duration::ZERO),
         },
         OpKind::Promote => Op::Promote,
         OpKind::Demote => Op::Demote,
-        OpKind::MigrateTo => Op::MigrateTo(migration()),
-        OpKind::MigrateFrom => Op::MigrateFrom(migration()),
+        OpKind::MigrateTo => Op::MigrateTo(migration(&peer)),
+        OpKind::MigrateFrom => Op::MigrateFrom(migration(&d.node.name)),
     };
     let result = haven_exec::run_op(&spec, exec_op, timeout).await;
     if result.code != OpCode::Success && result.code != OpCode::NotRunning {
@@ -594,6 +632,16 @@ mod tests {
             stdout: String::new(),
             stderr: String::new(),
             notes: vec![],
+        }
+    }
+
+    #[test]
+    fn migration_ports_are_stable_and_in_the_dynamic_range() {
+        let p = derived_port("vm1");
+        assert_eq!(p, derived_port("vm1"), "both sides must agree");
+        assert_ne!(p, derived_port("vm2"));
+        for id in ["a", "vm1", "a-much-longer-resource-name"] {
+            assert!((49152..=65151).contains(&derived_port(id)));
         }
     }
 
