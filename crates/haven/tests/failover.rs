@@ -478,3 +478,43 @@ fn a_partitioned_node_stops_its_resource_and_the_majority_recovers_it_after_the_
     let s: serde_json::Value = serde_json::from_slice(&minority.stdout).expect("status JSON");
     assert_eq!(s["quorate"], false, "{s}");
 }
+
+#[test]
+fn a_fenced_node_that_comes_back_stays_out_until_node_online() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    let home = svc_home(&lab);
+    ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
+    let survivor = wait_for("svc to run on a survivor", || {
+        let r = lab.running("svc");
+        (r.len() == 1 && r[0] != home).then(|| r[0].clone())
+    });
+    let client = lab.client_of(&survivor);
+    ok(lab.run(&["lab", "start", &home, "--dir", lab.dir_str()]));
+    let member = |ls: &serde_json::Value| -> Option<String> {
+        ls["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m[0] == home.as_str())
+            .and_then(|m| m[1].as_str().map(str::to_string))
+    };
+    // The coordinator hears it again, but keeps it out: fenced for a fault, it needs
+    // an operator.
+    let ls = wait_for("the coordinator to hear the restarted node", || {
+        let ls = lab.fence_ls(&client)?;
+        ls["heard"]
+            .as_array()?
+            .iter()
+            .any(|n| *n == home.as_str())
+            .then_some(ls)
+    });
+    assert_eq!(member(&ls).as_deref(), Some("offline"), "{ls}");
+    ok(haven(&["node", "online", &home], Some(&client)));
+    wait_for("the node to be allowed back", || {
+        let ls = lab.fence_ls(&client)?;
+        (member(&ls).as_deref() == Some("online")).then_some(())
+    });
+    // Stickiness keeps svc where it is; it still runs exactly once.
+    assert_eq!(lab.running("svc"), vec![survivor]);
+}

@@ -83,6 +83,7 @@ fn render_ls(ls: &FenceLs) -> String {
         .map(|(n, st)| format!("{n}:{st}"))
         .collect();
     s.push_str(&format!("members     {}\n", members.join(" ")));
+    s.push_str(&format!("heard       {}\n", ls.heard.join(" ")));
     s.push_str(&format!(
         "victim now  {}\n",
         ls.victim_now.as_deref().unwrap_or("-")

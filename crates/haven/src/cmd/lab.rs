@@ -61,6 +61,13 @@ pub enum LabCommand {
         #[arg(long, default_value = "haven-lab")]
         dir: PathBuf,
     },
+    /// Power NODE on again: start its daemon (a fenced node stays out until
+    /// `haven node online NODE`)
+    Start {
+        node: String,
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
     /// Cut NODE off from the others (all links, or only --link linkN)
     Partition {
         node: String,
@@ -153,6 +160,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let node_dir = lab_node_dir(&dir, &node)?;
             let n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;
             println!("{node}: powered off ({n} process(es) killed)");
+            Ok(())
+        }
+        LabCommand::Start { node, dir } => {
+            let node_dir = lab_node_dir(&dir, &node)?;
+            if let Some(pid) = crate::daemon::fence::lab_daemon_pid(&node_dir) {
+                anyhow::bail!("{node}: its daemon already runs (pid {pid})");
+            }
+            let dir = dir.canonicalize()?;
+            let pid = spawn_daemon(&dir, &node)?;
+            println!("{node}: daemon started (pid {pid})");
             Ok(())
         }
         LabCommand::Partition { node, link, dir } => {

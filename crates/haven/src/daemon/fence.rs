@@ -107,6 +107,9 @@ pub struct FenceLs {
     pub leader: String,
     /// Every configured node and its state as the coordinator sees it.
     pub members: Vec<(String, String)>,
+    /// Nodes the coordinator hears on at least one link.
+    #[serde(default)]
+    pub heard: Vec<String>,
     pub victims: Vec<VictimInfo>,
     /// The victim being fenced now, if any.
     pub victim_now: Option<String>,
@@ -636,9 +639,17 @@ fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
             detail,
         });
     }
+    let heard = c
+        .status()
+        .links
+        .into_iter()
+        .filter(|(_, links)| links.iter().any(|(_, up)| *up))
+        .map(|(n, _)| n)
+        .collect();
     FenceLs {
         leader: d.node.name.clone(),
         members,
+        heard,
         victims,
         wait_state: if victim_now.is_some() {
             "fencing"
