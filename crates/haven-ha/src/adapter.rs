@@ -29,7 +29,13 @@ pub fn coordinator_config(config: &Config) -> CoordinatorConfig {
         resources: config
             .resources
             .iter()
-            .map(|p| (p.id.clone(), resource_ops(p)))
+            .map(|p| {
+                let ops = ResourceOps {
+                    clone: is_cloned(config, &p.id),
+                    ..resource_ops(p)
+                };
+                (p.id.clone(), ops)
+            })
             .collect(),
         stonith_enabled: config.options.stonith_enabled,
         auto_rejoin: false,
@@ -43,6 +49,17 @@ pub fn link_names(addrs: usize) -> Vec<String> {
         return vec![DEFAULT_LINK.to_string()];
     }
     (0..addrs).map(|i| format!("link{i}")).collect()
+}
+
+/// Is `id` cloned, directly or as a member of a cloned group?
+fn is_cloned(config: &Config, id: &str) -> bool {
+    config.clones.iter().any(|c| {
+        c.child == id
+            || config
+                .groups
+                .iter()
+                .any(|g| g.id == c.child && g.members.iter().any(|m| m == id))
+    })
 }
 
 fn resource_ops(p: &haven_model::Primitive) -> ResourceOps {

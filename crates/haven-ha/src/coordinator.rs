@@ -39,6 +39,9 @@ pub struct ResourceOps {
     pub promote_timeout: Duration,
     pub demote_timeout: Duration,
     pub migrate_timeout: Duration,
+    /// A copy of a clone: copies may run on several nodes at once, so only promotion
+    /// is exclusive.
+    pub clone: bool,
 }
 
 impl Default for ResourceOps {
@@ -51,6 +54,7 @@ impl Default for ResourceOps {
             promote_timeout: Duration::from_secs(20),
             demote_timeout: Duration::from_secs(20),
             migrate_timeout: Duration::from_secs(60),
+            clone: false,
         }
     }
 }
@@ -713,7 +717,7 @@ impl<P: Planner> Coordinator<P> {
                         }
                         continue;
                     }
-                    let resource = step.resource().unwrap_or_default().to_string();
+                    let resource = self.base_resource(step.resource().unwrap_or_default());
                     let ops = self
                         .config
                         .resources
@@ -749,11 +753,23 @@ impl<P: Planner> Coordinator<P> {
             Step::MigrateFrom { resource, from, to } => (resource, to, Some(from)),
             _ => return Ok(()),
         };
-        let Some(per_node) = self.observed.get(resource) else {
+        let resource = self.base_resource(resource);
+        let Some(per_node) = self.observed.get(&resource) else {
             return Ok(());
         };
+        let clone = self
+            .config
+            .resources
+            .get(&resource)
+            .is_some_and(|o| o.clone);
+        let promoting = matches!(step, Step::Promote { .. });
         for (n, o) in per_node {
             if n == target || Some(n) == migrating_from || !o.maybe_active() {
+                continue;
+            }
+            // Copies of a clone may run anywhere at once; only a promoted copy (a
+            // volume's primary) is exclusive.
+            if clone && !(promoting && matches!(o, Observed::Promoted | Observed::Unknown)) {
                 continue;
             }
             match self.nodes.get(n) {
@@ -769,6 +785,23 @@ impl<P: Planner> Coordinator<P> {
             }
         }
         Ok(())
+    }
+
+    /// The configured resource a plan step names. The scheduler names clone copies
+    /// `ID:N`; an anonymous clone's copies are one per node, so the coordinator, its
+    /// agents and their reports all speak of the primitive `ID` on that node.
+    fn base_resource(&self, id: &str) -> String {
+        if self.config.resources.contains_key(id) {
+            return id.to_string();
+        }
+        match id.rsplit_once(':') {
+            Some((base, n))
+                if n.parse::<u32>().is_ok() && self.config.resources.contains_key(base) =>
+            {
+                base.to_string()
+            }
+            _ => id.to_string(),
+        }
     }
 
     fn set_status(&mut self, i: usize, s: StepStatus) {

@@ -9,10 +9,13 @@ use crate::view::{ClusterView, NodeState, Observed, Plan, Planner, Step};
 
 /// Node attributes set at run time (`haven node standby|maintenance`), which override
 /// the configuration's, as Pacemaker's transient node attributes do.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeOverride {
     pub standby: Option<bool>,
     pub maintenance: Option<bool>,
+    /// Transient attributes, e.g. promotion scores (`promotion-RSC`) that a replica
+    /// sets when its data is up to date, as agents do with `crm_master`.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Plans with Pacemaker's semantics, from the configuration committed through Raft.
@@ -50,6 +53,7 @@ impl Planner for SchedPlanner {
             if let Some(status) = state.nodes.get_mut(n) {
                 status.standby = o.standby;
                 status.maintenance = o.maintenance;
+                status.attributes = o.attributes.clone();
             }
         }
         let plan = haven_sched::schedule(&self.config, &state);
@@ -138,6 +142,7 @@ pub fn observed_state(view: &ClusterView) -> State {
     }
     State {
         have_quorum: true,
+        quorum_lost: false,
         now: None,
         nodes,
         resources,
@@ -307,7 +312,7 @@ agent = "lab"
         assert!(p.plan(&view).is_empty(), "both run, nothing to do");
         let standby = NodeOverride {
             standby: Some(true),
-            maintenance: None,
+            ..NodeOverride::default()
         };
         assert!(p.set_overrides([("n1".to_string(), standby)].into()));
         let plan = p.plan(&view);
@@ -322,5 +327,135 @@ agent = "lab"
             .filter(|s| matches!(s, Step::Start { node, .. } if node != "n1"))
             .count();
         assert_eq!((stops, starts_elsewhere), (2, 2), "{plan:?}");
+    }
+
+    const PROMOTABLE: &str = r#"
+[options]
+stonith-enabled = true
+resource-stickiness = 100
+
+[[nodes]]
+name = "n1"
+
+[[nodes]]
+name = "n2"
+
+[[resources]]
+id = "disk"
+class = "process"
+type = "disk"
+
+[[clones]]
+id = "disk-clone"
+child = "disk"
+promotable = true
+promoted-max = 1
+
+[[fencing.devices]]
+id = "lab"
+agent = "lab"
+"#;
+
+    /// A promotable clone through the coordinator: one copy per node, exactly one
+    /// promoted; after the primary's node is lost and fenced, the survivor is promoted —
+    /// and not before the fence.
+    #[test]
+    fn promotable_clone_copies_run_everywhere_and_one_is_promoted() {
+        let config = Config::from_toml("test.toml", PROMOTABLE).expect("valid config");
+        let cc = coordinator_config(&config);
+        assert!(cc.resources["disk"].clone);
+        // Both replicas are up to date: both may be promoted, n1 a little rather.
+        let mut planner = SchedPlanner::new(config);
+        let score = |v: &str| NodeOverride {
+            attributes: [("promotion-disk".to_string(), v.to_string())].into(),
+            ..NodeOverride::default()
+        };
+        planner.set_overrides([("n1".into(), score("10")), ("n2".into(), score("5"))].into());
+        let mut c = Coordinator::new(planner, cc, Timeouts::default(), Time(0));
+        // (node) -> role of the one copy there, as the agents would see it.
+        let mut roles: BTreeMap<String, Observed> = BTreeMap::new();
+        let mut fences: Vec<(u64, String)> = Vec::new();
+        let mut now = Time(0);
+        let run = |c: &mut Coordinator<SchedPlanner>,
+                   roles: &mut BTreeMap<String, Observed>,
+                   fences: &mut Vec<(u64, String)>,
+                   dead: &[&str],
+                   now: &mut Time,
+                   ticks: u32| {
+            for _ in 0..ticks {
+                for n in ["n1", "n2"] {
+                    if !dead.contains(&n) {
+                        c.handle_heartbeat(n, "link0", *now);
+                    }
+                }
+                c.handle_timeout(*now);
+                while let Some(cmd) = c.poll_command() {
+                    match cmd {
+                        CoordinatorCommand::Op { node, request } => {
+                            assert_eq!(request.resource, "disk", "agents see the primitive");
+                            if dead.contains(&node.as_str()) {
+                                continue;
+                            }
+                            let role = roles.get(&node).copied().unwrap_or(Observed::Stopped);
+                            let outcome = match request.op {
+                                crate::OpKind::Monitor => match role {
+                                    Observed::Promoted => OpOutcome::RunningPromoted,
+                                    Observed::Started => OpOutcome::Ok,
+                                    _ => OpOutcome::NotRunning,
+                                },
+                                crate::OpKind::Start | crate::OpKind::Demote => {
+                                    roles.insert(node.clone(), Observed::Started);
+                                    OpOutcome::Ok
+                                }
+                                crate::OpKind::Promote => {
+                                    roles.insert(node.clone(), Observed::Promoted);
+                                    OpOutcome::Ok
+                                }
+                                _ => {
+                                    roles.remove(&node);
+                                    OpOutcome::Ok
+                                }
+                            };
+                            let report = OpReport {
+                                seq: Some(request.seq),
+                                resource: request.resource,
+                                op: request.op,
+                                outcome,
+                                at: *now,
+                            };
+                            c.handle_report(&node, report, *now);
+                        }
+                        CoordinatorCommand::Fence { token, victim, .. } => {
+                            fences.push((token, victim))
+                        }
+                        CoordinatorCommand::Alert { .. } => {}
+                    }
+                }
+                *now = *now + Duration::from_millis(100);
+            }
+        };
+        run(&mut c, &mut roles, &mut fences, &[], &mut now, 30);
+        let promoted: Vec<_> = roles
+            .iter()
+            .filter(|(_, r)| **r == Observed::Promoted)
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert_eq!(roles.len(), 2, "a copy on each node: {roles:?}");
+        assert_eq!(promoted.len(), 1, "exactly one promoted: {roles:?}");
+        let primary = promoted[0].clone();
+        let survivor = if primary == "n1" { "n2" } else { "n1" };
+        let dead = [primary.as_str()];
+        run(&mut c, &mut roles, &mut fences, &dead, &mut now, 20);
+        assert_eq!(fences.len(), 1, "the primary's node is fenced");
+        assert_ne!(
+            roles.get(survivor),
+            Some(&Observed::Promoted),
+            "no promotion before the fence"
+        );
+        let (token, _) = fences.remove(0);
+        roles.remove(&primary);
+        c.handle_fence_result(token, true, now);
+        run(&mut c, &mut roles, &mut fences, &dead, &mut now, 10);
+        assert_eq!(roles.get(survivor), Some(&Observed::Promoted), "{roles:?}");
     }
 }

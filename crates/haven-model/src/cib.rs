@@ -14,8 +14,8 @@ use roxmltree::{Document, Node as XNode};
 
 use crate::config::{
     Action, BoolOp, Clone, Colocation, Config, ConfigError, Expr, ExprOp, FenceLevel, Group,
-    Location, Meta, NoQuorumPolicy, Node, OnFail, Op, Order, OrderKind, PlacementStrategy,
-    Primitive, ResourceSet, Role, Rule, ValueType,
+    HealthStrategy, Location, Meta, MultipleActive, NoQuorumPolicy, Node, OnFail, Op, Order,
+    OrderKind, PlacementStrategy, Primitive, ResourceSet, Role, Rule, ValueType,
 };
 use crate::score::{INFINITY, Score};
 use crate::state::{Migration, NodeState, NodeStatus, ResourceStatus, State};
@@ -191,6 +191,15 @@ fn apply_meta(meta: &mut Meta, k: &str, v: &str) -> Option<bool> {
             })
         }
         "critical" => meta.critical = Some(parse_bool(v)?),
+        "multiple-active" => {
+            meta.multiple_active = Some(match v {
+                "stop_start" => MultipleActive::StopStart,
+                "stop_only" => MultipleActive::StopOnly,
+                "block" => MultipleActive::Block,
+                "stop_unexpected" => MultipleActive::StopUnexpected,
+                _ => return None,
+            })
+        }
         _ => return Some(false),
     }
     Some(true)
@@ -227,9 +236,9 @@ fn read_meta(
 
 /// Meta attributes that change nothing Haven decides.
 const IGNORED_META: &[&str] = &[
+    "node-health-base",
     "description",
     "requires",
-    "multiple-active",
     "restart-type",
     "resource-discovery",
 ];
@@ -725,6 +734,19 @@ fn read_config(ctx: &mut Ctx<'_>, conf: XNode<'_, '_>) -> Result<Config, CibErro
                         _ => return Err(bad()),
                     }
                 }
+                "node-health-strategy" => {
+                    o.node_health_strategy = match v.as_str() {
+                        "none" => HealthStrategy::None,
+                        "migrate-on-red" => HealthStrategy::MigrateOnRed,
+                        "only-green" => HealthStrategy::OnlyGreen,
+                        "progressive" => HealthStrategy::Progressive,
+                        "custom" => HealthStrategy::Custom,
+                        _ => return Err(bad()),
+                    }
+                }
+                "node-health-red" => o.node_health_red = Some(v.parse().map_err(|_| bad())?),
+                "node-health-yellow" => o.node_health_yellow = Some(v.parse().map_err(|_| bad())?),
+                "node-health-green" => o.node_health_green = Some(v.parse().map_err(|_| bad())?),
                 "placement-strategy" => {
                     o.placement_strategy = match v.as_str() {
                         "default" => PlacementStrategy::Default,
@@ -1250,6 +1272,10 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
             .attribute("have-quorum")
             .and_then(parse_bool)
             .unwrap_or(true),
+        quorum_lost: root
+            .attribute("no-quorum-panic")
+            .and_then(parse_bool)
+            .unwrap_or(false),
         now: root
             .attribute("execution-date")
             .and_then(|v| v.parse().ok()),

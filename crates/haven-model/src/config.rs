@@ -96,6 +96,10 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 
+fn is_default_health(h: &HealthStrategy) -> bool {
+    *h == HealthStrategy::None
+}
+
 /// Cluster-wide options (`[options]`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -120,6 +124,15 @@ pub struct Options {
     /// A failed start bans the resource from that node (Pacemaker's default).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub start_failure_is_fatal: bool,
+    #[serde(default, skip_serializing_if = "is_default_health")]
+    pub node_health_strategy: HealthStrategy,
+    /// Scores of the health colours (progressive and custom strategies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_health_red: Option<Score>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_health_yellow: Option<Score>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_health_green: Option<Score>,
     /// Defaults for every resource's meta attributes (`rsc_defaults`).
     #[serde(default, skip_serializing_if = "Meta::is_empty")]
     pub resource_defaults: Meta,
@@ -137,6 +150,10 @@ impl Default for Options {
             maintenance_mode: false,
             stop_all_resources: false,
             start_failure_is_fatal: true,
+            node_health_strategy: HealthStrategy::None,
+            node_health_red: None,
+            node_health_yellow: None,
+            node_health_green: None,
             resource_defaults: Meta::default(),
         }
     }
@@ -185,6 +202,30 @@ pub struct Meta {
     pub priority: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub critical: Option<bool>,
+    /// What to do when found active on several nodes (default: stop all, start one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiple_active: Option<MultipleActive>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MultipleActive {
+    StopStart,
+    StopOnly,
+    Block,
+    StopUnexpected,
+}
+
+/// How node health attributes (`#health-*`: red, yellow, green or a number) count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthStrategy {
+    #[default]
+    None,
+    MigrateOnRed,
+    OnlyGreen,
+    Progressive,
+    Custom,
 }
 
 impl Meta {
@@ -203,6 +244,7 @@ impl Meta {
             allow_migrate: self.allow_migrate.or(parent.allow_migrate),
             priority: self.priority.or(parent.priority),
             critical: self.critical.or(parent.critical),
+            multiple_active: self.multiple_active.or(parent.multiple_active),
         }
     }
 }

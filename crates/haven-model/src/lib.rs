@@ -19,8 +19,9 @@ pub mod state;
 
 pub use config::{
     Action, BoolOp, Clone, Colocation, Config, ConfigError, Constraints, Expr, ExprOp, FenceDevice,
-    FenceLevel, Fencing, Group, IdKind, Location, Meta, NoQuorumPolicy, Node, OnFail, Op, Options,
-    Order, OrderKind, PlacementStrategy, Primitive, ResourceSet, Role, Rule, ValueType,
+    FenceLevel, Fencing, Group, HealthStrategy, IdKind, Location, Meta, MultipleActive,
+    NoQuorumPolicy, Node, OnFail, Op, Options, Order, OrderKind, PlacementStrategy, Primitive,
+    ResourceSet, Role, Rule, ValueType,
 };
 pub use score::{INFINITY, Score, ScoreError};
 pub use state::{Migration, NodeState, NodeStatus, ResourceStatus, State, StateError};

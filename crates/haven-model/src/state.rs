@@ -144,6 +144,10 @@ impl ResourceStatus {
 pub struct State {
     #[serde(default = "yes")]
     pub have_quorum: bool,
+    /// Quorum was held and has been lost (rather than never reached): what
+    /// `no-quorum-policy = suicide` reacts to.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quorum_lost: bool,
     /// "Now" in seconds since the epoch, for failure-timeout; time is an input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub now: Option<i64>,
@@ -158,6 +162,7 @@ impl Default for State {
     fn default() -> State {
         State {
             have_quorum: true,
+            quorum_lost: false,
             now: None,
             nodes: BTreeMap::new(),
             resources: BTreeMap::new(),

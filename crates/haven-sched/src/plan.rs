@@ -54,6 +54,10 @@ pub struct Change {
     /// Shown, but not carried out: something it depends on cannot run.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub blocked: bool,
+    /// Carried out, but implied by another line of the summary (Pacemaker shows the
+    /// stop of every copy of a multiply-active resource as one Restart or Move).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// A node to be fenced, and why.
@@ -115,8 +119,12 @@ pub struct Plan {
     /// `(a, b)`: action `a` must complete before action `b` begins (indices into
     /// `actions`).
     pub edges: Vec<(usize, usize)>,
+    /// Allocation scores: node names, then one row per placed resource (compact; see
+    /// [`Plan::scores`]).
     #[serde(skip)]
-    pub scores: Vec<AllocationScore>,
+    pub score_nodes: Vec<String>,
+    #[serde(skip)]
+    pub score_rows: Vec<(String, Vec<Score>)>,
 }
 
 impl Change {
@@ -186,13 +194,35 @@ impl Plan {
             .iter()
             .map(|f| format!("  * Fence (reboot) {} '{}'", f.node, f.reason))
             .collect();
-        out.extend(self.changes.iter().map(Change::summary_line));
+        out.extend(
+            self.changes
+                .iter()
+                .filter(|c| !c.quiet)
+                .map(Change::summary_line),
+        );
         out
+    }
+
+    /// Every node's score for every placed resource.
+    pub fn scores(&self) -> Vec<AllocationScore> {
+        self.score_rows
+            .iter()
+            .flat_map(|(r, row)| {
+                self.score_nodes
+                    .iter()
+                    .zip(row)
+                    .map(move |(n, s)| AllocationScore {
+                        resource: r.clone(),
+                        node: n.clone(),
+                        score: *s,
+                    })
+            })
+            .collect()
     }
 
     /// Allocation scores, one line each.
     pub fn score_lines(&self) -> Vec<String> {
-        self.scores
+        self.scores()
             .iter()
             .map(|s| format!("{} allocation score on {}: {}", s.resource, s.node, s.score))
             .collect()

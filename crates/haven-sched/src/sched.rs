@@ -3,11 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use haven_model::{
-    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, NoQuorumPolicy, NodeState,
-    OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State, ValueType,
+    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, MultipleActive, NoQuorumPolicy,
+    NodeState, OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State,
+    ValueType,
 };
 
-use crate::plan::{Action, AllocationScore, Change, ChangeKind, Fence, Placement, Plan};
+use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
 
 const NEG: Score = Score::NEG_INFINITY;
 
@@ -27,6 +28,8 @@ struct NodeInfo<'a> {
     fence: Option<String>,
     attrs: HashMap<String, String>,
     capacity: Option<&'a BTreeMap<String, i64>>,
+    /// Node health as a score every resource gets there.
+    health: Score,
 }
 
 #[derive(Clone)]
@@ -123,7 +126,9 @@ struct Sched<'a> {
     placed: Vec<Option<Vec<Inst>>>,
     load: Vec<u32>,
     used: Vec<BTreeMap<String, i64>>,
-    scores: Vec<AllocationScore>,
+    scores: Vec<(String, Vec<Score>)>,
+    /// Location, home and failcount scores per unit, computed once.
+    base: Vec<Option<Vec<Score>>>,
     freeze: bool,
     orphans: Vec<Cur<'a>>,
 }
@@ -135,6 +140,31 @@ pub fn schedule(cfg: &Config, st: &State) -> Plan {
     s.apply_quorum();
     s.apply_orders();
     s.into_plan()
+}
+
+/// The score node health attributes (`#health-*`) give every resource on a node.
+fn node_health(opts: &haven_model::Options, attrs: &HashMap<String, String>) -> Score {
+    use haven_model::HealthStrategy as H;
+    let (red, yellow, green) = match opts.node_health_strategy {
+        H::None => return Score::ZERO,
+        H::MigrateOnRed => (NEG, Score::ZERO, Score::ZERO),
+        H::OnlyGreen => (NEG, NEG, Score::ZERO),
+        H::Progressive | H::Custom => (
+            opts.node_health_red.unwrap_or(NEG),
+            opts.node_health_yellow.unwrap_or_default(),
+            opts.node_health_green.unwrap_or_default(),
+        ),
+    };
+    let mut keys: Vec<&String> = attrs.keys().filter(|k| k.starts_with("#health")).collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| match attrs[k].as_str() {
+            "red" => red,
+            "yellow" => yellow,
+            "green" => green,
+            v => v.parse::<Score>().unwrap_or_default(),
+        })
+        .fold(Score::ZERO, |a, b| a + b)
 }
 
 fn parse_num(s: &str) -> Option<f64> {
@@ -219,6 +249,7 @@ impl<'a> Sched<'a> {
                 ns.and_then(|x| x.unclean_reason.clone())
                     .unwrap_or_else(|| "node is unclean".to_string())
             });
+            let health = node_health(opts, &attrs);
             node_ix.insert(n.name.as_str(), nodes.len());
             nodes.push(NodeInfo {
                 name: &n.name,
@@ -235,7 +266,19 @@ impl<'a> Sched<'a> {
                 attrs,
                 capacity: (opts.placement_strategy != PlacementStrategy::Default)
                     .then_some(&n.utilization),
+                health,
             });
+        }
+        // Quorum lost under `suicide`: every node of this partition fences itself.
+        if !st.have_quorum
+            && st.quorum_lost
+            && opts.no_quorum_policy == NoQuorumPolicy::Suicide
+            && opts.stonith_enabled
+        {
+            for n in nodes.iter_mut().filter(|n| n.counts) {
+                n.can_run = false;
+                n.fence = Some("cluster does not have quorum".into());
+            }
         }
         let n_nodes = nodes.len();
         let mut s = Sched {
@@ -255,6 +298,7 @@ impl<'a> Sched<'a> {
             load: vec![0; n_nodes],
             used: vec![BTreeMap::new(); n_nodes],
             scores: Vec::new(),
+            base: Vec::new(),
             freeze,
             orphans: Vec::new(),
         };
@@ -441,6 +485,35 @@ impl<'a> Sched<'a> {
         let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
+            // Failures of operations with `on-fail = ignore` do not count; a start or
+            // stop that failed that way leaves the resource taken as stopped.
+            let ignored = |c: &Cur<'_>| {
+                c.failed
+                    && c.status
+                        .failed_op
+                        .as_deref()
+                        .and_then(|f| f.split_once(':'))
+                        .is_some_and(|(name, interval)| {
+                            p.cfg.ops.iter().any(|o| {
+                                o.name == name
+                                    && o.interval.to_string() == interval
+                                    && o.on_fail == Some(haven_model::OnFail::Ignore)
+                            })
+                        })
+            };
+            let mut kept = Vec::new();
+            for mut c in std::mem::take(&mut p.cur) {
+                if ignored(&c) {
+                    if c.status.start_failed
+                        || matches!(c.status.failed_op.as_deref(), Some("start:0" | "stop:0"))
+                    {
+                        continue;
+                    }
+                    c.failed = false;
+                }
+                kept.push(c);
+            }
+            p.cur = kept;
             // An expired failure is forgotten (without a clock, every failure is old).
             if let Some(t) = p.meta.failure_timeout.filter(|t| *t > 0) {
                 for c in &mut p.cur {
@@ -563,8 +636,23 @@ impl<'a> Sched<'a> {
             .unwrap_or(self.cfg.options.resource_stickiness)
     }
 
+    /// How a resource that may run once, found active on several nodes, is handled.
+    fn multi(&self, pi: usize) -> Option<MultipleActive> {
+        let p = &self.prims[pi];
+        (p.cur.len() > 1 && self.units[self.unit_of_prim(pi)].kind != Kind::Clone)
+            .then(|| p.meta.multiple_active.unwrap_or(MultipleActive::StopStart))
+    }
+
+    fn unit_of_prim(&self, pi: usize) -> usize {
+        self.unit_of
+            .get(self.prims[pi].cfg.id.as_str())
+            .copied()
+            .unwrap_or_default()
+    }
+
     fn managed(&self, pi: usize) -> bool {
-        !self.cfg.options.maintenance_mode
+        self.multi(pi) != Some(MultipleActive::Block)
+            && !self.cfg.options.maintenance_mode
             && self.prims[pi].meta.is_managed.unwrap_or(true)
             && !self.prims[pi]
                 .cur
@@ -665,6 +753,13 @@ impl<'a> Sched<'a> {
     }
 
     fn base_weights(&self, u: usize) -> Vec<Score> {
+        match self.base.get(u) {
+            Some(Some(w)) => w.clone(),
+            _ => self.compute_base_weights(u),
+        }
+    }
+
+    fn compute_base_weights(&self, u: usize) -> Vec<Score> {
         let unit = &self.units[u];
         let symmetric = self.cfg.options.symmetric_cluster;
         (0..self.nodes.len())
@@ -675,6 +770,7 @@ impl<'a> Sched<'a> {
                     (false, Some(l)) => l,
                     (false, None) => NEG,
                 };
+                w += self.nodes[n].health;
                 for &pi in &unit.prims {
                     let p = self.prims[pi].cfg;
                     if let Some(h) = &p.home
@@ -868,6 +964,9 @@ impl<'a> Sched<'a> {
     }
 
     fn place_all(&mut self) {
+        self.base = (0..self.units.len())
+            .map(|u| Some(self.compute_base_weights(u)))
+            .collect();
         // Higher priority first; then resources that are well placed where they run
         // (they keep their nodes) before ones that must find a new home.
         let keys: Vec<(i64, Score)> = (0..self.units.len())
@@ -934,13 +1033,7 @@ impl<'a> Sched<'a> {
     }
 
     fn record_scores(&mut self, u: usize, w: &[Score]) {
-        for (n, s) in w.iter().enumerate() {
-            self.scores.push(AllocationScore {
-                resource: self.units[u].id.to_string(),
-                node: self.nodes[n].name.to_string(),
-                score: *s,
-            });
-        }
+        self.scores.push((self.units[u].id.to_string(), w.to_vec()));
     }
 
     fn unit_current(&self, u: usize) -> Option<usize> {
@@ -1024,7 +1117,11 @@ impl<'a> Sched<'a> {
         self.apply_colocations(u, &mut w);
         self.record_scores(u, &w);
         let stopped = Self::target_stopped(&self.units[u].meta)
-            || Self::target_stopped(&self.prims[first].meta);
+            || Self::target_stopped(&self.prims[first].meta)
+            || self.units[u]
+                .prims
+                .iter()
+                .any(|&pi| self.multi(pi) == Some(MultipleActive::StopOnly));
         let need = self.unit_util(u);
         let node = if stopped {
             None
@@ -1123,11 +1220,12 @@ impl<'a> Sched<'a> {
             .first()
             .and_then(|&p| self.prims[p].meta.resource_stickiness)
             .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
+        // At first each node keeps only its fair share of current instances; the rest
+        // are placed with the new ones (their own node still favoured by stickiness), so
+        // instances spread out instead of piling up.
+        let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
+        let fair = max.checked_div(avail_nodes).unwrap_or(0);
         for (num, n) in cur_list {
-            // An instance stays unless enough better nodes exist to take every instance.
-            let better = (0..n_nodes)
-                .filter(|&x| x != n && allowed(self, x) && w[x] > w[n] + stick)
-                .count();
             let keep = if unmanaged || self.freeze {
                 true
             } else {
@@ -1136,7 +1234,7 @@ impl<'a> Sched<'a> {
                     && per_node[n] < node_max
                     && insts.len() < max
                     && self.fits(n, &self.unit_util(u))
-                    && better < max
+                    && per_node[n] < fair
             };
             if keep {
                 per_node[n] += 1;
@@ -1162,11 +1260,20 @@ impl<'a> Sched<'a> {
         if !unmanaged && !self.freeze && !stopped {
             let need = self.unit_util(u);
             while insts.len() < max {
+                let mover = leftovers.first().map(|&(_, cn)| cn);
                 let avail: Vec<Score> = (0..n_nodes)
-                    .map(|n| if per_node[n] < node_max { w[n] } else { NEG })
+                    .map(|n| {
+                        if per_node[n] >= node_max {
+                            NEG
+                        } else if Some(n) == mover {
+                            w[n] + stick
+                        } else {
+                            w[n]
+                        }
+                    })
                     .collect();
                 let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
-                let Some(n) = self.choose(&avail, None, &need, &spread) else {
+                let Some(n) = self.choose(&avail, mover, &need, &spread) else {
                     break;
                 };
                 if !allowed(self, n) {
@@ -1757,7 +1864,10 @@ impl<'a> Sched<'a> {
                             } else if failed {
                                 restart_rest = true;
                                 Some((ChangeKind::Recover, from, to))
-                            } else if restart_rest {
+                            } else if restart_rest
+                                || self.multi(pi) == Some(MultipleActive::StopStart)
+                            {
+                                restart_rest = true;
                                 Some((ChangeKind::Restart, from, to))
                             } else if ra < rb {
                                 Some((ChangeKind::Promote, from, to))
@@ -1777,6 +1887,7 @@ impl<'a> Sched<'a> {
                             show_roles: promotable,
                             reason: inst.blocked.then(|| "unrunnable start".to_string()),
                             blocked: inst.blocked,
+                            quiet: false,
                         });
                     }
                 }
@@ -1803,6 +1914,9 @@ impl<'a> Sched<'a> {
                                 show_roles: false,
                                 reason: Some("multiple active".into()),
                                 blocked: false,
+                                // Stopping every copy and starting one shows as one line.
+                                quiet: node.is_some()
+                                    && self.multi(pi) != Some(MultipleActive::StopOnly),
                             });
                         }
                     }
@@ -1821,10 +1935,12 @@ impl<'a> Sched<'a> {
                 show_roles: false,
                 blocked: false,
                 reason: Some("node availability".into()),
+                quiet: false,
             });
         }
         self.build_actions(&mut plan);
-        plan.scores = self.scores;
+        plan.score_nodes = self.nodes.iter().map(|n| n.name.to_string()).collect();
+        plan.score_rows = self.scores;
         plan
     }
 

@@ -107,16 +107,15 @@ prop_compose! {
             }
         }
         let mut state = State::default();
-        for i in 0..n_nodes {
-            let st = match node_states[i] {
-                0 | 1 | 2 => NodeState::Online,
+        for (i, &k) in node_states.iter().enumerate().take(n_nodes) {
+            let st = match k {
                 3 => NodeState::Offline,
                 4 => NodeState::Unclean,
                 _ => NodeState::Online,
             };
             state.nodes.insert(node_name(i), NodeStatus {
                 state: st,
-                standby: Some(node_states[i] == 5),
+                standby: Some(k == 5),
                 ..Default::default()
             });
         }

@@ -84,6 +84,9 @@ pub struct ClusterState {
     /// Fencing attempts and confirmations, oldest first.
     #[serde(default)]
     pub fence_history: Vec<FenceRecord>,
+    /// Where the coordinator last saw each resource active: resource id → nodes.
+    #[serde(default)]
+    pub placement: BTreeMap<String, Vec<String>>,
 }
 
 /// A command proposed to Raft.
@@ -137,6 +140,10 @@ pub enum Request {
     RecordFence {
         record: FenceRecord,
         confirmed: bool,
+    },
+    /// The coordinator's picture of where resources are active, replacing the last one.
+    SetPlacement {
+        placement: BTreeMap<String, Vec<String>>,
     },
 }
 
@@ -309,6 +316,10 @@ impl ClusterState {
                     rec.failcount = rec.failcount.saturating_add(1);
                     rec.last_failure = Some(format!("{op} returned {rc}"));
                 }
+                Response::Done
+            }
+            Request::SetPlacement { placement } => {
+                self.placement = placement.clone();
                 Response::Done
             }
             Request::ClearFailures { resource, node } => {

@@ -214,9 +214,18 @@ fn plan_inner(l: &SideView, p: &SideView, policy: SplitBrainPolicy) -> (Plan, bo
     }
     let l_ahead = l.history.contains(&p.current_gen);
     let p_ahead = p.history.contains(&l.current_gen);
+    // Only a primary's bitmap is known to cover everything its peer missed: a secondary
+    // marks a region for a peer only if it saw that peer gone, and a peer cut off from
+    // the primary alone looked present to it. So a secondary source sends everything.
     match (l_ahead, p_ahead) {
-        (true, false) => return (guard(Source { full: crashed }), false),
-        (false, true) => return (guard(Target { full: crashed }), false),
+        (true, false) => {
+            let full = crashed || l.role == Role::Secondary;
+            return (guard(Source { full }), false);
+        }
+        (false, true) => {
+            let full = crashed || p.role == Role::Secondary;
+            return (guard(Target { full }), false);
+        }
         // Each claims to descend from the other: nothing sane to trust.
         (true, true) => return resolve_split_brain(l, p, policy, crashed),
         (false, false) => {}
@@ -343,7 +352,8 @@ mod tests {
 
     #[test]
     fn the_newer_generation_is_the_source_using_bitmaps() {
-        let a = side("a", 7, &[5]);
+        let mut a = side("a", 7, &[5]);
+        a.role = Role::Primary;
         let b = side("b", 5, &[]);
         assert_eq!(
             plan(&a, &b, SplitBrainPolicy::Disconnect),
@@ -352,6 +362,12 @@ mod tests {
         assert_eq!(
             plan(&b, &a, SplitBrainPolicy::Disconnect),
             Plan::Target { full: false }
+        );
+        // A secondary's bitmap may miss what a peer cut off from the primary missed.
+        a.role = Role::Secondary;
+        assert_eq!(
+            plan(&a, &b, SplitBrainPolicy::Disconnect),
+            Plan::Source { full: true }
         );
     }
 

@@ -49,6 +49,8 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// A cluster of daemon processes in a temporary directory.
 struct Cluster {
     dir: tempfile::TempDir,
+    /// The node made by `cluster init`: its directory holds client.toml.
+    founder: String,
     daemons: BTreeMap<String, Child>,
     addrs: BTreeMap<String, Vec<String>>,
 }
@@ -102,6 +104,7 @@ impl Cluster {
         ]));
         let mut c = Cluster {
             dir,
+            founder: first.to_string(),
             daemons: BTreeMap::new(),
             addrs: BTreeMap::new(),
         };
@@ -128,6 +131,23 @@ impl Cluster {
         self.daemons.insert(name.to_string(), child);
     }
 
+    /// A clean stop: SIGTERM, and wait (bounded) for the daemon to exit.
+    fn terminate(&mut self, name: &str) {
+        if let Some(mut child) = self.daemons.remove(name) {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + WAIT;
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{name} did not exit within {WAIT:?} of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     fn stop(&mut self, name: &str) {
         if let Some(mut child) = self.daemons.remove(name) {
             let _ = child.kill();
@@ -137,7 +157,7 @@ impl Cluster {
 
     /// A client.toml that talks to `node` only (to see the cluster from its side).
     fn client_for(&self, node: &str) -> PathBuf {
-        let base = self.node_dir(self.addrs.keys().next().unwrap());
+        let base = self.node_dir(&self.founder);
         let text = std::fs::read_to_string(base.join("client.toml")).unwrap();
         let mut t: toml::Table = toml::from_str(&text).unwrap();
         t.insert(
@@ -150,7 +170,7 @@ impl Cluster {
     }
 
     fn client(&self) -> PathBuf {
-        self.client_for(self.addrs.keys().next().unwrap())
+        self.client_for(&self.founder)
     }
 
     fn haven(&self, client: &Path, args: &[&str]) -> Output {
@@ -170,7 +190,7 @@ impl Cluster {
     }
 
     fn seed(&self) -> String {
-        self.addrs.values().next().unwrap()[0].clone()
+        self.addrs[&self.founder][0].clone()
     }
 
     fn join(&mut self, name: &str, token: &str, extra: &[&str]) -> Output {
@@ -631,9 +651,9 @@ fn an_ocf_dummy_and_a_process_are_started_monitored_recovered_and_stopped_as_pla
     assert!(gone, "the process resource survived its stop");
 }
 
-#[test]
-fn a_node_that_loses_quorum_stops_its_resources() {
-    let mut c = Cluster::started_one("n1");
+/// Three running nodes and one process resource `svc`; returns the node it runs on and
+/// its pid.
+fn three_nodes_running_svc(c: &mut Cluster) -> (String, i32) {
     for name in ["n2", "n3"] {
         let t = c.token();
         ok(c.join(name, &t, &[]));
@@ -673,9 +693,120 @@ fn a_node_that_loses_quorum_stops_its_resources() {
     });
     let pid = pid_in(&c.node_dir(&host).join("resources/svc.pid")).expect("svc pidfile");
     assert!(alive(pid));
+    (host, pid)
+}
+
+#[test]
+fn a_node_that_loses_quorum_stops_its_resources() {
+    let mut c = Cluster::started_one("n1");
+    let (host, pid) = three_nodes_running_svc(&mut c);
     // Cut the host off: the two other daemons go away, so it is a minority of one.
     for other in ["n1", "n2", "n3"].into_iter().filter(|n| *n != host) {
         c.stop(other);
     }
     wait_until("the minority node to stop svc", || !alive(pid));
+}
+
+#[test]
+fn without_fencing_a_lost_nodes_resource_is_started_on_a_survivor() {
+    let mut c = Cluster::started_one("n1");
+    let (host, pid) = three_nodes_running_svc(&mut c);
+    // Power the host off: its daemon and what it ran die together.
+    c.stop(&host);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let survivor = ["n1", "n2", "n3"].into_iter().find(|n| *n != host).unwrap();
+    let client = c.client_for(survivor);
+    let mut new_host = String::new();
+    wait_until("svc to run on a survivor", || {
+        c.status(&client).is_some_and(|s| {
+            let on = running_on(&s, "svc");
+            if on.len() == 1 && on[0] != host {
+                new_host = on[0].clone();
+                true
+            } else {
+                false
+            }
+        })
+    });
+    let new_pid = pid_in(&c.node_dir(&new_host).join("resources/svc.pid"));
+    assert!(
+        new_pid.is_some_and(alive),
+        "svc is not running on {new_host}"
+    );
+}
+
+#[test]
+fn a_node_shut_down_cleanly_stops_its_resources_and_they_move() {
+    let mut c = Cluster::started_one("n1");
+    let (host, pid) = three_nodes_running_svc(&mut c);
+    c.terminate(&host);
+    assert!(
+        !alive(pid),
+        "svc still runs on {host} after its daemon exited"
+    );
+    let survivor = ["n1", "n2", "n3"].into_iter().find(|n| *n != host).unwrap();
+    let client = c.client_for(survivor);
+    wait_until("svc to run on a survivor", || {
+        c.status(&client).is_some_and(|s| {
+            let on = running_on(&s, "svc");
+            on.len() == 1 && on[0] != host
+        })
+    });
+}
+
+#[test]
+fn a_learner_receives_the_state_but_does_not_vote() {
+    let mut c = Cluster::started_one("n1");
+    let t = c.token();
+    ok(c.join("l1", &t, &["--learner"]));
+    c.start("l1", &[]);
+    let n1 = c.client_for("n1");
+    c.wait_formed(&n1, &["n1", "l1"]);
+    let file = c.dir.path().join("v2.toml");
+    std::fs::write(&file, CONFIG_V2).unwrap();
+    ok(c.haven(
+        &n1,
+        &["config", "apply", "--based-on", "1", file.to_str().unwrap()],
+    ));
+    let l1 = c.client_for("l1");
+    wait_until("version 2 on the learner", || {
+        c.config_version(&l1).is_some_and(|(v, _)| v == 2)
+    });
+    let s = c.status(&n1).unwrap();
+    let role = |n: &str| {
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .map(|x| x["role"].clone())
+    };
+    assert_eq!(role("l1"), Some(Value::from("learner")), "{s}");
+    assert_eq!(role("n1"), Some(Value::from("voter")), "{s}");
+    // Its absence changes nothing for quorum: n1 is still the whole voting set.
+    c.stop("l1");
+    wait_until("l1 offline", || {
+        c.status(&n1).is_some_and(|s| {
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["name"] == "l1" && x["state"] == "offline")
+        })
+    });
+    assert_eq!(c.status(&n1).unwrap()["quorate"], true);
+    let base = "2";
+    ok(c.haven(
+        &n1,
+        &[
+            "config",
+            "apply",
+            "--based-on",
+            base,
+            file.to_str().unwrap(),
+        ],
+    ));
 }

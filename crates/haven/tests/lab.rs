@@ -218,3 +218,68 @@ fn standby_move_and_stop_commands_change_where_resources_run() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no resource, group or clone named"));
 }
+
+fn guest_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("HAVEN_GUEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
+    assert!(
+        dir.join("vmlinux").is_file() && dir.join("initramfs.cpio").is_file(),
+        "no test guest in {}: run scripts/build-guest (or set HAVEN_GUEST_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn lab_up_with_vms_runs_one_qemu_guest_and_lab_down_stops_it() {
+    let guest = guest_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let _guard = Lab(&dir);
+    let out = haven(
+        &[
+            "lab",
+            "up",
+            "--nodes",
+            "2",
+            "--vms",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--guest-dir",
+            guest.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut host = String::new();
+    wait_for(&dir, "vm1 running on one node", |s| {
+        let on = placement(s, "vm1");
+        if on.len() == 1 {
+            host = on[0].clone();
+            true
+        } else {
+            false
+        }
+    });
+    let pid: i32 = std::fs::read_to_string(dir.join(&host).join("resources/vm1.pid"))
+        .expect("vm1's pidfile")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a pid in vm1's pidfile");
+    assert!(alive(pid), "QEMU is not running");
+    let serial =
+        std::fs::read_to_string(dir.join(&host).join("resources/vm1.serial")).unwrap_or_default();
+    assert!(
+        serial.contains("HAVEN-GUEST-UP"),
+        "the guest did not come up: {serial}"
+    );
+    let out = haven(&["lab", "down", "--dir", dir.to_str().unwrap()], None);
+    assert!(out.status.success());
+    assert!(!alive(pid), "QEMU survived lab down");
+}

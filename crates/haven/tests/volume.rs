@@ -883,3 +883,71 @@ fn volume_guest_fails_over_to_the_secondary_without_losing_a_counter() {
     );
     g2.wait_line("HAVEN-COUNTER", resumed + 2);
 }
+
+#[test]
+fn volume_silent_primary_is_detected_so_the_secondary_can_be_promoted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--peer-timeout", "1"]);
+    // A frozen host sends no FIN: b must notice the silence by itself.
+    signal(&a, "-STOP");
+    b.wait_for("a declared gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    qemu_io_ok(&b.uri(), &[s("write -P 0x81 0 64k")]);
+    // a wakes up believing it is still primary; its first contact deposes it.
+    signal(&a, "-CONT");
+    a.wait_for("a deposed", |s| s["role"] == "Secondary");
+    assert_eq!(b.status().unwrap()["role"], "Primary");
+}
+
+#[test]
+fn volume_cli_errors_name_the_file_field_and_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _a = Node::create(tmp.path(), "a", true);
+    let run = |args: &[&str]| {
+        let o = run_bounded(Command::new(HAVEN).args(args), WAIT);
+        assert!(!o.status.success(), "{args:?} should fail: {}", text(&o));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let dir = tmp.path().join("a");
+    let dir = dir.to_str().unwrap();
+    let e = run(&[
+        "volume", "create", "--dir", dir, "--volume", "vol", "--node", "a", "--size", "1M",
+    ]);
+    assert!(
+        e.contains("meta.json") && e.contains("already exists"),
+        "{e}"
+    );
+    let e = run(&[
+        "volume", "create", "--dir", dir, "--volume", "v", "--node", "a", "--size", "1Q",
+    ]);
+    assert!(e.contains("--size") && e.contains("not a size"), "{e}");
+    let e = run(&[
+        "volume",
+        "serve",
+        "--dir",
+        dir,
+        "--control",
+        "/nonexistent/c",
+        "--peer",
+        "b",
+    ]);
+    assert!(e.contains("NAME=ADDR"), "{e}");
+    let e = run(&["volume", "status", "--control", "/nonexistent/ctl"]);
+    assert!(e.contains("/nonexistent/ctl"), "{e}");
+    std::fs::write(tmp.path().join("a/meta.json"), "{\"volume\": 1}").unwrap();
+    let ctl = tmp.path().join("c.ctl");
+    let e = run(&[
+        "volume",
+        "serve",
+        "--dir",
+        dir,
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("meta.json") && e.contains("not valid volume metadata"),
+        "{e}"
+    );
+}

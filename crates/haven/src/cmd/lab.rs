@@ -34,9 +34,12 @@ pub enum LabCommand {
         /// Run the nodes in network namespaces (root), for real link cuts
         #[arg(long)]
         netns: bool,
-        /// Add QEMU guests (TCG) to the demo configuration
+        /// Add a QEMU guest (TCG) to the demo configuration
         #[arg(long)]
         vms: bool,
+        /// The guest to boot with --vms: vmlinux and initramfs.cpio (scripts/build-guest)
+        #[arg(long, env = "HAVEN_GUEST_DIR")]
+        guest_dir: Option<PathBuf>,
     },
     /// Stop every daemon the lab started
     Down {
@@ -104,20 +107,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             dir,
             netns,
             vms,
+            guest_dir,
         } => {
             if netns {
                 anyhow::bail!(
                     "--netns is not built yet; run the lab on loopback (without --netns)"
                 );
             }
-            if vms {
-                anyhow::bail!("--vms is not built yet: the daemon does not run resources yet");
-            }
+            let guest = if vms { Some(guest(guest_dir)?) } else { None };
             if !(1..=50).contains(&nodes) {
                 anyhow::bail!("--nodes must be between 1 and 50, got {nodes}");
             }
             let rt = tokio::runtime::Runtime::new()?;
-            match rt.block_on(up(nodes, &dir)) {
+            match rt.block_on(up(nodes, &dir, guest.as_deref())) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // Leave nothing running behind a failed start.
@@ -276,8 +278,8 @@ async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> a
     }
 }
 
-async fn up(nodes: u8, dir: &Path) -> anyhow::Result<()> {
-    let (client_path, report) = start(nodes, dir).await?;
+async fn up(nodes: u8, dir: &Path, guest: Option<&Path>) -> anyhow::Result<()> {
+    let (client_path, report) = start(nodes, dir, guest).await?;
     print!("{}", super::status::render(&report));
     let c = client_path.display();
     let dir = dir.canonicalize()?;
@@ -296,7 +298,11 @@ async fn up(nodes: u8, dir: &Path) -> anyhow::Result<()> {
 
 /// Starts a lab of `nodes` daemons in `dir` and returns its client.toml and first
 /// quorate status. On error, what was started is still running: call [`down`].
-pub async fn start(nodes: u8, dir: &Path) -> anyhow::Result<(PathBuf, StatusReport)> {
+pub async fn start(
+    nodes: u8,
+    dir: &Path,
+    guest: Option<&Path>,
+) -> anyhow::Result<(PathBuf, StatusReport)> {
     if dir.join("client.toml").exists() {
         anyhow::bail!(
             "{} already holds a lab; run `haven lab down --dir {0}` and remove it first",
@@ -351,7 +357,7 @@ pub async fn start(nodes: u8, dir: &Path) -> anyhow::Result<(PathBuf, StatusRepo
     let client = Client::load(&client_path)?;
 
     let current: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;
-    let demo = demo_config(&all_addrs);
+    let demo = demo_config(&all_addrs, guest);
     let _: ConfigReply = client
         .call(
             api::CONFIG_APPLY,
@@ -381,7 +387,23 @@ pub async fn start(nodes: u8, dir: &Path) -> anyhow::Result<(PathBuf, StatusRepo
 }
 
 /// A few supervised processes and a group, on the lab's nodes.
-fn demo_config(addrs: &[Vec<String>]) -> String {
+/// The guest for `--vms`, checked before anything starts.
+fn guest(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = dir.context(
+        "--vms needs a guest: build one with scripts/build-guest and pass --guest-dir (or set HAVEN_GUEST_DIR)",
+    )?;
+    for f in ["vmlinux", "initramfs.cpio"] {
+        if !dir.join(f).is_file() {
+            anyhow::bail!(
+                "--guest-dir {}: {f} is missing (scripts/build-guest makes it)",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir.canonicalize()?)
+}
+
+fn demo_config(addrs: &[Vec<String>], guest: Option<&Path>) -> String {
     let mut s = String::from(
         "# Haven lab demo: supervised processes (no QEMU needed) and an ordered group.\n\
          [options]\nstonith-enabled = false\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
@@ -403,6 +425,18 @@ fn demo_config(addrs: &[Vec<String>]) -> String {
         ));
     }
     s.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
+    if let Some(g) = guest {
+        // A TCG guest (the lab cannot count on KVM); start waits for its ready line.
+        s.push_str(&format!(
+            "\n[[resources]]\nid = \"vm1\"\nclass = \"qemu\"\ntype = \"vm\"\n\
+             params = {{ kernel = \"{}\", initrd = \"{}\", append = \"console=ttyS0 panic=-1 quiet\", \
+             accel = \"tcg\", memory = \"128\", ready_marker = \"HAVEN-GUEST-UP\" }}\n\
+             ops = [{{ name = \"start\", timeout = 120 }}, {{ name = \"stop\", timeout = 30 }}, \
+             {{ name = \"monitor\", interval = 5, timeout = 10 }}]\n",
+            g.join("vmlinux").display(),
+            g.join("initramfs.cpio").display()
+        ));
+    }
     s
 }
 
@@ -434,7 +468,7 @@ fn live_daemon(pidfile: &Path, node_dir: &Path) -> Option<i32> {
     (args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == dir)).then_some(pid)
 }
 
-/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 5 s.
+/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 30 s.
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
@@ -446,7 +480,8 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
         let node_dir = dir.join(&name);
         if let Some(pid) = live_daemon(&pf, &node_dir) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
+            // A daemon stops its resources before it exits (guests shut down over ACPI).
+            let deadline = Instant::now() + Duration::from_secs(30);
             while live_daemon(&pf, &node_dir).is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }

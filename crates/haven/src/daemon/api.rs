@@ -469,14 +469,8 @@ pub fn build_status(d: &Daemon) -> StatusReport {
     if let Some(config) = &config {
         for p in &config.resources {
             let records = state.resources.get(&p.id);
-            let running_on = records
-                .map(|r| {
-                    r.iter()
-                        .filter(|(_, rec)| rec.running)
-                        .map(|(n, _)| n.clone())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let running_on = state.placement.get(&p.id).cloned().unwrap_or_default();
+
             let failcounts = records
                 .map(|r| {
                     r.iter()

@@ -36,7 +36,7 @@ pub fn commit_latency(nodes: u8, samples: usize) -> anyhow::Result<CommitLatency
         std::env::temp_dir().join(format!("haven-bench-commit-{}-{nanos}", std::process::id()));
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async {
-        let (client_path, _) = crate::cmd::lab::start(nodes, &dir).await?;
+        let (client_path, _) = crate::cmd::lab::start(nodes, &dir, None).await?;
         let client = Client::load(&client_path)?;
         let base: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;
         let mut version = base.version;

@@ -151,7 +151,7 @@ pub fn failover(nodes: u8, runs: usize) -> anyhow::Result<FailoverBench> {
 }
 
 async fn bench(nodes: u8, runs: usize, dir: &Path) -> anyhow::Result<FailoverBench> {
-    let (client_path, _) = crate::cmd::lab::start(nodes, dir).await?;
+    let (client_path, _) = crate::cmd::lab::start(nodes, dir, None).await?;
     let dir: PathBuf = dir.canonicalize()?;
     let client = Client::load(&client_path)?;
     let current: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;

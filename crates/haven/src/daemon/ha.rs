@@ -47,7 +47,12 @@ pub enum CoordInput {
 
 pub enum AgentInput {
     Request(OpRequest),
-    Done { token: u64, outcome: OpOutcome },
+    Done {
+        token: u64,
+        outcome: OpOutcome,
+    },
+    /// The daemon is stopping: stop every resource here, then answer.
+    Shutdown(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The senders into both loops; the receivers go to [`spawn`].
@@ -127,6 +132,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         dead_after: Duration::from_millis(d.node.timers.dead_after_ms),
     };
     let mut leading: Option<Leading> = None;
+    let placement_in_flight = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -225,11 +231,45 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         for line in c.take_log() {
             tracing::info!("coordinator: {line}");
         }
+        publish_placement(&d, &c.view(), &placement_in_flight);
         while let Some(cmd) = c.poll_command() {
             dispatch(&d, cmd);
         }
         super::fence::record_confirmations(&d, &l.coordinator, &mut l.fence_seen);
     }
+}
+
+/// Commits where resources run whenever the coordinator's picture differs from the
+/// committed one (one write at a time; a failed write is redone on a later tick).
+fn publish_placement(
+    d: &Arc<Daemon>,
+    view: &ClusterView,
+    in_flight: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let placement: std::collections::BTreeMap<String, Vec<String>> = view
+        .resources
+        .iter()
+        .map(|(r, per_node)| {
+            let on = per_node
+                .iter()
+                .filter(|(_, o)| matches!(o, Observed::Started | Observed::Promoted))
+                .map(|(n, _)| n.clone())
+                .collect();
+            (r.clone(), on)
+        })
+        .collect();
+    if d.view.state().placement == placement || in_flight.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let d = d.clone();
+    let in_flight = in_flight.clone();
+    tokio::spawn(async move {
+        if let Err(e) = d.write(Request::SetPlacement { placement }).await {
+            tracing::warn!("publishing placement: {}", e.1);
+        }
+        in_flight.store(false, Ordering::Release);
+    });
 }
 
 fn record_op(node: &str, report: &OpReport) -> Option<Request> {
@@ -334,11 +374,12 @@ fn policy(config: &haven_model::Config) -> NoQuorumPolicy {
 /// Stops every configured resource on this node, whatever the agent believed: stop is
 /// idempotent, and an operation in flight may have started something the agent has
 /// not heard of yet.
-fn stop_everything(d: &Arc<Daemon>) {
+fn stop_everything(d: &Arc<Daemon>, why: &'static str) -> Vec<tokio::task::JoinHandle<()>> {
     let Some((_, config)) = parse_config(d) else {
-        return;
+        return Vec::new();
     };
     let ops = coordinator_config(&config).resources;
+    let mut tasks = Vec::new();
     for p in &config.resources {
         let d = d.clone();
         let id = p.id.clone();
@@ -346,13 +387,14 @@ fn stop_everything(d: &Arc<Daemon>) {
             .get(&id)
             .map(|o| o.stop_timeout)
             .unwrap_or(Duration::from_secs(20));
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let o = execute(&d, &id, OpKind::Stop, timeout, None, None).await;
             if o != OpOutcome::Ok {
-                tracing::error!("no quorum: stopping {id} failed: {o:?}");
+                tracing::error!("{why}: stopping {id} failed: {o:?}");
             }
-        });
+        }));
     }
+    tasks
 }
 
 async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>) {
@@ -387,6 +429,19 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                 }
             }
             Some(AgentInput::Done { token, outcome }) => agent.handle_op_done(token, outcome, now),
+            Some(AgentInput::Shutdown(done)) => {
+                // Nothing starts any more; everything here stops before the node leaves,
+                // so the survivors never run a resource this node still runs.
+                frozen = true;
+                agent.reset();
+                let tasks = stop_everything(&d, "shutting down");
+                tokio::spawn(async move {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    let _ = done.send(());
+                });
+            }
             None => {
                 agent.handle_timeout(now);
                 if let Some(p) = parse_config(&d).map(|(_, c)| policy(&c))
@@ -404,7 +459,7 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                             );
                             agent.reset();
                             frozen = true;
-                            stop_everything(&d);
+                            stop_everything(&d, "no quorum");
                         }
                         QuorumAction::Freeze => {
                             tracing::warn!("quorum lost: freezing (nothing new starts here)");

@@ -315,7 +315,17 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("stopping");
+    tracing::info!("stopping: stopping this node's resources first");
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    if daemon
+        .ha
+        .agent
+        .send(ha::AgentInput::Shutdown(done_tx))
+        .is_ok()
+    {
+        // Each stop is bounded by its own timeout; this bounds the whole shutdown too.
+        let _ = tokio::time::timeout(Duration::from_secs(120), done_rx).await;
+    }
     let _ = stop_tx.send(true);
     let _ = daemon.raft.shutdown().await;
     Ok(())
