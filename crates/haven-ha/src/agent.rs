@@ -78,6 +78,9 @@ pub enum AgentCommand {
         op: OpKind,
         timeout: Duration,
         peer: Option<String>,
+        /// A recurring monitor's interval; `None` for a probe and every other operation
+        /// (OCF agents tell the two apart by it).
+        interval: Option<Duration>,
     },
     /// Send this report to the coordinator.
     Report(OpReport),
@@ -221,6 +224,7 @@ impl NodeAgent {
                     op: req.op,
                     timeout: req.timeout,
                     peer: req.peer.clone(),
+                    interval: None,
                 });
                 slot.busy = Some((token, Running::Requested(req)));
             } else if let Some(m) = slot.monitor.as_ref().filter(|m| m.due <= now) {
@@ -232,6 +236,7 @@ impl NodeAgent {
                     op: OpKind::Monitor,
                     timeout: m.timeout,
                     peer: None,
+                    interval: Some(m.interval),
                 });
                 slot.busy = Some((token, Running::RecurringMonitor));
             }
@@ -326,6 +331,31 @@ mod tests {
         let cmds = drain(&mut a);
         assert!(matches!(&cmds[..], [AgentCommand::Report(r)]
             if r.seq.is_none() && r.outcome == OpOutcome::NotRunning));
+    }
+
+    #[test]
+    fn recurring_monitors_carry_their_interval_and_probes_none() {
+        let interval = |cmds: &[AgentCommand]| {
+            cmds.iter().find_map(|c| match c {
+                AgentCommand::Run { op, interval, .. } => Some((*op, *interval)),
+                AgentCommand::Report(_) => None,
+            })
+        };
+        let mut a = NodeAgent::new();
+        a.handle_request(req(1, "vm1", OpKind::Monitor), Time(0));
+        let cmds = drain(&mut a);
+        assert_eq!(interval(&cmds), Some((OpKind::Monitor, None)), "a probe");
+        a.handle_op_done(token_of(&cmds), OpOutcome::NotRunning, Time(1));
+        drain(&mut a);
+        a.handle_request(req(2, "vm1", OpKind::Start), Time(2));
+        let t = token_of(&drain(&mut a));
+        a.handle_op_done(t, OpOutcome::Ok, Time(3));
+        drain(&mut a);
+        a.handle_timeout(Time(10_003));
+        assert_eq!(
+            interval(&drain(&mut a)),
+            Some((OpKind::Monitor, Some(Duration::from_secs(10))))
+        );
     }
 
     #[test]

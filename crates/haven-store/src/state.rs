@@ -53,6 +53,26 @@ pub struct ResourceRecord {
     pub last_failure: Option<String>,
 }
 
+/// One fencing attempt or confirmation, for `haven fence history`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub victim: String,
+    /// The device id, or `manual` for an operator's acknowledgement.
+    pub device: String,
+    /// The node that ran the device (the operator's node for an acknowledgement).
+    pub executor: String,
+    pub ok: bool,
+    pub at_ms: u64,
+    /// When the device started running (0 for confirmations without a device run).
+    #[serde(default)]
+    pub started_ms: u64,
+    /// Why: the device's outcome or the confirmation.
+    pub detail: String,
+}
+
+/// How many fence records are kept; older ones are dropped first.
+pub const FENCE_HISTORY_LIMIT: usize = 200;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub config: ConfigRecord,
@@ -61,6 +81,9 @@ pub struct ClusterState {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// resource id → node name → record.
     pub resources: BTreeMap<String, BTreeMap<String, ResourceRecord>>,
+    /// Fencing attempts and confirmations, oldest first.
+    #[serde(default)]
+    pub fence_history: Vec<FenceRecord>,
     /// Where the coordinator last saw each resource active: resource id → nodes.
     #[serde(default)]
     pub placement: BTreeMap<String, Vec<String>>,
@@ -111,6 +134,12 @@ pub enum Request {
     ClearFailures {
         resource: String,
         node: Option<String>,
+    },
+    /// A fence attempt's result. `confirmed`: the victim is now known down, so nothing
+    /// it ran runs any more.
+    RecordFence {
+        record: FenceRecord,
+        confirmed: bool,
     },
     /// The coordinator's picture of where resources are active, replacing the last one.
     SetPlacement {
@@ -304,6 +333,20 @@ impl ClusterState {
                 }
                 Response::Done
             }
+            Request::RecordFence { record, confirmed } => {
+                if *confirmed {
+                    for per_node in self.resources.values_mut() {
+                        if let Some(rec) = per_node.get_mut(&record.victim) {
+                            rec.running = false;
+                        }
+                    }
+                }
+                if self.fence_history.len() >= FENCE_HISTORY_LIMIT {
+                    self.fence_history.remove(0);
+                }
+                self.fence_history.push(record.clone());
+                Response::Done
+            }
         }
     }
 
@@ -469,5 +512,53 @@ mod tests {
             }),
             Response::Refused(_)
         ));
+    }
+
+    #[test]
+    fn a_confirmed_fence_clears_what_the_victim_ran_and_history_is_bounded() {
+        let mut s = ClusterState::default();
+        s.apply(&Request::RecordOp {
+            resource: "web".into(),
+            node: "n1".into(),
+            op: "start".into(),
+            rc: 0,
+            at_ms: 1,
+            ok: true,
+            running: true,
+        });
+        let rec = |ok| FenceRecord {
+            victim: "n1".into(),
+            device: "pdu".into(),
+            executor: "n2".into(),
+            ok,
+            at_ms: 2,
+            started_ms: 1,
+            detail: String::new(),
+        };
+        s.apply(&Request::RecordFence {
+            record: rec(false),
+            confirmed: false,
+        });
+        assert!(
+            s.resources["web"]["n1"].running,
+            "a failed attempt proves nothing"
+        );
+        s.apply(&Request::RecordFence {
+            record: rec(true),
+            confirmed: true,
+        });
+        assert!(!s.resources["web"]["n1"].running);
+        assert_eq!(s.fence_history.len(), 2);
+        for _ in 0..FENCE_HISTORY_LIMIT {
+            s.apply(&Request::RecordFence {
+                record: rec(true),
+                confirmed: false,
+            });
+        }
+        assert_eq!(s.fence_history.len(), FENCE_HISTORY_LIMIT);
+        assert!(
+            s.fence_history.iter().all(|r| r.ok),
+            "the oldest went first"
+        );
     }
 }

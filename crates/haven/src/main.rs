@@ -43,6 +43,8 @@ enum Command {
     Node(daemon::node_cmd::Args),
     /// Start, stop, move or clean up a resource
     Resource(daemon::resource_cmd::Args),
+    /// Fencing: members and victims, fence a node, acknowledge by hand, history
+    Fence(cmd::fence::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(a) => cmd::lab::run(a),
         Command::Node(a) => daemon::node_cmd::run(a),
         Command::Resource(a) => daemon::resource_cmd::run(a),
+        Command::Fence(a) => cmd::fence::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,6 +8,9 @@ pub struct Args {
     /// Run as a witness: vote in the Raft group, run no resources
     #[arg(long)]
     pub witness: bool,
+    /// A lab node: enables the lab's fault switches and `lab` fence devices
+    #[arg(long, hide = true)]
+    pub lab: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -22,5 +25,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(crate::daemon::run(&args.dir, args.witness))
+    rt.block_on(crate::daemon::run(&args.dir, args.witness, args.lab))
 }

@@ -58,6 +58,43 @@ pub enum LabCommand {
         #[arg(long, default_value = "haven-lab")]
         dir: PathBuf,
     },
+    /// Power NODE off: kill its daemon and every resource process it started
+    Kill {
+        node: String,
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
+    /// Power NODE on again: start its daemon (a fenced node stays out until
+    /// `haven node online NODE`)
+    Start {
+        node: String,
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
+    /// Cut NODE off from the others (all links, or only --link linkN)
+    Partition {
+        node: String,
+        #[arg(long)]
+        link: Option<String>,
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
+    /// Undo every partition
+    Heal {
+        #[arg(long, default_value = "haven-lab")]
+        dir: PathBuf,
+    },
+    /// Time failovers on a fresh lab: power off the node running a resource, until it
+    /// runs elsewhere (p50/p95/max, with detection, fencing and start)
+    BenchFailover {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Print JSON (every run) instead of the summary
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How long `lab up` waits for each step before giving up (and stopping what it started).
@@ -112,7 +149,74 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        LabCommand::BenchFailover { nodes, runs, json } => {
+            let r = crate::daemon::failover_bench::failover(nodes, runs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.render());
+            }
+            Ok(())
+        }
+        LabCommand::Kill { node, dir } => {
+            let node_dir = lab_node_dir(&dir, &node)?;
+            let n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;
+            println!("{node}: powered off ({n} process(es) killed)");
+            Ok(())
+        }
+        LabCommand::Start { node, dir } => {
+            let node_dir = lab_node_dir(&dir, &node)?;
+            if let Some(pid) = crate::daemon::fence::lab_daemon_pid(&node_dir) {
+                anyhow::bail!("{node}: its daemon already runs (pid {pid})");
+            }
+            let dir = dir.canonicalize()?;
+            let pid = spawn_daemon(&dir, &node)?;
+            println!("{node}: daemon started (pid {pid})");
+            Ok(())
+        }
+        LabCommand::Partition { node, link, dir } => {
+            let node_dir = lab_node_dir(&dir, &node)?;
+            if let Some(l) = &link
+                && !(l.starts_with("link") && l[4..].parse::<u8>().is_ok())
+            {
+                anyhow::bail!("--link: {l:?} is not a link name (link0, link1, ...)");
+            }
+            let what = link.clone().unwrap_or_else(|| "all".to_string());
+            write_file(
+                &node_dir.join(crate::daemon::fence::LAB_CUT_FILE),
+                format!("{what}\n").as_bytes(),
+                false,
+            )?;
+            println!("{node}: {what} cut");
+            Ok(())
+        }
+        LabCommand::Heal { dir } => {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("{}: no lab here", dir.display()))?;
+            for (name, node_dir) in node_dirs(&dir) {
+                let f = node_dir.join(crate::daemon::fence::LAB_CUT_FILE);
+                if f.exists() {
+                    std::fs::remove_file(&f)
+                        .with_context(|| format!("cannot remove {}", f.display()))?;
+                    println!("{name}: healed");
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+/// The directory of lab node `node`, which must exist.
+fn lab_node_dir(dir: &Path, node: &str) -> anyhow::Result<PathBuf> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{}: no lab here", dir.display()))?;
+    let node_dir = dir.join(node);
+    if node.contains('/') || !node_dir.join("node.toml").exists() {
+        anyhow::bail!("{}: the lab has no node {node:?}", dir.display());
+    }
+    Ok(node_dir)
 }
 
 fn node_name(i: u8) -> String {
@@ -139,13 +243,14 @@ fn pidfile(dir: &Path, name: &str) -> PathBuf {
     dir.join(name).join("daemon.pid")
 }
 
-fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
+pub fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let node_dir = dir.join(name);
     let log = std::fs::File::create(node_dir.join("daemon.log"))
         .with_context(|| format!("cannot create {}/daemon.log", node_dir.display()))?;
     let child = Command::new(std::env::current_exe()?)
         .arg("daemon")
+        .arg("--lab")
         .arg("--dir")
         .arg(&node_dir)
         .stdin(Stdio::null())

@@ -52,7 +52,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(CLEANUP_LOCAL, post(cleanup_local))
         .route(ha::OP_PATH, post(ha_op))
         .route(ha::REPORT_PATH, post(ha_report))
-        .layer(axum::middleware::from_fn(require_certificate));
+        .merge(super::fence::routes())
+        .layer(axum::middleware::from_fn(require_certificate))
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            super::fence::lab_cut,
+        ));
     let public = Router::new().route(JOIN, post(join));
     protected.merge(public).with_state(daemon)
 }
@@ -92,13 +97,16 @@ fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
-async fn heartbeat_in(State(d): D, Json(hb): Json<Heartbeat>) -> Json<HeartbeatAck> {
+async fn heartbeat_in(State(d): D, Json(hb): Json<Heartbeat>) -> ApiResult<HeartbeatAck> {
+    if d.lab.link_cut(&hb.link) {
+        return Err(ApiFailure::unavailable("lab partition: this link is cut"));
+    }
     // The sender proved cluster membership with its certificate; its heartbeat
     // shows that this link carries traffic in its direction too.
     d.heard(&hb.from, &hb.link);
-    Json(HeartbeatAck {
+    Ok(Json(HeartbeatAck {
         name: d.node.name.clone(),
-    })
+    }))
 }
 
 async fn config_show(State(d): D) -> Json<ConfigReply> {
@@ -217,7 +225,7 @@ async fn join(State(d): D, Json(req): Json<JoinRequest>) -> ApiResult<JoinReply>
 }
 
 /// Runs a leader-only operation: here if this node leads, else on the leader.
-async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+pub(super) async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
     d: &Daemon,
     local_path: &str,
     req: &Q,
@@ -245,7 +253,7 @@ async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
         })
 }
 
-fn require_leader(d: &Daemon) -> Result<(), ApiFailure> {
+pub(super) fn require_leader(d: &Daemon) -> Result<(), ApiFailure> {
     if d.is_leader() {
         Ok(())
     } else {

@@ -42,6 +42,7 @@ pub enum CoordInput {
     Heartbeat { node: String, link: String },
     Cleanup { resource: String },
     Report { node: String, report: OpReport },
+    Fence(super::fence::FenceInput),
 }
 
 pub enum AgentInput {
@@ -107,6 +108,8 @@ struct Leading {
     coordinator: Coordinator<LivePlanner>,
     planner: LivePlanner,
     config_version: u64,
+    /// Fence confirmations already committed to Raft.
+    fence_seen: std::collections::BTreeMap<String, haven_ha::Time>,
 }
 
 fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
@@ -137,9 +140,11 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             i = rx.recv() => match i { Some(i) => Some(i), None => return },
             _ = tick.tick() => None,
         };
-        if !d.is_leader() {
+        // A leader cut off from the majority must not act (it would fence the
+        // majority): the coordinator runs only while this node sees quorum.
+        if !d.is_leader() || !super::fence::quorate_now(&d) {
             if leading.take().is_some() {
-                tracing::info!("no longer the leader: coordinator stopped");
+                tracing::info!("no longer a leader with quorum: coordinator stopped");
             }
             continue;
         }
@@ -158,6 +163,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                     coordinator,
                     planner,
                     config_version: v,
+                    fence_seen: Default::default(),
                 });
             }
             Some(l) if l.config_version != version => {
@@ -178,6 +184,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
             Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
+            Some(CoordInput::Fence(f)) => super::fence::handle_input(&d, c, f, now),
             Some(CoordInput::Report { node, report }) => {
                 let resource = report.resource.clone();
                 let record = record_op(&node, &report);
@@ -228,6 +235,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         while let Some(cmd) = c.poll_command() {
             dispatch(&d, cmd);
         }
+        super::fence::record_confirmations(&d, &l.coordinator, &mut l.fence_seen);
     }
 }
 
@@ -315,6 +323,9 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
                 );
                 return;
             };
+            if d.lab.rpc_cut() {
+                return;
+            }
             let d = d.clone();
             tokio::spawn(async move {
                 let r: Result<super::protocol::Empty, _> =
@@ -329,12 +340,20 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
                 }
             });
         }
-        CoordinatorCommand::Fence { victim, device, .. } => {
-            // Fencing devices are wired by the fencing issue; until then the fencer's
-            // own timeout handles the silence (and nothing is recovered unfenced).
-            tracing::error!(
-                "fencing of {victim} with {device} requested, but fence execution is not wired yet"
-            );
+        CoordinatorCommand::Fence {
+            token,
+            victim,
+            device,
+            executor,
+            timeout,
+        } => {
+            let run = super::fence::FenceRun {
+                token,
+                victim,
+                device,
+                timeout_ms: timeout.as_millis() as u64,
+            };
+            super::fence::dispatch(d, run, executor);
         }
         CoordinatorCommand::Alert { message } => tracing::warn!("alert: {message}"),
     }
@@ -369,7 +388,7 @@ fn stop_everything(d: &Arc<Daemon>, why: &'static str) -> Vec<tokio::task::JoinH
             .map(|o| o.stop_timeout)
             .unwrap_or(Duration::from_secs(20));
         tasks.push(tokio::spawn(async move {
-            let o = execute(&d, &id, OpKind::Stop, timeout, None).await;
+            let o = execute(&d, &id, OpKind::Stop, timeout, None, None).await;
             if o != OpOutcome::Ok {
                 tracing::error!("{why}: stopping {id} failed: {o:?}");
             }
@@ -462,10 +481,11 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                     op,
                     timeout,
                     peer,
+                    interval,
                 } => {
                     let d = d.clone();
                     tokio::spawn(async move {
-                        let outcome = execute(&d, &resource, op, timeout, peer).await;
+                        let outcome = execute(&d, &resource, op, timeout, peer, interval).await;
                         let _ = d.ha.agent.send(AgentInput::Done { token, outcome });
                     });
                 }
@@ -494,7 +514,7 @@ async fn send_report(d: &Daemon, report: OpReport) {
                 });
                 return;
             }
-            Some((_, info)) => {
+            Some((_, info)) if !d.lab.rpc_cut() => {
                 if let Some(addr) = info.addrs.first() {
                     let r: Result<super::protocol::Empty, _> =
                         d.rpc.call(addr, REPORT_PATH, &msg).await;
@@ -504,7 +524,7 @@ async fn send_report(d: &Daemon, report: OpReport) {
                     }
                 }
             }
-            None => {}
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -516,7 +536,7 @@ async fn send_report(d: &Daemon, report: OpReport) {
 }
 
 /// The agent spec for `resource` from the committed configuration.
-fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> {
+pub(super) fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> {
     let state = d.view.state();
     let config = haven_model::Config::from_toml("cluster configuration", &state.config.text)
         .map_err(|e| e.to_string())?;
@@ -538,31 +558,92 @@ fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> {
     Ok(spec)
 }
 
+/// Where `dest` receives a live migration of `spec`'s resource: its first link's IP,
+/// and the resource's `migration_port` param or a port derived from its id (the same
+/// on every node, in 49152..=65151).
+fn migration_address(d: &Daemon, spec: &AgentSpec, dest: &str) -> String {
+    let ip = d
+        .members()
+        .into_iter()
+        .find(|(n, _)| n == dest)
+        .and_then(|(_, info)| info.addrs.first().cloned())
+        .and_then(|a| a.rsplit_once(':').map(|(ip, _)| ip.to_string()))
+        .unwrap_or_default();
+    let port = spec
+        .params
+        .get("migration_port")
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| derived_port(&spec.instance));
+    format!("{ip}:{port}")
+}
+
+/// FNV-1a of the resource id, folded into the dynamic port range.
+fn derived_port(id: &str) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    49152 + (h % 16000) as u16
+}
+
+/// The spec each resource last ran with on this node.
+static LAST_SPECS: Mutex<std::collections::BTreeMap<String, AgentSpec>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
 async fn execute(
     d: &Daemon,
     resource: &str,
     op: OpKind,
     timeout: Duration,
     peer: Option<String>,
+    interval: Option<Duration>,
 ) -> OpOutcome {
-    let spec = match spec_for(d, resource) {
-        Ok(s) => s,
-        Err(reason) => return OpOutcome::Failed { rc: 6, reason },
+    // The coordinator asks from a committed configuration this node may not have
+    // applied yet: give replication a moment before calling the resource unknown.
+    let mut found = spec_for(d, resource);
+    for _ in 0..20 {
+        if found.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        found = spec_for(d, resource);
+    }
+    let spec = match found {
+        Ok(s) => {
+            if let Ok(mut cache) = LAST_SPECS.lock() {
+                cache.insert(resource.to_string(), s.clone());
+            }
+            s
+        }
+        // A resource removed from the configuration must still be stoppable (a failed
+        // stop would get this node fenced): the spec it last ran with is kept.
+        Err(reason) => match LAST_SPECS
+            .lock()
+            .ok()
+            .and_then(|c| c.get(resource).cloned())
+        {
+            Some(s) if matches!(op, OpKind::Stop | OpKind::Monitor) => s,
+            _ => return OpOutcome::Failed { rc: 6, reason },
+        },
     };
-    let migration = || Migration {
-        peer: peer.clone().unwrap_or_default(),
-        address: String::new(),
+    let peer = peer.unwrap_or_default();
+    // The stream goes to the destination: the peer for migrate_to, this node for
+    // migrate_from; both sides derive the same HOST:PORT.
+    let migration = |dest: &str| Migration {
+        peer: peer.clone(),
+        address: migration_address(d, &spec, dest),
     };
     let exec_op = match op {
         OpKind::Start => Op::Start,
         OpKind::Stop => Op::Stop,
         OpKind::Monitor => Op::Monitor {
-            interval: Duration::ZERO,
+            interval: interval.unwrap_or(Duration::ZERO),
         },
         OpKind::Promote => Op::Promote,
         OpKind::Demote => Op::Demote,
-        OpKind::MigrateTo => Op::MigrateTo(migration()),
-        OpKind::MigrateFrom => Op::MigrateFrom(migration()),
+        OpKind::MigrateTo => Op::MigrateTo(migration(&peer)),
+        OpKind::MigrateFrom => Op::MigrateFrom(migration(&d.node.name)),
     };
     let result = haven_exec::run_op(&spec, exec_op, timeout).await;
     if result.code != OpCode::Success && result.code != OpCode::NotRunning {
@@ -606,6 +687,16 @@ mod tests {
             stdout: String::new(),
             stderr: String::new(),
             notes: vec![],
+        }
+    }
+
+    #[test]
+    fn migration_ports_are_stable_and_in_the_dynamic_range() {
+        let p = derived_port("vm1");
+        assert_eq!(p, derived_port("vm1"), "both sides must agree");
+        assert_ne!(p, derived_port("vm2"));
+        for id in ["a", "vm1", "a-much-longer-resource-name"] {
+            assert!((49152..=65151).contains(&derived_port(id)));
         }
     }
 

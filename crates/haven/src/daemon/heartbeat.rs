@@ -54,6 +54,9 @@ pub async fn run(daemon: Arc<Daemon>) {
                 continue;
             }
             for (i, peer_addr) in info.addrs.iter().enumerate() {
+                if daemon.lab.link_cut(&link_name(i)) {
+                    continue;
+                }
                 let Some(local) = daemon.node.addrs.get(i).and_then(|a| ip_of(a)) else {
                     continue;
                 };

@@ -6,6 +6,8 @@
 pub mod api;
 pub mod bench;
 pub mod client;
+pub mod failover_bench;
+pub mod fence;
 pub mod files;
 pub mod ha;
 pub mod heartbeat;
@@ -72,6 +74,8 @@ pub struct Daemon {
     pub ha: ha::Handles,
     /// The node's directory; resource agents keep their state under it.
     pub state_dir: std::path::PathBuf,
+    /// The lab's fault switch (inert unless started with `--lab`).
+    pub lab: Arc<fence::LabSwitch>,
     started: std::time::Instant,
 }
 
@@ -188,7 +192,7 @@ impl Daemon {
 }
 
 /// Runs the daemon of the node in `dir` until SIGTERM or SIGINT.
-pub async fn run(dir: &Path, witness: bool) -> anyhow::Result<()> {
+pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
     let nd = NodeDir::new(dir);
     let node = nd.load()?;
     if witness && !node.witness {
@@ -230,10 +234,14 @@ pub async fn run(dir: &Path, witness: bool) -> anyhow::Result<()> {
     }
     .validate()
     .context("Raft timers")?;
+    let lab = Arc::new(fence::LabSwitch::new(lab));
     let raft = Raft::new(
         node.id,
         Arc::new(raft_config),
-        raft_net::Network { rpc: rpc.clone() },
+        raft_net::Network {
+            rpc: rpc.clone(),
+            lab: lab.clone(),
+        },
         log,
         sm,
     )
@@ -263,6 +271,7 @@ pub async fn run(dir: &Path, witness: bool) -> anyhow::Result<()> {
     let daemon = Arc::new(Daemon {
         ha: ha_handles,
         state_dir: nd.dir.clone(),
+        lab,
         membership: Mutex::new(Membership::new(timeouts, Time::from_millis(0))),
         node,
         raft,
@@ -295,6 +304,7 @@ pub async fn run(dir: &Path, witness: bool) -> anyhow::Result<()> {
 
     tokio::spawn(heartbeat::run(daemon.clone()));
     ha::spawn(daemon.clone(), ha_receivers);
+    fence::spawn(daemon.clone());
     if daemon.node.bootstrap {
         tokio::spawn(bootstrap_records(daemon.clone()));
     }

@@ -27,6 +27,7 @@ pub enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let online = matches!(args.command, Command::Online { .. });
     let (name, standby, maintenance) = match args.command {
         Command::Standby { node } => (node, Some(true), None),
         Command::Online { node } => (node, Some(false), Some(false)),
@@ -35,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let version = rt.block_on(async {
         let client = Client::from_arg(args.config)?;
-        super::client::edit_config(&client, |config| {
+        let version = super::client::edit_config(&client, |config| {
             let node = config
                 .nodes
                 .iter_mut()
@@ -51,7 +52,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         })
-        .await
+        .await?;
+        if online {
+            // A node fenced for a fault comes back only when an operator allows it.
+            let _: super::protocol::Empty = client
+                .call(
+                    super::fence::NODE_REJOIN,
+                    &super::fence::NodeName { node: name.clone() },
+                )
+                .await?;
+        }
+        anyhow::Ok(version)
     })?;
     println!("{name}: done (configuration version {version})");
     Ok(())

@@ -20,10 +20,12 @@ pub const SNAPSHOT: &str = "/raft/snapshot";
 #[derive(Clone)]
 pub struct Network {
     pub rpc: RpcClient,
+    pub lab: std::sync::Arc<super::fence::LabSwitch>,
 }
 
 pub struct Conn {
     rpc: RpcClient,
+    lab: std::sync::Arc<super::fence::LabSwitch>,
     target: NodeId,
     addr: Option<String>,
 }
@@ -34,6 +36,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Conn {
         Conn {
             rpc: self.rpc.clone(),
+            lab: self.lab.clone(),
             target,
             addr: node.addrs.first().cloned(),
         }
@@ -60,6 +63,10 @@ impl Conn {
             ));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
+        if self.lab.rpc_cut() {
+            let e = std::io::Error::other("lab partition: this node is cut off");
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         let answer: Result<Result<R, RaftError<NodeId, E>>, RpcError> =
             self.rpc.call(addr, path, req).await;
         match answer {

@@ -1,0 +1,970 @@
+//! Fencing, quorum loss and the lab's fault switches: the I/O around haven-ha's
+//! `Fencer` and `QuorumWatch`.
+//!
+//! Fence execution: the coordinator (on the leader) picks a device and an executor node
+//! other than the victim. The leader hands the run to the executor over `/ha/fence`
+//! (or runs it itself); the executor runs the device and posts the outcome back over
+//! `/ha/fence-done`, and the leader feeds it to the coordinator and commits it to Raft
+//! (`haven fence history`). Device kinds, by the configured `agent`:
+//! - `fence_*` (or an absolute path): a fence agent with the fence-agents stdin protocol.
+//!   Every param is the agent's except `pcmk_*` ones, which are Haven's:
+//!   `pcmk_host_argument` (stdin key naming the target, `none` for a one-host device),
+//!   `pcmk_host_map` (`node:plug;node:plug`), `pcmk_action` (`reboot`, the default, or
+//!   `off`), `pcmk_reboot_timeout`. The password comes from `password-file` or
+//!   `password-script` at run time and is never logged.
+//! - `lab`: the lab's power switch. It kills the victim's daemon and every resource
+//!   process it started, found through the pidfiles in `lab-dir`/VICTIM. Only a daemon
+//!   started with `--lab` runs it.
+//! - `manual` and `watchdog` never reach here: the Fencer waits for an ack or a lease.
+//!
+//! Quorum loss: the node agent (ha.rs) applies no-quorum-policy once quorum has been
+//! gone for its lease (twice the failure-detection time): it stops every resource here
+//! without the coordinator. That is the lab's process-level watchdog. A quorate side
+//! using a `watchdog` device waits its `wait` (default 10 s), which must exceed the
+//! failure-detection time plus that lease, before it recovers the node's resources. The
+//! coordinator itself runs only while its node sees quorum, so a cut-off leader never
+//! fences the majority.
+//!
+//! The lab's partition switch: a daemon started with `--lab` drops heartbeats on the
+//! links named in NODE_DIR/lab-cut (one per line, or `all`), and when link0 is cut also
+//! Raft and node RPC, both ways. `haven lab partition|heal` write and remove the file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use haven_exec::{FenceAction, FenceAgentSpec, FenceOutcome, Secret};
+use haven_ha::time::Time;
+use haven_ha::{Confirmation, Coordinator, Planner, VictimState};
+use haven_model::FenceDevice;
+use haven_store::{FenceRecord, Request};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::protocol::Empty;
+use super::{ApiFailure, Daemon, ha, wall_ms};
+
+pub const FENCE_RUN: &str = "/ha/fence";
+pub const FENCE_DONE: &str = "/ha/fence-done";
+pub const FENCE_LS: &str = "/api/fence/ls";
+pub const FENCE_NODE: &str = "/api/fence/node";
+pub const FENCE_ACK: &str = "/api/fence/ack";
+pub const FENCE_HISTORY: &str = "/api/fence/history";
+pub const NODE_REJOIN: &str = "/api/node/rejoin";
+const FENCE_LS_LOCAL: &str = "/local/fence/ls";
+const FENCE_NODE_LOCAL: &str = "/local/fence/node";
+const FENCE_ACK_LOCAL: &str = "/local/fence/ack";
+const NODE_REJOIN_LOCAL: &str = "/local/node/rejoin";
+
+/// The lab's partition flag file, in the node's directory.
+pub const LAB_CUT_FILE: &str = "lab-cut";
+/// How long the lab switch waits for killed processes to be gone.
+const POWER_OFF_WAIT: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_millis(100);
+
+/// Leader → executor: run this device against this victim.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FenceRun {
+    pub token: u64,
+    pub victim: String,
+    pub device: String,
+    pub timeout_ms: u64,
+}
+
+/// Executor → leader: how it went.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FenceDone {
+    pub token: u64,
+    pub victim: String,
+    pub device: String,
+    pub executor: String,
+    pub ok: bool,
+    pub detail: String,
+    /// Wall-clock milliseconds when the device started.
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeName {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Acked {
+    /// False when the node was not being fenced (nothing to acknowledge).
+    pub acked: bool,
+}
+
+/// `haven fence ls`, after `fence_tool ls`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FenceLs {
+    pub leader: String,
+    /// Every configured node and its state as the coordinator sees it.
+    pub members: Vec<(String, String)>,
+    /// Nodes the coordinator hears on at least one link.
+    #[serde(default)]
+    pub heard: Vec<String>,
+    pub victims: Vec<VictimInfo>,
+    /// The victim being fenced now, if any.
+    pub victim_now: Option<String>,
+    /// `none` or `fencing`.
+    pub wait_state: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VictimInfo {
+    pub name: String,
+    pub reason: String,
+    /// fencing, waiting-ack, waiting-watchdog, exhausted, confirmed.
+    pub state: String,
+    pub detail: String,
+}
+
+/// What the fence API and the executors send into the coordinator loop.
+pub enum FenceInput {
+    Done(FenceDone),
+    Request(String),
+    Ack(String, oneshot::Sender<bool>),
+    AllowRejoin(String),
+    Ls(oneshot::Sender<FenceLs>),
+}
+
+/// The lab's partition switch; inert unless the daemon runs with `--lab`.
+#[derive(Debug, Default)]
+pub struct LabSwitch {
+    pub enabled: bool,
+    links: Mutex<BTreeSet<String>>,
+    all: AtomicBool,
+}
+
+impl LabSwitch {
+    pub fn new(enabled: bool) -> Self {
+        LabSwitch {
+            enabled,
+            ..LabSwitch::default()
+        }
+    }
+
+    /// Whether heartbeats on `link` are dropped.
+    pub fn link_cut(&self, link: &str) -> bool {
+        self.enabled
+            && (self.all.load(Ordering::Relaxed)
+                || self.links.lock().is_ok_and(|l| l.contains(link)))
+    }
+
+    /// Whether Raft and node RPC (which travel link0) are dropped.
+    pub fn rpc_cut(&self) -> bool {
+        self.link_cut("link0")
+    }
+
+    fn set(&self, text: Option<&str>) {
+        let mut all = false;
+        let mut links = BTreeSet::new();
+        for word in text.unwrap_or("").split_whitespace() {
+            if word == "all" {
+                all = true;
+            } else {
+                links.insert(word.to_string());
+            }
+        }
+        self.all.store(all, Ordering::Relaxed);
+        if let Ok(mut l) = self.links.lock() {
+            *l = links;
+        }
+    }
+}
+
+/// Starts the lab switch's file watcher when the daemon runs in a lab.
+pub fn spawn(d: Arc<Daemon>) {
+    if d.lab.enabled {
+        let d2 = d.clone();
+        tokio::spawn(async move {
+            let path = d2.state_dir.join(LAB_CUT_FILE);
+            let mut last: Option<String> = None;
+            loop {
+                let now = std::fs::read_to_string(&path).ok();
+                if now != last {
+                    match &now {
+                        Some(t) => tracing::warn!("lab: links cut: {}", t.trim()),
+                        None => tracing::warn!("lab: links healed"),
+                    }
+                    d2.lab.set(now.as_deref());
+                    last = now;
+                }
+                tokio::time::sleep(TICK).await;
+            }
+        });
+    }
+}
+
+/// Quorum as this node sees it right now: the detector is advanced to `now` first, so
+/// a silence is never judged later here than by the coordinator.
+pub fn quorate_now(d: &Daemon) -> bool {
+    let now = d.now();
+    if let Ok(mut m) = d.membership.lock() {
+        m.handle_timeout(now);
+    }
+    d.quorate()
+}
+
+fn committed_config(d: &Daemon) -> Option<haven_model::Config> {
+    let state = d.view.state();
+    haven_model::Config::from_toml("cluster configuration", &state.config.text).ok()
+}
+
+// ---- fence execution ----
+
+/// The coordinator's `Fence` command: run it here or hand it to the executor.
+pub fn dispatch(d: &Arc<Daemon>, run: FenceRun, executor: String) {
+    if executor == d.node.name {
+        let d = d.clone();
+        tokio::spawn(async move {
+            let done = execute(&d, &run).await;
+            let _ =
+                d.ha.coord
+                    .send(ha::CoordInput::Fence(FenceInput::Done(done)));
+        });
+        return;
+    }
+    let addr = d
+        .members()
+        .into_iter()
+        .find(|(n, _)| *n == executor)
+        .and_then(|(_, info)| info.addrs.first().cloned());
+    let d = d.clone();
+    tokio::spawn(async move {
+        let failed = |detail: String| FenceDone {
+            token: run.token,
+            victim: run.victim.clone(),
+            device: run.device.clone(),
+            executor: executor.clone(),
+            ok: false,
+            detail,
+            started_ms: wall_ms(),
+        };
+        let r: Result<Empty, String> = match (&addr, d.lab.rpc_cut()) {
+            (_, true) => Err("this node is cut off (lab partition)".into()),
+            (None, _) => Err(format!("no address for executor {executor}")),
+            (Some(addr), _) => d
+                .rpc
+                .call(addr, FENCE_RUN, &run)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = r {
+            // Handing it over failed: that is a failed attempt, and the Fencer moves on.
+            tracing::warn!("fencing {} with {}: {e}", run.victim, run.device);
+            let _ =
+                d.ha.coord
+                    .send(ha::CoordInput::Fence(FenceInput::Done(failed(e))));
+        }
+    });
+}
+
+/// Runs one device against one victim on this node.
+pub async fn execute(d: &Daemon, run: &FenceRun) -> FenceDone {
+    let started_ms = wall_ms();
+    let timeout = Duration::from_millis(run.timeout_ms);
+    let (ok, detail) = match device(d, &run.device) {
+        Err(e) => (false, e),
+        Ok(dev) if dev.agent == "lab" => {
+            if !d.lab.enabled {
+                (
+                    false,
+                    format!(
+                        "fence device {}: agent lab runs only in a lab (daemon --lab)",
+                        dev.id
+                    ),
+                )
+            } else {
+                match dev.params.get("lab-dir") {
+                    None => (
+                        false,
+                        format!("fence device {}: params.lab-dir is required", dev.id),
+                    ),
+                    Some(dir) => {
+                        let node_dir = Path::new(dir).join(&run.victim);
+                        match tokio::task::spawn_blocking(move || power_off(&node_dir)).await {
+                            Ok(Ok(n)) => (true, format!("lab switch: {n} process(es) killed")),
+                            Ok(Err(e)) => (false, format!("lab switch: {e}")),
+                            Err(e) => (false, format!("lab switch: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(dev) => match agent_spec(&dev) {
+            Err(e) => (false, e),
+            Ok((spec, action)) => {
+                let r = haven_exec::run_fence(&spec, action, &run.victim, timeout).await;
+                let ok = r.outcome == FenceOutcome::Success;
+                // Output is redacted by haven-exec; keep only a line of it.
+                let mut detail = format!("{} {}: {:?}", dev.agent, action.as_str(), r.outcome);
+                for note in &r.notes {
+                    detail.push_str(&format!("; {note}"));
+                }
+                if let Some(l) = r.stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+                    detail.push_str(&format!("; {}", l.trim()));
+                }
+                (ok, detail)
+            }
+        },
+    };
+    if ok {
+        tracing::warn!("fenced {} with {}: {detail}", run.victim, run.device);
+    } else {
+        tracing::error!(
+            "fencing {} with {} failed: {detail}",
+            run.victim,
+            run.device
+        );
+    }
+    FenceDone {
+        token: run.token,
+        victim: run.victim.clone(),
+        device: run.device.clone(),
+        executor: d.node.name.clone(),
+        ok,
+        detail,
+        started_ms,
+    }
+}
+
+fn device(d: &Daemon, id: &str) -> Result<FenceDevice, String> {
+    let config = committed_config(d).ok_or("the committed configuration is unusable")?;
+    config
+        .fencing
+        .devices
+        .iter()
+        .find(|x| x.id == id)
+        .cloned()
+        .ok_or_else(|| format!("fence device {id} is not in the configuration"))
+}
+
+/// A configured device as haven-exec runs it, and the action that fences.
+pub fn agent_spec(dev: &FenceDevice) -> Result<(FenceAgentSpec, FenceAction), String> {
+    let field = |k: &str| format!("fencing.devices.{}.params.{k}", dev.id);
+    let mut spec = FenceAgentSpec::new(dev.agent.clone());
+    let mut action = FenceAction::Reboot;
+    for (k, v) in &dev.params {
+        match k.as_str() {
+            "pcmk_host_argument" => {
+                spec.host_argument = match v.as_str() {
+                    "" | "none" => None,
+                    _ => Some(v.clone()),
+                }
+            }
+            "pcmk_host_map" => {
+                for pair in v.split([';', ',', ' ']).filter(|p| !p.is_empty()) {
+                    let Some((node, plug)) = pair.split_once(':') else {
+                        return Err(format!(
+                            "{}: {pair:?} is not NODE:PLUG",
+                            field("pcmk_host_map")
+                        ));
+                    };
+                    spec.host_map.insert(node.to_string(), plug.to_string());
+                }
+            }
+            "pcmk_action" => {
+                action = match v.as_str() {
+                    "reboot" => FenceAction::Reboot,
+                    "off" => FenceAction::Off,
+                    other => {
+                        return Err(format!(
+                            "{}: {other:?} must be reboot or off",
+                            field("pcmk_action")
+                        ));
+                    }
+                }
+            }
+            // Haven's own settings (timeouts, delays), not the agent's.
+            k if k.starts_with("pcmk_") => {}
+            _ => {
+                spec.params.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    spec.secret = match (&dev.password_file, &dev.password_script) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "fencing.devices.{}: give password-file or password-script, not both",
+                dev.id
+            ));
+        }
+        (Some(f), None) => Some(Secret::File(PathBuf::from(f))),
+        (None, Some(s)) => Some(Secret::Script(PathBuf::from(s))),
+        (None, None) => None,
+    };
+    spec.validate()
+        .map_err(|e| format!("fencing.devices.{}: {e}", dev.id))?;
+    Ok((spec, action))
+}
+
+/// The lab's power switch: kills the daemon of the node in `node_dir` and every
+/// resource process it started (each one's process group), by the pidfiles, and waits
+/// until they are gone. Returns how many processes it killed.
+pub fn power_off(node_dir: &Path) -> Result<usize, String> {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    let mut victims: Vec<haven_exec::pidfile::Tracked> = Vec::new();
+    // The daemon first, so it cannot start anything more while its children die.
+    if let Some(pid) = lab_daemon_pid(node_dir)
+        && let Some(t) = haven_exec::pidfile::Tracked::of(pid)
+    {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        victims.push(t);
+    }
+    for pf in resource_pidfiles(node_dir) {
+        let Ok(Some(t)) = haven_exec::pidfile::read(&pf) else {
+            continue;
+        };
+        if t.alive() {
+            // Resources run in their own process group: kill the whole tree.
+            let _ = killpg(Pid::from_raw(t.pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(t.pid), Signal::SIGKILL);
+            victims.push(t);
+        }
+    }
+    let deadline = Instant::now() + POWER_OFF_WAIT;
+    while victims.iter().any(|t| t.alive()) {
+        if Instant::now() > deadline {
+            let left: Vec<i32> = victims
+                .iter()
+                .filter(|t| t.alive())
+                .map(|t| t.pid)
+                .collect();
+            return Err(format!(
+                "{}: processes {left:?} survived SIGKILL for {POWER_OFF_WAIT:?}",
+                node_dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(victims.len())
+}
+
+/// The pid in NODE_DIR/daemon.pid, if it is that node's `haven daemon` (a recycled pid
+/// belonging to something else is never signalled).
+pub fn lab_daemon_pid(node_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(node_dir.join("daemon.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let dir = node_dir.to_string_lossy();
+    let alive = haven_exec::pidfile::is_alive(pid);
+    (alive && args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == dir)).then_some(pid)
+}
+
+/// The pidfiles of the resources a node's agents started.
+pub fn resource_pidfiles(node_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(node_dir.join("resources"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pid"))
+        .collect();
+    out.sort();
+    out
+}
+
+// ---- the coordinator side ----
+
+/// Feeds one fence input to the coordinator (on the leader).
+pub fn handle_input<P: Planner>(
+    d: &Arc<Daemon>,
+    c: &mut Coordinator<P>,
+    input: FenceInput,
+    now: Time,
+) {
+    match input {
+        FenceInput::Done(done) => {
+            // Only the answer to the run in progress counts: a token from an earlier
+            // leader's coordinator may collide with ours.
+            let current = c.fencer().victims().any(|(v, _, s)| {
+                v == done.victim
+                    && matches!(s, VictimState::Running { token, executor, .. }
+                        if *token == done.token && *executor == done.executor)
+            });
+            if !current {
+                tracing::info!(
+                    "late fence result for {} from {} ignored",
+                    done.victim,
+                    done.executor
+                );
+                return;
+            }
+            c.handle_fence_result(done.token, done.ok, now);
+            let confirmed = done.ok && c.fencer().is_confirmed(&done.victim);
+            commit(
+                d,
+                FenceRecord {
+                    victim: done.victim,
+                    device: done.device,
+                    executor: done.executor,
+                    ok: done.ok,
+                    at_ms: wall_ms(),
+                    started_ms: done.started_ms,
+                    detail: done.detail,
+                },
+                confirmed,
+            );
+        }
+        FenceInput::Request(node) => c.handle_fence_request(&node, now),
+        FenceInput::Ack(node, reply) => {
+            let acked = c.handle_fence_ack(&node, now);
+            let _ = reply.send(acked);
+        }
+        FenceInput::AllowRejoin(node) => c.handle_allow_rejoin(&node, now),
+        FenceInput::Ls(reply) => {
+            let _ = reply.send(fence_ls(d, c));
+        }
+    }
+}
+
+/// Commits confirmations that no device run reported (an operator's ack, a watchdog
+/// wait) once each. `seen` remembers what was committed.
+pub fn record_confirmations<P: Planner>(
+    d: &Arc<Daemon>,
+    c: &Coordinator<P>,
+    seen: &mut BTreeMap<String, Time>,
+) {
+    let mut current = BTreeSet::new();
+    for (victim, reason, state) in c.fencer().victims() {
+        let VictimState::Confirmed { at, by } = state else {
+            continue;
+        };
+        current.insert(victim.to_string());
+        if seen.get(victim) == Some(at) {
+            continue;
+        }
+        seen.insert(victim.to_string(), *at);
+        let (device, detail) = match by {
+            Confirmation::Device { .. } => continue, // committed with the run's result
+            Confirmation::Manual => (
+                "manual".to_string(),
+                format!("acknowledged by an operator ({reason})"),
+            ),
+            Confirmation::Watchdog { device } => (
+                device.clone(),
+                format!("watchdog: the node's lease has run out ({reason})"),
+            ),
+        };
+        commit(
+            d,
+            FenceRecord {
+                victim: victim.to_string(),
+                device,
+                executor: d.node.name.clone(),
+                ok: true,
+                at_ms: wall_ms(),
+                started_ms: 0,
+                detail,
+            },
+            true,
+        );
+    }
+    seen.retain(|v, _| current.contains(v));
+}
+
+fn commit(d: &Arc<Daemon>, record: FenceRecord, confirmed: bool) {
+    let d = d.clone();
+    tokio::spawn(async move {
+        if let Err(e) = d.write(Request::RecordFence { record, confirmed }).await {
+            tracing::warn!("recording a fence result: {}", e.1);
+        }
+    });
+}
+
+fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
+    let view = c.view();
+    let members = view
+        .nodes
+        .iter()
+        .map(|(n, s)| (n.clone(), format!("{s:?}").to_lowercase()))
+        .collect();
+    let mut victims = Vec::new();
+    let mut victim_now = None;
+    for (name, reason, state) in c.fencer().victims() {
+        let (short, detail) = match state {
+            VictimState::Running {
+                level,
+                step,
+                executor,
+                ..
+            } => (
+                "fencing",
+                format!("level {} device {} run by {executor}", level + 1, step + 1),
+            ),
+            VictimState::WaitingManual { level, .. } => (
+                "waiting-ack",
+                format!("level {}: waiting for `haven fence ack {name}`", level + 1),
+            ),
+            VictimState::WaitingWatchdog { level, until, .. } => (
+                "waiting-watchdog",
+                format!(
+                    "level {}: the node's watchdog lease ends in {} ms",
+                    level + 1,
+                    until.0.saturating_sub(d.now().0)
+                ),
+            ),
+            VictimState::Exhausted { retry_at } => (
+                "exhausted",
+                format!(
+                    "every level failed; retrying in {} ms",
+                    retry_at.0.saturating_sub(d.now().0)
+                ),
+            ),
+            VictimState::Confirmed { by, .. } => ("confirmed", format!("{by:?}")),
+        };
+        if short != "confirmed" && victim_now.is_none() {
+            victim_now = Some(name.to_string());
+        }
+        victims.push(VictimInfo {
+            name: name.to_string(),
+            reason: reason.to_string(),
+            state: short.to_string(),
+            detail,
+        });
+    }
+    let heard = c
+        .status()
+        .links
+        .into_iter()
+        .filter(|(_, links)| links.iter().any(|(_, up)| *up))
+        .map(|(n, _)| n)
+        .collect();
+    FenceLs {
+        leader: d.node.name.clone(),
+        members,
+        heard,
+        victims,
+        wait_state: if victim_now.is_some() {
+            "fencing"
+        } else {
+            "none"
+        }
+        .to_string(),
+        victim_now,
+    }
+}
+
+// ---- API ----
+
+type D = State<Arc<Daemon>>;
+type ApiResult<T> = Result<Json<T>, ApiFailure>;
+
+pub fn routes() -> Router<Arc<Daemon>> {
+    Router::new()
+        .route(FENCE_RUN, post(fence_run))
+        .route(FENCE_DONE, post(fence_done))
+        .route(FENCE_LS, post(ls))
+        .route(FENCE_LS_LOCAL, post(ls_local))
+        .route(FENCE_NODE, post(node))
+        .route(FENCE_NODE_LOCAL, post(node_local))
+        .route(FENCE_ACK, post(ack))
+        .route(FENCE_ACK_LOCAL, post(ack_local))
+        .route(NODE_REJOIN, post(rejoin))
+        .route(NODE_REJOIN_LOCAL, post(rejoin_local))
+        .route(FENCE_HISTORY, post(history))
+}
+
+/// Paths only peers use; the lab's partition switch drops them.
+pub fn peer_path(path: &str) -> bool {
+    ["/raft/", "/ha/", "/local/", "/hb"]
+        .iter()
+        .any(|p| path.starts_with(p))
+        || path == super::api::PROMOTE
+}
+
+/// Middleware: with link0 cut (lab partition), peer traffic is refused.
+pub async fn lab_cut(
+    State(d): D,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if d.lab.rpc_cut() && peer_path(req.uri().path()) && req.uri().path() != super::heartbeat::PATH
+    {
+        return axum::response::IntoResponse::into_response(ApiFailure::unavailable(
+            "lab partition: this node is cut off",
+        ));
+    }
+    next.run(req).await
+}
+
+async fn fence_run(State(d): D, Json(run): Json<FenceRun>) -> ApiResult<Empty> {
+    if d.node.witness {
+        return Err(ApiFailure::refused(format!(
+            "{} is a witness and runs no fence devices",
+            d.node.name
+        )));
+    }
+    if run.victim == d.node.name {
+        return Err(ApiFailure::refused("a node never fences itself"));
+    }
+    tokio::spawn(async move {
+        let done = execute(&d, &run).await;
+        send_done(&d, done).await;
+    });
+    Ok(Json(Empty {}))
+}
+
+/// Delivers a result to whoever leads, with a few tries across a leader change; after
+/// that the Fencer's own deadline counts the run as failed.
+async fn send_done(d: &Daemon, done: FenceDone) {
+    for _ in 0..10 {
+        if d.lab.rpc_cut() {
+            break;
+        }
+        match d.leader() {
+            Some((id, _)) if id == d.node.id => {
+                let _ =
+                    d.ha.coord
+                        .send(ha::CoordInput::Fence(FenceInput::Done(done)));
+                return;
+            }
+            Some((_, info)) => {
+                if let Some(addr) = info.addrs.first() {
+                    let r: Result<Empty, _> = d.rpc.call(addr, FENCE_DONE, &done).await;
+                    match r {
+                        Ok(_) => return,
+                        Err(e) => tracing::debug!("fence result to the leader: {e}"),
+                    }
+                }
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::warn!(
+        "could not deliver the result of fencing {} to a leader",
+        done.victim
+    );
+}
+
+async fn fence_done(State(d): D, Json(done): Json<FenceDone>) -> ApiResult<Empty> {
+    super::api::require_leader(&d)?;
+    let _ =
+        d.ha.coord
+            .send(ha::CoordInput::Fence(FenceInput::Done(done)));
+    Ok(Json(Empty {}))
+}
+
+fn known_node(d: &Daemon, node: &str) -> Result<(), ApiFailure> {
+    let config = committed_config(d)
+        .ok_or_else(|| ApiFailure::unavailable("the committed configuration is unusable"))?;
+    if config.nodes.iter().any(|n| n.name == node) {
+        Ok(())
+    } else {
+        Err(ApiFailure(
+            axum::http::StatusCode::NOT_FOUND,
+            format!("no node named {node:?} is in the configuration"),
+        ))
+    }
+}
+
+fn coordinator_gone() -> ApiFailure {
+    ApiFailure::unavailable("the coordinator is not running here (no leader with quorum yet)")
+}
+
+async fn ls(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
+    super::api::leader_call(&d, FENCE_LS_LOCAL, &Empty {})
+        .await
+        .map(Json)
+}
+
+async fn ls_local(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
+    super::api::require_leader(&d)?;
+    let (tx, rx) = oneshot::channel();
+    let _ = d.ha.coord.send(ha::CoordInput::Fence(FenceInput::Ls(tx)));
+    tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(Json)
+        .ok_or_else(coordinator_gone)
+}
+
+async fn node(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
+    known_node(&d, &req.node)?;
+    super::api::leader_call(&d, FENCE_NODE_LOCAL, &req)
+        .await
+        .map(Json)
+}
+
+async fn node_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
+    super::api::require_leader(&d)?;
+    if req.node == d.node.name {
+        // The coordinator would have to fence the node it runs on.
+        return Err(ApiFailure::refused(format!(
+            "{} leads the cluster and cannot fence itself; fence it from another leader",
+            req.node
+        )));
+    }
+    let _ =
+        d.ha.coord
+            .send(ha::CoordInput::Fence(FenceInput::Request(req.node)));
+    Ok(Json(Empty {}))
+}
+
+async fn ack(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
+    known_node(&d, &req.node)?;
+    super::api::leader_call(&d, FENCE_ACK_LOCAL, &req)
+        .await
+        .map(Json)
+}
+
+async fn ack_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
+    super::api::require_leader(&d)?;
+    let (tx, rx) = oneshot::channel();
+    let _ =
+        d.ha.coord
+            .send(ha::CoordInput::Fence(FenceInput::Ack(req.node, tx)));
+    let acked = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(coordinator_gone)?;
+    Ok(Json(Acked { acked }))
+}
+
+async fn rejoin(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
+    known_node(&d, &req.node)?;
+    super::api::leader_call(&d, NODE_REJOIN_LOCAL, &req)
+        .await
+        .map(Json)
+}
+
+async fn rejoin_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
+    super::api::require_leader(&d)?;
+    let _ =
+        d.ha.coord
+            .send(ha::CoordInput::Fence(FenceInput::AllowRejoin(req.node)));
+    Ok(Json(Empty {}))
+}
+
+async fn history(State(d): D, Json(_): Json<Empty>) -> Json<Vec<FenceRecord>> {
+    Json(d.view.state().fence_history)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(agent: &str, params: &[(&str, &str)]) -> FenceDevice {
+        FenceDevice {
+            id: "d1".into(),
+            agent: agent.into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..FenceDevice::default()
+        }
+    }
+
+    #[test]
+    fn pcmk_params_are_havens_and_the_rest_go_to_the_agent() {
+        let (spec, action) = agent_spec(&FenceDevice {
+            password_script: Some("/etc/haven/ipmi-pass".into()),
+            ..dev(
+                "fence_ipmilan",
+                &[
+                    ("ip", "127.0.0.1"),
+                    ("pcmk_host_argument", "none"),
+                    ("pcmk_host_map", "n1:1;n2:2"),
+                    ("pcmk_action", "off"),
+                    ("pcmk_reboot_timeout", "20"),
+                ],
+            )
+        })
+        .expect("valid device");
+        assert_eq!(action, FenceAction::Off);
+        assert_eq!(spec.host_argument, None);
+        assert_eq!(spec.host_map["n2"], "2");
+        assert_eq!(spec.params.keys().collect::<Vec<_>>(), vec!["ip"]);
+        assert_eq!(
+            spec.secret,
+            Some(Secret::Script("/etc/haven/ipmi-pass".into()))
+        );
+    }
+
+    #[test]
+    fn bad_devices_are_named() {
+        let e = agent_spec(&dev("fence_dummy", &[("pcmk_action", "explode")])).unwrap_err();
+        assert!(e.contains("fencing.devices.d1.params.pcmk_action"), "{e}");
+        let e = agent_spec(&dev("rm -rf", &[])).unwrap_err();
+        assert!(e.contains("fencing.devices.d1"), "{e}");
+        let e = agent_spec(&FenceDevice {
+            password_file: Some("a".into()),
+            password_script: Some("b".into()),
+            ..dev("fence_dummy", &[])
+        })
+        .unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn the_lab_switch_cuts_named_links_and_link0_cuts_rpc() {
+        let s = LabSwitch::new(true);
+        assert!(!s.link_cut("link0"));
+        s.set(Some("link1\n"));
+        assert!(s.link_cut("link1") && !s.rpc_cut());
+        s.set(Some("all"));
+        assert!(s.link_cut("link1") && s.rpc_cut());
+        s.set(None);
+        assert!(!s.link_cut("link1"));
+        let off = LabSwitch::new(false);
+        off.set(Some("all"));
+        assert!(!off.rpc_cut(), "only a lab daemon has the switch");
+    }
+
+    #[test]
+    fn power_off_kills_the_resource_process_group_by_pidfile() {
+        use std::os::unix::process::CommandExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let res = tmp.path().join("resources");
+        std::fs::create_dir_all(&res).expect("mkdir");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 & sleep 1000"])
+            .process_group(0)
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id() as i32;
+        let t = haven_exec::pidfile::Tracked::of(pid).expect("running");
+        haven_exec::pidfile::write(&res.join("r1.pid"), t).expect("pidfile");
+        // Reap in the background so the killed shell does not linger as a zombie.
+        let waiter = std::thread::spawn(move || child.wait());
+        let n = power_off(tmp.path()).expect("power off");
+        assert_eq!(n, 1);
+        let _ = waiter.join();
+        assert!(!t.alive());
+        // The grandchild in the same group is gone too.
+        let group_left = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                    s.rsplit(')').next().is_some_and(|rest| {
+                        let f: Vec<&str> = rest.split_whitespace().collect();
+                        f.first() != Some(&"Z") && f.get(2) == Some(&pid.to_string().as_str())
+                    })
+                })
+            })
+            .count();
+        assert_eq!(group_left, 0, "a process of the resource's group survived");
+    }
+}
