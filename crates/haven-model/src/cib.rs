@@ -1028,7 +1028,9 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
                         st.role = Role::Started;
                     }
                 }
-                "demote" | "promote" => st.role = Role::Promoted,
+                "promote" => st.role = Role::Promoted,
+                // A failed demote leaves it needing recovery from the unpromoted role.
+                "demote" => st.role = Role::Unpromoted,
                 "start" => {
                     // A start the executor itself gave up on (timed out, could not
                     // run) bans the node; an agent's error result is recovered in place
