@@ -1893,15 +1893,19 @@ impl<'a> Sched<'a> {
                     };
                     let change = match (had, will) {
                         (None, None) => None,
-                        (None, Some((n, r))) => Some((
-                            if r == Role::Promoted {
-                                ChangeKind::Promote
-                            } else {
-                                ChangeKind::Start
-                            },
-                            None,
-                            Some(place(n, r)),
-                        )),
+                        (None, Some((n, r))) => {
+                            // Later group members must start after it: they restart.
+                            restart_rest = true;
+                            Some((
+                                if r == Role::Promoted {
+                                    ChangeKind::Promote
+                                } else {
+                                    ChangeKind::Start
+                                },
+                                None,
+                                Some(place(n, r)),
+                            ))
+                        }
                         (Some((n, r, _)), None) => {
                             Some((ChangeKind::Stop, Some(place(n, r)), None))
                         }
