@@ -1708,6 +1708,28 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+            // What must run with something that can no longer run stops too.
+            for ci in 0..self.colocs.len() {
+                let (dep, primary, score, role) = {
+                    let c = &self.colocs[ci];
+                    (c.dep, c.primary, c.score, c.primary_role)
+                };
+                if !score.is_pos_inf() || self.units[dep].kind == Kind::Clone {
+                    continue;
+                }
+                if !self.nodes_of(primary, role).is_some_and(|v| v.is_empty()) {
+                    continue;
+                }
+                let unmanaged = self.units[dep].prims.iter().any(|&pi| !self.managed(pi));
+                if let Some(insts) = self.placed[dep].as_mut() {
+                    for i in insts.iter_mut() {
+                        if i.node.is_some() && !unmanaged {
+                            i.node = None;
+                            changed = true;
+                        }
+                    }
+                }
+            }
             if !changed {
                 break;
             }
