@@ -1130,8 +1130,11 @@ impl<'a> Sched<'a> {
             if let Some(n) = cur {
                 self.take(n, u);
             }
-            // Members after a blocked failure cannot stay: they depend on it.
-            let mut ok = true;
+            // Members after a blocked failure cannot stay: they depend on it. Nor can
+            // managed members start where the group's colocations forbid it.
+            let mut w = self.base_weights(u);
+            self.apply_colocations(u, &mut w);
+            let mut ok = cur.is_some_and(|n| !w[n].is_neg_inf() && self.nodes[n].can_run) || frozen;
             let member_ok = self.units[u]
                 .prims
                 .iter()
