@@ -1133,6 +1133,18 @@ fn read_status(
             for (k, v) in nvpairs(ctx, ta, "instance_attributes") {
                 attrs.insert(k, v);
             }
+            for (k, v) in nvpairs(ctx, ta, "utilization") {
+                match v.trim().parse::<i64>() {
+                    Ok(x) => {
+                        node.utilization.insert(k, x);
+                    }
+                    Err(_) => ctx.unsupported.push(Unsupported {
+                        element: "utilization".into(),
+                        id: format!("{uname}/{k}"),
+                        reason: format!("`{v}` is not an integer; left out"),
+                    }),
+                }
+            }
         }
         let shutdown = attrs
             .get("shutdown")

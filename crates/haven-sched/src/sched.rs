@@ -27,7 +27,7 @@ struct NodeInfo<'a> {
     counts: bool,
     fence: Option<String>,
     attrs: HashMap<String, String>,
-    capacity: Option<&'a BTreeMap<String, i64>>,
+    capacity: Option<BTreeMap<String, i64>>,
     /// Node health as a score every resource gets there.
     health: Score,
 }
@@ -264,8 +264,13 @@ impl<'a> Sched<'a> {
                 ),
                 fence,
                 attrs,
-                capacity: (opts.placement_strategy != PlacementStrategy::Default)
-                    .then_some(&n.utilization),
+                capacity: (opts.placement_strategy != PlacementStrategy::Default).then(|| {
+                    let mut c = n.utilization.clone();
+                    if let Some(ns) = ns {
+                        c.extend(ns.utilization.iter().map(|(k, v)| (k.clone(), *v)));
+                    }
+                    c
+                }),
                 health,
             });
         }
@@ -912,7 +917,7 @@ impl<'a> Sched<'a> {
     }
 
     fn fits(&self, n: usize, need: &BTreeMap<String, i64>) -> bool {
-        let Some(cap) = self.nodes[n].capacity else {
+        let Some(cap) = self.nodes[n].capacity.as_ref() else {
             return true;
         };
         need.iter().all(|(k, v)| {
@@ -966,7 +971,7 @@ impl<'a> Sched<'a> {
     }
 
     fn free_capacity(&self, n: usize) -> i64 {
-        let Some(cap) = self.nodes[n].capacity else {
+        let Some(cap) = self.nodes[n].capacity.as_ref() else {
             return 0;
         };
         cap.iter()
@@ -983,6 +988,8 @@ impl<'a> Sched<'a> {
         extra_load: &[u32],
     ) -> Option<usize> {
         let balanced = self.cfg.options.placement_strategy == PlacementStrategy::Balanced;
+        // `minimal` packs resources onto as few nodes as possible: no spreading by load.
+        let minimal = self.cfg.options.placement_strategy == PlacementStrategy::Minimal;
         let mut best: Option<usize> = None;
         for n in 0..self.nodes.len() {
             if !self.nodes[n].can_run || w[n].is_neg_inf() || !self.fits(n, need) {
@@ -997,7 +1004,7 @@ impl<'a> Sched<'a> {
                         extra_load.get(n) < extra_load.get(b)
                     } else if balanced && self.free_capacity(n) != self.free_capacity(b) {
                         self.free_capacity(n) > self.free_capacity(b)
-                    } else if self.load[n] != self.load[b] {
+                    } else if !minimal && self.load[n] != self.load[b] {
                         self.load[n] < self.load[b]
                     } else if cur == Some(n) || cur == Some(b) {
                         cur == Some(n)
