@@ -295,15 +295,15 @@ fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
             .all(|n| n["role"] == "voter"),
         "{s}"
     );
-    // Two links per node, both up.
-    assert!(
-        s["nodes"][1]["links"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["up"] == true),
-        "{s}"
-    );
+    // Two links per node, each seen up.
+    wait_until("both links of every node up", || {
+        c.status(&c.client()).is_some_and(|s| {
+            s["nodes"].as_array().unwrap().iter().all(|n| {
+                let links = n["links"].as_array().unwrap();
+                links.len() == 2 && links.iter().all(|l| l["up"] == true)
+            })
+        })
+    });
 
     // Apply through n2; it must appear on every node.
     let file = c.dir.path().join("v2.toml");
