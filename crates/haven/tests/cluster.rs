@@ -194,6 +194,11 @@ impl Cluster {
     }
 
     fn join(&mut self, name: &str, token: &str, extra: &[&str]) -> Output {
+        let seed = self.seed();
+        self.join_via(&seed, name, token, extra)
+    }
+
+    fn join_via(&mut self, seed: &str, name: &str, token: &str, extra: &[&str]) -> Output {
         let addrs = vec![free_addr("127.0.0.1"), free_addr("127.0.1.1")];
         let dir = self.node_dir(name);
         let mut args = vec![
@@ -209,8 +214,7 @@ impl Cluster {
             &addrs[1],
         ];
         args.extend_from_slice(extra);
-        let seed = self.seed();
-        args.push(&seed);
+        args.push(seed);
         args.push(token);
         let out = run(&args);
         if out.status.success() {
@@ -278,11 +282,15 @@ const CONFIG_V2: &str = "[options]\nstonith-enabled = false\n\n[[resources]]\nid
 #[test]
 fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
     let mut c = Cluster::started_one("n1");
-    for name in ["n2", "n3"] {
-        let token = c.token();
-        ok(c.join(name, &token, &[]));
-        c.start(name, &[]);
-    }
+    let token = c.token();
+    ok(c.join("n2", &token, &[]));
+    c.start("n2", &[]);
+    c.wait_formed(&c.client(), &["n1", "n2"]);
+    // n3 joins through n2, a follower: the admission is forwarded to the leader.
+    let token = c.token();
+    let via = c.addrs["n2"][0].clone();
+    ok(c.join_via(&via, "n3", &token, &[]));
+    c.start("n3", &[]);
     for n in ["n1", "n2", "n3"] {
         c.wait_formed(&c.client_for(n), &["n1", "n2", "n3"]);
     }
