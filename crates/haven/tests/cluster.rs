@@ -877,3 +877,80 @@ fn a_node_joining_after_the_log_was_compacted_gets_a_snapshot() {
         c.config_version(&n2).is_some_and(|(v, _)| v == 14)
     });
 }
+
+#[test]
+fn bad_input_is_refused_naming_the_file_field_and_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stderr = |out: Output| {
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let d = tmp.path().join("n1");
+    let e = stderr(run(&["daemon", "--dir", d.to_str().unwrap()]));
+    assert!(e.contains("node.toml") && e.contains("cannot read"), "{e}");
+
+    let e = stderr(run(&[
+        "cluster",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--addr",
+        "nowhere",
+    ]));
+    assert!(e.contains("--addr #1") && e.contains("IP:PORT"), "{e}");
+
+    let addr = free_addr("127.0.0.1");
+    ok(run(&[
+        "cluster",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--addr",
+        &addr,
+    ]));
+    let e = stderr(run(&[
+        "cluster",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--addr",
+        &addr,
+    ]));
+    assert!(e.contains("already holds a node"), "{e}");
+
+    let toml = d.join("node.toml");
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace(&addr, "127.0.0.1");
+    std::fs::write(&toml, text).unwrap();
+    let e = stderr(run(&["daemon", "--dir", d.to_str().unwrap()]));
+    assert!(e.contains("node.toml") && e.contains("addrs[0]"), "{e}");
+
+    let e = stderr(run(&["status"]));
+    assert!(e.contains("HAVEN_CONFIG"), "{e}");
+    let e = stderr(run(&[
+        "status",
+        "--config",
+        tmp.path().join("none.toml").to_str().unwrap(),
+    ]));
+    assert!(e.contains("none.toml"), "{e}");
+    let e = stderr(run(&[
+        "cluster",
+        "join",
+        "--dir",
+        tmp.path().join("x").to_str().unwrap(),
+        "--name",
+        "x",
+        "--addr",
+        &addr,
+        &addr,
+        "not-a-token",
+    ]));
+    assert!(e.contains("haven-join.<id>.<secret>.<ca-sha256>"), "{e}");
+}
