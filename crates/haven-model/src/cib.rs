@@ -725,6 +725,9 @@ fn read_config(ctx: &mut Ctx<'_>, conf: XNode<'_, '_>) -> Result<Config, CibErro
                 "symmetric-cluster" => o.symmetric_cluster = parse_bool(&v).ok_or_else(bad)?,
                 "maintenance-mode" => o.maintenance_mode = parse_bool(&v).ok_or_else(bad)?,
                 "stop-all-resources" => o.stop_all_resources = parse_bool(&v).ok_or_else(bad)?,
+                "stop-orphan-resources" | "stop-removed-resources" => {
+                    o.stop_orphan_resources = parse_bool(&v).ok_or_else(bad)?
+                }
                 "start-failure-is-fatal" => {
                     o.start_failure_is_fatal = parse_bool(&v).ok_or_else(bad)?
                 }
@@ -923,8 +926,9 @@ const INFORMATIONAL_OPTIONS: &[&str] = &[
     "stonith-action",
     "startup-fencing",
     "no_quorum_policy",
-    "stop-orphan-resources",
     "stop-orphan-actions",
+    "cancel-removed-actions",
+    "cluster-delay",
     "remove-after-stop",
     "crmd-transition-delay",
     "node-health-strategy",

@@ -121,6 +121,9 @@ pub struct Options {
     pub maintenance_mode: bool,
     #[serde(default, skip_serializing_if = "is_false")]
     pub stop_all_resources: bool,
+    /// Resources found running but no longer configured are stopped.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub stop_orphan_resources: bool,
     /// A failed start bans the resource from that node (Pacemaker's default).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub start_failure_is_fatal: bool,
@@ -149,6 +152,7 @@ impl Default for Options {
             placement_strategy: PlacementStrategy::Default,
             maintenance_mode: false,
             stop_all_resources: false,
+            stop_orphan_resources: true,
             start_failure_is_fatal: true,
             node_health_strategy: HealthStrategy::None,
             node_health_red: None,

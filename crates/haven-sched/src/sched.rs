@@ -2021,7 +2021,12 @@ impl<'a> Sched<'a> {
                 }
             }
         }
-        for c in &self.orphans {
+        let orphans: &[Cur<'_>] = if self.cfg.options.stop_orphan_resources {
+            &self.orphans
+        } else {
+            &[]
+        };
+        for c in orphans {
             plan.changes.push(Change {
                 kind: ChangeKind::Stop,
                 resource: c.key.to_string(),
