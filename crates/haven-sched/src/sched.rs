@@ -1141,17 +1141,22 @@ impl<'a> Sched<'a> {
             // managed members start where the group's colocations forbid it.
             let mut w = self.base_weights(u);
             self.apply_colocations(u, &mut w);
-            let mut ok = cur.is_some_and(|n| !w[n].is_neg_inf() && self.nodes[n].can_run) || frozen;
+            let disabled = Self::target_stopped(&self.units[u].meta) && !frozen;
+            let mut ok = !disabled
+                && (cur.is_some_and(|n| !w[n].is_neg_inf() && self.nodes[n].can_run) || frozen);
+            let mut any_blocked = false;
             let member_ok = self.units[u]
                 .prims
                 .iter()
                 .map(|&pi| {
                     let here = ok || !self.managed(pi);
-                    if self.prims[pi]
+                    let blocked = self.prims[pi]
                         .cur
                         .iter()
-                        .any(|c| self.blocked_failure(pi, c))
-                    {
+                        .any(|c| self.blocked_failure(pi, c));
+                    any_blocked |= blocked;
+                    // An unmanaged member that is not running will not start either.
+                    if blocked || !self.managed(pi) && self.prims[pi].cur.is_empty() {
                         ok = false;
                     }
                     here
@@ -1164,7 +1169,9 @@ impl<'a> Sched<'a> {
                 promoted: false,
                 member_ok,
                 restart: false,
-                blocked: false,
+                // A disabled group with a blocked member cannot stop the others either:
+                // they stop only after it (shown, not carried out).
+                blocked: disabled && any_blocked,
             }];
         }
         let mut w = self.base_weights(u);
