@@ -1054,7 +1054,8 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
         // older controllers.
         let ok = (o.status == 0 || o.status == 4 && o.expected == Some(o.rc))
             && match o.rc {
-                0 => true,
+                // A monitor of the stopped role that finds it running is a failure.
+                0 => !(o.op == "monitor" && o.interval > 0 && o.expected == Some(7)),
                 7 => probe || o.op == "stop" || o.expected == Some(7),
                 8 => probe || o.op == "monitor" || o.op == "promote",
                 _ => false,

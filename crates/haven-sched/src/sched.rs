@@ -1569,7 +1569,10 @@ impl<'a> Sched<'a> {
                 Role::Unpromoted if !promotable => Role::Started,
                 r => r,
             };
-            (c.node, role, c.failed)
+            // Of several copies, any failed one makes the survivor a recovery.
+            let failed = c.failed
+                || self.units[u].kind != Kind::Clone && self.prims[pi].cur.iter().any(|x| x.failed);
+            (c.node, role, failed)
         });
         let will = match inst.node {
             Some(n) if inst.member_ok.get(m).copied().unwrap_or(false) => {
