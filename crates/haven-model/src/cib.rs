@@ -1073,6 +1073,19 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
             st.failed_op = Some(format!("{}:{}", o.op, o.interval));
             st.last_failure = o.last_rc_change.or(st.last_failure);
             match o.op.as_str() {
+                // A failed live migration may have left it running on the target too.
+                "migrate_to" => {
+                    if let Some(t) = &o.migrate_target {
+                        st.migration = Some(Migration {
+                            source: node.to_string(),
+                            target: t.clone(),
+                            completed: false,
+                        });
+                    }
+                    if st.role == Role::Stopped {
+                        st.role = Role::Started;
+                    }
+                }
                 "stop" => {
                     st.stop_failed = true;
                     if st.role == Role::Stopped {

@@ -488,6 +488,29 @@ impl<'a> Sched<'a> {
                 }
             }
         }
+        // A failed migration may have left the resource running on its target as well.
+        let node_ix = &self.node_ix;
+        let nodes = &self.nodes;
+        for p in &mut self.prims {
+            let mut extra = Vec::new();
+            for c in &p.cur {
+                if let Some(m) = c
+                    .status
+                    .migration
+                    .as_ref()
+                    .filter(|m| c.failed && !m.completed)
+                    && let Some(&t) = node_ix.get(m.target.as_str())
+                    && nodes[t].counts
+                    && !p.cur.iter().any(|x| x.node == t)
+                {
+                    extra.push(Cur {
+                        node: t,
+                        ..c.clone()
+                    });
+                }
+            }
+            p.cur.extend(extra);
+        }
         let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
