@@ -814,6 +814,11 @@ impl<'a> Sched<'a> {
     }
 
     fn compute_base_weights(&self, u: usize) -> Vec<Score> {
+        self.compute_base_weights_upto(u, usize::MAX)
+    }
+
+    /// Base weights counting the failure bans of the first `banned` members only.
+    fn compute_base_weights_upto(&self, u: usize, banned: usize) -> Vec<Score> {
         let unit = &self.units[u];
         let symmetric = self.cfg.options.symmetric_cluster;
         (0..self.nodes.len())
@@ -825,7 +830,7 @@ impl<'a> Sched<'a> {
                     (false, None) => NEG,
                 };
                 w += self.nodes[n].health;
-                for &pi in &unit.prims {
+                for (m, &pi) in unit.prims.iter().enumerate() {
                     let p = self.prims[pi].cfg;
                     if let Some(h) = &p.home
                         && h == self.nodes[n].name
@@ -836,7 +841,7 @@ impl<'a> Sched<'a> {
                             Score::new(1)
                         };
                     }
-                    if self.failed_out(pi, n) {
+                    if m < banned && self.failed_out(pi, n) {
                         w = NEG;
                     }
                 }
@@ -1223,6 +1228,24 @@ impl<'a> Sched<'a> {
             self.choose(&w, cur, &need, &[])
                 .or_else(|| self.choose(&w, cur, &own_need, &[]))
         };
+        // A group that can run nowhere with all its members keeps its first members
+        // running where they can: the later, failed ones stop.
+        let mut node = node;
+        if node.is_none() && !stopped && self.units[u].kind == Kind::Group {
+            for k in (1..n_members).rev() {
+                let mut w = self.compute_base_weights_upto(u, k);
+                for &pi in &self.units[u].prims {
+                    for c in &self.prims[pi].cur {
+                        w[c.node] += self.stickiness(pi);
+                    }
+                }
+                self.apply_colocations(u, &mut w);
+                node = self.choose(&w, cur, &own_need, &[]);
+                if node.is_some() {
+                    break;
+                }
+            }
+        }
         let member_ok = match node {
             Some(n) => self.members_ok(u, n, true),
             None => vec![false; n_members],
