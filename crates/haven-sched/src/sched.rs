@@ -1065,7 +1065,7 @@ impl<'a> Sched<'a> {
                             .filter(|&&pi| self.prims[pi].cur.iter().any(|c| c.node == n))
                             .map(|&pi| self.stickiness(pi))
                             .fold(Score::ZERO, |a, b| a + b);
-                        if self.nodes[n].can_run {
+                        if self.nodes[n].can_run && self.fits(n, &self.unit_util(u)) {
                             w[n] + stick
                         } else {
                             NEG
