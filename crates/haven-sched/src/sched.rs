@@ -1101,10 +1101,12 @@ impl<'a> Sched<'a> {
             return;
         }
         busy[u] = true;
-        let primaries: Vec<usize> = self.dep_of[u]
+        // What it is colocated with goes first, higher priority first.
+        let mut primaries: Vec<usize> = self.dep_of[u]
             .iter()
             .map(|&c| self.colocs[c].primary)
             .collect();
+        primaries.sort_by_key(|&p| std::cmp::Reverse(self.units[p].meta.priority.unwrap_or(0)));
         for p in primaries {
             self.place(p, busy);
         }
