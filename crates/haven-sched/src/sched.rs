@@ -129,7 +129,6 @@ struct Sched<'a> {
     scores: Vec<(String, Vec<Score>)>,
     /// Location, home and failcount scores per unit, computed once.
     base: Vec<Option<Vec<Score>>>,
-    freeze: bool,
     orphans: Vec<Cur<'a>>,
 }
 
@@ -226,7 +225,6 @@ impl<'a> Sched<'a> {
     fn new(cfg: &'a Config, st: &'a State) -> Sched<'a> {
         let opts = &cfg.options;
         let quorum_ok = st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
-        let freeze = !st.have_quorum && opts.no_quorum_policy == NoQuorumPolicy::Freeze;
         let mut nodes = Vec::new();
         let mut node_ix = HashMap::new();
         for n in &cfg.nodes {
@@ -304,7 +302,6 @@ impl<'a> Sched<'a> {
             used: vec![BTreeMap::new(); n_nodes],
             scores: Vec::new(),
             base: Vec::new(),
-            freeze,
             orphans: Vec::new(),
         };
         s.build_units();
@@ -1156,13 +1153,13 @@ impl<'a> Sched<'a> {
         let first = self.units[u].prims[0];
         let n_members = self.units[u].prims.len();
         let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
-        let frozen = self.freeze
-            || cur.is_some_and(|n| {
-                !self.nodes[n].can_run
-                    && self.nodes[n].fence.is_none()
-                    && self.nodes[n].counts
-                    && self.node_maintenance(n)
-            });
+        // On a node in maintenance its resources are left exactly as they are.
+        let frozen = cur.is_some_and(|n| {
+            !self.nodes[n].can_run
+                && self.nodes[n].fence.is_none()
+                && self.nodes[n].counts
+                && self.node_maintenance(n)
+        });
         if unmanaged || frozen {
             if let Some(n) = cur {
                 self.take(n, u);
@@ -1346,7 +1343,7 @@ impl<'a> Sched<'a> {
         let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
         let fair = max.checked_div(avail_nodes).unwrap_or(0);
         for (num, n) in cur_list {
-            let keep = if unmanaged || self.freeze {
+            let keep = if unmanaged {
                 true
             } else {
                 !stopped
@@ -1377,7 +1374,7 @@ impl<'a> Sched<'a> {
                 leftovers.push((num, n));
             }
         }
-        if !unmanaged && !self.freeze && !stopped {
+        if !unmanaged && !stopped {
             let need = self.unit_util(u);
             while insts.len() < max {
                 let mover = leftovers.first().map(|&(_, cn)| cn);
@@ -1639,7 +1636,7 @@ impl<'a> Sched<'a> {
     }
 
     /// Without quorum (and unless told to ignore that), nothing new starts; what runs
-    /// stops (`stop`), or stays as it is (`freeze`).
+    /// stops (`stop`), or keeps being managed within this partition (`freeze`).
     fn apply_quorum(&mut self) {
         let policy = self.cfg.options.no_quorum_policy;
         if self.st.have_quorum || policy == NoQuorumPolicy::Ignore {
@@ -1656,10 +1653,9 @@ impl<'a> Sched<'a> {
             for i in insts.iter_mut() {
                 match i.cur_node {
                     Some(c) => match policy {
-                        NoQuorumPolicy::Freeze => {
-                            i.node = Some(c);
-                            i.restart = false;
-                        }
+                        // What runs in this partition is still managed; it only may
+                        // not start anything new.
+                        NoQuorumPolicy::Freeze => {}
                         NoQuorumPolicy::Demote
                             if self.units[u].clone.as_ref().is_some_and(|c| c.promotable) =>
                         {
