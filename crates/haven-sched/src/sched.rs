@@ -559,8 +559,8 @@ impl<'a> Sched<'a> {
     /// else (when fencing is possible); until then it runs nothing.
     fn fence_failed_stops(&mut self) {
         let opts = &self.cfg.options;
-        let quorum_ok = self.st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
-        if !opts.stonith_enabled || !quorum_ok {
+        // Unlike lost nodes, a failed stop is fenced even without quorum.
+        if !opts.stonith_enabled {
             return;
         }
         let mut marks: Vec<(usize, String)> = Vec::new();
@@ -1650,8 +1650,30 @@ impl<'a> Sched<'a> {
             if unmanaged {
                 continue;
             }
+            let is_clone = self.units[u].kind == Kind::Clone;
+            let mut extra = Vec::new();
+            let mut next_number = insts
+                .iter()
+                .filter_map(|i| i.number)
+                .max()
+                .map_or(0, |k| k + 1);
             for i in insts.iter_mut() {
                 match i.cur_node {
+                    // A clone instance that would move stops, and the start of another
+                    // instance in its place is what is blocked.
+                    Some(c)
+                        if is_clone
+                            && policy != NoQuorumPolicy::Freeze
+                            && i.node.is_some_and(|n| n != c) =>
+                    {
+                        let mut started = i.clone();
+                        started.cur_node = None;
+                        started.number = Some(next_number);
+                        started.blocked = true;
+                        next_number += 1;
+                        extra.push(started);
+                        i.node = None;
+                    }
                     Some(c) => match policy {
                         // What runs in this partition is still managed; it only may
                         // not start anything new.
@@ -1671,6 +1693,7 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+            insts.extend(extra);
         }
     }
 
