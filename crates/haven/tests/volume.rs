@@ -1030,3 +1030,33 @@ fn volume_replica_refuses_a_deposed_primary_still_connected_to_it() {
     assert_eq!(d[5 << 20], 0, "a deposed primary's write reached c");
     assert_identical(&b, &c);
 }
+
+#[test]
+fn volume_writes_during_a_full_sync_land_on_the_new_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    let slow = ["--resync-rate", "4M"];
+    a.start(&[b.peer()], &slow);
+    a.ok(&["promote", "--peer-fenced", "b"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x11 0 16M")]);
+    b.start(&[a.peer()], &slow);
+    a.wait_for("full sync under way", |s| {
+        Node::peer_status(s, "b")["replication"] == "SyncSource"
+    });
+    // The volume stays in service: writes all over it while the sync runs, some to
+    // regions already sent, some to regions not yet sent.
+    let cmds: Vec<String> = (0..64u64)
+        .map(|i| format!("write -P {} {} 4k", 0x20 + i, (i * 977 % 4096) * 4096))
+        .collect();
+    qemu_io_ok(&a.uri(), &cmds);
+    let st = a.status().unwrap();
+    assert_eq!(
+        Node::peer_status(&st, "b")["replication"],
+        "SyncSource",
+        "the writes should have overlapped the sync"
+    );
+    a.wait_in_sync("b");
+    qemu_io_ok(&a.uri(), &[s("flush")]);
+    assert_identical(&a, &b);
+}
