@@ -252,6 +252,7 @@ const IGNORED_META: &[&str] = &[
 
 const CLONE_META: &[&str] = &[
     "clone-max",
+    "clone-min",
     "clone-node-max",
     "interleave",
     "notify",
@@ -368,6 +369,7 @@ fn read_resources(ctx: &mut Ctx<'_>, res: XNode<'_, '_>, cfg: &mut Config) -> Re
                     match k.as_str() {
                         "clone-max" => c.clone_max = Some(num()?),
                         "clone-node-max" => c.clone_node_max = Some(num()?),
+                        "clone-min" => c.clone_min = Some(num()?),
                         "promoted-max" | "master-max" => c.promoted_max = Some(num()?),
                         "promoted-node-max" | "master-node-max" => {
                             c.promoted_node_max = Some(num()?)

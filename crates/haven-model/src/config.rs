@@ -332,6 +332,9 @@ pub struct Clone {
     pub clone_max: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_node_max: Option<u32>,
+    /// Instances that must run before what is ordered after the clone may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_min: Option<u32>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub interleave: bool,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -768,6 +771,14 @@ impl Config {
                 return Err(bad(
                     format!("clones[{i}].promoted-max"),
                     format!("{pm} promoted instances cannot exceed clone-max {cm}"),
+                ));
+            }
+            if let (Some(min), Some(cm)) = (c.clone_min, c.clone_max)
+                && min > cm
+            {
+                return Err(bad(
+                    format!("clones[{i}].clone-min"),
+                    format!("{min} instances can never run when clone-max is {cm}"),
                 ));
             }
             if !c.promotable && (c.promoted_max.is_some() || c.promoted_node_max.is_some()) {

@@ -59,6 +59,7 @@ enum Kind {
 struct CloneSpec {
     max: usize,
     node_max: usize,
+    min: usize,
     promotable: bool,
     interleave: bool,
     promoted_max: usize,
@@ -407,6 +408,7 @@ impl<'a> Sched<'a> {
             let spec = clone_cfg.map(|c| CloneSpec {
                 max: c.clone_max.map(|x| x as usize).unwrap_or(n_nodes),
                 node_max: c.clone_node_max.unwrap_or(1).max(1) as usize,
+                min: c.clone_min.unwrap_or(1).max(1) as usize,
                 promotable: c.promotable,
                 interleave: c.interleave,
                 promoted_max: c.promoted_max.unwrap_or(1) as usize,
@@ -1830,9 +1832,13 @@ impl<'a> Sched<'a> {
         };
         match action {
             OrderAction::Promote => insts.iter().any(|i| i.promoted),
-            OrderAction::Start => insts
-                .iter()
-                .any(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x)),
+            OrderAction::Start => {
+                let running = insts
+                    .iter()
+                    .filter(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x))
+                    .count();
+                running >= self.units[u].clone.as_ref().map_or(1, |c| c.min)
+            }
             _ => true,
         }
     }
