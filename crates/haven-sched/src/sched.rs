@@ -1379,7 +1379,11 @@ impl<'a> Sched<'a> {
         if !unmanaged && !stopped {
             let need = self.unit_util(u);
             while insts.len() < max {
-                let mover = leftovers.first().map(|&(_, cn)| cn);
+                // An instance on a node being fenced dies with it; it does not move.
+                let mover_ix = leftovers
+                    .iter()
+                    .position(|&(_, cn)| self.nodes[cn].fence.is_none());
+                let mover = mover_ix.map(|i| leftovers[i].1);
                 let avail: Vec<Score> = (0..n_nodes)
                     .map(|n| {
                         if per_node[n] >= node_max {
@@ -1402,8 +1406,8 @@ impl<'a> Sched<'a> {
                 self.take(n, u);
                 let member_ok = self.members_ok(u, n, true);
                 // A displaced instance moves; otherwise a new instance starts.
-                let (num, cur_node) = if !leftovers.is_empty() {
-                    let (num, cn) = leftovers.remove(0);
+                let (num, cur_node) = if let Some(i) = mover_ix {
+                    let (num, cn) = leftovers.remove(i);
                     (num, Some(cn))
                 } else {
                     let mut k = 0u32;
