@@ -2077,6 +2077,38 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+            // Copies of a clone's members that no instance accounts for (a second
+            // anonymous copy on one node, say) are stopped.
+            if self.units[u].kind == Kind::Clone {
+                let unique = self.units[u].clone.as_ref().is_some_and(|c| c.unique);
+                for &pi in &self.units[u].prims {
+                    if !self.managed(pi) {
+                        continue;
+                    }
+                    let used: Vec<&Cur<'_>> = insts
+                        .iter()
+                        .filter_map(|i| self.member_cur(pi, i.cur_node, i.number, unique))
+                        .collect();
+                    for c in &self.prims[pi].cur {
+                        if used.iter().any(|x| std::ptr::eq(*x, c)) {
+                            continue;
+                        }
+                        plan.changes.push(Change {
+                            kind: ChangeKind::Stop,
+                            resource: c.key.to_string(),
+                            from: Some(Placement {
+                                node: self.nodes[c.node].name.to_string(),
+                                role: c.role,
+                            }),
+                            to: None,
+                            show_roles: promotable,
+                            reason: Some("node availability".into()),
+                            blocked: false,
+                            quiet: false,
+                        });
+                    }
+                }
+            }
             // Extra copies of a resource that may run once: stop them.
             if self.units[u].kind != Kind::Clone {
                 for &pi in &self.units[u].prims {
