@@ -242,7 +242,17 @@ impl<P: Planner> Coordinator<P> {
         if self.nodes.get(node) != Some(&NodeState::Online) {
             return; // a node in doubt or fenced: its word counts for nothing now
         }
-        let observed = observed_after(report.op, &report.outcome);
+        let mut observed = observed_after(report.op, &report.outcome);
+        // A recurring monitor that finds its resource gone is a failure (Pacemaker counts
+        // it), not a clean stop: the resource died under us.
+        let was_active = self
+            .observed
+            .get(&report.resource)
+            .and_then(|p| p.get(node))
+            .is_some_and(|o| matches!(o, Observed::Started | Observed::Promoted));
+        if report.seq.is_none() && observed == Observed::Stopped && was_active {
+            observed = Observed::Failed;
+        }
         let failed = observed == Observed::Failed;
         let prev = self
             .observed
@@ -328,6 +338,24 @@ impl<P: Planner> Coordinator<P> {
         {
             self.join(node, now);
         }
+        self.progress(now);
+    }
+
+    /// Failures counted before this coordinator took over (they are kept in the
+    /// replicated state): a new leader must not forget why a resource was banned.
+    pub fn handle_failcounts(
+        &mut self,
+        failcounts: BTreeMap<String, BTreeMap<String, u32>>,
+        now: Time,
+    ) {
+        for (r, per_node) in failcounts {
+            let mine = self.failcounts.entry(r).or_default();
+            for (n, c) in per_node {
+                let e = mine.entry(n).or_insert(0);
+                *e = (*e).max(c);
+            }
+        }
+        self.dirty = true;
         self.progress(now);
     }
 
@@ -1171,6 +1199,46 @@ mod tests {
             h.c.take_log()
         );
         assert_eq!(h.c.view().nodes["n1"], NodeState::Unclean);
+    }
+
+    #[test]
+    fn a_resource_that_dies_by_itself_counts_a_failure() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        h.run_for(2_000);
+        h.running.insert(("vm1".into(), "n1".into()), false);
+        let report = OpReport {
+            seq: None,
+            resource: "vm1".into(),
+            op: OpKind::Monitor,
+            outcome: OpOutcome::NotRunning,
+            at: h.now,
+        };
+        h.c.handle_report("n1", report, h.now);
+        h.execute();
+        h.run_for(500);
+        assert_eq!(h.c.view().failcounts["vm1"]["n1"], 1);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
+    }
+
+    #[test]
+    fn a_new_coordinator_keeps_the_failcounts_it_is_given() {
+        let mut h = Harness::new(config(vec![
+            lab_fence("n1"),
+            lab_fence("n2"),
+            lab_fence("n3"),
+        ]));
+        let banned = [("vm1".to_string(), [("n1".to_string(), 3)].into())].into();
+        h.c.handle_failcounts(banned, h.now);
+        h.run_for(2_000);
+        assert_eq!(
+            h.running_on("vm1"),
+            vec!["n2"],
+            "n1 is banned by its failures"
+        );
     }
 
     #[test]

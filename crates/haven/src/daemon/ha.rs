@@ -17,8 +17,8 @@ use haven_ha::adapter::coordinator_config;
 use haven_ha::membership::Timeouts;
 use haven_ha::{
     AgentCommand, ClusterView, Coordinator, CoordinatorCommand, NoQuorumPolicy, NodeAgent,
-    NodeOverride, Observed, OpKind, OpOutcome, OpReport, OpRequest, Plan, Planner, QuorumAction,
-    QuorumWatch, SchedPlanner,
+    Observed, OpKind, OpOutcome, OpReport, OpRequest, Plan, Planner, QuorumAction, QuorumWatch,
+    SchedPlanner,
 };
 use haven_store::Request;
 use serde::{Deserialize, Serialize};
@@ -127,18 +127,19 @@ fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
     }
 }
 
-fn node_overrides(d: &Daemon) -> BTreeMap<String, NodeOverride> {
+/// Failure counts committed by earlier coordinators: a new leader keeps the bans.
+fn committed_failcounts(d: &Daemon) -> BTreeMap<String, BTreeMap<String, u32>> {
     d.view
         .state()
-        .nodes
+        .resources
         .iter()
-        .map(|(name, n)| {
-            let o = NodeOverride {
-                standby: n.standby.then_some(true),
-                maintenance: n.maintenance.then_some(true),
-                ..NodeOverride::default()
-            };
-            (name.clone(), o)
+        .map(|(r, per_node)| {
+            let counts = per_node
+                .iter()
+                .filter(|(_, rec)| rec.failcount > 0)
+                .map(|(n, rec)| (n.clone(), rec.failcount))
+                .collect();
+            (r.clone(), counts)
         })
         .collect()
 }
@@ -173,8 +174,9 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                     continue;
                 };
                 let planner = LivePlanner(Arc::new(Mutex::new(SchedPlanner::new(config.clone()))));
-                let coordinator =
+                let mut coordinator =
                     Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
+                coordinator.handle_failcounts(committed_failcounts(&d), now);
                 tracing::info!("leader: coordinator started on configuration version {v}");
                 leading = Some(Leading {
                     coordinator,
@@ -197,18 +199,6 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             Some(_) => {}
         }
         let Some(l) = leading.as_mut() else { continue };
-        // `haven node standby|maintenance` are committed node attributes; they override
-        // the configuration's, and a change re-plans.
-        let overrides = node_overrides(&d);
-        let changed = l
-            .planner
-            .0
-            .lock()
-            .map(|mut p| p.set_overrides(overrides))
-            .unwrap_or(false);
-        if changed {
-            l.coordinator.handle_planner_changed(now);
-        }
         let c = &mut l.coordinator;
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
