@@ -534,6 +534,27 @@ pub fn handle_input<P: Planner>(
     }
 }
 
+/// Tells a new coordinator which links this node's detector hears now.
+pub fn seed_heartbeats<P: Planner>(d: &Daemon, c: &mut Coordinator<P>, now: Time) {
+    let heard: Vec<(String, String)> = match d.membership.lock() {
+        Ok(m) => d
+            .members()
+            .into_iter()
+            .flat_map(|(name, _)| {
+                m.links(&name)
+                    .into_iter()
+                    .filter(|(_, up)| *up)
+                    .map(move |(link, _)| (name.clone(), link))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for (node, link) in heard {
+        c.handle_heartbeat(&node, &link, now);
+    }
+}
+
 /// Commits confirmations that no device run reported (an operator's ack, a watchdog
 /// wait) once each. `seen` remembers what was committed.
 pub fn record_confirmations<P: Planner>(
