@@ -273,3 +273,50 @@ fn a_fenced_node_that_comes_back_stays_out_until_node_online() {
     // Stickiness keeps svc where it is; it still runs exactly once.
     assert_eq!(lab.running("svc"), vec![survivor]);
 }
+
+#[test]
+fn a_powered_off_node_running_a_qemu_guest_is_fenced_and_the_guest_boots_once_on_a_survivor() {
+    let _one = lock();
+    let guest = guest_dir();
+    let lab = Lab::up();
+    // A TCG guest, as `lab up --vms` runs it; start waits for the guest's ready line.
+    let vm = format!(
+        "\n[[resources]]\nid = \"vm1\"\nclass = \"qemu\"\ntype = \"vm\"\n\
+         params = {{ kernel = \"{}\", initrd = \"{}\", append = \"console=ttyS0 panic=-1 quiet\", \
+         accel = \"tcg\", memory = \"128\", ready_marker = \"HAVEN-GUEST-UP\" }}\n\
+         ops = [{{ name = \"start\", timeout = 120 }}, {{ name = \"stop\", timeout = 30 }}, \
+         {{ name = \"monitor\", interval = 2, timeout = 10 }}]\n",
+        guest.join("vmlinux").display(),
+        guest.join("initramfs.cpio").display()
+    );
+    lab.configure_with(&vm, &lab_device()(&lab));
+    let home = wait_for("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    let checker = Checker::start(&lab.dir, "vm1");
+    ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
+    let survivor = wait_for("vm1 to run on a survivor", || {
+        let r = lab.running("vm1");
+        (r.len() == 1 && r[0] != home).then(|| r[0].clone())
+    });
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+    // Running as the cluster confirms it: the start (which waits for the guest's ready
+    // line) was committed on the survivor.
+    wait_for("status to show vm1 on the survivor", || {
+        let out = haven(&["status", "--json"], Some(&lab.client_of(&survivor)));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let on = s["resources"]
+            .as_array()?
+            .iter()
+            .find(|r| r["id"] == "vm1")?["running_on"]
+            .clone();
+        (on == serde_json::json!([survivor])).then_some(())
+    });
+    let h = lab.fence_history(&lab.client_of(&survivor));
+    assert!(
+        h.iter()
+            .any(|r| r["victim"] == home.as_str() && r["device"] == "power" && r["ok"] == true),
+        "{h:?}"
+    );
+}

@@ -82,6 +82,11 @@ impl Lab {
     /// Replaces the demo configuration with three nodes, one `process` resource `svc`
     /// and `fencing` (TOML for the fencing section), with stonith on.
     pub fn configure(&self, fencing: &str) {
+        self.configure_with("", fencing);
+    }
+
+    /// As [`Self::configure`], with `resources` (TOML) added.
+    pub fn configure_with(&self, resources: &str, fencing: &str) {
         let show = ok(self.run(&["config", "show"]));
         let version = show
             .lines()
@@ -105,6 +110,7 @@ impl Lab {
             ));
         }
         text.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
+        text.push_str(resources);
         text.push_str(fencing);
         let path = self.dir.join("cluster.toml");
         std::fs::write(&path, text).expect("write config");
@@ -251,4 +257,18 @@ pub fn lock() -> std::sync::MutexGuard<'static, ()> {
     ONE_LAB_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The test guest (scripts/build-guest): HAVEN_GUEST_DIR or the repository's
+/// target/guest.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("HAVEN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
+    assert!(
+        dir.join("vmlinux").is_file() && dir.join("initramfs.cpio").is_file(),
+        "no test guest in {}: run scripts/build-guest (or set HAVEN_GUEST_DIR)",
+        dir.display()
+    );
+    dir
 }
