@@ -320,3 +320,51 @@ fn a_powered_off_node_running_a_qemu_guest_is_fenced_and_the_guest_boots_once_on
         "{h:?}"
     );
 }
+
+#[test]
+fn cutting_one_of_two_links_is_reported_but_fences_nothing() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    let home = svc_home(&lab);
+    let other = NODES.iter().find(|n| **n != home).expect("another node");
+    let client = lab.client_of(other);
+    ok(lab.run(&[
+        "lab",
+        "partition",
+        &home,
+        "--link",
+        "link1",
+        "--dir",
+        lab.dir_str(),
+    ]));
+    let link_state = |name: &str| -> Option<(String, bool, bool)> {
+        let out = haven(&["status", "--json"], Some(&client));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let n = s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == name)?
+            .clone();
+        let up = |l: &str| {
+            n["links"]
+                .as_array()
+                .and_then(|ls| ls.iter().find(|x| x["name"] == l))
+                .is_some_and(|x| x["up"] == true)
+        };
+        Some((n["state"].as_str()?.to_string(), up("link0"), up("link1")))
+    };
+    let seen = wait_for("link1 of the node to be down", || {
+        link_state(&home).filter(|(_, _, link1)| !link1)
+    });
+    assert_eq!(seen, ("online".to_string(), true, false));
+    // The redundant link carries the heartbeats: no victim, svc stays.
+    let ls = lab.fence_ls(&client).expect("fence ls");
+    assert_eq!(ls["wait_state"], "none", "{ls}");
+    assert!(lab.fence_history(&client).is_empty());
+    assert_eq!(lab.running("svc"), vec![home.clone()]);
+    ok(lab.run(&["lab", "heal", "--dir", lab.dir_str()]));
+    wait_for("link1 to come back", || {
+        link_state(&home).filter(|(_, _, link1)| *link1)
+    });
+}
