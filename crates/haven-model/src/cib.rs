@@ -128,10 +128,17 @@ fn nvpairs(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, tag: &'static str) -> Vec<(Strin
     let mut out: Vec<(String, String)> = Vec::new();
     for block in children(n, tag) {
         if child(block, "rule").is_some() {
-            ctx.skip(
-                block,
-                "attribute blocks conditional on rules are not supported; left out",
-            );
+            let by_agent = child(block, "rule").is_some_and(|r| {
+                r.children()
+                    .filter(|c| c.is_element())
+                    .all(|c| c.tag_name().name() == "rsc_expression")
+            });
+            if !by_agent {
+                ctx.skip(
+                    block,
+                    "attribute blocks conditional on rules are not supported; left out",
+                );
+            }
             continue;
         }
         if block.attribute("id-ref").is_some() {
@@ -816,6 +823,52 @@ fn read_config(ctx: &mut Ctx<'_>, conf: XNode<'_, '_>) -> Result<Config, CibErro
     if let Some(res) = child(conf, "resources") {
         read_resources(ctx, res, &mut cfg)?;
     }
+    // Resource defaults that apply only to agents of one kind (a rule of
+    // `rsc_expression`s) are written into the matching primitives.
+    if let Some(rd) = child(conf, "rsc_defaults") {
+        for block in children(rd, "meta_attributes") {
+            let Some(rule) = child(block, "rule") else {
+                continue;
+            };
+            let exprs: Vec<_> = rule.children().filter(|c| c.is_element()).collect();
+            if exprs.is_empty()
+                || exprs
+                    .iter()
+                    .any(|e| e.tag_name().name() != "rsc_expression")
+            {
+                continue;
+            }
+            let any = rule.attribute("boolean-op") == Some("or");
+            let mut meta = Meta::default();
+            for nv in children(block, "nvpair") {
+                let (Some(k), Some(v)) = (nv.attribute("name"), nv.attribute("value")) else {
+                    continue;
+                };
+                if apply_meta(&mut meta, k, v) != Some(true) {
+                    ctx.skip(
+                        nv,
+                        "not a meta attribute Haven applies from defaults; left out",
+                    );
+                }
+            }
+            for p in &mut cfg.resources {
+                let hit = |e: &XNode<'_, '_>| {
+                    e.attribute("class").is_none_or(|c| c == p.class)
+                        && e.attribute("provider")
+                            .is_none_or(|v| Some(v) == p.provider.as_deref())
+                        && e.attribute("type").is_none_or(|t| t == p.agent)
+                };
+                let matched = if any {
+                    exprs.iter().any(hit)
+                } else {
+                    exprs.iter().all(hit)
+                };
+                if matched {
+                    p.meta = p.meta.inherit(&meta);
+                }
+            }
+        }
+    }
     if let Some(cons) = child(conf, "constraints") {
         read_constraints(ctx, cons, &mut cfg)?;
     }
@@ -1028,7 +1081,9 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
                         st.role = Role::Started;
                     }
                 }
-                "demote" | "promote" => st.role = Role::Promoted,
+                "promote" => st.role = Role::Promoted,
+                // A failed demote leaves it needing recovery from the unpromoted role.
+                "demote" => st.role = Role::Unpromoted,
                 "start" => {
                     // A start the executor itself gave up on (timed out, could not
                     // run) bans the node; an agent's error result is recovered in place
@@ -1130,6 +1185,18 @@ fn read_status(
         if let Some(ta) = child(ns, "transient_attributes") {
             for (k, v) in nvpairs(ctx, ta, "instance_attributes") {
                 attrs.insert(k, v);
+            }
+            for (k, v) in nvpairs(ctx, ta, "utilization") {
+                match v.trim().parse::<i64>() {
+                    Ok(x) => {
+                        node.utilization.insert(k, x);
+                    }
+                    Err(_) => ctx.unsupported.push(Unsupported {
+                        element: "utilization".into(),
+                        id: format!("{uname}/{k}"),
+                        reason: format!("`{v}` is not an integer; left out"),
+                    }),
+                }
             }
         }
         let shutdown = attrs

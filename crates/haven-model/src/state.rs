@@ -66,6 +66,9 @@ pub struct NodeStatus {
     /// Overrides the configured maintenance flag when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<bool>,
+    /// Capacity reported at run time; overrides the configured utilization per key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub utilization: BTreeMap<String, i64>,
     /// Transient attributes (e.g. promotion scores `master-RSC`, `pingd`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,

@@ -27,7 +27,7 @@ struct NodeInfo<'a> {
     counts: bool,
     fence: Option<String>,
     attrs: HashMap<String, String>,
-    capacity: Option<&'a BTreeMap<String, i64>>,
+    capacity: Option<BTreeMap<String, i64>>,
     /// Node health as a score every resource gets there.
     health: Score,
 }
@@ -264,8 +264,13 @@ impl<'a> Sched<'a> {
                 ),
                 fence,
                 attrs,
-                capacity: (opts.placement_strategy != PlacementStrategy::Default)
-                    .then_some(&n.utilization),
+                capacity: (opts.placement_strategy != PlacementStrategy::Default).then(|| {
+                    let mut c = n.utilization.clone();
+                    if let Some(ns) = ns {
+                        c.extend(ns.utilization.iter().map(|(k, v)| (k.clone(), *v)));
+                    }
+                    c
+                }),
                 health,
             });
         }
@@ -304,6 +309,7 @@ impl<'a> Sched<'a> {
         };
         s.build_units();
         s.gather_current();
+        s.fence_failed_stops();
         s.build_constraints();
         s
     }
@@ -526,6 +532,31 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// A node where a stop failed must be fenced before the resource can run anywhere
+    /// else (when fencing is possible); until then it runs nothing.
+    fn fence_failed_stops(&mut self) {
+        let opts = &self.cfg.options;
+        let quorum_ok = self.st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
+        if !opts.stonith_enabled || !quorum_ok {
+            return;
+        }
+        let mut marks: Vec<(usize, String)> = Vec::new();
+        for (pi, p) in self.prims.iter().enumerate() {
+            for c in &p.cur {
+                if c.failed && c.status.stop_failed && !self.blocked_failure(pi, c) {
+                    marks.push((c.node, c.key.to_string()));
+                }
+            }
+        }
+        for (n, key) in marks {
+            let node = &mut self.nodes[n];
+            if node.fence.is_none() {
+                node.fence = Some(format!("{key} failed there"));
+            }
+            node.can_run = false;
         }
     }
 
@@ -886,7 +917,7 @@ impl<'a> Sched<'a> {
     }
 
     fn fits(&self, n: usize, need: &BTreeMap<String, i64>) -> bool {
-        let Some(cap) = self.nodes[n].capacity else {
+        let Some(cap) = self.nodes[n].capacity.as_ref() else {
             return true;
         };
         need.iter().all(|(k, v)| {
@@ -906,6 +937,30 @@ impl<'a> Sched<'a> {
         m
     }
 
+    /// Add the utilization of everything that must run with `u` (transitively).
+    fn add_dependent_util(
+        &self,
+        u: usize,
+        need: &mut BTreeMap<String, i64>,
+        seen: &mut Vec<usize>,
+    ) {
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if !c.score.is_pos_inf()
+                || self.placed[c.dep].is_some()
+                || self.units[c.dep].kind == Kind::Clone
+                || seen.contains(&c.dep)
+            {
+                continue;
+            }
+            seen.push(c.dep);
+            for (k, v) in self.unit_util(c.dep) {
+                *need.entry(k).or_insert(0) += v;
+            }
+            self.add_dependent_util(c.dep, need, seen);
+        }
+    }
+
     fn take(&mut self, n: usize, u: usize) {
         self.load[n] += self.units[u].prims.len() as u32;
         if self.nodes[n].capacity.is_some() {
@@ -916,7 +971,7 @@ impl<'a> Sched<'a> {
     }
 
     fn free_capacity(&self, n: usize) -> i64 {
-        let Some(cap) = self.nodes[n].capacity else {
+        let Some(cap) = self.nodes[n].capacity.as_ref() else {
             return 0;
         };
         cap.iter()
@@ -933,6 +988,8 @@ impl<'a> Sched<'a> {
         extra_load: &[u32],
     ) -> Option<usize> {
         let balanced = self.cfg.options.placement_strategy == PlacementStrategy::Balanced;
+        // `minimal` packs resources onto as few nodes as possible: no spreading by load.
+        let minimal = self.cfg.options.placement_strategy == PlacementStrategy::Minimal;
         let mut best: Option<usize> = None;
         for n in 0..self.nodes.len() {
             if !self.nodes[n].can_run || w[n].is_neg_inf() || !self.fits(n, need) {
@@ -947,7 +1004,7 @@ impl<'a> Sched<'a> {
                         extra_load.get(n) < extra_load.get(b)
                     } else if balanced && self.free_capacity(n) != self.free_capacity(b) {
                         self.free_capacity(n) > self.free_capacity(b)
-                    } else if self.load[n] != self.load[b] {
+                    } else if !minimal && self.load[n] != self.load[b] {
                         self.load[n] < self.load[b]
                     } else if cur == Some(n) || cur == Some(b) {
                         cur == Some(n)
@@ -1080,8 +1137,11 @@ impl<'a> Sched<'a> {
             if let Some(n) = cur {
                 self.take(n, u);
             }
-            // Members after a blocked failure cannot stay: they depend on it.
-            let mut ok = true;
+            // Members after a blocked failure cannot stay: they depend on it. Nor can
+            // managed members start where the group's colocations forbid it.
+            let mut w = self.base_weights(u);
+            self.apply_colocations(u, &mut w);
+            let mut ok = cur.is_some_and(|n| !w[n].is_neg_inf() && self.nodes[n].can_run) || frozen;
             let member_ok = self.units[u]
                 .prims
                 .iter()
@@ -1122,11 +1182,16 @@ impl<'a> Sched<'a> {
                 .prims
                 .iter()
                 .any(|&pi| self.multi(pi) == Some(MultipleActive::StopOnly));
-        let need = self.unit_util(u);
+        // Whatever must run with it has to fit on the same node (if that fits anywhere).
+        let own_need = self.unit_util(u);
+        let mut need = own_need.clone();
+        let mut seen = vec![u];
+        self.add_dependent_util(u, &mut need, &mut seen);
         let node = if stopped {
             None
         } else {
             self.choose(&w, cur, &need, &[])
+                .or_else(|| self.choose(&w, cur, &own_need, &[]))
         };
         let member_ok = match node {
             Some(n) => self.members_ok(u, n, true),
@@ -1398,9 +1463,30 @@ impl<'a> Sched<'a> {
                     s += c.score;
                 }
             }
+            // What must run with the promoted instance pulls the promotion toward where
+            // it can run (and away from where it cannot).
+            for &ci in &self.prim_of[u] {
+                let c = &self.colocs[ci];
+                if c.primary_role != Some(Role::Promoted)
+                    || c.score.is_neg_inf()
+                    || self.units[c.dep].kind == Kind::Clone
+                {
+                    continue;
+                }
+                let prefs = self.own_prefs(c.dep);
+                if !prefs
+                    .iter()
+                    .enumerate()
+                    .any(|(x, p)| !p.is_neg_inf() && self.nodes[x].can_run)
+                {
+                    continue;
+                }
+                s += prefs[n].scale(c.score);
+            }
             let was = self.currently_promoted(u, n);
-            let has_pref =
-                attr.is_some() || loc.is_some_and(|l| l > Score::ZERO) || s > Score::ZERO;
+            // Only a promotion score or a promoted-role location makes an instance a
+            // candidate; colocations merely rank the candidates.
+            let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO);
             if s < Score::ZERO || !has_pref {
                 continue;
             }
@@ -1632,6 +1718,28 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+            // What must run with something that can no longer run stops too.
+            for ci in 0..self.colocs.len() {
+                let (dep, primary, score, role) = {
+                    let c = &self.colocs[ci];
+                    (c.dep, c.primary, c.score, c.primary_role)
+                };
+                if !score.is_pos_inf() || self.units[dep].kind == Kind::Clone {
+                    continue;
+                }
+                if !self.nodes_of(primary, role).is_some_and(|v| v.is_empty()) {
+                    continue;
+                }
+                let unmanaged = self.units[dep].prims.iter().any(|&pi| !self.managed(pi));
+                if let Some(insts) = self.placed[dep].as_mut() {
+                    for i in insts.iter_mut() {
+                        if i.node.is_some() && !unmanaged {
+                            i.node = None;
+                            changed = true;
+                        }
+                    }
+                }
+            }
             if !changed {
                 break;
             }
@@ -1792,24 +1900,6 @@ impl<'a> Sched<'a> {
                 });
             }
         }
-        // Nodes whose stop failed must be fenced before the resource can go anywhere.
-        for p in &self.prims {
-            for c in &p.cur {
-                if c.status.stop_failed
-                    && self.cfg.options.stonith_enabled
-                    && self.nodes[c.node].fence.is_none()
-                    && !plan
-                        .fences
-                        .iter()
-                        .any(|f| f.node == self.nodes[c.node].name)
-                {
-                    plan.fences.push(Fence {
-                        node: self.nodes[c.node].name.to_string(),
-                        reason: format!("{} failed there", c.key),
-                    });
-                }
-            }
-        }
         let fenced: Vec<bool> = self
             .nodes
             .iter()
@@ -1835,15 +1925,19 @@ impl<'a> Sched<'a> {
                     };
                     let change = match (had, will) {
                         (None, None) => None,
-                        (None, Some((n, r))) => Some((
-                            if r == Role::Promoted {
-                                ChangeKind::Promote
-                            } else {
-                                ChangeKind::Start
-                            },
-                            None,
-                            Some(place(n, r)),
-                        )),
+                        (None, Some((n, r))) => {
+                            // Later group members must start after it: they restart.
+                            restart_rest = true;
+                            Some((
+                                if r == Role::Promoted {
+                                    ChangeKind::Promote
+                                } else {
+                                    ChangeKind::Start
+                                },
+                                None,
+                                Some(place(n, r)),
+                            ))
+                        }
                         (Some((n, r, _)), None) => {
                             Some((ChangeKind::Stop, Some(place(n, r)), None))
                         }
@@ -1853,7 +1947,11 @@ impl<'a> Sched<'a> {
                             if a != b {
                                 restart_rest = true;
                                 // After fencing, a failed resource is simply gone.
-                                let kind = if failed && !fenced[a] {
+                                let fenced_for_failure = self.nodes[a]
+                                    .fence
+                                    .as_deref()
+                                    .is_some_and(|r| r.ends_with("failed there"));
+                                let kind = if failed && (!fenced[a] || fenced_for_failure) {
                                     ChangeKind::Recover
                                 } else if !fenced[a] && self.migratable(u, inst, m, a, failed, 0) {
                                     ChangeKind::Migrate

@@ -87,6 +87,9 @@ pub struct ClusterState {
     /// Where the coordinator last saw each resource active: resource id → nodes.
     #[serde(default)]
     pub placement: BTreeMap<String, Vec<String>>,
+    /// The coordinator's judgement of each node (online, pending, unclean, offline).
+    #[serde(default)]
+    pub node_states: BTreeMap<String, String>,
 }
 
 /// A command proposed to Raft.
@@ -144,6 +147,8 @@ pub enum Request {
     /// The coordinator's picture of where resources are active, replacing the last one.
     SetPlacement {
         placement: BTreeMap<String, Vec<String>>,
+        #[serde(default)]
+        node_states: BTreeMap<String, String>,
     },
 }
 
@@ -318,8 +323,12 @@ impl ClusterState {
                 }
                 Response::Done
             }
-            Request::SetPlacement { placement } => {
+            Request::SetPlacement {
+                placement,
+                node_states,
+            } => {
                 self.placement = placement.clone();
+                self.node_states = node_states.clone();
                 Response::Done
             }
             Request::ClearFailures { resource, node } => {

@@ -14,7 +14,7 @@ use openraft::{
     AnyError, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::{ClusterState, NodeId, NodeInfo, Response, TypeConfig};
@@ -62,8 +62,21 @@ fn get_meta<T: for<'a> Deserialize<'a>>(db: &Database, key: &str) -> Result<Opti
 }
 
 fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> Result<(), SErr> {
+    put_meta_with(db, key, value, Durability::Immediate)
+}
+
+/// As [`put_meta`], with the given durability. The applied state may be written
+/// without an fsync: the log it was applied from is durable, and after a crash openraft
+/// re-applies whatever the persisted state machine has not seen (apply is deterministic).
+fn put_meta_with<T: Serialize>(
+    db: &Database,
+    key: &str,
+    value: &T,
+    durability: Durability,
+) -> Result<(), SErr> {
     let bytes = serde_json::to_vec(value).map_err(write_err)?;
-    let txn = db.begin_write().map_err(write_err)?;
+    let mut txn = db.begin_write().map_err(write_err)?;
+    txn.set_durability(durability).map_err(write_err)?;
     {
         let mut table = txn.open_table(META).map_err(write_err)?;
         table.insert(key, bytes.as_slice()).map_err(write_err)?;
@@ -343,7 +356,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             d.clone()
         };
-        put_meta(&self.db, SM, &snapshot)?;
+        put_meta_with(&self.db, SM, &snapshot, Durability::None)?;
         Ok(replies)
     }
 

@@ -810,3 +810,62 @@ fn a_learner_receives_the_state_but_does_not_vote() {
         ],
     ));
 }
+
+#[test]
+fn a_node_joining_after_the_log_was_compacted_gets_a_snapshot() {
+    let mut c = Cluster::init("n1");
+    // Snapshot every 5 entries and keep none behind it, so the log a joiner would
+    // need is gone and only the snapshot can bring it up to date.
+    let toml = c.node_dir("n1").join("node.toml");
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("snapshot_after_logs = 5000", "snapshot_after_logs = 5")
+        .replace(
+            "logs_kept_after_snapshot = 1000",
+            "logs_kept_after_snapshot = 0",
+        );
+    assert!(text.contains("snapshot_after_logs = 5\n"), "{text}");
+    std::fs::write(&toml, text).unwrap();
+    c.start("n1", &[]);
+    let n1 = c.client();
+    wait_until("version 1", || {
+        c.config_version(&n1).is_some_and(|(v, _)| v >= 1)
+    });
+    let file = c.dir.path().join("v.toml");
+    for v in 1..=12u64 {
+        std::fs::write(&file, format!("{CONFIG_V2}# change {v}\n")).unwrap();
+        ok(c.haven(
+            &n1,
+            &[
+                "config",
+                "apply",
+                "--based-on",
+                &v.to_string(),
+                file.to_str().unwrap(),
+            ],
+        ));
+    }
+    let t = c.token();
+    ok(c.join("n2", &t, &[]));
+    c.start("n2", &[]);
+    let n2 = c.client_for("n2");
+    wait_until("the joiner to hold version 13", || {
+        c.config_version(&n2) == Some((13, format!("{CONFIG_V2}# change 12\n")))
+    });
+    c.wait_formed(&n1, &["n1", "n2"]);
+    // And it goes on replicating normally after the snapshot.
+    std::fs::write(&file, CONFIG_V2).unwrap();
+    ok(c.haven(
+        &n1,
+        &[
+            "config",
+            "apply",
+            "--based-on",
+            "13",
+            file.to_str().unwrap(),
+        ],
+    ));
+    wait_until("version 14 on the joiner", || {
+        c.config_version(&n2).is_some_and(|(v, _)| v == 14)
+    });
+}

@@ -431,6 +431,13 @@ pub fn build_status(d: &Daemon) -> StatusReport {
             Some(Liveness::Alive) if maintenance => "maintenance",
             Some(Liveness::Alive) if standby => "standby",
             Some(Liveness::Alive) => "online",
+            // Lost and not yet fenced: whatever it ran may still run (the coordinator's
+            // judgement, committed by the leader).
+            Some(Liveness::Lost { .. })
+                if state.node_states.get(&info.name).map(String::as_str) == Some("unclean") =>
+            {
+                "unclean"
+            }
             Some(Liveness::Lost { .. }) => "offline",
             Some(Liveness::Pending) | None => "pending",
         };

@@ -19,6 +19,12 @@ fn default_heartbeat_ms() -> u64 {
 fn default_dead_after_ms() -> u64 {
     1000
 }
+fn default_snapshot_after_logs() -> u64 {
+    5000
+}
+fn default_logs_kept_after_snapshot() -> u64 {
+    1000
+}
 
 /// Failure-detection timers. The defaults detect a dead node in about a second.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,6 +34,12 @@ pub struct Timers {
     pub heartbeat_ms: u64,
     #[serde(default = "default_dead_after_ms")]
     pub dead_after_ms: u64,
+    /// Raft takes a snapshot after this many log entries since the last one.
+    #[serde(default = "default_snapshot_after_logs")]
+    pub snapshot_after_logs: u64,
+    /// Log entries kept after a snapshot (a peer further behind gets the snapshot).
+    #[serde(default = "default_logs_kept_after_snapshot")]
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for Timers {
@@ -35,6 +47,8 @@ impl Default for Timers {
         Timers {
             heartbeat_ms: default_heartbeat_ms(),
             dead_after_ms: default_dead_after_ms(),
+            snapshot_after_logs: default_snapshot_after_logs(),
+            logs_kept_after_snapshot: default_logs_kept_after_snapshot(),
         }
     }
 }
@@ -111,6 +125,12 @@ impl NodeDir {
             a.parse::<std::net::SocketAddr>().map_err(|_| {
                 anyhow::anyhow!("{}: field addrs[{i}]: {a:?} is not IP:PORT", path.display())
             })?;
+        }
+        if node.timers.snapshot_after_logs == 0 {
+            anyhow::bail!(
+                "{}: field timers.snapshot_after_logs must be positive",
+                path.display()
+            );
         }
         if node.timers.heartbeat_ms == 0 || node.timers.dead_after_ms <= node.timers.heartbeat_ms {
             anyhow::bail!(

@@ -269,13 +269,33 @@ fn publish_placement(
             (r.clone(), on)
         })
         .collect();
-    if d.view.state().placement == placement || in_flight.swap(true, Ordering::AcqRel) {
+    let node_states: std::collections::BTreeMap<String, String> = view
+        .nodes
+        .iter()
+        .map(|(n, s)| {
+            let s = match s {
+                haven_ha::NodeState::Pending => "pending",
+                haven_ha::NodeState::Online => "online",
+                haven_ha::NodeState::Unclean => "unclean",
+                haven_ha::NodeState::Offline => "offline",
+            };
+            (n.clone(), s.to_string())
+        })
+        .collect();
+    let committed = d.view.state();
+    if (committed.placement == placement && committed.node_states == node_states)
+        || in_flight.swap(true, Ordering::AcqRel)
+    {
         return;
     }
     let d = d.clone();
     let in_flight = in_flight.clone();
     tokio::spawn(async move {
-        if let Err(e) = d.write(Request::SetPlacement { placement }).await {
+        let req = Request::SetPlacement {
+            placement,
+            node_states,
+        };
+        if let Err(e) = d.write(req).await {
             tracing::warn!("publishing placement: {}", e.1);
         }
         in_flight.store(false, Ordering::Release);

@@ -228,6 +228,8 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(node.timers.snapshot_after_logs),
+        max_in_snapshot_log_to_keep: node.timers.logs_kept_after_snapshot,
         ..Default::default()
     }
     .validate()

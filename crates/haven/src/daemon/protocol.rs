@@ -102,7 +102,7 @@ pub struct StatusReport {
 pub struct NodeStatus {
     pub name: String,
     pub id: u64,
-    /// online, offline, pending, standby or maintenance.
+    /// online, offline, unclean (lost, not yet fenced), pending, standby or maintenance.
     pub state: String,
     /// voter, learner or witness.
     pub role: String,
