@@ -89,9 +89,14 @@ fn with_only_a_manual_device_the_resource_stays_frozen_until_fence_ack() {
     });
     assert_eq!(h[0]["device"], "manual", "{h:?}");
     assert_eq!(h[0]["victim"], home.as_str(), "{h:?}");
-    // Acknowledging a node nobody is fencing is refused.
+    // Acknowledging a node nobody is fencing is refused, and an unknown one is named.
     let again = haven(&["fence", "ack", other], Some(&client));
     assert!(!again.status.success());
+    let ghost = haven(&["fence", "ack", "ghost"], Some(&client));
+    assert!(
+        String::from_utf8_lossy(&ghost.stderr).contains("no node named \"ghost\""),
+        "{ghost:?}"
+    );
 }
 
 #[test]

@@ -412,6 +412,14 @@ pub fn agent_spec(dev: &FenceDevice) -> Result<(FenceAgentSpec, FenceAction), St
 pub fn power_off(node_dir: &Path) -> Result<usize, String> {
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
+    // Finding nothing to kill is success only for a node that is really there: a wrong
+    // lab-dir must fail, not confirm a fence that never happened.
+    if !node_dir.join("node.toml").is_file() {
+        return Err(format!(
+            "{}: not a lab node directory (no node.toml); check params.lab-dir",
+            node_dir.display()
+        ));
+    }
     let mut victims: Vec<haven_exec::pidfile::Tracked> = Vec::new();
     // The daemon first, so it cannot start anything more while its children die.
     if let Some(pid) = lab_daemon_pid(node_dir)
@@ -956,6 +964,9 @@ mod tests {
     fn power_off_kills_the_resource_process_group_by_pidfile() {
         use std::os::unix::process::CommandExt;
         let tmp = tempfile::tempdir().expect("tempdir");
+        let e = power_off(tmp.path()).expect_err("not a node directory");
+        assert!(e.contains("lab-dir"), "{e}");
+        std::fs::write(tmp.path().join("node.toml"), "").expect("node.toml");
         let res = tmp.path().join("resources");
         std::fs::create_dir_all(&res).expect("mkdir");
         let mut child = std::process::Command::new("sh")
