@@ -143,7 +143,6 @@ pub fn observed_state(view: &ClusterView) -> State {
     // Fields the coordinator does not know (e.g. quorum history) keep their defaults.
     State {
         have_quorum: true,
-        quorum_lost: false,
         now: None,
         nodes,
         resources,
