@@ -25,6 +25,10 @@ pub struct SideView {
     /// The operator, on this side, chose to throw the other side's data away.
     pub discard_peer: bool,
     pub allow_two_primaries: bool,
+    /// A secondary that is UpToDate and replicating from a connected primary right now:
+    /// it holds exactly the primary's data, whatever its bitmaps say.
+    #[serde(default)]
+    pub in_sync_with_primary: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +202,16 @@ fn plan_inner(l: &SideView, p: &SideView, policy: SplitBrainPolicy) -> (Plan, bo
         (true, true) => {}
     }
 
+    // Two secondaries both following the primary hold the same data: bits either set
+    // for the other while it was away are covered by the primary's own resync of it.
+    if l.in_sync_with_primary
+        && p.in_sync_with_primary
+        && l.role == Role::Secondary
+        && p.role == Role::Secondary
+    {
+        return (InSync, false);
+    }
+
     if l.current_gen == p.current_gen {
         let plan = match (l.crashed_primary, p.crashed_primary) {
             (true, false) => Source { full: true },
@@ -336,6 +350,7 @@ mod tests {
             discard_my_data: false,
             discard_peer: false,
             allow_two_primaries: false,
+            in_sync_with_primary: false,
         }
     }
 
@@ -369,6 +384,20 @@ mod tests {
             plan(&a, &b, SplitBrainPolicy::Disconnect),
             Plan::Source { full: true }
         );
+    }
+
+    #[test]
+    fn secondaries_following_the_primary_ignore_stale_bitmaps() {
+        let mut a = side("a", 5, &[]);
+        let mut c = side("c", 5, &[]);
+        c.changes = 4;
+        a.in_sync_with_primary = true;
+        assert_eq!(
+            plan(&c, &a, SplitBrainPolicy::Disconnect),
+            Plan::Source { full: false }
+        );
+        c.in_sync_with_primary = true;
+        assert_eq!(plan(&c, &a, SplitBrainPolicy::Disconnect), Plan::InSync);
     }
 
     #[test]
@@ -491,7 +520,13 @@ mod tests {
             proptest::collection::vec(0u64..4, 0..3),
             0u64..3,
             0u64..3,
-            (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+            (
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+            ),
         )
             .prop_map(
                 move |(prim, disk, epoch, g, h, changes, at, flags)| SideView {
@@ -511,6 +546,7 @@ mod tests {
                     discard_my_data: flags.1,
                     discard_peer: flags.2,
                     allow_two_primaries: flags.3,
+                    in_sync_with_primary: flags.4,
                 },
             )
     }

@@ -444,6 +444,14 @@ impl Volume {
             discard_my_data: p.is_some_and(|p| p.discard_my_data),
             discard_peer: p.is_some_and(|p| p.discard_peer),
             allow_two_primaries: self.cfg.allow_two_primaries,
+            in_sync_with_primary: st.meta.role == Role::Secondary
+                && st.meta.disk == DiskState::UpToDate
+                && st.peers.values().any(|p| {
+                    p.conn.as_ref().is_some_and(|c| {
+                        *lock(&c.peer_role) == Role::Primary
+                            && *lock(&c.repl) == Replication::Established
+                    })
+                }),
         }
     }
 
@@ -534,10 +542,11 @@ impl Volume {
         }
         // From here to registering the connection everything happens under the state
         // lock, so the plan is made on exactly the state the peer is told about.
-        let (outcome, conn, mine, guard) = {
+        let mut wr = Some(wr);
+        let registered = 'reg: {
             let mut st = lock(&self.state);
             if st.peers.get(&peer).is_none_or(|p| p.conn.is_some()) {
-                return;
+                break 'reg None;
             }
             let mine = sent.unwrap_or_else(|| self.hello(&st, &peer));
             let outcome = decide::plan_connection(&mine.view, &theirs.view, self.cfg.policy);
@@ -558,7 +567,7 @@ impl Volume {
                     })
                 });
                 if busy {
-                    return;
+                    break 'reg None;
                 }
             }
             if peer_role == Role::Primary {
@@ -601,6 +610,10 @@ impl Volume {
                 st.meta.disk = DiskState::Inconsistent;
                 changed = true;
             }
+            // Nothing to send either way: whatever was marked for this peer is moot.
+            if outcome.plan == Plan::InSync && st.meta.dirty.remove(&peer).is_some() {
+                changed = true;
+            }
             if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
                 tracing::error!("saving metadata: {e}");
                 return;
@@ -617,7 +630,9 @@ impl Volume {
             let conn = Arc::new(Conn {
                 id: self.conn_ids.fetch_add(1, Ordering::Relaxed),
                 peer: peer.clone(),
-                wr: Arc::new(tokio::sync::Mutex::new(Some((wr, Vec::with_capacity(64))))),
+                wr: Arc::new(tokio::sync::Mutex::new(
+                    wr.take().map(|w| (w, Vec::with_capacity(64))),
+                )),
                 limit: self.cfg.peer_timeout,
                 inflight: Mutex::new(Some(Inflight {
                     next_seq: 1,
@@ -637,13 +652,26 @@ impl Volume {
                 && let Some(p) = st.peers.get_mut(&peer)
             {
                 p.conn = Some(conn.clone());
+                tracing::info!(peer = %peer, conn = conn.id, plan = ?outcome.plan, "connected");
             }
             // Held until our hello is out: writers that see the new connection wait
             // for it instead of sending a write before the hello.
             let Ok(guard) = conn.wr.clone().try_lock_owned() else {
-                return;
+                break 'reg None;
             };
-            (outcome, conn, mine, guard)
+            Some((outcome, conn, mine, guard))
+        };
+        let Some((outcome, conn, mine, guard)) = registered else {
+            tracing::info!(peer = %peer, "connection refused: busy or already connected");
+            // Busy (syncing from elsewhere) or raced with another connection: say so, so
+            // the dialer retries at once instead of waiting out its handshake timeout.
+            if let Some(mut w) = wr {
+                let mut f = Vec::new();
+                wire::encode_json(&mut f, wire::K_REJECT, &"busy; retry later");
+                let _ = w.write_all(&f).await;
+                let _ = w.flush().await;
+            }
+            return;
         };
         if dialed.is_none() {
             let mut f = Vec::new();
@@ -736,6 +764,7 @@ impl Volume {
     }
 
     fn teardown(&self, conn: &Arc<Conn>) {
+        tracing::info!(peer = %conn.peer, conn = conn.id, "connection closed");
         let mut st = lock(&self.state);
         let mine = st
             .peers

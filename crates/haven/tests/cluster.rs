@@ -194,6 +194,11 @@ impl Cluster {
     }
 
     fn join(&mut self, name: &str, token: &str, extra: &[&str]) -> Output {
+        let seed = self.seed();
+        self.join_via(&seed, name, token, extra)
+    }
+
+    fn join_via(&mut self, seed: &str, name: &str, token: &str, extra: &[&str]) -> Output {
         let addrs = vec![free_addr("127.0.0.1"), free_addr("127.0.1.1")];
         let dir = self.node_dir(name);
         let mut args = vec![
@@ -209,8 +214,7 @@ impl Cluster {
             &addrs[1],
         ];
         args.extend_from_slice(extra);
-        let seed = self.seed();
-        args.push(&seed);
+        args.push(seed);
         args.push(token);
         let out = run(&args);
         if out.status.success() {
@@ -278,11 +282,15 @@ const CONFIG_V2: &str = "[options]\nstonith-enabled = false\n\n[[resources]]\nid
 #[test]
 fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
     let mut c = Cluster::started_one("n1");
-    for name in ["n2", "n3"] {
-        let token = c.token();
-        ok(c.join(name, &token, &[]));
-        c.start(name, &[]);
-    }
+    let token = c.token();
+    ok(c.join("n2", &token, &[]));
+    c.start("n2", &[]);
+    c.wait_formed(&c.client(), &["n1", "n2"]);
+    // n3 joins through n2, a follower: the admission is forwarded to the leader.
+    let token = c.token();
+    let via = c.addrs["n2"][0].clone();
+    ok(c.join_via(&via, "n3", &token, &[]));
+    c.start("n3", &[]);
     for n in ["n1", "n2", "n3"] {
         c.wait_formed(&c.client_for(n), &["n1", "n2", "n3"]);
     }
@@ -295,15 +303,15 @@ fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
             .all(|n| n["role"] == "voter"),
         "{s}"
     );
-    // Two links per node, both up.
-    assert!(
-        s["nodes"][1]["links"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["up"] == true),
-        "{s}"
-    );
+    // Two links per node, each seen up.
+    wait_until("both links of every node up", || {
+        c.status(&c.client()).is_some_and(|s| {
+            s["nodes"].as_array().unwrap().iter().all(|n| {
+                let links = n["links"].as_array().unwrap();
+                links.len() == 2 && links.iter().all(|l| l["up"] == true)
+            })
+        })
+    });
 
     // Apply through n2; it must appear on every node.
     let file = c.dir.path().join("v2.toml");
@@ -868,4 +876,81 @@ fn a_node_joining_after_the_log_was_compacted_gets_a_snapshot() {
     wait_until("version 14 on the joiner", || {
         c.config_version(&n2).is_some_and(|(v, _)| v == 14)
     });
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_file_field_and_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stderr = |out: Output| {
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let d = tmp.path().join("n1");
+    let e = stderr(run(&["daemon", "--dir", d.to_str().unwrap()]));
+    assert!(e.contains("node.toml") && e.contains("cannot read"), "{e}");
+
+    let e = stderr(run(&[
+        "cluster",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--addr",
+        "nowhere",
+    ]));
+    assert!(e.contains("--addr #1") && e.contains("IP:PORT"), "{e}");
+
+    let addr = free_addr("127.0.0.1");
+    ok(run(&[
+        "cluster",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--addr",
+        &addr,
+    ]));
+    let e = stderr(run(&[
+        "cluster",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--name",
+        "n1",
+        "--addr",
+        &addr,
+    ]));
+    assert!(e.contains("already holds a node"), "{e}");
+
+    let toml = d.join("node.toml");
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace(&addr, "127.0.0.1");
+    std::fs::write(&toml, text).unwrap();
+    let e = stderr(run(&["daemon", "--dir", d.to_str().unwrap()]));
+    assert!(e.contains("node.toml") && e.contains("addrs[0]"), "{e}");
+
+    let e = stderr(run(&["status"]));
+    assert!(e.contains("HAVEN_CONFIG"), "{e}");
+    let e = stderr(run(&[
+        "status",
+        "--config",
+        tmp.path().join("none.toml").to_str().unwrap(),
+    ]));
+    assert!(e.contains("none.toml"), "{e}");
+    let e = stderr(run(&[
+        "cluster",
+        "join",
+        "--dir",
+        tmp.path().join("x").to_str().unwrap(),
+        "--name",
+        "x",
+        "--addr",
+        &addr,
+        &addr,
+        "not-a-token",
+    ]));
+    assert!(e.contains("haven-join.<id>.<secret>.<ca-sha256>"), "{e}");
 }

@@ -65,10 +65,7 @@ fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let s = status();
-    assert_eq!(s["quorate"], true, "{s}");
-    let nodes = s["nodes"].as_array().unwrap();
-    assert_eq!(nodes.len(), 3, "{s}");
-    assert!(nodes.iter().all(|n| n["state"] == "online"), "{s}");
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
     let ids: Vec<&str> = s["resources"]
         .as_array()
         .unwrap()
@@ -85,12 +82,19 @@ fn lab_up_gives_three_online_nodes_with_quorum_and_lab_down_stops_them() {
             .unwrap()
             .iter()
             .all(|r| r["running_on"].as_array().is_some_and(|n| n.len() == 1));
-        if once {
+        // Read together, so a heartbeat delayed by a loaded machine cannot make a
+        // passing moment look like a failure: all online, quorum, each resource once.
+        let online = s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "online");
+        if once && online && s["quorate"] == true {
             break s;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "demo resources not each running once: {s}"
+            "not 3 online nodes with quorum and each demo resource once: {s}"
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };

@@ -951,3 +951,42 @@ fn volume_cli_errors_name_the_file_field_and_reason() {
         "{e}"
     );
 }
+
+#[test]
+fn volume_three_replicas_fail_over_and_the_old_primary_rejoins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    let mut c = Node::create(tmp.path(), "c", false);
+    a.start(&[b.peer(), c.peer()], &[]);
+    b.start(&[a.peer(), c.peer()], &[]);
+    c.start(&[a.peer(), b.peer()], &[]);
+    a.wait_in_sync("b");
+    a.wait_in_sync("c");
+    b.wait_in_sync("c");
+    a.ok(&["promote"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x91 0 1M")]);
+    a.kill();
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    // c follows the new primary at once: same data, newer epoch.
+    qemu_io_ok(&b.uri(), &[s("write -P 0x92 512k 1M"), s("flush")]);
+    let sc = c.wait_for("c follows b", |s| {
+        Node::peer_status(s, "b")["role"] == "Primary" && s["epoch"] == 2
+    });
+    assert_eq!(sc["disk"], "UpToDate");
+    assert_identical(&b, &c);
+    // The old primary comes back, is behind, and catches up from the new one.
+    a.start(&[b.peer(), c.peer()], &[]);
+    b.wait_in_sync("a");
+    a.wait_for("a in sync with c", |s| {
+        s["disk"] == "UpToDate" && Node::peer_status(s, "c")["replication"] == "Established"
+    });
+    qemu_io_ok(&b.uri(), &[s("write -P 0x93 4M 64k"), s("flush")]);
+    assert_identical(&a, &b);
+    assert_identical(&b, &c);
+    let d = a.data();
+    assert_eq!((d[0], d[600 << 10], d[4 << 20]), (0x91, 0x92, 0x93));
+}

@@ -366,7 +366,7 @@ pub async fn start(
     let client = Client::load(&client_path)?;
 
     let current: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;
-    let demo = demo_config(&all_addrs, guest);
+    let demo = demo_config(&dir, &all_addrs, guest);
     let _: ConfigReply = client
         .call(
             api::CONFIG_APPLY,
@@ -412,10 +412,15 @@ fn guest(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(dir.canonicalize()?)
 }
 
-fn demo_config(addrs: &[Vec<String>], guest: Option<&Path>) -> String {
-    let mut s = String::from(
+fn demo_config(dir: &Path, addrs: &[Vec<String>], guest: Option<&Path>) -> String {
+    // Fencing is on, as in production: a lost node is powered off by the lab's switch
+    // (its daemon and every process it started are killed) before anything of it is
+    // recovered elsewhere.
+    let mut s = format!(
         "# Haven lab demo: supervised processes (no QEMU needed) and an ordered group.\n\
-         [options]\nstonith-enabled = false\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
+         [options]\nstonith-enabled = true\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n\
+         \n[[fencing.devices]]\nid = \"lab-power\"\nagent = \"lab\"\nparams = {{ lab-dir = \"{}\" }}\n",
+        dir.display()
     );
     for (i, a) in addrs.iter().enumerate() {
         let ips: Vec<String> = a

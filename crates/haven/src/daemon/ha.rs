@@ -8,6 +8,7 @@
 //! Agent loop (every node but a witness): requests in, `AgentCommand::Run` executed with
 //! `haven_exec::run_op`, reports sent to whoever leads.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use haven_ha::membership::Timeouts;
 use haven_ha::{
     AgentCommand, ClusterView, Coordinator, CoordinatorCommand, NoQuorumPolicy, NodeAgent,
     Observed, OpKind, OpOutcome, OpReport, OpRequest, Plan, Planner, QuorumAction, QuorumWatch,
-    SchedPlanner,
+    NodeOverride, SchedPlanner,
 };
 use haven_store::Request;
 use serde::{Deserialize, Serialize};
@@ -126,6 +127,22 @@ fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
     }
 }
 
+fn node_overrides(d: &Daemon) -> BTreeMap<String, NodeOverride> {
+    d.view
+        .state()
+        .nodes
+        .iter()
+        .map(|(name, n)| {
+            let o = NodeOverride {
+                standby: n.standby.then_some(true),
+                maintenance: n.maintenance.then_some(true),
+                ..NodeOverride::default()
+            };
+            (name.clone(), o)
+        })
+        .collect()
+}
+
 async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordInput>) {
     let timeouts = Timeouts {
         heartbeat_interval: Duration::from_millis(d.node.timers.heartbeat_ms),
@@ -190,6 +207,18 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             Some(_) => {}
         }
         let Some(l) = leading.as_mut() else { continue };
+        // `haven node standby|maintenance` are committed node attributes; they override
+        // the configuration's, and a change re-plans.
+        let overrides = node_overrides(&d);
+        let changed = l
+            .planner
+            .0
+            .lock()
+            .map(|mut p| p.set_overrides(overrides))
+            .unwrap_or(false);
+        if changed {
+            l.coordinator.handle_planner_changed(now);
+        }
         let c = &mut l.coordinator;
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
