@@ -420,6 +420,11 @@ pub fn power_off(node_dir: &Path) -> Result<usize, String> {
             node_dir.display()
         ));
     }
+    // The daemon is recognised by the directory on its command line, which the lab
+    // gives in canonical form.
+    let node_dir = &node_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", node_dir.display()))?;
     let mut victims: Vec<haven_exec::pidfile::Tracked> = Vec::new();
     // The daemon first, so it cannot start anything more while its children die.
     if let Some(pid) = lab_daemon_pid(node_dir)
