@@ -144,6 +144,18 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The daemons' own account of what went wrong, shown with the failure.
+            for n in NODES {
+                let log = std::fs::read_to_string(self.dir.join(n).join("daemon.log"))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- {n}/daemon.log (last 60 lines)");
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
         let _ = haven(&["lab", "heal", "--dir", self.dir_str()], None);
         let _ = haven(&["lab", "down", "--dir", self.dir_str()], None);
     }
