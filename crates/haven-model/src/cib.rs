@@ -252,6 +252,7 @@ const IGNORED_META: &[&str] = &[
 
 const CLONE_META: &[&str] = &[
     "clone-max",
+    "clone-min",
     "clone-node-max",
     "interleave",
     "notify",
@@ -368,6 +369,7 @@ fn read_resources(ctx: &mut Ctx<'_>, res: XNode<'_, '_>, cfg: &mut Config) -> Re
                     match k.as_str() {
                         "clone-max" => c.clone_max = Some(num()?),
                         "clone-node-max" => c.clone_node_max = Some(num()?),
+                        "clone-min" => c.clone_min = Some(num()?),
                         "promoted-max" | "master-max" => c.promoted_max = Some(num()?),
                         "promoted-node-max" | "master-node-max" => {
                             c.promoted_node_max = Some(num()?)
@@ -725,6 +727,9 @@ fn read_config(ctx: &mut Ctx<'_>, conf: XNode<'_, '_>) -> Result<Config, CibErro
                 "symmetric-cluster" => o.symmetric_cluster = parse_bool(&v).ok_or_else(bad)?,
                 "maintenance-mode" => o.maintenance_mode = parse_bool(&v).ok_or_else(bad)?,
                 "stop-all-resources" => o.stop_all_resources = parse_bool(&v).ok_or_else(bad)?,
+                "stop-orphan-resources" | "stop-removed-resources" => {
+                    o.stop_orphan_resources = parse_bool(&v).ok_or_else(bad)?
+                }
                 "start-failure-is-fatal" => {
                     o.start_failure_is_fatal = parse_bool(&v).ok_or_else(bad)?
                 }
@@ -923,8 +928,9 @@ const INFORMATIONAL_OPTIONS: &[&str] = &[
     "stonith-action",
     "startup-fencing",
     "no_quorum_policy",
-    "stop-orphan-resources",
     "stop-orphan-actions",
+    "cancel-removed-actions",
+    "cluster-delay",
     "remove-after-stop",
     "crmd-transition-delay",
     "node-health-strategy",
@@ -1050,7 +1056,8 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
         // older controllers.
         let ok = (o.status == 0 || o.status == 4 && o.expected == Some(o.rc))
             && match o.rc {
-                0 => true,
+                // A monitor of the stopped role that finds it running is a failure.
+                0 => !(o.op == "monitor" && o.interval > 0 && o.expected == Some(7)),
                 7 => probe || o.op == "stop" || o.expected == Some(7),
                 8 => probe || o.op == "monitor" || o.op == "promote",
                 _ => false,
@@ -1068,6 +1075,19 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
             st.failed_op = Some(format!("{}:{}", o.op, o.interval));
             st.last_failure = o.last_rc_change.or(st.last_failure);
             match o.op.as_str() {
+                // A failed live migration may have left it running on the target too.
+                "migrate_to" => {
+                    if let Some(t) = &o.migrate_target {
+                        st.migration = Some(Migration {
+                            source: node.to_string(),
+                            target: t.clone(),
+                            completed: false,
+                        });
+                    }
+                    if st.role == Role::Stopped {
+                        st.role = Role::Started;
+                    }
+                }
                 "stop" => {
                     st.stop_failed = true;
                     if st.role == Role::Stopped {

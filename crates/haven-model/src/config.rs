@@ -121,6 +121,9 @@ pub struct Options {
     pub maintenance_mode: bool,
     #[serde(default, skip_serializing_if = "is_false")]
     pub stop_all_resources: bool,
+    /// Resources found running but no longer configured are stopped.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub stop_orphan_resources: bool,
     /// A failed start bans the resource from that node (Pacemaker's default).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub start_failure_is_fatal: bool,
@@ -149,6 +152,7 @@ impl Default for Options {
             placement_strategy: PlacementStrategy::Default,
             maintenance_mode: false,
             stop_all_resources: false,
+            stop_orphan_resources: true,
             start_failure_is_fatal: true,
             node_health_strategy: HealthStrategy::None,
             node_health_red: None,
@@ -328,6 +332,9 @@ pub struct Clone {
     pub clone_max: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_node_max: Option<u32>,
+    /// Instances that must run before what is ordered after the clone may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_min: Option<u32>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub interleave: bool,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -764,6 +771,14 @@ impl Config {
                 return Err(bad(
                     format!("clones[{i}].promoted-max"),
                     format!("{pm} promoted instances cannot exceed clone-max {cm}"),
+                ));
+            }
+            if let (Some(min), Some(cm)) = (c.clone_min, c.clone_max)
+                && min > cm
+            {
+                return Err(bad(
+                    format!("clones[{i}].clone-min"),
+                    format!("{min} instances can never run when clone-max is {cm}"),
                 ));
             }
             if !c.promotable && (c.promoted_max.is_some() || c.promoted_node_max.is_some()) {

@@ -16,7 +16,7 @@ pub mod token;
 
 pub use ca::{CaError, ClusterCa, IssuedCert};
 pub use rpc::{Peer, RpcClient, RpcError, ServeError};
-pub use tls::{TlsError, TlsIdentity};
+pub use tls::{NodeCheck, TlsError, TlsIdentity};
 pub use token::{JoinToken, TokenError};
 
 /// The name every node certificate carries and every client asks for. Nodes are

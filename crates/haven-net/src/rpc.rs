@@ -24,6 +24,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub struct Peer {
     /// The peer presented a certificate signed by the cluster CA.
     pub authenticated: bool,
+    /// That certificate is a node's (it may serve), not a client's (CLI, API).
+    pub node: bool,
     pub addr: SocketAddr,
 }
 
@@ -48,6 +50,17 @@ pub async fn serve(
     router: axum::Router,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_with_roles(listener, tls, None, router, shutdown).await
+}
+
+/// As [`serve`], and tells nodes from clients with `nodes` (see [`Peer::node`]).
+pub async fn serve_with_roles(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    nodes: Option<Arc<crate::tls::NodeCheck>>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let acceptor = TlsAcceptor::from(tls);
     let local = listener
         .local_addr()
@@ -62,6 +75,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let nodes = nodes.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -74,8 +88,13 @@ pub async fn serve(
                     return;
                 }
             };
+            let chain = tls.get_ref().1.peer_certificates();
             let peer = Peer {
-                authenticated: tls.get_ref().1.peer_certificates().is_some(),
+                authenticated: chain.is_some(),
+                node: match (chain, &nodes) {
+                    (Some(chain), Some(check)) => check.is_node(chain),
+                    _ => false,
+                },
                 addr,
             };
             let service =

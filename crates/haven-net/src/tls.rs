@@ -131,6 +131,41 @@ impl TlsIdentity {
     }
 }
 
+/// Tells a node's certificate from a client's: only a node's is valid for serving
+/// (extended key usage serverAuth) under the cluster CA.
+#[derive(Debug)]
+pub struct NodeCheck {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl NodeCheck {
+    /// Whether `chain` (as the TLS handshake received it) is a node's.
+    pub fn is_node(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return false;
+        };
+        let Ok(name) = ServerName::try_from(crate::SERVER_NAME) else {
+            return false;
+        };
+        self.verifier
+            .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
+            .is_ok()
+    }
+}
+
+impl TlsIdentity {
+    /// A [`NodeCheck`] under this identity's cluster CA.
+    pub fn node_check(&self) -> Result<NodeCheck, TlsError> {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+        Ok(NodeCheck { verifier })
+    }
+}
+
 /// A client with no certificate that trusts a server whose chain contains the CA with
 /// the given SHA-256 fingerprint, and whose certificate that CA signed: how a joining
 /// host reaches the cluster before it has the CA.

@@ -19,6 +19,10 @@ async fn whoami(Extension(peer): Extension<Peer>) -> Json<bool> {
     Json(peer.authenticated)
 }
 
+async fn is_node(Extension(peer): Extension<Peer>) -> Json<bool> {
+    Json(peer.node)
+}
+
 /// Starts a server; returns its address and a sender that stops it.
 async fn server(
     ca: &ClusterCa,
@@ -113,4 +117,31 @@ async fn a_joiner_refuses_a_server_whose_ca_is_not_the_pinned_one() {
     let anon = client(haven_net::tls::pinned_client_config(&other.fingerprint().unwrap()).unwrap());
     let r: Result<bool, RpcError> = anon.call(&addr, "/whoami", &()).await;
     assert!(matches!(r, Err(RpcError::Tls { .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn node_certificates_are_told_from_client_certificates() {
+    let ca = ClusterCa::generate("t").unwrap();
+    let server_id = identity(&ca, "n1", CertRole::Node);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let router = Router::new().route("/node", post(is_node));
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(haven_net::rpc::serve_with_roles(
+        listener,
+        server_id.server_config(false).unwrap(),
+        Some(Arc::new(server_id.node_check().unwrap())),
+        router,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let node = client(identity(&ca, "n2", CertRole::Node).client_config().unwrap());
+    let cli = client(
+        identity(&ca, "cli", CertRole::Client)
+            .client_config()
+            .unwrap(),
+    );
+    assert!(node.call::<_, bool>(&addr, "/node", &()).await.unwrap());
+    assert!(!cli.call::<_, bool>(&addr, "/node", &()).await.unwrap());
 }

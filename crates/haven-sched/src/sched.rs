@@ -59,6 +59,7 @@ enum Kind {
 struct CloneSpec {
     max: usize,
     node_max: usize,
+    min: usize,
     promotable: bool,
     interleave: bool,
     promoted_max: usize,
@@ -129,7 +130,6 @@ struct Sched<'a> {
     scores: Vec<(String, Vec<Score>)>,
     /// Location, home and failcount scores per unit, computed once.
     base: Vec<Option<Vec<Score>>>,
-    freeze: bool,
     orphans: Vec<Cur<'a>>,
 }
 
@@ -226,7 +226,6 @@ impl<'a> Sched<'a> {
     fn new(cfg: &'a Config, st: &'a State) -> Sched<'a> {
         let opts = &cfg.options;
         let quorum_ok = st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
-        let freeze = !st.have_quorum && opts.no_quorum_policy == NoQuorumPolicy::Freeze;
         let mut nodes = Vec::new();
         let mut node_ix = HashMap::new();
         for n in &cfg.nodes {
@@ -304,7 +303,6 @@ impl<'a> Sched<'a> {
             used: vec![BTreeMap::new(); n_nodes],
             scores: Vec::new(),
             base: Vec::new(),
-            freeze,
             orphans: Vec::new(),
         };
         s.build_units();
@@ -410,6 +408,7 @@ impl<'a> Sched<'a> {
             let spec = clone_cfg.map(|c| CloneSpec {
                 max: c.clone_max.map(|x| x as usize).unwrap_or(n_nodes),
                 node_max: c.clone_node_max.unwrap_or(1).max(1) as usize,
+                min: c.clone_min.unwrap_or(1).max(1) as usize,
                 promotable: c.promotable,
                 interleave: c.interleave,
                 promoted_max: c.promoted_max.unwrap_or(1) as usize,
@@ -488,6 +487,29 @@ impl<'a> Sched<'a> {
                 }
             }
         }
+        // A failed migration may have left the resource running on its target as well.
+        let node_ix = &self.node_ix;
+        let nodes = &self.nodes;
+        for p in &mut self.prims {
+            let mut extra = Vec::new();
+            for c in &p.cur {
+                if let Some(m) = c
+                    .status
+                    .migration
+                    .as_ref()
+                    .filter(|m| c.failed && !m.completed)
+                    && let Some(&t) = node_ix.get(m.target.as_str())
+                    && nodes[t].counts
+                    && !p.cur.iter().any(|x| x.node == t)
+                {
+                    extra.push(Cur {
+                        node: t,
+                        ..c.clone()
+                    });
+                }
+            }
+            p.cur.extend(extra);
+        }
         let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
@@ -539,8 +561,8 @@ impl<'a> Sched<'a> {
     /// else (when fencing is possible); until then it runs nothing.
     fn fence_failed_stops(&mut self) {
         let opts = &self.cfg.options;
-        let quorum_ok = self.st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
-        if !opts.stonith_enabled || !quorum_ok {
+        // Unlike lost nodes, a failed stop is fenced even without quorum.
+        if !opts.stonith_enabled {
             return;
         }
         let mut marks: Vec<(usize, String)> = Vec::new();
@@ -791,6 +813,11 @@ impl<'a> Sched<'a> {
     }
 
     fn compute_base_weights(&self, u: usize) -> Vec<Score> {
+        self.compute_base_weights_upto(u, usize::MAX)
+    }
+
+    /// Base weights counting the failure bans of the first `banned` members only.
+    fn compute_base_weights_upto(&self, u: usize, banned: usize) -> Vec<Score> {
         let unit = &self.units[u];
         let symmetric = self.cfg.options.symmetric_cluster;
         (0..self.nodes.len())
@@ -802,7 +829,7 @@ impl<'a> Sched<'a> {
                     (false, None) => NEG,
                 };
                 w += self.nodes[n].health;
-                for &pi in &unit.prims {
+                for (m, &pi) in unit.prims.iter().enumerate() {
                     let p = self.prims[pi].cfg;
                     if let Some(h) = &p.home
                         && h == self.nodes[n].name
@@ -813,7 +840,7 @@ impl<'a> Sched<'a> {
                             Score::new(1)
                         };
                     }
-                    if self.failed_out(pi, n) {
+                    if m < banned && self.failed_out(pi, n) {
                         w = NEG;
                     }
                 }
@@ -1037,7 +1064,7 @@ impl<'a> Sched<'a> {
                             .filter(|&&pi| self.prims[pi].cur.iter().any(|c| c.node == n))
                             .map(|&pi| self.stickiness(pi))
                             .fold(Score::ZERO, |a, b| a + b);
-                        if self.nodes[n].can_run {
+                        if self.nodes[n].can_run && self.fits(n, &self.unit_util(u)) {
                             w[n] + stick
                         } else {
                             NEG
@@ -1073,10 +1100,12 @@ impl<'a> Sched<'a> {
             return;
         }
         busy[u] = true;
-        let primaries: Vec<usize> = self.dep_of[u]
+        // What it is colocated with goes first, higher priority first.
+        let mut primaries: Vec<usize> = self.dep_of[u]
             .iter()
             .map(|&c| self.colocs[c].primary)
             .collect();
+        primaries.sort_by_key(|&p| std::cmp::Reverse(self.units[p].meta.priority.unwrap_or(0)));
         for p in primaries {
             self.place(p, busy);
         }
@@ -1126,13 +1155,13 @@ impl<'a> Sched<'a> {
         let first = self.units[u].prims[0];
         let n_members = self.units[u].prims.len();
         let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
-        let frozen = self.freeze
-            || cur.is_some_and(|n| {
-                !self.nodes[n].can_run
-                    && self.nodes[n].fence.is_none()
-                    && self.nodes[n].counts
-                    && self.node_maintenance(n)
-            });
+        // On a node in maintenance its resources are left exactly as they are.
+        let frozen = cur.is_some_and(|n| {
+            !self.nodes[n].can_run
+                && self.nodes[n].fence.is_none()
+                && self.nodes[n].counts
+                && self.node_maintenance(n)
+        });
         if unmanaged || frozen {
             if let Some(n) = cur {
                 self.take(n, u);
@@ -1141,17 +1170,22 @@ impl<'a> Sched<'a> {
             // managed members start where the group's colocations forbid it.
             let mut w = self.base_weights(u);
             self.apply_colocations(u, &mut w);
-            let mut ok = cur.is_some_and(|n| !w[n].is_neg_inf() && self.nodes[n].can_run) || frozen;
+            let disabled = Self::target_stopped(&self.units[u].meta) && !frozen;
+            let mut ok = !disabled
+                && (cur.is_some_and(|n| !w[n].is_neg_inf() && self.nodes[n].can_run) || frozen);
+            let mut any_blocked = false;
             let member_ok = self.units[u]
                 .prims
                 .iter()
                 .map(|&pi| {
                     let here = ok || !self.managed(pi);
-                    if self.prims[pi]
+                    let blocked = self.prims[pi]
                         .cur
                         .iter()
-                        .any(|c| self.blocked_failure(pi, c))
-                    {
+                        .any(|c| self.blocked_failure(pi, c));
+                    any_blocked |= blocked;
+                    // An unmanaged member that is not running will not start either.
+                    if blocked || !self.managed(pi) && self.prims[pi].cur.is_empty() {
                         ok = false;
                     }
                     here
@@ -1164,7 +1198,9 @@ impl<'a> Sched<'a> {
                 promoted: false,
                 member_ok,
                 restart: false,
-                blocked: false,
+                // A disabled group with a blocked member cannot stop the others either:
+                // they stop only after it (shown, not carried out).
+                blocked: disabled && any_blocked,
             }];
         }
         let mut w = self.base_weights(u);
@@ -1193,6 +1229,24 @@ impl<'a> Sched<'a> {
             self.choose(&w, cur, &need, &[])
                 .or_else(|| self.choose(&w, cur, &own_need, &[]))
         };
+        // A group that can run nowhere with all its members keeps its first members
+        // running where they can: the later, failed ones stop.
+        let mut node = node;
+        if node.is_none() && !stopped && self.units[u].kind == Kind::Group {
+            for k in (1..n_members).rev() {
+                let mut w = self.compute_base_weights_upto(u, k);
+                for &pi in &self.units[u].prims {
+                    for c in &self.prims[pi].cur {
+                        w[c.node] += self.stickiness(pi);
+                    }
+                }
+                self.apply_colocations(u, &mut w);
+                node = self.choose(&w, cur, &own_need, &[]);
+                if node.is_some() {
+                    break;
+                }
+            }
+        }
         let member_ok = match node {
             Some(n) => self.members_ok(u, n, true),
             None => vec![false; n_members],
@@ -1291,7 +1345,7 @@ impl<'a> Sched<'a> {
         let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
         let fair = max.checked_div(avail_nodes).unwrap_or(0);
         for (num, n) in cur_list {
-            let keep = if unmanaged || self.freeze {
+            let keep = if unmanaged {
                 true
             } else {
                 !stopped
@@ -1322,10 +1376,14 @@ impl<'a> Sched<'a> {
                 leftovers.push((num, n));
             }
         }
-        if !unmanaged && !self.freeze && !stopped {
+        if !unmanaged && !stopped {
             let need = self.unit_util(u);
             while insts.len() < max {
-                let mover = leftovers.first().map(|&(_, cn)| cn);
+                // An instance on a node being fenced dies with it; it does not move.
+                let mover_ix = leftovers
+                    .iter()
+                    .position(|&(_, cn)| self.nodes[cn].fence.is_none());
+                let mover = mover_ix.map(|i| leftovers[i].1);
                 let avail: Vec<Score> = (0..n_nodes)
                     .map(|n| {
                         if per_node[n] >= node_max {
@@ -1348,8 +1406,8 @@ impl<'a> Sched<'a> {
                 self.take(n, u);
                 let member_ok = self.members_ok(u, n, true);
                 // A displaced instance moves; otherwise a new instance starts.
-                let (num, cur_node) = if !leftovers.is_empty() {
-                    let (num, cn) = leftovers.remove(0);
+                let (num, cur_node) = if let Some(i) = mover_ix {
+                    let (num, cn) = leftovers.remove(i);
                     (num, Some(cn))
                 } else {
                     let mut k = 0u32;
@@ -1562,7 +1620,10 @@ impl<'a> Sched<'a> {
                 Role::Unpromoted if !promotable => Role::Started,
                 r => r,
             };
-            (c.node, role, c.failed)
+            // Of several copies, any failed one makes the survivor a recovery.
+            let failed = c.failed
+                || self.units[u].kind != Kind::Clone && self.prims[pi].cur.iter().any(|x| x.failed);
+            (c.node, role, failed)
         });
         let will = match inst.node {
             Some(n) if inst.member_ok.get(m).copied().unwrap_or(false) => {
@@ -1581,7 +1642,7 @@ impl<'a> Sched<'a> {
     }
 
     /// Without quorum (and unless told to ignore that), nothing new starts; what runs
-    /// stops (`stop`), or stays as it is (`freeze`).
+    /// stops (`stop`), or keeps being managed within this partition (`freeze`).
     fn apply_quorum(&mut self) {
         let policy = self.cfg.options.no_quorum_policy;
         if self.st.have_quorum || policy == NoQuorumPolicy::Ignore {
@@ -1595,13 +1656,34 @@ impl<'a> Sched<'a> {
             if unmanaged {
                 continue;
             }
+            let is_clone = self.units[u].kind == Kind::Clone;
+            let mut extra = Vec::new();
+            let mut next_number = insts
+                .iter()
+                .filter_map(|i| i.number)
+                .max()
+                .map_or(0, |k| k + 1);
             for i in insts.iter_mut() {
                 match i.cur_node {
+                    // A clone instance that would move stops, and the start of another
+                    // instance in its place is what is blocked.
+                    Some(c)
+                        if is_clone
+                            && policy != NoQuorumPolicy::Freeze
+                            && i.node.is_some_and(|n| n != c) =>
+                    {
+                        let mut started = i.clone();
+                        started.cur_node = None;
+                        started.number = Some(next_number);
+                        started.blocked = true;
+                        next_number += 1;
+                        extra.push(started);
+                        i.node = None;
+                    }
                     Some(c) => match policy {
-                        NoQuorumPolicy::Freeze => {
-                            i.node = Some(c);
-                            i.restart = false;
-                        }
+                        // What runs in this partition is still managed; it only may
+                        // not start anything new.
+                        NoQuorumPolicy::Freeze => {}
                         NoQuorumPolicy::Demote
                             if self.units[u].clone.as_ref().is_some_and(|c| c.promotable) =>
                         {
@@ -1617,6 +1699,7 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+            insts.extend(extra);
         }
     }
 
@@ -1753,9 +1836,13 @@ impl<'a> Sched<'a> {
         };
         match action {
             OrderAction::Promote => insts.iter().any(|i| i.promoted),
-            OrderAction::Start => insts
-                .iter()
-                .any(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x)),
+            OrderAction::Start => {
+                let running = insts
+                    .iter()
+                    .filter(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x))
+                    .count();
+                running >= self.units[u].clone.as_ref().map_or(1, |c| c.min)
+            }
             _ => true,
         }
     }
@@ -1990,6 +2077,38 @@ impl<'a> Sched<'a> {
                     }
                 }
             }
+            // Copies of a clone's members that no instance accounts for (a second
+            // anonymous copy on one node, say) are stopped.
+            if self.units[u].kind == Kind::Clone {
+                let unique = self.units[u].clone.as_ref().is_some_and(|c| c.unique);
+                for &pi in &self.units[u].prims {
+                    if !self.managed(pi) {
+                        continue;
+                    }
+                    let used: Vec<&Cur<'_>> = insts
+                        .iter()
+                        .filter_map(|i| self.member_cur(pi, i.cur_node, i.number, unique))
+                        .collect();
+                    for c in &self.prims[pi].cur {
+                        if used.iter().any(|x| std::ptr::eq(*x, c)) {
+                            continue;
+                        }
+                        plan.changes.push(Change {
+                            kind: ChangeKind::Stop,
+                            resource: c.key.to_string(),
+                            from: Some(Placement {
+                                node: self.nodes[c.node].name.to_string(),
+                                role: c.role,
+                            }),
+                            to: None,
+                            show_roles: promotable,
+                            reason: Some("node availability".into()),
+                            blocked: false,
+                            quiet: false,
+                        });
+                    }
+                }
+            }
             // Extra copies of a resource that may run once: stop them.
             if self.units[u].kind != Kind::Clone {
                 for &pi in &self.units[u].prims {
@@ -2021,7 +2140,12 @@ impl<'a> Sched<'a> {
                 }
             }
         }
-        for c in &self.orphans {
+        let orphans: &[Cur<'_>] = if self.cfg.options.stop_orphan_resources {
+            &self.orphans
+        } else {
+            &[]
+        };
+        for c in orphans {
             plan.changes.push(Change {
                 kind: ChangeKind::Stop,
                 resource: c.key.to_string(),

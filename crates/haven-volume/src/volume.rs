@@ -3,8 +3,9 @@
 //! promotion) are in [`crate::decide`]; this file only carries them out.
 //!
 //! Write path on a primary (DRBD protocol C): under the `order` lock the write goes to
-//! the local file and is queued to every connected peer (so every replica applies writes
-//! in the same order); then the caller waits until each of those peers acknowledged it.
+//! the local file and is written to every connected peer's socket (so every replica
+//! applies writes in the same order); then, outside the lock, so writes pipeline, the
+//! caller waits until each of those peers acknowledged it.
 //! A peer that is not connected gets the region marked in its dirty bitmap instead, and a
 //! peer that drops mid-write gets its unacknowledged regions marked, so a later resync
 //! brings it up to date without copying everything.

@@ -954,3 +954,43 @@ fn bad_input_is_refused_naming_the_file_field_and_rule() {
     ]));
     assert!(e.contains("haven-join.<id>.<secret>.<ca-sha256>"), "{e}");
 }
+
+#[test]
+fn a_client_certificate_cannot_use_node_endpoints() {
+    let c = Cluster::started_one("n1");
+    let dir = c.node_dir("n1");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let id = haven_net::TlsIdentity::from_pem(
+        &read("client-ca.pem"),
+        &read("client.pem"),
+        &read("client-key.pem"),
+        "client",
+    )
+    .unwrap();
+    let rpc = haven_net::RpcClient::new(id.client_config().unwrap(), Duration::from_secs(10));
+    let addr = c.seed();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let status: Result<Value, _> = rpc.call(&addr, "/api/status", &serde_json::json!({})).await;
+        assert!(status.is_ok(), "{status:?}");
+        for path in [
+            "/local/write",
+            "/raft/vote",
+            "/hb",
+            "/ha/op",
+            "/api/promote",
+        ] {
+            let r: Result<Value, haven_net::RpcError> =
+                rpc.call(&addr, path, &serde_json::json!({})).await;
+            match r {
+                Err(haven_net::RpcError::Remote {
+                    status, message, ..
+                }) => {
+                    assert_eq!(status, 403, "{path}: {message}");
+                    assert!(message.contains("for cluster nodes"), "{path}: {message}");
+                }
+                other => panic!("{path} answered a client certificate: {other:?}"),
+            }
+        }
+    });
+}

@@ -990,3 +990,73 @@ fn volume_three_replicas_fail_over_and_the_old_primary_rejoins() {
     let d = a.data();
     assert_eq!((d[0], d[600 << 10], d[4 << 20]), (0x91, 0x92, 0x93));
 }
+
+#[test]
+fn volume_replica_refuses_a_deposed_primary_still_connected_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    let mut c = Node::create(tmp.path(), "c", false);
+    a.start(&[b.peer(), c.peer()], &[]);
+    b.start(&[a.peer(), c.peer()], &[]);
+    c.start(&[a.peer(), b.peer()], &[]);
+    a.wait_in_sync("b");
+    a.wait_in_sync("c");
+    b.wait_in_sync("c");
+    a.ok(&["promote"]);
+    // Cut a from b only; a stays primary and still reaches c.
+    a.ok(&["disconnect", "--peer", "b"]);
+    b.ok(&["disconnect", "--peer", "a"]);
+    b.wait_for("a gone", |s| {
+        Node::peer_status(s, "a")["connection"] != "Connected"
+    });
+    b.ok(&["promote", "--peer-fenced", "a"]);
+    // c learns the newer epoch from b and drops the old primary.
+    c.wait_for("c drops a", |s| {
+        s["epoch"] == 2 && Node::peer_status(s, "a")["role"] != "Primary"
+    });
+    qemu_io_ok(&b.uri(), &[s("write -P 0xbb 3M 4k")]);
+    // Whatever a still writes never reaches c.
+    let _ = qemu_io(
+        &a.uri(),
+        &[s("write -P 0xaa 3M 4k"), s("write -P 0xaa 5M 4k")],
+    );
+    a.wait_for("a deposed", |s| {
+        s["role"] == "Secondary" && s["disk"] == "Outdated"
+    });
+    qemu_io_ok(&b.uri(), &[s("flush")]);
+    let d = c.data();
+    assert_eq!(d[3 << 20], 0xbb);
+    assert_eq!(d[5 << 20], 0, "a deposed primary's write reached c");
+    assert_identical(&b, &c);
+}
+
+#[test]
+fn volume_writes_during_a_full_sync_land_on_the_new_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    let slow = ["--resync-rate", "4M"];
+    a.start(&[b.peer()], &slow);
+    a.ok(&["promote", "--peer-fenced", "b"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x11 0 16M")]);
+    b.start(&[a.peer()], &slow);
+    a.wait_for("full sync under way", |s| {
+        Node::peer_status(s, "b")["replication"] == "SyncSource"
+    });
+    // The volume stays in service: writes all over it while the sync runs, some to
+    // regions already sent, some to regions not yet sent.
+    let cmds: Vec<String> = (0..64u64)
+        .map(|i| format!("write -P {} {} 4k", 0x20 + i, (i * 977 % 4096) * 4096))
+        .collect();
+    qemu_io_ok(&a.uri(), &cmds);
+    let st = a.status().unwrap();
+    assert_eq!(
+        Node::peer_status(&st, "b")["replication"],
+        "SyncSource",
+        "the writes should have overlapped the sync"
+    );
+    a.wait_in_sync("b");
+    qemu_io_ok(&a.uri(), &[s("flush")]);
+    assert_identical(&a, &b);
+}

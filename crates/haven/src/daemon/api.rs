@@ -72,7 +72,21 @@ async fn require_certificate(
             "this endpoint requires a certificate from the cluster CA",
         ));
     }
+    if !peer.node && node_only(req.uri().path()) {
+        return axum::response::IntoResponse::into_response(ApiFailure::forbidden(
+            "this endpoint is for cluster nodes; a client certificate cannot use it",
+        ));
+    }
     next.run(req).await
+}
+
+/// Node-to-node endpoints: Raft, heartbeats, leader-local operations, agent and fence
+/// traffic, membership changes. Clients (CLI, API) use the rest, which forward.
+fn node_only(path: &str) -> bool {
+    ["/raft/", "/local/", "/ha/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+        || [heartbeat::PATH, PROMOTE, ADD_LEARNER].contains(&path)
 }
 
 async fn raft_append(

@@ -17,8 +17,8 @@ use haven_ha::adapter::coordinator_config;
 use haven_ha::membership::Timeouts;
 use haven_ha::{
     AgentCommand, ClusterView, Coordinator, CoordinatorCommand, NoQuorumPolicy, NodeAgent,
-    Observed, OpKind, OpOutcome, OpReport, OpRequest, Plan, Planner, QuorumAction, QuorumWatch,
-    NodeOverride, SchedPlanner,
+    NodeOverride, Observed, OpKind, OpOutcome, OpReport, OpRequest, Plan, Planner, QuorumAction,
+    QuorumWatch, SchedPlanner,
 };
 use haven_store::Request;
 use serde::{Deserialize, Serialize};

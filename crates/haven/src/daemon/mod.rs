@@ -217,6 +217,7 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
     )?;
     let client_tls = identity.client_config()?;
     let server_tls = identity.server_config(true)?;
+    let node_check = Arc::new(identity.node_check()?);
     let (log, sm) = haven_store::open(&nd.db())?;
     let view = sm.view();
     let rpc = RpcClient::new(client_tls.clone(), Duration::from_secs(3));
@@ -291,11 +292,13 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
         let mut stop = stop_rx.clone();
         let tls = server_tls.clone();
         let router = router.clone();
+        let nodes = Some(node_check.clone());
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = haven_net::rpc::serve(listener, tls, router, shutdown).await {
+            let served = haven_net::rpc::serve_with_roles(listener, tls, nodes, router, shutdown);
+            if let Err(e) = served.await {
                 tracing::error!("{e}");
             }
         });
