@@ -6,256 +6,11 @@
 //! The labs run one at a time: fifteen daemons at once on a small CI machine could
 //! miss heartbeats and turn a test of failover into a test of the machine.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
 
-const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
-const NODES: [&str; 3] = ["n1", "n2", "n3"];
-const WAIT: Duration = Duration::from_secs(60);
+use std::path::Path;
 
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn haven(args: &[&str], client: Option<&Path>) -> Output {
-    let mut cmd = Command::new(HAVEN);
-    cmd.args(args).env_remove("HAVEN_CONFIG");
-    if let Some(c) = client {
-        cmd.env("HAVEN_CONFIG", c);
-    }
-    cmd.output().expect("run haven")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "haven failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A 3-node lab, stopped (and healed) when the test ends, pass or fail.
-struct Lab {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    client: PathBuf,
-}
-
-impl Lab {
-    fn up() -> Lab {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("lab");
-        let lab = Lab {
-            client: dir.join("client.toml"),
-            dir,
-            _tmp: tmp,
-        };
-        ok(haven(
-            &["lab", "up", "--nodes", "3", "--dir", lab.dir_str()],
-            None,
-        ));
-        lab
-    }
-
-    fn dir_str(&self) -> &str {
-        self.dir.to_str().expect("utf-8 path")
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        haven(args, Some(&self.client))
-    }
-
-    /// A client.toml that talks to `node` only (a partitioned node answers stale).
-    fn client_of(&self, node: &str) -> PathBuf {
-        let text = std::fs::read_to_string(&self.client).expect("client.toml");
-        let mut v: toml::Table = toml::from_str(&text).expect("client.toml parses");
-        let servers = v["servers"].as_array().expect("servers").clone();
-        let i = NODES.iter().position(|n| *n == node).expect("lab node");
-        v.insert(
-            "servers".into(),
-            toml::Value::Array(vec![servers[i].clone()]),
-        );
-        let path = self.dir.join(format!("client-{node}.toml"));
-        std::fs::write(&path, toml::to_string(&v).expect("toml")).expect("write client");
-        path
-    }
-
-    /// Replaces the demo configuration with three nodes, one `process` resource `svc`
-    /// and `fencing` (TOML for the fencing section), with stonith on.
-    fn configure(&self, fencing: &str) {
-        let show = ok(self.run(&["config", "show"]));
-        let version = show
-            .lines()
-            .find_map(|l| l.strip_prefix("# haven-config-version: "))
-            .expect("version line")
-            .trim()
-            .to_string();
-        let mut text = String::from(
-            "[options]\nstonith-enabled = true\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
-        );
-        for (i, n) in NODES.iter().enumerate() {
-            let host = 11 + i;
-            text.push_str(&format!(
-                "\n[[nodes]]\nname = \"{n}\"\naddrs = [\"127.0.0.{host}\", \"127.0.1.{host}\"]\n"
-            ));
-        }
-        // The demo's resources stay, so nothing is removed under the agents' feet.
-        for id in ["db", "web", "worker", "svc"] {
-            text.push_str(&format!(
-                "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
-            ));
-        }
-        text.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
-        text.push_str(fencing);
-        let path = self.dir.join("cluster.toml");
-        std::fs::write(&path, text).expect("write config");
-        ok(self.run(&[
-            "config",
-            "apply",
-            path.to_str().expect("utf-8"),
-            "--based-on",
-            &version,
-        ]));
-    }
-
-    /// The nodes where `resource`'s process really runs now.
-    fn running(&self, resource: &str) -> Vec<String> {
-        running(&self.dir, resource)
-    }
-
-    fn fence_history(&self, client: &Path) -> Vec<serde_json::Value> {
-        let out = ok(haven(&["fence", "history", "--json"], Some(client)));
-        serde_json::from_str::<Vec<serde_json::Value>>(&out).expect("history JSON")
-    }
-
-    fn fence_ls(&self, client: &Path) -> Option<serde_json::Value> {
-        let out = haven(&["fence", "ls", "--json"], Some(client));
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = haven(&["lab", "heal", "--dir", self.dir_str()], None);
-        let _ = haven(&["lab", "down", "--dir", self.dir_str()], None);
-    }
-}
-
-/// `PID STARTTIME` pidfiles are haven-exec's; a process counts if it is that very
-/// process (same start time) and not a zombie.
-fn running(dir: &Path, resource: &str) -> Vec<String> {
-    NODES
-        .iter()
-        .filter(|n| {
-            let pf = dir
-                .join(n)
-                .join("resources")
-                .join(format!("{resource}.pid"));
-            let Ok(text) = std::fs::read_to_string(pf) else {
-                return false;
-            };
-            let mut it = text.split_whitespace();
-            let (Some(pid), Some(start)) = (it.next(), it.next()) else {
-                return false;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            let Some(rest) = stat.rsplit(')').next() else {
-                return false;
-            };
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            f.first().is_some_and(|s| *s != "Z") && f.get(19) == Some(&start)
-        })
-        .map(|n| n.to_string())
-        .collect()
-}
-
-/// Polls every node's processes until dropped; remembers the most nodes it ever saw
-/// running the resource at once.
-struct Checker {
-    stop: Arc<AtomicBool>,
-    max: Arc<AtomicUsize>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Checker {
-    fn start(dir: &Path, resource: &str) -> Checker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let max = Arc::new(AtomicUsize::new(0));
-        let (s, m, d, r) = (
-            stop.clone(),
-            max.clone(),
-            dir.to_path_buf(),
-            resource.to_string(),
-        );
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                m.fetch_max(running(&d, &r).len(), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Checker {
-            stop,
-            max,
-            thread: Some(thread),
-        }
-    }
-
-    fn most_seen(mut self) -> usize {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.max.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Checker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until `svc` runs on exactly one node, and returns it.
-fn svc_home(lab: &Lab) -> String {
-    wait_for("svc to run on one node", || {
-        let r = lab.running("svc");
-        (r.len() == 1).then(|| r[0].clone())
-    })
-}
-
-fn lab_device() -> impl Fn(&Lab) -> String {
-    |lab: &Lab| {
-        format!(
-            "\n[[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\nparams = {{ lab-dir = \"{}\" }}\n",
-            lab.dir_str()
-        )
-    }
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use common::*;
 
 #[test]
 fn a_powered_off_node_is_fenced_by_the_lab_switch_and_its_resource_runs_once_on_a_survivor() {
@@ -334,9 +89,14 @@ fn with_only_a_manual_device_the_resource_stays_frozen_until_fence_ack() {
     });
     assert_eq!(h[0]["device"], "manual", "{h:?}");
     assert_eq!(h[0]["victim"], home.as_str(), "{h:?}");
-    // Acknowledging a node nobody is fencing is refused.
+    // Acknowledging a node nobody is fencing is refused, and an unknown one is named.
     let again = haven(&["fence", "ack", other], Some(&client));
     assert!(!again.status.success());
+    let ghost = haven(&["fence", "ack", "ghost"], Some(&client));
+    assert!(
+        String::from_utf8_lossy(&ghost.stderr).contains("no node named \"ghost\""),
+        "{ghost:?}"
+    );
 }
 
 #[test]
@@ -444,11 +204,9 @@ fn a_partitioned_node_stops_its_resource_and_the_majority_recovers_it_after_the_
     let home = svc_home(&lab);
     let checker = Checker::start(&lab.dir, "svc");
     ok(lab.run(&["lab", "partition", &home, "--dir", lab.dir_str()]));
-    // The cut-off node stops svc by itself (no-quorum-policy = stop) ...
-    wait_for("the minority to stop svc", || {
-        lab.running("svc").is_empty().then_some(())
-    });
-    // ... and the majority starts it once the watchdog wait is over.
+    // The majority starts svc once the watchdog wait is over; the cut-off node has
+    // stopped it by itself before (no-quorum-policy = stop), or the checker, polling
+    // every 10 ms, would have seen it on two nodes.
     let survivor = wait_for("svc to run in the majority", || {
         let r = lab.running("svc");
         (r.len() == 1 && r[0] != home).then(|| r[0].clone())
@@ -517,4 +275,99 @@ fn a_fenced_node_that_comes_back_stays_out_until_node_online() {
     });
     // Stickiness keeps svc where it is; it still runs exactly once.
     assert_eq!(lab.running("svc"), vec![survivor]);
+}
+
+#[test]
+fn a_powered_off_node_running_a_qemu_guest_is_fenced_and_the_guest_boots_once_on_a_survivor() {
+    let _one = lock();
+    let guest = guest_dir();
+    let lab = Lab::up();
+    // A TCG guest, as `lab up --vms` runs it; start waits for the guest's ready line.
+    let vm = format!(
+        "\n[[resources]]\nid = \"vm1\"\nclass = \"qemu\"\ntype = \"vm\"\n\
+         params = {{ kernel = \"{}\", initrd = \"{}\", append = \"console=ttyS0 panic=-1 quiet\", \
+         accel = \"tcg\", memory = \"128\", ready_marker = \"HAVEN-GUEST-UP\" }}\n\
+         ops = [{{ name = \"start\", timeout = 120 }}, {{ name = \"stop\", timeout = 30 }}, \
+         {{ name = \"monitor\", interval = 2, timeout = 10 }}]\n",
+        guest.join("vmlinux").display(),
+        guest.join("initramfs.cpio").display()
+    );
+    lab.configure_with(&vm, &lab_device()(&lab));
+    let home = wait_for("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    let checker = Checker::start(&lab.dir, "vm1");
+    ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
+    let survivor = wait_for("vm1 to run on a survivor", || {
+        let r = lab.running("vm1");
+        (r.len() == 1 && r[0] != home).then(|| r[0].clone())
+    });
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+    // Running as the cluster confirms it: the start (which waits for the guest's ready
+    // line) was committed on the survivor.
+    wait_for("status to show vm1 on the survivor", || {
+        let out = haven(&["status", "--json"], Some(&lab.client_of(&survivor)));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let on = s["resources"]
+            .as_array()?
+            .iter()
+            .find(|r| r["id"] == "vm1")?["running_on"]
+            .clone();
+        (on == serde_json::json!([survivor])).then_some(())
+    });
+    let h = lab.fence_history(&lab.client_of(&survivor));
+    assert!(
+        h.iter()
+            .any(|r| r["victim"] == home.as_str() && r["device"] == "power" && r["ok"] == true),
+        "{h:?}"
+    );
+}
+
+#[test]
+fn cutting_one_of_two_links_is_reported_but_fences_nothing() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    let home = svc_home(&lab);
+    let other = NODES.iter().find(|n| **n != home).expect("another node");
+    let client = lab.client_of(other);
+    ok(lab.run(&[
+        "lab",
+        "partition",
+        &home,
+        "--link",
+        "link1",
+        "--dir",
+        lab.dir_str(),
+    ]));
+    let link_state = |name: &str| -> Option<(String, bool, bool)> {
+        let out = haven(&["status", "--json"], Some(&client));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let n = s["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == name)?
+            .clone();
+        let up = |l: &str| {
+            n["links"]
+                .as_array()
+                .and_then(|ls| ls.iter().find(|x| x["name"] == l))
+                .is_some_and(|x| x["up"] == true)
+        };
+        Some((n["state"].as_str()?.to_string(), up("link0"), up("link1")))
+    };
+    let seen = wait_for("link1 of the node to be down", || {
+        link_state(&home).filter(|(_, _, link1)| !link1)
+    });
+    assert_eq!(seen, ("online".to_string(), true, false));
+    // The redundant link carries the heartbeats: no victim, svc stays.
+    let ls = lab.fence_ls(&client).expect("fence ls");
+    assert_eq!(ls["wait_state"], "none", "{ls}");
+    assert!(lab.fence_history(&client).is_empty());
+    assert_eq!(lab.running("svc"), vec![home.clone()]);
+    ok(lab.run(&["lab", "heal", "--dir", lab.dir_str()]));
+    wait_for("link1 to come back", || {
+        link_state(&home).filter(|(_, _, link1)| *link1)
+    });
 }

@@ -146,6 +146,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ls_and_history_render_like_fence_tool() {
+        let ls = FenceLs {
+            leader: "n1".into(),
+            members: vec![
+                ("n1".into(), "online".into()),
+                ("n2".into(), "unclean".into()),
+            ],
+            heard: vec!["n1".into()],
+            victims: vec![crate::daemon::fence::VictimInfo {
+                name: "n2".into(),
+                reason: "it stopped heartbeating".into(),
+                state: "waiting-ack".into(),
+                detail: "level 1: waiting for `haven fence ack n2`".into(),
+            }],
+            victim_now: Some("n2".into()),
+            wait_state: "fencing".into(),
+        };
+        let text = render_ls(&ls);
+        assert!(text.contains("members     n1:online n2:unclean"), "{text}");
+        assert!(text.contains("victim now  n2"), "{text}");
+        assert!(text.contains("wait state  fencing"), "{text}");
+        let h = render_history(&[FenceRecord {
+            victim: "n2".into(),
+            device: "ipmi".into(),
+            executor: "n3".into(),
+            ok: false,
+            at_ms: 0,
+            started_ms: 0,
+            detail: "fence_ipmilan off: Timeout".into(),
+        }]);
+        assert_eq!(
+            h,
+            "1970-01-01 00:00:00.000  n2 FAILED by n3 with ipmi: fence_ipmilan off: Timeout\n"
+        );
+        assert_eq!(render_history(&[]), "no fencing has happened\n");
+    }
+
+    #[test]
     fn history_times_are_utc() {
         assert_eq!(chrono_like(0), "1970-01-01 00:00:00.000");
         assert_eq!(chrono_like(1_795_000_000_123), "2026-11-18 11:06:40.123");

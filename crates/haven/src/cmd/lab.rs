@@ -94,6 +94,10 @@ pub enum LabCommand {
         /// Print JSON (every run) instead of the summary
         #[arg(long)]
         json: bool,
+        /// Fail over a TCG QEMU guest from this directory (scripts/build-guest) instead
+        /// of a process
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
     },
 }
 
@@ -149,8 +153,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        LabCommand::BenchFailover { nodes, runs, json } => {
-            let r = crate::daemon::failover_bench::failover(nodes, runs)?;
+        LabCommand::BenchFailover {
+            nodes,
+            runs,
+            json,
+            guest_dir,
+        } => {
+            let r = crate::daemon::failover_bench::failover(nodes, runs, guest_dir.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

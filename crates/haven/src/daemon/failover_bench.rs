@@ -38,6 +38,8 @@ pub struct FailoverRun {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FailoverBench {
     pub nodes: u8,
+    /// `process`, or `qemu` (a TCG guest).
+    pub kind: String,
     pub runs: Vec<FailoverRun>,
 }
 
@@ -59,7 +61,8 @@ impl FailoverBench {
     pub fn render(&self) -> String {
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
         let mut s = format!(
-            "failover of a `process` resource, {} nodes on loopback, lab power switch, {} runs\n",
+            "failover of a `{}` resource, {} nodes on loopback, lab power switch, {} runs\n",
+            self.kind,
             self.nodes,
             self.runs.len()
         );
@@ -84,7 +87,7 @@ impl FailoverBench {
     }
 }
 
-fn config(nodes: u8, dir: &Path) -> String {
+fn config(nodes: u8, dir: &Path, guest: Option<&Path>) -> String {
     let mut s = String::from(
         "[options]\nstonith-enabled = true\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
     );
@@ -94,9 +97,21 @@ fn config(nodes: u8, dir: &Path) -> String {
             "\n[[nodes]]\nname = \"n{i}\"\naddrs = [\"127.0.0.{host}\", \"127.0.1.{host}\"]\n"
         ));
     }
-    s.push_str(&format!(
-        "\n[[resources]]\nid = \"{RESOURCE}\"\nclass = \"process\"\ntype = \"{RESOURCE}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
-    ));
+    match guest {
+        None => s.push_str(&format!(
+            "\n[[resources]]\nid = \"{RESOURCE}\"\nclass = \"process\"\ntype = \"{RESOURCE}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
+        )),
+        // Start waits for the guest's ready line: running means booted.
+        Some(g) => s.push_str(&format!(
+            "\n[[resources]]\nid = \"{RESOURCE}\"\nclass = \"qemu\"\ntype = \"vm\"\n\
+             params = {{ kernel = \"{}\", initrd = \"{}\", append = \"console=ttyS0 panic=-1 quiet\", \
+             accel = \"tcg\", memory = \"128\", ready_marker = \"HAVEN-GUEST-UP\" }}\n\
+             ops = [{{ name = \"start\", timeout = 120 }}, {{ name = \"stop\", timeout = 30 }}, \
+             {{ name = \"monitor\", interval = 1, timeout = 10 }}]\n",
+            g.join("vmlinux").display(),
+            g.join("initramfs.cpio").display()
+        )),
+    }
     s.push_str(&format!(
         "\n[[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\nparams = {{ lab-dir = \"{}\" }}\n",
         dir.display()
@@ -133,7 +148,9 @@ async fn wait<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> anyho
 
 /// Runs the benchmark on a fresh lab in a temporary directory, removed afterwards (also
 /// on error).
-pub fn failover(nodes: u8, runs: usize) -> anyhow::Result<FailoverBench> {
+/// With `guest` (a directory with `vmlinux` and `initramfs.cpio`, see
+/// scripts/build-guest) the resource is a TCG QEMU guest instead of a process.
+pub fn failover(nodes: u8, runs: usize, guest: Option<&Path>) -> anyhow::Result<FailoverBench> {
     if !(3..=9).contains(&nodes) || runs == 0 {
         anyhow::bail!("--nodes must be between 3 and 9 and --runs positive");
     }
@@ -143,14 +160,29 @@ pub fn failover(nodes: u8, runs: usize) -> anyhow::Result<FailoverBench> {
         wall_ms()
     ));
     let rt = tokio::runtime::Runtime::new()?;
-    let result = rt.block_on(bench(nodes, runs, &dir));
+    if let Some(g) = guest {
+        for f in ["vmlinux", "initramfs.cpio"] {
+            if !g.join(f).is_file() {
+                anyhow::bail!(
+                    "--guest-dir {}: no {f} (build it with scripts/build-guest)",
+                    g.display()
+                );
+            }
+        }
+    }
+    let result = rt.block_on(bench(nodes, runs, &dir, guest));
     drop(rt);
     let _ = crate::cmd::lab::down(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn bench(nodes: u8, runs: usize, dir: &Path) -> anyhow::Result<FailoverBench> {
+async fn bench(
+    nodes: u8,
+    runs: usize,
+    dir: &Path,
+    guest: Option<&Path>,
+) -> anyhow::Result<FailoverBench> {
     let (client_path, _) = crate::cmd::lab::start(nodes, dir, None).await?;
     let dir: PathBuf = dir.canonicalize()?;
     let client = Client::load(&client_path)?;
@@ -160,13 +192,14 @@ async fn bench(nodes: u8, runs: usize, dir: &Path) -> anyhow::Result<FailoverBen
             api::CONFIG_APPLY,
             &ApplyConfig {
                 based_on: current.version,
-                text: config(nodes, &dir),
+                text: config(nodes, &dir, guest),
             },
         )
         .await
         .context("applying the benchmark configuration")?;
     let mut out = FailoverBench {
         nodes,
+        kind: if guest.is_some() { "qemu" } else { "process" }.to_string(),
         runs: Vec::new(),
     };
     for run in 0..runs {

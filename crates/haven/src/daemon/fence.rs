@@ -412,6 +412,19 @@ pub fn agent_spec(dev: &FenceDevice) -> Result<(FenceAgentSpec, FenceAction), St
 pub fn power_off(node_dir: &Path) -> Result<usize, String> {
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
+    // Finding nothing to kill is success only for a node that is really there: a wrong
+    // lab-dir must fail, not confirm a fence that never happened.
+    if !node_dir.join("node.toml").is_file() {
+        return Err(format!(
+            "{}: not a lab node directory (no node.toml); check params.lab-dir",
+            node_dir.display()
+        ));
+    }
+    // The daemon is recognised by the directory on its command line, which the lab
+    // gives in canonical form.
+    let node_dir = &node_dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", node_dir.display()))?;
     let mut victims: Vec<haven_exec::pidfile::Tracked> = Vec::new();
     // The daemon first, so it cannot start anything more while its children die.
     if let Some(pid) = lab_daemon_pid(node_dir)
@@ -531,6 +544,27 @@ pub fn handle_input<P: Planner>(
         FenceInput::Ls(reply) => {
             let _ = reply.send(fence_ls(d, c));
         }
+    }
+}
+
+/// Tells a new coordinator which links this node's detector hears now.
+pub fn seed_heartbeats<P: Planner>(d: &Daemon, c: &mut Coordinator<P>, now: Time) {
+    let heard: Vec<(String, String)> = match d.membership.lock() {
+        Ok(m) => d
+            .members()
+            .into_iter()
+            .flat_map(|(name, _)| {
+                m.links(&name)
+                    .into_iter()
+                    .filter(|(_, up)| *up)
+                    .map(move |(link, _)| (name.clone(), link))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for (node, link) in heard {
+        c.handle_heartbeat(&node, &link, now);
     }
 }
 
@@ -935,6 +969,9 @@ mod tests {
     fn power_off_kills_the_resource_process_group_by_pidfile() {
         use std::os::unix::process::CommandExt;
         let tmp = tempfile::tempdir().expect("tempdir");
+        let e = power_off(tmp.path()).expect_err("not a node directory");
+        assert!(e.contains("lab-dir"), "{e}");
+        std::fs::write(tmp.path().join("node.toml"), "").expect("node.toml");
         let res = tmp.path().join("resources");
         std::fs::create_dir_all(&res).expect("mkdir");
         let mut child = std::process::Command::new("sh")

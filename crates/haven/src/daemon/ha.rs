@@ -174,8 +174,18 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                     continue;
                 };
                 let planner = LivePlanner(Arc::new(Mutex::new(SchedPlanner::new(config.clone()))));
-                let mut coordinator =
-                    Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
+                // Take over where this node's own failure detector stands: a node it
+                // has not heard for the detection time is lost at once, not a whole
+                // detection time after the election.
+                let since =
+                    haven_ha::Time::from_millis(now.0.saturating_sub(d.node.timers.dead_after_ms));
+                let mut coordinator = Coordinator::new(
+                    planner.clone(),
+                    coordinator_config(&config),
+                    timeouts,
+                    since,
+                );
+                super::fence::seed_heartbeats(&d, &mut coordinator, now);
                 coordinator.handle_failcounts(committed_failcounts(&d), now);
                 tracing::info!("leader: coordinator started on configuration version {v}");
                 leading = Some(Leading {

@@ -1,0 +1,286 @@
+//! What the failover tests share: a loopback lab of real daemons, the resource
+//! checker that polls every node's processes, and bounded waits.
+#![allow(dead_code)] // each test binary uses a part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const HAVEN: &str = env!("CARGO_BIN_EXE_haven");
+pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn haven(args: &[&str], client: Option<&Path>) -> Output {
+    let mut cmd = Command::new(HAVEN);
+    cmd.args(args).env_remove("HAVEN_CONFIG");
+    if let Some(c) = client {
+        cmd.env("HAVEN_CONFIG", c);
+    }
+    cmd.output().expect("run haven")
+}
+
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "haven failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A 3-node lab, stopped (and healed) when the test ends, pass or fail.
+pub struct Lab {
+    _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub client: PathBuf,
+}
+
+impl Lab {
+    pub fn up() -> Lab {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("lab");
+        let lab = Lab {
+            client: dir.join("client.toml"),
+            dir,
+            _tmp: tmp,
+        };
+        ok(haven(
+            &["lab", "up", "--nodes", "3", "--dir", lab.dir_str()],
+            None,
+        ));
+        lab
+    }
+
+    pub fn dir_str(&self) -> &str {
+        self.dir.to_str().expect("utf-8 path")
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        haven(args, Some(&self.client))
+    }
+
+    /// A client.toml that talks to `node` only (a partitioned node answers stale).
+    pub fn client_of(&self, node: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.client).expect("client.toml");
+        let mut v: toml::Table = toml::from_str(&text).expect("client.toml parses");
+        let servers = v["servers"].as_array().expect("servers").clone();
+        let i = NODES.iter().position(|n| *n == node).expect("lab node");
+        v.insert(
+            "servers".into(),
+            toml::Value::Array(vec![servers[i].clone()]),
+        );
+        let path = self.dir.join(format!("client-{node}.toml"));
+        std::fs::write(&path, toml::to_string(&v).expect("toml")).expect("write client");
+        path
+    }
+
+    /// Replaces the demo configuration with three nodes, one `process` resource `svc`
+    /// and `fencing` (TOML for the fencing section), with stonith on.
+    pub fn configure(&self, fencing: &str) {
+        self.configure_with("", fencing);
+    }
+
+    /// As [`Self::configure`], with `resources` (TOML) added.
+    pub fn configure_with(&self, resources: &str, fencing: &str) {
+        let show = ok(self.run(&["config", "show"]));
+        let version = show
+            .lines()
+            .find_map(|l| l.strip_prefix("# haven-config-version: "))
+            .expect("version line")
+            .trim()
+            .to_string();
+        let mut text = String::from(
+            "[options]\nstonith-enabled = true\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
+        );
+        for (i, n) in NODES.iter().enumerate() {
+            let host = 11 + i;
+            text.push_str(&format!(
+                "\n[[nodes]]\nname = \"{n}\"\naddrs = [\"127.0.0.{host}\", \"127.0.1.{host}\"]\n"
+            ));
+        }
+        // The demo's resources stay, so nothing is removed under the agents' feet.
+        for id in ["db", "web", "worker", "svc"] {
+            text.push_str(&format!(
+                "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
+            ));
+        }
+        text.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
+        text.push_str(resources);
+        text.push_str(fencing);
+        let path = self.dir.join("cluster.toml");
+        std::fs::write(&path, text).expect("write config");
+        ok(self.run(&[
+            "config",
+            "apply",
+            path.to_str().expect("utf-8"),
+            "--based-on",
+            &version,
+        ]));
+    }
+
+    /// The nodes where `resource`'s process really runs now.
+    pub fn running(&self, resource: &str) -> Vec<String> {
+        running(&self.dir, resource)
+    }
+
+    pub fn fence_history(&self, client: &Path) -> Vec<serde_json::Value> {
+        let out = ok(haven(&["fence", "history", "--json"], Some(client)));
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).expect("history JSON")
+    }
+
+    pub fn fence_ls(&self, client: &Path) -> Option<serde_json::Value> {
+        let out = haven(&["fence", "ls", "--json"], Some(client));
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The daemons' own account of what went wrong, shown with the failure.
+            for n in NODES {
+                let log = std::fs::read_to_string(self.dir.join(n).join("daemon.log"))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- {n}/daemon.log (last 60 lines)");
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        let _ = haven(&["lab", "heal", "--dir", self.dir_str()], None);
+        let _ = haven(&["lab", "down", "--dir", self.dir_str()], None);
+    }
+}
+
+/// `PID STARTTIME` pidfiles are haven-exec's; a process counts if it is that very
+/// process (same start time) and not a zombie.
+pub fn running(dir: &Path, resource: &str) -> Vec<String> {
+    NODES
+        .iter()
+        .filter(|n| {
+            let pf = dir
+                .join(n)
+                .join("resources")
+                .join(format!("{resource}.pid"));
+            let Ok(text) = std::fs::read_to_string(pf) else {
+                return false;
+            };
+            let mut it = text.split_whitespace();
+            let (Some(pid), Some(start)) = (it.next(), it.next()) else {
+                return false;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(rest) = stat.rsplit(')').next() else {
+                return false;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f.first().is_some_and(|s| *s != "Z") && f.get(19) == Some(&start)
+        })
+        .map(|n| n.to_string())
+        .collect()
+}
+
+/// Polls every node's processes until dropped; remembers the most nodes it ever saw
+/// running the resource at once.
+pub struct Checker {
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checker {
+    pub fn start(dir: &Path, resource: &str) -> Checker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicUsize::new(0));
+        let (s, m, d, r) = (
+            stop.clone(),
+            max.clone(),
+            dir.to_path_buf(),
+            resource.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                m.fetch_max(running(&d, &r).len(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Checker {
+            stop,
+            max,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn most_seen(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+pub fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `svc` runs on exactly one node, and returns it.
+pub fn svc_home(lab: &Lab) -> String {
+    wait_for("svc to run on one node", || {
+        let r = lab.running("svc");
+        (r.len() == 1).then(|| r[0].clone())
+    })
+}
+
+pub fn lab_device() -> impl Fn(&Lab) -> String {
+    |lab: &Lab| {
+        format!(
+            "\n[[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\nparams = {{ lab-dir = \"{}\" }}\n",
+            lab.dir_str()
+        )
+    }
+}
+
+pub fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The test guest (scripts/build-guest): HAVEN_GUEST_DIR or the repository's
+/// target/guest.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("HAVEN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
+    assert!(
+        dir.join("vmlinux").is_file() && dir.join("initramfs.cpio").is_file(),
+        "no test guest in {}: run scripts/build-guest (or set HAVEN_GUEST_DIR)",
+        dir.display()
+    );
+    dir
+}
