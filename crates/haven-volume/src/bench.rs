@@ -1,4 +1,4 @@
-//! `haven volume bench`: Haven volumes beside unreplicated `qemu-nbd` in one run.
+//! `haven bench volume`: Haven volumes beside unreplicated `qemu-nbd` in one run.
 //!
 //! Sequential write throughput is measured with `nbdcopy` (libnbd-bin) from a tmpfs file;
 //! 4 KiB writes at queue depth 1 (plain and FUA) with a small NBD client here, so each

@@ -5,7 +5,7 @@
 //! - [`decide`]: pure decisions (sync direction, split brain, promotion).
 //! - [`wire`]: the replication protocol; [`volume`]: a running replica.
 //! - [`control`]: the JSON-lines control socket used by the CLI.
-//! - [`bench`]: Haven volumes beside `qemu-nbd` (`haven volume bench`).
+//! - [`bench`]: Haven volumes beside `qemu-nbd` (`haven bench volume`).
 
 pub mod bench;
 pub mod control;

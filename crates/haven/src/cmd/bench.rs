@@ -35,6 +35,30 @@ pub enum What {
         #[arg(long)]
         no_peer: bool,
     },
+    /// Replicated volumes beside unreplicated qemu-nbd, in one run
+    Volume(crate::cmd::volume::BenchArgs),
+    /// Time failovers on a fresh lab: power off the node running a resource, until it
+    /// runs elsewhere (p50/p95/max, with detection, fencing and start)
+    Failover {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Print JSON (every run) instead of the summary
+        #[arg(long)]
+        json: bool,
+        /// Fail over a TCG QEMU guest from this directory (scripts/build-guest) instead
+        /// of a process
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+    },
+    /// Time configuration commits on a fresh lab (p50/p99), then remove it
+    Commit {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
     /// Only write a generated CIB
     GenCib {
         nodes: usize,
@@ -173,6 +197,36 @@ fn time_peer(path: &Path, timeout: u64) -> anyhow::Result<Option<Duration>> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
+        What::Volume(a) => crate::cmd::volume::bench(a),
+        What::Failover {
+            nodes,
+            runs,
+            json,
+            guest_dir,
+        } => {
+            let r = crate::daemon::failover_bench::failover(nodes, runs, guest_dir.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.render());
+            }
+            Ok(())
+        }
+        What::Commit { nodes, samples } => {
+            if samples == 0 || !(1..=50).contains(&nodes) {
+                anyhow::bail!("--samples must be positive and --nodes between 1 and 50");
+            }
+            let r = crate::daemon::bench::commit_latency(nodes, samples)?;
+            println!(
+                "config commit latency, {} nodes on loopback, {} samples: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                r.nodes,
+                r.samples,
+                r.p50.as_secs_f64() * 1e3,
+                r.p99.as_secs_f64() * 1e3,
+                r.max.as_secs_f64() * 1e3
+            );
+            Ok(())
+        }
         What::GenCib {
             nodes,
             resources,

@@ -46,13 +46,6 @@ pub enum LabCommand {
         #[arg(long, default_value = "haven-lab")]
         dir: PathBuf,
     },
-    /// Time configuration commits on a fresh lab (p50/p99), then remove it
-    BenchCommit {
-        #[arg(long, default_value_t = 3)]
-        nodes: u8,
-        #[arg(long, default_value_t = 200)]
-        samples: usize,
-    },
     /// Show the lab's processes and the cluster's status
     Status {
         #[arg(long, default_value = "haven-lab")]
@@ -83,21 +76,6 @@ pub enum LabCommand {
     Heal {
         #[arg(long, default_value = "haven-lab")]
         dir: PathBuf,
-    },
-    /// Time failovers on a fresh lab: power off the node running a resource, until it
-    /// runs elsewhere (p50/p95/max, with detection, fencing and start)
-    BenchFailover {
-        #[arg(long, default_value_t = 3)]
-        nodes: u8,
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-        /// Print JSON (every run) instead of the summary
-        #[arg(long)]
-        json: bool,
-        /// Fail over a TCG QEMU guest from this directory (scripts/build-guest) instead
-        /// of a process
-        #[arg(long)]
-        guest_dir: Option<PathBuf>,
     },
 }
 
@@ -138,35 +116,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Status { dir } => status(&dir),
-        LabCommand::BenchCommit { nodes, samples } => {
-            if samples == 0 || !(1..=50).contains(&nodes) {
-                anyhow::bail!("--samples must be positive and --nodes between 1 and 50");
-            }
-            let r = crate::daemon::bench::commit_latency(nodes, samples)?;
-            println!(
-                "config commit latency, {} nodes on loopback, {} samples: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-                r.nodes,
-                r.samples,
-                r.p50.as_secs_f64() * 1e3,
-                r.p99.as_secs_f64() * 1e3,
-                r.max.as_secs_f64() * 1e3
-            );
-            Ok(())
-        }
-        LabCommand::BenchFailover {
-            nodes,
-            runs,
-            json,
-            guest_dir,
-        } => {
-            let r = crate::daemon::failover_bench::failover(nodes, runs, guest_dir.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{}", r.render());
-            }
-            Ok(())
-        }
         LabCommand::Kill { node, dir } => {
             let node_dir = lab_node_dir(&dir, &node)?;
             let n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;

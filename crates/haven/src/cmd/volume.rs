@@ -34,8 +34,6 @@ enum VolumeCommand {
     Disconnect(PeerArgs),
     /// Resolve a split brain with a peer by naming the node whose data is discarded
     Resolve(ResolveArgs),
-    /// Benchmark: unreplicated qemu-nbd, one Haven replica and two, in one run
-    Bench(BenchArgs),
 }
 
 #[derive(Parser)]
@@ -208,7 +206,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         VolumeCommand::Demote(a) => ctl(&a, ControlRequest::Demote),
         VolumeCommand::Connect(a) => ctl(&a.ctl, ControlRequest::Connect { peer: a.peer }),
         VolumeCommand::Disconnect(a) => ctl(&a.ctl, ControlRequest::Disconnect { peer: a.peer }),
-        VolumeCommand::Bench(a) => bench(a),
         VolumeCommand::Resolve(a) => ctl(
             &a.ctl,
             ControlRequest::Resolve {
@@ -330,7 +327,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Runs the volume benchmark; `haven bench volume` can call this with the same args.
+/// Runs the volume benchmark (`haven bench volume`).
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     use haven_volume::bench::{BenchOpts, Latency, bench_volume};
     let scratch = a.scratch.unwrap_or_else(|| {

@@ -1,4 +1,4 @@
-//! Failover time on a loopback lab: what `haven lab bench-failover` reports.
+//! Failover time on a loopback lab: what `haven bench failover` reports.
 //!
 //! One `process` resource runs on a fresh lab whose only fence device is the lab power
 //! switch. Each run powers off the node running it (daemon and resource processes,
