@@ -47,7 +47,18 @@ enum Command {
     Fence(cmd::fence::Args),
 }
 
+/// Rust ignores SIGPIPE, so `haven simulate ... | head` would panic on the closed pipe
+/// in `println!`. A command-line tool should just end there, as C tools do.
+#[allow(unsafe_code)]
+fn restore_default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called first thing in main, before any thread or runtime exists, and
+    // SIG_DFL installs no Rust handler, so nothing can observe a half-set disposition.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> std::process::ExitCode {
+    restore_default_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Simulate(a) => cmd::simulate::run(a),
