@@ -193,6 +193,25 @@ impl<P: Planner> Coordinator<P> {
                 .map(|n| (n.name.as_str(), n.links.clone())),
         );
         let names: BTreeSet<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        // Operations in flight on a node that is no longer configured will never be
+        // settled by a report: count them failed so the transition can finish.
+        let removed: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !names.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for node in &removed {
+            self.in_flight.retain(|_, f| f.node != *node);
+            if let Some(t) = self.transition.as_mut() {
+                for (i, s) in t.status.iter_mut().enumerate() {
+                    if *s == StepStatus::InFlight && t.plan.steps[i].node() == node {
+                        *s = StepStatus::Failed;
+                        t.aborted = true;
+                    }
+                }
+            }
+        }
         self.nodes.retain(|n, _| names.contains(n.as_str()));
         for n in &names {
             self.nodes
@@ -809,6 +828,11 @@ impl<P: Planner> Coordinator<P> {
                 Some(NodeState::Online) if *o == Observed::Unknown => {
                     return Err(format!("{resource} is not yet probed on {n}"));
                 }
+                // Still active on a live node: its stop must come first, whatever the
+                // planner thought.
+                Some(NodeState::Online) => {
+                    return Err(format!("{resource} is still active on {n}"));
+                }
                 _ => {}
             }
         }
@@ -1199,6 +1223,67 @@ mod tests {
             h.c.take_log()
         );
         assert_eq!(h.c.view().nodes["n1"], NodeState::Unclean);
+    }
+
+    /// A planner that forgets to stop the old copy: the dispatcher itself must refuse.
+    struct StartOnly;
+
+    impl Planner for StartOnly {
+        fn plan(&mut self, view: &ClusterView) -> Plan {
+            let here = view.resources.get("vm1").and_then(|p| p.get("n2"));
+            if here == Some(&Observed::Started) {
+                return Plan::default();
+            }
+            Plan {
+                steps: vec![Step::Start {
+                    resource: "vm1".into(),
+                    node: "n2".into(),
+                }],
+                edges: vec![],
+            }
+        }
+    }
+
+    #[test]
+    fn dispatcher_refuses_a_start_while_the_resource_is_active_on_a_live_node() {
+        let cfg = config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")]);
+        let mut c = Coordinator::new(StartOnly, cfg, Timeouts::default(), Time(0));
+        let mut sent = Vec::new();
+        for t in 0..30u64 {
+            let now = Time(t * 100);
+            for n in ["n1", "n2", "n3"] {
+                c.handle_heartbeat(n, "ring0", now);
+            }
+            c.handle_timeout(now);
+            while let Some(cmd) = c.poll_command() {
+                if let CoordinatorCommand::Op { node, request } = cmd {
+                    // vm1 runs on n1 (a probe finds it); everything else is stopped.
+                    let outcome = match request.op {
+                        OpKind::Monitor if node == "n1" => OpOutcome::Ok,
+                        OpKind::Monitor => OpOutcome::NotRunning,
+                        _ => OpOutcome::Ok,
+                    };
+                    if request.op != OpKind::Monitor {
+                        sent.push((node.clone(), request.op));
+                    }
+                    let report = OpReport {
+                        seq: Some(request.seq),
+                        resource: request.resource,
+                        op: request.op,
+                        outcome,
+                        at: now,
+                    };
+                    c.handle_report(&node, report, now);
+                }
+            }
+        }
+        assert!(sent.is_empty(), "no start while vm1 runs on n1: {sent:?}");
+        assert!(
+            c.take_log()
+                .iter()
+                .any(|l| l.contains("still active on n1")),
+            "the hold is logged"
+        );
     }
 
     #[test]

@@ -289,6 +289,12 @@ impl Fencer {
 
     fn run_step(&mut self, victim: &str, level: usize, step: usize, alive: &[String], now: Time) {
         let Some(s) = self.step(victim, level, step).cloned() else {
+            // An empty level can fence nothing: it has failed, try the next one.
+            self.alert(
+                victim,
+                format!("fencing level {} for {victim} has no device", level + 1),
+            );
+            self.start_level(victim, level + 1, alive, now);
             return;
         };
         match s.kind {
@@ -531,6 +537,20 @@ mod tests {
         assert!(!f.is_confirmed("n2"));
         assert!(f.handle_ack("n2", Time(61_000)));
         assert_eq!(confirmed(&drain(&mut f)), Some(Confirmation::Manual));
+    }
+
+    #[test]
+    fn an_empty_level_fails_over_to_the_next() {
+        let mut f = Fencer::new(Duration::from_secs(5));
+        f.request(
+            "n3",
+            "lost",
+            vec![vec![], vec![run("pdu")]],
+            &alive(),
+            Time(0),
+        );
+        let (_, dev, _) = only_run(&drain(&mut f));
+        assert_eq!(dev, "pdu");
     }
 
     #[test]
