@@ -100,11 +100,13 @@ pub fn fence_levels(config: &Config, node: &str) -> Vec<Vec<FenceStep>> {
         return levels
             .iter()
             .map(|l| {
+                // Every device of a level must act; a level naming something that is not
+                // a fence device (a CIB's stonith primitive) is empty, which fails over.
                 l.devices
                     .iter()
-                    .filter_map(|id| device(id))
-                    .map(fence_step)
-                    .collect()
+                    .map(|id| device(id).map(fence_step))
+                    .collect::<Option<Vec<_>>>()
+                    .unwrap_or_default()
             })
             .collect();
     }

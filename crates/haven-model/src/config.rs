@@ -846,6 +846,12 @@ impl Config {
                     "levels are numbered from 1".into(),
                 ));
             }
+            if lv.devices.is_empty() {
+                return Err(bad(
+                    format!("{f}.devices"),
+                    "a fencing level needs at least one device".into(),
+                ));
+            }
             for (j, d) in lv.devices.iter().enumerate() {
                 let known = self.fencing.devices.iter().any(|x| &x.id == d)
                     || self
@@ -861,10 +867,39 @@ impl Config {
             }
         }
         for (i, d) in self.fencing.devices.iter().enumerate() {
-            if d.params.keys().any(|k| k == "password" || k == "passwd") {
+            // Any secret-bearing agent parameter (passwd, snmp_priv_passwd, community…)
+            // would be replicated and shown by `config show`.
+            let secret = |k: &str| {
+                let k = k.to_ascii_lowercase();
+                k.contains("passw") || k.contains("community") || k.contains("secret")
+            };
+            if let Some(k) = d.params.keys().find(|k| secret(k)) {
                 return Err(bad(
-                    format!("fencing.devices[{i}].params"),
-                    "passwords are never stored in the configuration; use password-file or password-script".into(),
+                    format!("fencing.devices[{i}].params.{k}"),
+                    "secrets are never stored in the configuration; use password-file or password-script".into(),
+                ));
+            }
+            // A device that powers one machine (an IPMI board) must say which: used
+            // against another victim it would kill its own host instead.
+            if d.params.get("pcmk_host_argument").is_some_and(|v| v == "none")
+                && d.hosts.len() != 1
+            {
+                return Err(bad(
+                    format!("fencing.devices[{i}].hosts"),
+                    "a device with pcmk_host_argument = \"none\" controls one machine: name exactly that node in hosts".into(),
+                ));
+            }
+            // A watchdog only fences if the cut-off node stops by itself, which
+            // no-quorum-policy freeze or ignore never does.
+            if d.agent == "watchdog"
+                && matches!(
+                    self.options.no_quorum_policy,
+                    NoQuorumPolicy::Freeze | NoQuorumPolicy::Ignore
+                )
+            {
+                return Err(bad(
+                    format!("fencing.devices[{i}].agent"),
+                    "a watchdog device needs options.no-quorum-policy = \"stop\" or \"suicide\": with freeze or ignore a cut-off node keeps running what the others recover".into(),
                 ));
             }
             for (j, h) in d.hosts.iter().enumerate() {

@@ -117,6 +117,33 @@ fn passwords_never_live_in_the_config() {
     let (f, r) = refuse(
         "[[nodes]]\nname = \"n1\"\n[[fencing.devices]]\nid = \"f\"\nagent = \"fence_ipmilan\"\nparams = { password = \"x\" }\n",
     );
-    assert_eq!(f, "fencing.devices[0].params");
+    assert_eq!(f, "fencing.devices[0].params.password");
     assert!(r.contains("password-file"), "{r}");
+}
+
+#[test]
+fn fencing_devices_that_cannot_work_safely_are_refused() {
+    let dev = |extra: &str| {
+        format!(
+            "{BASE}[[fencing.devices]]\nid = \"d\"\nagent = \"fence_ipmilan\"\n{extra}"
+        )
+    };
+    let (f, r) = refuse(&dev("params = { snmp_priv_passwd = \"x\" }\n"));
+    assert_eq!(f, "fencing.devices[0].params.snmp_priv_passwd");
+    assert!(r.contains("password-file"), "{r}");
+    let (f, r) = refuse(&dev("params = { pcmk_host_argument = \"none\" }\n"));
+    assert_eq!(f, "fencing.devices[0].hosts");
+    assert!(r.contains("exactly"), "{r}");
+    Config::from_toml(
+        "c.toml",
+        &dev("hosts = [\"n1\"]\nparams = { pcmk_host_argument = \"none\" }\n"),
+    )
+    .expect("one host named: valid");
+    let (f, _) = refuse(&format!(
+        "[options]\nno-quorum-policy = \"freeze\"\n{BASE}[[fencing.devices]]\nid = \"w\"\nagent = \"watchdog\"\n"
+    ));
+    assert_eq!(f, "fencing.devices[0].agent");
+    let (f, r) = refuse(&dev("[[fencing.levels]]\nnode = \"n1\"\nindex = 1\ndevices = []\n"));
+    assert_eq!(f, "fencing.levels[0].devices");
+    assert!(r.contains("at least one"), "{r}");
 }

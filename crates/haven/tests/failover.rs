@@ -104,7 +104,7 @@ fn fence_node_escalates_from_a_failing_fence_dummy_to_the_lab_switch_which_kills
     let _one = lock();
     let lab = Lab::up();
     let mut fencing = format!(
-        "{}\n[[fencing.devices]]\nid = \"broken\"\nagent = \"fence_dummy\"\nparams = {{ type = \"fail\", power_timeout = \"1\", pcmk_host_argument = \"none\" }}\n",
+        "{}\n[[fencing.devices]]\nid = \"broken\"\nagent = \"fence_dummy\"\nparams = {{ type = \"fail\", power_timeout = \"1\" }}\n",
         lab_device()(&lab)
     );
     for n in NODES {
@@ -168,7 +168,7 @@ fn a_real_fence_dummy_confirms_a_dead_node() {
     // fence_dummy compares the whole file: no newline.
     std::fs::write(&status_file, "on").expect("status file");
     lab.configure(&format!(
-        "\n[[fencing.devices]]\nid = \"dummy\"\nagent = \"fence_dummy\"\nparams = {{ type = \"file\", status_file = \"{}\", pcmk_host_argument = \"none\" }}\n",
+        "\n[[fencing.devices]]\nid = \"dummy\"\nagent = \"fence_dummy\"\nparams = {{ type = \"file\", status_file = \"{}\" }}\n",
         status_file.display()
     ));
     let home = svc_home(&lab);

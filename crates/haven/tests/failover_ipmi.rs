@@ -124,12 +124,16 @@ fn fence_ipmilan_against_ipmi_sim_fences_a_lab_node_with_a_referenced_password()
     });
     let pw = lab.dir.join("bmc-password");
     std::fs::write(&pw, format!("{PASSWORD}\n")).expect("password file");
+    // The simulated BMC powers one machine: the node that runs svc. Place svc first,
+    // then name that node as the device's one host.
+    lab.configure("");
+    let home = svc_home(&lab);
     lab.configure(&format!(
-        "\n[[fencing.devices]]\nid = \"ipmi\"\nagent = \"fence_ipmilan\"\npassword-file = \"{}\"\nparams = {{ ip = \"127.0.0.1\", ipport = \"{}\", username = \"admin\", lanplus = \"1\", cipher = \"3\", pcmk_host_argument = \"none\", pcmk_action = \"off\" }}\n",
+        "\n[[fencing.devices]]\nid = \"ipmi\"\nagent = \"fence_ipmilan\"\nhosts = [\"{home}\"]\npassword-file = \"{}\"\nparams = {{ ip = \"127.0.0.1\", ipport = \"{}\", username = \"admin\", lanplus = \"1\", cipher = \"3\", pcmk_host_argument = \"none\", pcmk_action = \"off\" }}\n",
         pw.display(),
         bmc.port
     ));
-    let home = svc_home(&lab);
+    assert_eq!(svc_home(&lab), home, "svc stays where it runs (stickiness)");
     let checker = Checker::start(&lab.dir, "svc");
     ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
     let survivor = wait_for("svc to run on a survivor", || {
