@@ -881,7 +881,9 @@ impl Config {
             }
             // A device that powers one machine (an IPMI board) must say which: used
             // against another victim it would kill its own host instead.
-            if d.params.get("pcmk_host_argument").is_some_and(|v| v == "none")
+            if d.params
+                .get("pcmk_host_argument")
+                .is_some_and(|v| v == "none")
                 && d.hosts.len() != 1
             {
                 return Err(bad(

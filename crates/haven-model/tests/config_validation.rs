@@ -124,9 +124,7 @@ fn passwords_never_live_in_the_config() {
 #[test]
 fn fencing_devices_that_cannot_work_safely_are_refused() {
     let dev = |extra: &str| {
-        format!(
-            "{BASE}[[fencing.devices]]\nid = \"d\"\nagent = \"fence_ipmilan\"\n{extra}"
-        )
+        format!("{BASE}[[fencing.devices]]\nid = \"d\"\nagent = \"fence_ipmilan\"\n{extra}")
     };
     let (f, r) = refuse(&dev("params = { snmp_priv_passwd = \"x\" }\n"));
     assert_eq!(f, "fencing.devices[0].params.snmp_priv_passwd");
@@ -143,7 +141,9 @@ fn fencing_devices_that_cannot_work_safely_are_refused() {
         "[options]\nno-quorum-policy = \"freeze\"\n{BASE}[[fencing.devices]]\nid = \"w\"\nagent = \"watchdog\"\n"
     ));
     assert_eq!(f, "fencing.devices[0].agent");
-    let (f, r) = refuse(&dev("[[fencing.levels]]\nnode = \"n1\"\nindex = 1\ndevices = []\n"));
+    let (f, r) = refuse(&dev(
+        "[[fencing.levels]]\nnode = \"n1\"\nindex = 1\ndevices = []\n",
+    ));
     assert_eq!(f, "fencing.levels[0].devices");
     assert!(r.contains("at least one"), "{r}");
 }
