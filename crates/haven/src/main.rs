@@ -48,7 +48,7 @@ enum Command {
 }
 
 /// Rust ignores SIGPIPE, so `haven simulate ... | head` would panic on the closed pipe
-/// in `println!`. A command-line tool should just end there, as C tools do.
+/// in `println!`. A report-printing tool should just end there, as C tools do.
 #[allow(unsafe_code)]
 fn restore_default_sigpipe() {
     use nix::sys::signal::{SigHandler, Signal, signal};
@@ -58,8 +58,16 @@ fn restore_default_sigpipe() {
 }
 
 fn main() -> std::process::ExitCode {
-    restore_default_sigpipe();
     let cli = Cli::parse();
+    // Only for the local tools that print long reports. Never for anything that talks
+    // over sockets (the daemon above all): with SIGPIPE's default, a write to a peer
+    // that went away would kill the process silently instead of returning EPIPE.
+    if matches!(
+        cli.command,
+        Command::Simulate(_) | Command::Import(_) | Command::Conformance(_)
+    ) {
+        restore_default_sigpipe();
+    }
     let result = match cli.command {
         Command::Simulate(a) => cmd::simulate::run(a),
         Command::Import(a) => cmd::import::run(a),

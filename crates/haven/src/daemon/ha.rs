@@ -174,17 +174,12 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                     continue;
                 };
                 let planner = LivePlanner(Arc::new(Mutex::new(SchedPlanner::new(config.clone()))));
-                // Take over where this node's own failure detector stands: a node it
-                // has not heard for the detection time is lost at once, not a whole
-                // detection time after the election.
-                let since =
-                    haven_ha::Time::from_millis(now.0.saturating_sub(d.node.timers.dead_after_ms));
-                let mut coordinator = Coordinator::new(
-                    planner.clone(),
-                    coordinator_config(&config),
-                    timeouts,
-                    since,
-                );
+                // Nodes this node's own detector hears are alive from the start. Every
+                // other node gets a whole detection time from the takeover: a node that
+                // just joined, or whose heartbeats have not reached the new leader yet,
+                // must not be declared lost (and fenced) on the spot.
+                let mut coordinator =
+                    Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
                 super::fence::seed_heartbeats(&d, &mut coordinator, now);
                 coordinator.handle_failcounts(committed_failcounts(&d), now);
                 tracing::info!("leader: coordinator started on configuration version {v}");
