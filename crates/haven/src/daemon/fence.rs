@@ -748,6 +748,8 @@ async fn fence_run(State(d): D, Json(run): Json<FenceRun>) -> ApiResult<Empty> {
     if run.victim == d.node.name {
         return Err(ApiFailure::refused("a node never fences itself"));
     }
+    // The victim's name becomes a path under the lab's directory: only a member's.
+    known_node(&d, &run.victim)?;
     tokio::spawn(async move {
         let done = execute(&d, &run).await;
         send_done(&d, done).await;

@@ -605,20 +605,22 @@ pub(super) fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> 
 /// Where `dest` receives a live migration of `spec`'s resource: its first link's IP,
 /// and the resource's `migration_port` param or a port derived from its id (the same
 /// on every node, in 49152..=65151).
-fn migration_address(d: &Daemon, spec: &AgentSpec, dest: &str) -> String {
+/// No address is an error: an empty host would make QEMU listen on every interface.
+fn migration_address(d: &Daemon, spec: &AgentSpec, dest: &str) -> Result<String, String> {
     let ip = d
         .members()
         .into_iter()
         .find(|(n, _)| n == dest)
         .and_then(|(_, info)| info.addrs.first().cloned())
         .and_then(|a| a.rsplit_once(':').map(|(ip, _)| ip.to_string()))
-        .unwrap_or_default();
+        .filter(|ip| !ip.is_empty())
+        .ok_or_else(|| format!("no address is known for node {dest} to migrate to"))?;
     let port = spec
         .params
         .get("migration_port")
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or_else(|| derived_port(&spec.instance));
-    format!("{ip}:{port}")
+    Ok(format!("{ip}:{port}"))
 }
 
 /// FNV-1a of the resource id, folded into the dynamic port range.
@@ -674,9 +676,11 @@ async fn execute(
     let peer = peer.unwrap_or_default();
     // The stream goes to the destination: the peer for migrate_to, this node for
     // migrate_from; both sides derive the same HOST:PORT.
-    let migration = |dest: &str| Migration {
-        peer: peer.clone(),
-        address: migration_address(d, &spec, dest),
+    let migration = |dest: &str| {
+        migration_address(d, &spec, dest).map(|address| Migration {
+            peer: peer.clone(),
+            address,
+        })
     };
     let exec_op = match op {
         OpKind::Start => Op::Start,
@@ -686,8 +690,18 @@ async fn execute(
         },
         OpKind::Promote => Op::Promote,
         OpKind::Demote => Op::Demote,
-        OpKind::MigrateTo => Op::MigrateTo(migration(&peer)),
-        OpKind::MigrateFrom => Op::MigrateFrom(migration(&d.node.name)),
+        OpKind::MigrateTo | OpKind::MigrateFrom => {
+            let dest = if op == OpKind::MigrateTo {
+                peer.clone()
+            } else {
+                d.node.name.clone()
+            };
+            match migration(&dest) {
+                Ok(m) if op == OpKind::MigrateTo => Op::MigrateTo(m),
+                Ok(m) => Op::MigrateFrom(m),
+                Err(reason) => return OpOutcome::Failed { rc: 6, reason },
+            }
+        }
     };
     let result = haven_exec::run_op(&spec, exec_op, timeout).await;
     if result.code != OpCode::Success && result.code != OpCode::NotRunning {
