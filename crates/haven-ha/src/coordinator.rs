@@ -625,7 +625,7 @@ impl<P: Planner> Coordinator<P> {
                         .push_back(CoordinatorCommand::Alert { message });
                 }
                 FenceCommand::Confirmed { victim, by } => {
-                    self.log(format!("{now}: {victim} fenced ({by:?})"));
+                    self.log(format!("{now}: {victim} fenced {by}"));
                     self.nodes.insert(victim.clone(), NodeState::Offline);
                     self.forget_node_resources(&victim);
                     if let Some(t) = self.transition.as_mut() {

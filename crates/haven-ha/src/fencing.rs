@@ -43,6 +43,16 @@ pub enum Confirmation {
     Watchdog { device: String },
 }
 
+impl std::fmt::Display for Confirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Confirmation::Device { device } => write!(f, "by device {device}"),
+            Confirmation::Manual => write!(f, "by an operator's acknowledgement"),
+            Confirmation::Watchdog { device } => write!(f, "by watchdog {device} (wait over)"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VictimState {

@@ -661,7 +661,7 @@ fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
                     retry_at.0.saturating_sub(d.now().0)
                 ),
             ),
-            VictimState::Confirmed { by, .. } => ("confirmed", format!("{by:?}")),
+            VictimState::Confirmed { by, .. } => ("confirmed", by.to_string()),
         };
         if short != "confirmed" && victim_now.is_none() {
             victim_now = Some(name.to_string());
