@@ -1001,6 +1001,11 @@ mod tests {
         }
     }
 
+    /// n1, n2, n3, each fenced by the lab switch, running vm1.
+    fn three_nodes() -> CoordinatorConfig {
+        config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")])
+    }
+
     fn config(nodes: Vec<NodeSpec>) -> CoordinatorConfig {
         CoordinatorConfig {
             nodes,
@@ -1118,11 +1123,7 @@ mod tests {
 
     #[test]
     fn probes_then_starts_once() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         assert_eq!(h.running_on("vm1"), vec!["n1"]);
         assert_eq!(h.c.view().resources["vm1"]["n1"], Observed::Started);
@@ -1130,11 +1131,7 @@ mod tests {
 
     #[test]
     fn a_resource_already_running_is_found_by_probe_not_started_twice() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.running.insert(("vm1".into(), "n2".into()), true);
         h.run_for(2_000);
         // The simple planner prefers n1, so it must stop n2's copy first.
@@ -1147,11 +1144,7 @@ mod tests {
 
     #[test]
     fn lost_node_is_fenced_before_recovery() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         assert_eq!(h.running_on("vm1"), vec!["n1"]);
         h.power_off("n1");
@@ -1167,11 +1160,7 @@ mod tests {
 
     #[test]
     fn failed_fence_keeps_resources_frozen_until_ack() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         h.power_off("n1");
         h.run_for(3_000);
@@ -1189,7 +1178,7 @@ mod tests {
 
     #[test]
     fn without_stonith_a_lost_node_is_assumed_down_and_said_so() {
-        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")]);
+        let mut cfg = three_nodes();
         cfg.stonith_enabled = false;
         let mut h = Harness::new(cfg);
         h.run_for(2_000);
@@ -1202,11 +1191,7 @@ mod tests {
 
     #[test]
     fn an_answer_that_never_comes_times_out_and_a_lost_stop_fences() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         assert_eq!(h.running_on("vm1"), vec!["n1"]);
         // n1's agent hangs: the node still heartbeats, its operations never answer.
@@ -1246,7 +1231,7 @@ mod tests {
 
     #[test]
     fn dispatcher_refuses_a_start_while_the_resource_is_active_on_a_live_node() {
-        let cfg = config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")]);
+        let cfg = three_nodes();
         let mut c = Coordinator::new(StartOnly, cfg, Timeouts::default(), Time(0));
         let mut sent = Vec::new();
         for t in 0..30u64 {
@@ -1288,11 +1273,7 @@ mod tests {
 
     #[test]
     fn a_resource_that_dies_by_itself_counts_a_failure() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         h.running.insert(("vm1".into(), "n1".into()), false);
         let report = OpReport {
@@ -1311,11 +1292,7 @@ mod tests {
 
     #[test]
     fn a_new_coordinator_keeps_the_failcounts_it_is_given() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         let banned = [("vm1".to_string(), [("n1".to_string(), 3)].into())].into();
         h.c.handle_failcounts(banned, h.now);
         h.run_for(2_000);
@@ -1328,11 +1305,7 @@ mod tests {
 
     #[test]
     fn failed_monitor_counts_a_failure_and_recovers() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         // The guest dies on its own; the recurring monitor notices.
         h.running.insert(("vm1".into(), "n1".into()), false);
@@ -1355,7 +1328,7 @@ mod tests {
 
     #[test]
     fn a_node_fenced_once_is_fenced_again_when_lost_again() {
-        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2"), lab_fence("n3")]);
+        let mut cfg = three_nodes();
         cfg.auto_rejoin = true;
         let mut h = Harness::new(cfg);
         h.run_for(2_000);
@@ -1372,11 +1345,7 @@ mod tests {
 
     #[test]
     fn nothing_is_planned_while_a_node_was_never_heard() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         // n1 runs vm1 already, but this coordinator (just elected) has not heard it yet.
         h.running.insert(("vm1".into(), "n1".into()), true);
         h.dead.insert("n1".into());
@@ -1395,11 +1364,7 @@ mod tests {
 
     #[test]
     fn fenced_node_does_not_rejoin_until_allowed() {
-        let mut h = Harness::new(config(vec![
-            lab_fence("n1"),
-            lab_fence("n2"),
-            lab_fence("n3"),
-        ]));
+        let mut h = Harness::new(three_nodes());
         h.run_for(2_000);
         h.power_off("n1");
         h.run_for(3_000);
