@@ -10,10 +10,13 @@
 //! - [`State::from_json`]`(source, text)` parses observed state;
 //! - [`cib::import`]`(source, xml)` converts a Pacemaker CIB into both, listing what it
 //!   could not express;
+//! - [`edit::render_preserving`] writes an edited configuration back into the
+//!   operator's text, keeping comments and layout;
 //! - [`Score`] carries Pacemaker's saturating ±INFINITY arithmetic.
 
 pub mod cib;
 pub mod config;
+pub mod edit;
 pub mod score;
 pub mod state;
 

@@ -277,7 +277,7 @@ impl Cluster {
     }
 }
 
-const CONFIG_V2: &str = "[options]\nstonith-enabled = false\n\n[[resources]]\nid = \"web\"\nclass = \"process\"\ntype = \"web\"\nparams = { command = \"sleep 1000\" }\n";
+const CONFIG_V2: &str = "[options]\nstonith-enabled = false\n\n# the web tier: ask ops first\n[[resources]]\nid = \"web\"\nclass = \"process\"\ntype = \"web\"\nparams = { command = \"sleep 1000\" }\n";
 
 #[test]
 fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
@@ -352,6 +352,13 @@ fn three_nodes_form_a_cluster_and_every_node_sees_a_config_change() {
         &["config", "apply", "--based-on", "2", file.to_str().unwrap()],
     ));
     assert!(out.contains("version 3"), "{out}");
+
+    // A CLI edit rewrites only what it changes: the operator's comment stays.
+    ok(c.haven(&n2, &["resource", "stop", "web"]));
+    let (version, text) = c.config_version(&n2).unwrap();
+    assert_eq!(version, 4);
+    assert!(text.contains("# the web tier: ask ops first"), "{text}");
+    assert!(text.contains("target-role = \"Stopped\""), "{text}");
 }
 
 #[test]

@@ -89,7 +89,7 @@ const CAS_ATTEMPTS: usize = 5;
 
 /// Applies `edit` to the cluster's configuration with compare-and-set, redoing it on
 /// the new version if another change lands in between. Returns the new version. The
-/// text is re-rendered by haven-model (comments are not kept).
+/// change is written into the stored text, so the operator's comments and layout stay.
 pub async fn edit_config(
     client: &Client,
     mut edit: impl FnMut(&mut haven_model::Config) -> anyhow::Result<()>,
@@ -97,10 +97,11 @@ pub async fn edit_config(
     use super::protocol::{ApplyConfig, ConfigReply, Empty};
     for _ in 0..CAS_ATTEMPTS {
         let current: ConfigReply = client.call(super::api::CONFIG, &Empty {}).await?;
-        let mut config =
-            haven_model::Config::from_toml("the cluster configuration", &current.text)?;
+        let old = haven_model::Config::from_toml("the cluster configuration", &current.text)?;
+        let mut config = old.clone();
         edit(&mut config)?;
-        let text = config.to_toml().context("rendering the configuration")?;
+        let text = haven_model::edit::render_preserving(&current.text, &old, &config)
+            .context("rendering the configuration")?;
         let r: anyhow::Result<ConfigReply> = client
             .call(
                 super::api::CONFIG_APPLY,

@@ -2,8 +2,9 @@
 //!
 //! start/stop/move/clear are configuration changes (Pacemaker's target-role and
 //! cli-prefer location), applied with the same compare-and-set as `config apply`; if
-//! another change lands in between, the edit is redone on the new version. The edit
-//! goes through haven-model, so the stored text is re-rendered (comments are dropped).
+//! another change lands in between, the edit is redone on the new version. Only the
+//! changed fields are rewritten in the stored text (haven_model::edit), so the
+//! operator's comments and layout stay.
 
 use std::path::PathBuf;
 
