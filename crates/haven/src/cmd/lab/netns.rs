@@ -138,6 +138,12 @@ pub fn create(dir: &Path, nodes: u8) -> anyhow::Result<Netns> {
             "--netns needs root (it creates network namespaces); without --netns the lab runs on loopback"
         );
     }
+    if dir.join(RECORD).exists() {
+        anyhow::bail!(
+            "{} records a netns lab already: `haven lab down --dir {0}` first",
+            dir.display()
+        );
+    }
     let hash = fnv1a(&dir.to_string_lossy());
     let prefix = format!("hv{:06x}", hash & 0xff_ffff);
     let mut rec = Netns {
