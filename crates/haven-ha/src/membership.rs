@@ -2,9 +2,10 @@
 //!
 //! A node is alive while any of its links has carried a heartbeat within `dead_after`.
 //! Losing one link is reported but is not a node failure — that is why the seeds run a
-//! separate heartbeat network. A node never heard since this detector started is
-//! `Pending` until one `dead_after` has passed, so a freshly elected coordinator does not
-//! declare the whole cluster dead before it has had a chance to hear it.
+//! separate heartbeat network. A node never heard since this detector started watching
+//! it is `Pending` until one `dead_after` has passed, so a freshly elected coordinator
+//! does not declare the whole cluster dead before it has had a chance to hear it, nor
+//! a node that has just joined before its daemon could send a first heartbeat.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -61,13 +62,16 @@ struct LinkHealth {
 struct NodeHealth {
     links: BTreeMap<String, LinkHealth>,
     liveness: Liveness,
+    /// When this detector started watching the node: its grace runs from here.
+    watched_since: Time,
 }
 
 /// Sans-IO failure detector: `handle_*` feeds it, `poll_*` drains it.
 #[derive(Clone, Debug)]
 pub struct Membership {
     timeouts: Timeouts,
-    started: Time,
+    /// The latest time it was fed: when a node added now starts being watched.
+    latest: Time,
     nodes: BTreeMap<String, NodeHealth>,
     events: VecDeque<MembershipEvent>,
 }
@@ -78,7 +82,7 @@ impl Membership {
     pub fn new(timeouts: Timeouts, now: Time) -> Self {
         Membership {
             timeouts,
-            started: now,
+            latest: now,
             nodes: BTreeMap::new(),
             events: VecDeque::new(),
         }
@@ -89,13 +93,15 @@ impl Membership {
     }
 
     /// Sets the nodes and links to watch. Nodes and links no longer listed are
-    /// forgotten; new ones start `Pending` / down.
+    /// forgotten; new ones start `Pending` / down, with a grace from the latest time
+    /// the detector was fed.
     pub fn set_members<'a>(&mut self, members: impl IntoIterator<Item = (&'a str, Vec<String>)>) {
         let mut next = BTreeMap::new();
         for (name, links) in members {
             let mut health = self.nodes.remove(name).unwrap_or(NodeHealth {
                 links: BTreeMap::new(),
                 liveness: Liveness::Pending,
+                watched_since: self.latest,
             });
             let mut kept = BTreeMap::new();
             for link in links {
@@ -113,6 +119,7 @@ impl Membership {
 
     /// A heartbeat from `node` arrived over `link` at `now`.
     pub fn handle_heartbeat(&mut self, node: &str, link: &str, now: Time) {
+        self.latest = self.latest.max(now);
         let Some(health) = self.nodes.get_mut(node) else {
             return; // not a member (yet): ignore rather than trust it
         };
@@ -137,9 +144,10 @@ impl Membership {
 
     /// Re-evaluates every link and node at `now`.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.latest = self.latest.max(now);
         let dead_after = self.timeouts.dead_after;
-        let grace_over = now.saturating_since(self.started) >= dead_after;
         for (name, health) in &mut self.nodes {
+            let grace_over = now.saturating_since(health.watched_since) >= dead_after;
             let mut any_up = false;
             let mut latest: Option<Time> = None;
             for (link, l) in &mut health.links {
@@ -162,7 +170,7 @@ impl Membership {
                 Liveness::Lost { .. } => false,
             };
             if lost {
-                let since = latest.map_or(self.started, |t| t + dead_after);
+                let since = latest.map_or(health.watched_since, |t| t + dead_after);
                 health.liveness = Liveness::Lost { since };
                 self.events
                     .push_back(MembershipEvent::NodeLost { node: name.clone() });
@@ -176,7 +184,7 @@ impl Membership {
         let mut next: Option<Time> = None;
         for health in self.nodes.values() {
             if health.liveness == Liveness::Pending {
-                let t = self.started + dead_after;
+                let t = health.watched_since + dead_after;
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
             for l in health.links.values() {
@@ -243,6 +251,23 @@ mod tests {
         let ev = drain(&mut m);
         assert!(ev.contains(&MembershipEvent::NodeLost { node: "n2".into() }));
         assert!(!ev.contains(&MembershipEvent::NodeLost { node: "n1".into() }));
+    }
+
+    #[test]
+    fn a_node_added_later_gets_its_own_grace() {
+        let mut m = detector();
+        m.handle_heartbeat("n1", "ring0", ms(5000));
+        m.handle_timeout(ms(5000));
+        let mut members: Vec<(&str, Vec<String>)> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| (*n, vec!["ring0".to_string()]))
+            .collect();
+        m.set_members(members.drain(..));
+        m.handle_timeout(ms(5100));
+        assert_eq!(m.liveness("n3"), Some(Liveness::Pending));
+        assert_eq!(m.poll_timeout(), Some(ms(6000)));
+        m.handle_timeout(ms(6000));
+        assert_eq!(m.liveness("n3"), Some(Liveness::Lost { since: ms(5000) }));
     }
 
     #[test]

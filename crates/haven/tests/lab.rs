@@ -287,3 +287,130 @@ fn lab_up_with_vms_runs_one_qemu_guest_and_lab_down_stops_it() {
     assert!(out.status.success());
     assert!(!alive(pid), "QEMU survived lab down");
 }
+
+mod common;
+
+/// The inode of the network namespace process `pid` is in.
+fn netns_of(pid: i32) -> Option<u64> {
+    common::netns::netns_of(pid)
+}
+
+#[test]
+fn netns_lab_runs_each_node_in_its_own_namespace_and_down_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let guard = Lab(&dir);
+    let out = haven(
+        &[
+            "lab",
+            "up",
+            "--netns",
+            "--nodes",
+            "3",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    let rec = common::netns::Record::load(&dir).expect("netns.toml");
+    assert!(
+        out.status.success(),
+        "lab up --netns failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uplink = rec.uplink.clone().expect("an uplink for the CLI");
+    assert!(common::netns::root_link_exists(&uplink));
+    let existing = common::netns::namespaces();
+    for ns in rec.namespaces() {
+        assert!(existing.contains(&ns), "{ns} missing: {existing:?}");
+    }
+
+    // Each daemon runs in its own node's namespace and listens on its addresses there.
+    let daemons = pids(&dir);
+    assert_eq!(daemons.len(), 3);
+    for (node, pid) in rec.nodes.iter().zip(&daemons) {
+        assert_eq!(
+            netns_of(*pid),
+            common::netns::ns_inode(&node.netns),
+            "{}'s daemon is not in {}",
+            node.name,
+            node.netns
+        );
+        assert!(node.addrs.iter().all(|a| a.starts_with("10.")), "{node:?}");
+    }
+    // The CLI in the root namespace reaches them over the uplink; the demo resources
+    // run, each in the namespace of the node the cluster says it runs on.
+    let inodes = rec.inodes();
+    wait_for(&dir, "3 online nodes and each demo resource placed", |s| {
+        let online = s["nodes"]
+            .as_array()
+            .is_some_and(|ns| ns.len() == 3 && ns.iter().all(|n| n["state"] == "online"));
+        online
+            && ["db", "web", "worker"]
+                .iter()
+                .all(|r| placement(s, r).len() == 1)
+    });
+    let s = status_of(&dir).expect("status");
+    let mut resource_pids = Vec::new();
+    for r in ["db", "web", "worker"] {
+        let node = placement(&s, r).remove(0);
+        let pid: i32 = std::fs::read_to_string(dir.join(&node).join(format!("resources/{r}.pid")))
+            .expect("pidfile")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a pid");
+        let ns = netns_of(pid).expect("a running process");
+        assert_eq!(
+            inodes.get(&ns),
+            Some(&node),
+            "{r} runs outside {node}'s namespace"
+        );
+        resource_pids.push(pid);
+    }
+
+    // A cut shows in lab status as the switch port's state, and heal restores it.
+    let lab = |args: &[&str]| {
+        let mut a = vec!["lab"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--dir", dir.to_str().unwrap()]);
+        let out = haven(&a, None);
+        assert!(
+            out.status.success(),
+            "{a:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    lab(&["partition", "n2", "--link", "link1"]);
+    let st = lab(&["status"]);
+    let n2 = st
+        .lines()
+        .find(|l| l.starts_with("n2:"))
+        .expect("n2's line");
+    assert!(n2.contains("link0 up, link1 CUT"), "{st}");
+    assert!(n2.contains(&rec.node("n2").netns), "{st}");
+    assert!(lab(&["heal"]).contains("n2: healed"));
+    assert!(lab(&["status"]).lines().all(|l| !l.contains("CUT")));
+
+    let out = lab(&["down"]);
+    assert!(out.contains("stopped 3"), "{out}");
+    assert!(
+        daemons.iter().all(|p| !alive(*p)),
+        "a daemon survived lab down"
+    );
+    assert!(
+        resource_pids.iter().all(|p| !alive(*p)),
+        "a resource survived lab down"
+    );
+    let left = common::netns::namespaces();
+    for ns in rec.namespaces() {
+        assert!(!left.contains(&ns), "{ns} survived lab down");
+    }
+    assert!(
+        !common::netns::root_link_exists(&uplink),
+        "{uplink} survived lab down"
+    );
+    assert!(!dir.join("netns.toml").exists());
+    drop(guard);
+}

@@ -2,6 +2,10 @@
 //!
 //! Node i listens on 127.0.0.(10+i) (link0) and 127.0.1.(10+i) (link1), on ports the
 //! kernel picks, so several labs (and tests) can run side by side without root.
+//! With `--netns` (root) each node runs in a network namespace of its own, on real
+//! links that `lab partition` really cuts (see [`netns`]).
+
+mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -91,17 +95,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             vms,
             guest_dir,
         } => {
-            if netns {
-                anyhow::bail!(
-                    "--netns is not built yet; run the lab on loopback (without --netns)"
-                );
-            }
             let guest = if vms { Some(guest(guest_dir)?) } else { None };
             if !(1..=50).contains(&nodes) {
                 anyhow::bail!("--nodes must be between 1 and 50, got {nodes}");
             }
             let rt = tokio::runtime::Runtime::new()?;
-            match rt.block_on(up(nodes, &dir, guest.as_deref())) {
+            match rt.block_on(up(nodes, &dir, guest.as_deref(), netns)) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // Leave nothing running behind a failed start.
@@ -118,7 +117,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         LabCommand::Status { dir } => status(&dir),
         LabCommand::Kill { node, dir } => {
             let node_dir = lab_node_dir(&dir, &node)?;
-            let n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;
+            let mut n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;
+            // A node in a namespace is powered off whole: whatever else runs there too.
+            if let Some(rec) = netns::load(&dir.canonicalize()?)? {
+                n += netns::kill_all(&rec.node(&node)?.netns);
+            }
             println!("{node}: powered off ({n} process(es) killed)");
             Ok(())
         }
@@ -134,12 +137,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         LabCommand::Partition { node, link, dir } => {
             let node_dir = lab_node_dir(&dir, &node)?;
-            if let Some(l) = &link
-                && !(l.starts_with("link") && l[4..].parse::<u8>().is_ok())
-            {
-                anyhow::bail!("--link: {l:?} is not a link name (link0, link1, ...)");
-            }
+            let index = match &link {
+                None => None,
+                Some(l) => Some(
+                    l.strip_prefix("link")
+                        .and_then(|i| i.parse::<u8>().ok())
+                        .with_context(|| {
+                            format!("--link: {l:?} is not a link name (link0, link1, ...)")
+                        })?,
+                ),
+            };
             let what = link.clone().unwrap_or_else(|| "all".to_string());
+            if let Some(rec) = netns::load(&dir.canonicalize()?)? {
+                netns::set_links(&rec, &node, index, false)?;
+                println!("{node}: {what} cut (switch port down)");
+                return Ok(());
+            }
             write_file(
                 &node_dir.join(crate::daemon::fence::LAB_CUT_FILE),
                 format!("{what}\n").as_bytes(),
@@ -152,6 +165,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let dir = dir
                 .canonicalize()
                 .with_context(|| format!("{}: no lab here", dir.display()))?;
+            if let Some(rec) = netns::load(&dir)? {
+                for n in &rec.nodes {
+                    let down = netns::link_states(&rec, &n.name)?.iter().any(|(_, up)| !up);
+                    if down {
+                        netns::set_links(&rec, &n.name, None, true)?;
+                        println!("{}: healed", n.name);
+                    }
+                }
+                return Ok(());
+            }
             for (name, node_dir) in node_dirs(&dir) {
                 let f = node_dir.join(crate::daemon::fence::LAB_CUT_FILE);
                 if f.exists() {
@@ -201,12 +224,24 @@ fn pidfile(dir: &Path, name: &str) -> PathBuf {
     dir.join(name).join("daemon.pid")
 }
 
+/// Starts the daemon of node `name` of the lab in `dir` (canonical), in the node's
+/// namespace when the lab has them.
 pub fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt;
     let node_dir = dir.join(name);
     let log = std::fs::File::create(node_dir.join("daemon.log"))
         .with_context(|| format!("cannot create {}/daemon.log", node_dir.display()))?;
-    let child = Command::new(std::env::current_exe()?)
+    let exe = std::env::current_exe()?;
+    // `ip netns exec` execs the daemon in place: the pid stays the daemon's.
+    let mut cmd = match netns::load(dir)? {
+        Some(rec) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &rec.node(name)?.netns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = cmd
         .arg("daemon")
         .arg("--lab")
         .arg("--dir")
@@ -236,8 +271,8 @@ async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> a
     }
 }
 
-async fn up(nodes: u8, dir: &Path, guest: Option<&Path>) -> anyhow::Result<()> {
-    let (client_path, report) = start(nodes, dir, guest).await?;
+async fn up(nodes: u8, dir: &Path, guest: Option<&Path>, netns: bool) -> anyhow::Result<()> {
+    let (client_path, report) = start_lab(nodes, dir, guest, netns).await?;
     print!("{}", super::status::render(&report));
     let c = client_path.display();
     let dir = dir.canonicalize()?;
@@ -250,6 +285,21 @@ async fn up(nodes: u8, dir: &Path, guest: Option<&Path>) -> anyhow::Result<()> {
     println!("  haven status");
     println!("  haven config show > cluster.toml   # edit, then: haven config apply cluster.toml");
     println!("  haven node standby n2");
+    if let Some(rec) = netns::load(&dir)? {
+        println!(
+            "  haven lab partition n2 --dir {0}   # its switch ports go down; lab heal --dir {0}",
+            dir.display()
+        );
+        let names: Vec<String> = rec
+            .nodes
+            .iter()
+            .map(|n| format!("{} in {}", n.name, n.netns))
+            .collect();
+        println!(
+            "  ip netns exec NETNS ...            # look inside a node: {}",
+            names.join(", ")
+        );
+    }
     println!("  haven lab down --dir {}", dir.display());
     Ok(())
 }
@@ -261,6 +311,16 @@ pub async fn start(
     dir: &Path,
     guest: Option<&Path>,
 ) -> anyhow::Result<(PathBuf, StatusReport)> {
+    start_lab(nodes, dir, guest, false).await
+}
+
+/// As [`start`], with each node in a network namespace when `netns`.
+pub async fn start_lab(
+    nodes: u8,
+    dir: &Path,
+    guest: Option<&Path>,
+    netns: bool,
+) -> anyhow::Result<(PathBuf, StatusReport)> {
     if dir.join("client.toml").exists() {
         anyhow::bail!(
             "{} already holds a lab; run `haven lab down --dir {0}` and remove it first",
@@ -269,6 +329,17 @@ pub async fn start(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
+    let rec = if netns {
+        Some(netns::create(&dir, nodes)?)
+    } else {
+        None
+    };
+    let addrs_for = |i: u8| -> anyhow::Result<Vec<String>> {
+        match &rec {
+            Some(r) => Ok(r.node(&node_name(i))?.addrs.clone()),
+            None => addrs_for(i),
+        }
+    };
     let mut all_addrs = Vec::new();
     let first = addrs_for(1)?;
     let client_path = super::cluster::init(
@@ -431,7 +502,8 @@ fn live_daemon(pidfile: &Path, node_dir: &Path) -> Option<i32> {
     (args.iter().any(|a| a == "daemon") && args.iter().any(|a| *a == dir)).then_some(pid)
 }
 
-/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 30 s.
+/// Stops every daemon of the lab in `dir`: SIGTERM, then SIGKILL after 30 s; a netns
+/// lab's namespaces, bridges and veths go too.
 pub fn down(dir: &Path) -> anyhow::Result<usize> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
@@ -456,6 +528,7 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
         let _ = std::fs::remove_file(&pf);
     }
     stop_resources(&dir);
+    netns::destroy(&dir)?;
     Ok(stopped)
 }
 
@@ -518,10 +591,25 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("{}: no lab here", dir.display()))?;
+    let rec = netns::load(&dir)?;
     for (name, pf) in pidfiles(&dir) {
         match live_daemon(&pf, &dir.join(&name)) {
-            Some(pid) => println!("{name}: daemon running (pid {pid})"),
-            None => println!("{name}: daemon NOT running"),
+            Some(pid) => print!("{name}: daemon running (pid {pid})"),
+            None => print!("{name}: daemon NOT running"),
+        }
+        match rec
+            .as_ref()
+            .map(|r| (r.node(&name), netns::link_states(r, &name)))
+        {
+            Some((Ok(n), Ok(links))) => {
+                let links: Vec<String> = links
+                    .iter()
+                    .map(|(l, up)| format!("link{l} {}", if *up { "up" } else { "CUT" }))
+                    .collect();
+                println!("  netns {}  {}", n.netns, links.join(", "));
+            }
+            Some((Err(e), _) | (_, Err(e))) => println!("  netns: {e}"),
+            None => println!(),
         }
     }
     let report = super::status::fetch(Some(dir.join("client.toml")))?;

@@ -249,11 +249,11 @@ pub(super) async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOw
             "no leader: the cluster has no quorum",
         ));
     };
-    let Some(addr) = leader.addrs.first() else {
+    let Some(addr) = d.peer_addr(&leader) else {
         return Err(ApiFailure::unavailable("the leader has no address"));
     };
     d.rpc
-        .call(addr, local_path, req)
+        .call(&addr, local_path, req)
         .await
         .map_err(|e| match e {
             haven_net::RpcError::Remote {

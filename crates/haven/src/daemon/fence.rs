@@ -236,7 +236,7 @@ pub fn dispatch(d: &Arc<Daemon>, run: FenceRun, executor: String) {
         .members()
         .into_iter()
         .find(|(n, _)| *n == executor)
-        .and_then(|(_, info)| info.addrs.first().cloned());
+        .and_then(|(_, info)| d.peer_addr(&info));
     let d = d.clone();
     tokio::spawn(async move {
         let failed = |detail: String| FenceDone {
@@ -772,8 +772,8 @@ async fn send_done(d: &Daemon, done: FenceDone) {
                 return;
             }
             Some((_, info)) => {
-                if let Some(addr) = info.addrs.first() {
-                    let r: Result<Empty, _> = d.rpc.call(addr, FENCE_DONE, &done).await;
+                if let Some(addr) = d.peer_addr(&info) {
+                    let r: Result<Empty, _> = d.rpc.call(&addr, FENCE_DONE, &done).await;
                     match r {
                         Ok(_) => return,
                         Err(e) => tracing::debug!("fence result to the leader: {e}"),

@@ -358,7 +358,7 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
                 .members()
                 .into_iter()
                 .find(|(n, _)| *n == node)
-                .and_then(|(_, info)| info.addrs.first().cloned())
+                .and_then(|(_, info)| d.peer_addr(&info))
             else {
                 tracing::warn!(
                     "no address for node {node}: {} {:?} not sent",
@@ -559,9 +559,9 @@ async fn send_report(d: &Daemon, report: OpReport) {
                 return;
             }
             Some((_, info)) if !d.lab.rpc_cut() => {
-                if let Some(addr) = info.addrs.first() {
+                if let Some(addr) = d.peer_addr(&info) {
                     let r: Result<super::protocol::Empty, _> =
-                        d.rpc.call(addr, REPORT_PATH, &msg).await;
+                        d.rpc.call(&addr, REPORT_PATH, &msg).await;
                     match r {
                         Ok(_) => return,
                         Err(e) => tracing::debug!("report to the leader: {e}"),

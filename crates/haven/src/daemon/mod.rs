@@ -69,7 +69,8 @@ pub struct Daemon {
     /// hold a heartbeat open past the point where it should count as silent.
     pub hb_rpc: RpcClient,
     pub ca: ClusterCa,
-    pub membership: Mutex<Membership>,
+    /// Shared with the Raft network, which routes by it (see [`peer_addr`]).
+    pub membership: Arc<Mutex<Membership>>,
     /// Senders into the coordinator and agent loops.
     pub ha: ha::Handles,
     /// The node's directory; resource agents keep their state under it.
@@ -135,6 +136,11 @@ impl Daemon {
         self.leader().map(|(id, _)| id) == Some(self.node.id)
     }
 
+    /// Where to reach `info`'s node now (see [`peer_addr`]).
+    pub fn peer_addr(&self, info: &NodeInfo) -> Option<String> {
+        peer_addr(&self.membership, info)
+    }
+
     pub fn liveness(&self, name: &str) -> Option<Liveness> {
         self.membership.lock().ok()?.liveness(name)
     }
@@ -164,7 +170,7 @@ impl Daemon {
             ))),
             Ok(Ok(resp)) => Ok(resp.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                let Some(addr) = f.leader_node.and_then(|n| n.addrs.first().cloned()) else {
+                let Some(addr) = f.leader_node.and_then(|n| self.peer_addr(&n)) else {
                     return Err(ApiFailure::unavailable(
                         "no leader is known: the cluster has no quorum (yet)",
                     ));
@@ -183,12 +189,31 @@ impl Daemon {
     pub fn leader_candidates(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .leader()
-            .and_then(|(_, n)| n.addrs.first().cloned())
+            .and_then(|(_, n)| self.peer_addr(&n))
             .into_iter()
             .collect();
         out.extend(self.node.seeds.iter().cloned());
         out
     }
+}
+
+/// The address to reach a peer at: that of its first link the failure detector has up,
+/// so RPC (Raft, operations, fencing) follows the heartbeats onto a redundant link
+/// when link0 is cut; link0's when none is up or the detector has not heard it yet.
+pub fn peer_addr(membership: &Mutex<Membership>, info: &NodeInfo) -> Option<String> {
+    let links = membership
+        .lock()
+        .map(|m| m.links(&info.name))
+        .unwrap_or_default();
+    info.addrs
+        .iter()
+        .enumerate()
+        .find(|(i, _)| {
+            let name = heartbeat::link_name(*i);
+            links.iter().any(|(l, up)| *up && *l == name)
+        })
+        .or_else(|| info.addrs.iter().enumerate().next())
+        .map(|(_, a)| a.clone())
 }
 
 /// Runs the daemon of the node in `dir` until SIGTERM or SIGINT.
@@ -236,12 +261,18 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
     .validate()
     .context("Raft timers")?;
     let lab = Arc::new(fence::LabSwitch::new(lab));
+    let timeouts = Timeouts {
+        heartbeat_interval: Duration::from_millis(node.timers.heartbeat_ms),
+        dead_after: Duration::from_millis(node.timers.dead_after_ms),
+    };
+    let membership = Arc::new(Mutex::new(Membership::new(timeouts, Time::from_millis(0))));
     let raft = Raft::new(
         node.id,
         Arc::new(raft_config),
         raft_net::Network {
             rpc: rpc.clone(),
             lab: lab.clone(),
+            membership: membership.clone(),
         },
         log,
         sm,
@@ -264,16 +295,12 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
         tracing::info!("founded cluster {} as node {}", node.cluster, node.name);
     }
 
-    let timeouts = Timeouts {
-        heartbeat_interval: Duration::from_millis(node.timers.heartbeat_ms),
-        dead_after: Duration::from_millis(node.timers.dead_after_ms),
-    };
     let (ha_handles, ha_receivers) = ha::channels();
     let daemon = Arc::new(Daemon {
         ha: ha_handles,
         state_dir: nd.dir.clone(),
         lab,
-        membership: Mutex::new(Membership::new(timeouts, Time::from_millis(0))),
+        membership,
         node,
         raft,
         view,

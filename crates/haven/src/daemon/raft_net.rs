@@ -21,13 +21,16 @@ pub const SNAPSHOT: &str = "/raft/snapshot";
 pub struct Network {
     pub rpc: RpcClient,
     pub lab: std::sync::Arc<super::fence::LabSwitch>,
+    /// The failure detector's view of each peer's links, to route by.
+    pub membership: std::sync::Arc<std::sync::Mutex<haven_ha::membership::Membership>>,
 }
 
 pub struct Conn {
     rpc: RpcClient,
     lab: std::sync::Arc<super::fence::LabSwitch>,
+    membership: std::sync::Arc<std::sync::Mutex<haven_ha::membership::Membership>>,
     target: NodeId,
-    addr: Option<String>,
+    node: NodeInfo,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -37,8 +40,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Conn {
             rpc: self.rpc.clone(),
             lab: self.lab.clone(),
+            membership: self.membership.clone(),
             target,
-            addr: node.addrs.first().cloned(),
+            node: node.clone(),
         }
     }
 }
@@ -56,7 +60,8 @@ impl Conn {
         R: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let Some(addr) = &self.addr else {
+        // Chosen per call: a cut link0 moves Raft onto a link that still carries heartbeats.
+        let Some(addr) = &super::peer_addr(&self.membership, &self.node) else {
             let e = std::io::Error::other(format!(
                 "node {} has no address in the membership",
                 self.target

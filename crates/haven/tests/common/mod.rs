@@ -2,6 +2,8 @@
 //! checker that polls every node's processes, and bounded waits.
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,27 +35,84 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The command line of `svc`'s process, as /proc shows it: the checker finds it by this.
+pub const SVC_COMMAND: &str = "sleep 1000001";
+
 /// A 3-node lab, stopped (and healed) when the test ends, pass or fail.
 pub struct Lab {
     _tmp: tempfile::TempDir,
     pub dir: PathBuf,
     pub client: PathBuf,
+    /// What `lab up --netns` recorded, for a lab in network namespaces.
+    pub netns: Option<netns::Record>,
 }
 
 impl Lab {
     pub fn up() -> Lab {
+        Self::start(false)
+    }
+
+    /// A lab with each node in its own network namespace (root).
+    pub fn up_netns() -> Lab {
+        Self::start(true)
+    }
+
+    fn start(in_netns: bool) -> Lab {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("lab");
-        let lab = Lab {
+        let mut lab = Lab {
             client: dir.join("client.toml"),
             dir,
             _tmp: tmp,
+            netns: None,
         };
-        ok(haven(
-            &["lab", "up", "--nodes", "3", "--dir", lab.dir_str()],
-            None,
-        ));
+        let mut args = vec!["lab", "up", "--nodes", "3", "--dir", lab.dir_str()];
+        if in_netns {
+            args.push("--netns");
+        }
+        let out = haven(&args, None);
+        // Recorded before anything is created: the guard removes a half-built lab too.
+        lab.netns = netns::Record::load(&lab.dir);
+        ok(out);
+        if in_netns {
+            assert!(lab.netns.is_some(), "lab up --netns recorded no namespaces");
+        }
         lab
+    }
+
+    /// Each node's link addresses (IPs), in NODES order.
+    pub fn node_ips(&self) -> Vec<Vec<String>> {
+        match &self.netns {
+            Some(r) => r
+                .nodes
+                .iter()
+                .map(|n| {
+                    n.addrs
+                        .iter()
+                        .map(|a| a.rsplit_once(':').expect("IP:PORT").0.to_string())
+                        .collect()
+                })
+                .collect(),
+            None => (0..NODES.len())
+                .map(|i| {
+                    let host = 11 + i;
+                    vec![format!("127.0.0.{host}"), format!("127.0.1.{host}")]
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs `haven ARGS` inside `node`'s namespace, talking to that node only: how
+    /// to ask a node cut off from the root namespace's uplink.
+    pub fn run_in(&self, node: &str, args: &[&str]) -> Output {
+        let rec = self.netns.as_ref().expect("a netns lab");
+        let ns = &rec.node(node).netns;
+        Command::new("ip")
+            .args(["netns", "exec", ns, HAVEN])
+            .args(args)
+            .env("HAVEN_CONFIG", self.client_of(node))
+            .output()
+            .expect("run ip netns exec haven")
     }
 
     pub fn dir_str(&self) -> &str {
@@ -97,16 +156,22 @@ impl Lab {
         let mut text = String::from(
             "[options]\nstonith-enabled = true\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n",
         );
-        for (i, n) in NODES.iter().enumerate() {
-            let host = 11 + i;
+        for (n, ips) in NODES.iter().zip(self.node_ips()) {
+            let ips: Vec<String> = ips.iter().map(|ip| format!("\"{ip}\"")).collect();
             text.push_str(&format!(
-                "\n[[nodes]]\nname = \"{n}\"\naddrs = [\"127.0.0.{host}\", \"127.0.1.{host}\"]\n"
+                "\n[[nodes]]\nname = \"{n}\"\naddrs = [{}]\n",
+                ips.join(", ")
             ));
         }
         // The demo's resources stay, so nothing is removed under the agents' feet.
         for id in ["db", "web", "worker", "svc"] {
+            let command = if id == "svc" {
+                SVC_COMMAND
+            } else {
+                "sleep 1000000"
+            };
             text.push_str(&format!(
-                "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
+                "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"{command}\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
             ));
         }
         text.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
