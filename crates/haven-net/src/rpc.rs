@@ -11,21 +11,27 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ServerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::PeerIdentity;
+
 /// Who is on the other end of a request, as the TLS handshake established it. Every
 /// handler except the join endpoint must refuse a peer that is not `authenticated`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Peer {
     /// The peer presented a certificate signed by the cluster CA.
     pub authenticated: bool,
     /// That certificate is a node's (it may serve), not a client's (CLI, API).
     pub node: bool,
+    /// The party that certificate speaks for; `None` without a certificate, for a
+    /// certificate that names no one, or (when roles are checked) for one whose named
+    /// role disagrees with its key usage.
+    pub identity: Option<PeerIdentity>,
     pub addr: SocketAddr,
 }
 
@@ -88,15 +94,7 @@ pub async fn serve_with_roles(
                     return;
                 }
             };
-            let chain = tls.get_ref().1.peer_certificates();
-            let peer = Peer {
-                authenticated: chain.is_some(),
-                node: match (chain, &nodes) {
-                    (Some(chain), Some(check)) => check.is_node(chain),
-                    _ => false,
-                },
-                addr,
-            };
+            let peer = peer_of(tls.get_ref().1.peer_certificates(), nodes.as_deref(), addr);
             let service =
                 hyper_util::service::TowerToHyperService::new(router.layer(axum::Extension(peer)));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -104,6 +102,29 @@ pub async fn serve_with_roles(
                 tracing::debug!(%addr, "connection ended: {e}");
             }
         });
+    }
+}
+
+/// The [`Peer`] behind a chain the handshake verified (so the CA vouches for the name
+/// in it).
+fn peer_of(
+    chain: Option<&[CertificateDer<'static>]>,
+    nodes: Option<&crate::tls::NodeCheck>,
+    addr: SocketAddr,
+) -> Peer {
+    let node = match (chain, nodes) {
+        (Some(chain), Some(check)) => check.is_node(chain),
+        _ => false,
+    };
+    let identity = chain
+        .and_then(|c| c.first())
+        .and_then(PeerIdentity::of_cert)
+        .filter(|id| nodes.is_none() || id.role.is_daemon() == node);
+    Peer {
+        authenticated: chain.is_some(),
+        node,
+        identity,
+        addr,
     }
 }
 
@@ -313,5 +334,76 @@ impl RpcClient {
             });
         }
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{CertRole, sign_by_hand};
+    use crate::{ClusterCa, TlsIdentity};
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, SanType};
+
+    fn chain_of(ca: &ClusterCa, cert_pem: &str) -> Vec<CertificateDer<'static>> {
+        let mut chain = crate::tls::certs_der(cert_pem, "test").unwrap();
+        chain.push(crate::tls::first_cert_der(ca.cert_pem(), "ca").unwrap());
+        chain
+    }
+
+    fn hand_made(ca: &ClusterCa, uri: &str, serve: bool) -> Vec<CertificateDer<'static>> {
+        let mut params = CertificateParams::new(vec![crate::SERVER_NAME.to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().unwrap()));
+        params.extended_key_usages = if serve {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        chain_of(ca, &sign_by_hand(ca, params).cert_pem)
+    }
+
+    #[test]
+    fn a_named_role_that_contradicts_the_key_usage_names_no_one() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let n1 = ca.issue("n1", CertRole::Node).unwrap();
+        let check = TlsIdentity::from_pem(ca.cert_pem(), &n1.cert_pem, &n1.key_pem, "n1")
+            .unwrap()
+            .node_check()
+            .unwrap();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let name = |chain: &[CertificateDer<'static>]| {
+            peer_of(Some(chain), Some(&check), addr)
+                .identity
+                .map(|i| i.uri())
+        };
+        // Says node but may not serve; says client but may serve: neither is trusted.
+        assert_eq!(name(&hand_made(&ca, "haven://t/node/n2", false)), None);
+        assert_eq!(name(&hand_made(&ca, "haven://t/client/ops", true)), None);
+        // Consistent ones are who they say.
+        assert_eq!(
+            name(&hand_made(&ca, "haven://t/node/n2", true)).as_deref(),
+            Some("haven://t/node/n2")
+        );
+        assert_eq!(
+            name(&hand_made(&ca, "haven://t/client/ops", false)).as_deref(),
+            Some("haven://t/client/ops")
+        );
+        // Two identities in one certificate: it speaks for no one.
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for uri in ["haven://t/client/a", "haven://t/client/b"] {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let two = chain_of(&ca, &sign_by_hand(&ca, params).cert_pem);
+        assert_eq!(name(&two), None);
+        // No certificate at all.
+        let anon = peer_of(None, Some(&check), addr);
+        assert!(!anon.authenticated && anon.identity.is_none());
     }
 }
