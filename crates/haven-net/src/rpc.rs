@@ -163,6 +163,12 @@ pub enum RpcError {
     },
     #[error("{0:?} is not an address of the form IP:PORT")]
     BadAddress(String),
+    #[error("{addr} should be node {expected:?}, but its certificate is {found}")]
+    WrongPeer {
+        addr: String,
+        expected: String,
+        found: String,
+    },
 }
 
 impl RpcError {
@@ -174,12 +180,15 @@ impl RpcError {
 
 type ConnKey = (Option<IpAddr>, String);
 
+/// A connection, and the daemon its server certificate names.
+type Conn = (SendRequest<Full<Bytes>>, Option<PeerIdentity>);
+
 /// A client for Haven's RPC. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct RpcClient {
     tls: Arc<ClientConfig>,
     timeout: Duration,
-    conns: Arc<Mutex<HashMap<ConnKey, SendRequest<Full<Bytes>>>>>,
+    conns: Arc<Mutex<HashMap<ConnKey, Conn>>>,
 }
 
 impl RpcClient {
@@ -210,13 +219,38 @@ impl RpcClient {
         path: &str,
         req: &Q,
     ) -> Result<R, RpcError> {
+        self.call_checked(local, addr, None, path, req).await
+    }
+
+    /// As [`RpcClient::call_from`], to the daemon of node `node` only: if the server's
+    /// certificate names another node (an address reused, a misdirected link, or an
+    /// impersonator), nothing is sent and the call fails with [`RpcError::WrongPeer`].
+    pub async fn call_node<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        local: Option<IpAddr>,
+        addr: &str,
+        node: &str,
+        path: &str,
+        req: &Q,
+    ) -> Result<R, RpcError> {
+        self.call_checked(local, addr, Some(node), path, req).await
+    }
+
+    async fn call_checked<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        local: Option<IpAddr>,
+        addr: &str,
+        node: Option<&str>,
+        path: &str,
+        req: &Q,
+    ) -> Result<R, RpcError> {
         let body = serde_json::to_vec(req).map_err(|e| RpcError::Decode {
             addr: addr.to_string(),
             path: path.to_string(),
             reason: format!("encoding the request: {e}"),
         })?;
         let key = (local, addr.to_string());
-        let attempt = self.exchange(&key, path, body);
+        let attempt = self.exchange(&key, node, path, body);
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| RpcError::Decode {
                 addr: addr.to_string(),
@@ -246,13 +280,13 @@ impl RpcClient {
         }
     }
 
-    async fn sender(&self, key: &ConnKey) -> Result<SendRequest<Full<Bytes>>, RpcError> {
+    async fn sender(&self, key: &ConnKey) -> Result<Conn, RpcError> {
         let cached = self
             .conns
             .lock()
             .ok()
             .and_then(|c| c.get(key).cloned())
-            .filter(|s| !s.is_closed());
+            .filter(|(s, _)| !s.is_closed());
         if let Some(s) = cached {
             return Ok(s);
         }
@@ -286,6 +320,14 @@ impl RpcClient {
                 addr: addr.clone(),
                 source,
             })?;
+        // The handshake verified the server's chain (and that it may serve).
+        let server = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(PeerIdentity::of_cert)
+            .filter(|id| id.role.is_daemon());
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
                 .await
@@ -296,19 +338,35 @@ impl RpcClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        let conn = (sender, server);
         if let Ok(mut conns) = self.conns.lock() {
-            conns.insert(key.clone(), sender.clone());
+            conns.insert(key.clone(), conn.clone());
         }
-        Ok(sender)
+        Ok(conn)
     }
 
-    async fn exchange(&self, key: &ConnKey, path: &str, body: Vec<u8>) -> Result<Bytes, RpcError> {
+    async fn exchange(
+        &self,
+        key: &ConnKey,
+        node: Option<&str>,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Bytes, RpcError> {
         let addr = &key.1;
         let http_err = |e: &dyn std::fmt::Display| RpcError::Http {
             addr: addr.clone(),
             reason: e.to_string(),
         };
-        let mut sender = self.sender(key).await?;
+        let (mut sender, server) = self.sender(key).await?;
+        if let Some(node) = node
+            && server.as_ref().map(|s| s.name.as_str()) != Some(node)
+        {
+            return Err(RpcError::WrongPeer {
+                addr: addr.clone(),
+                expected: node.to_string(),
+                found: server.map_or("one that names no node".to_string(), |s| s.to_string()),
+            });
+        }
         sender.ready().await.map_err(|e| http_err(&e))?;
         let request = hyper::Request::post(format!("https://{}{path}", crate::SERVER_NAME))
             .header(hyper::header::CONTENT_TYPE, "application/json")

@@ -187,3 +187,23 @@ async fn each_request_carries_the_identity_its_certificate_names() {
     let got: Option<String> = anon.call(&addr, "/who", &()).await.unwrap();
     assert_eq!(got, None);
 }
+
+#[tokio::test]
+async fn a_call_to_a_named_node_refuses_a_server_whose_certificate_names_another() {
+    let ca = ClusterCa::generate("t").unwrap();
+    // The server is n1.
+    let (addr, _stop) = identity_server(&ca).await;
+    let c = client(identity(&ca, "n2", CertRole::Node).client_config().unwrap());
+    let who: Option<String> = c.call_node(None, &addr, "n1", "/who", &()).await.unwrap();
+    assert_eq!(who.as_deref(), Some("haven://t/node/n2"));
+    let r: Result<Option<String>, RpcError> = c.call_node(None, &addr, "n3", "/who", &()).await;
+    match r {
+        Err(RpcError::WrongPeer {
+            expected, found, ..
+        }) => {
+            assert_eq!(expected, "n3");
+            assert!(found.contains("\"n1\""), "{found}");
+        }
+        other => panic!("a server naming n1 was taken for n3: {other:?}"),
+    }
+}

@@ -306,3 +306,89 @@ fn a_join_issues_a_certificate_for_its_name_and_never_a_members_name_twice() {
         "{out:?}"
     );
 }
+
+/// The lines of `node`'s daemon log that contain every one of `parts`.
+fn log_has(lab: &Lab, node: &str, parts: &[&str]) -> bool {
+    std::fs::read_to_string(lab.dir.join(node).join("daemon.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| parts.iter().all(|p| l.contains(p)))
+}
+
+#[test]
+fn a_node_running_with_another_nodes_certificate_is_taken_for_neither() {
+    let _one = lock();
+    let lab = Lab::up();
+    let s = status(&lab);
+    let leader = s["leader"].as_str().expect("a leader").to_string();
+    // A follower restarted with a third node's certificate and key.
+    let others: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != leader)
+        .collect();
+    let (imposter, owner) = (others[0], others[1]);
+    ok(common::haven(
+        &["lab", "kill", imposter, "--dir", lab.dir_str()],
+        None,
+    ));
+    let dir = lab.dir.join(imposter);
+    let saved = tempfile::tempdir().expect("tempdir");
+    for f in ["node.pem", "node-key.pem"] {
+        std::fs::copy(dir.join(f), saved.path().join(f)).expect("save");
+        std::fs::copy(lab.dir.join(owner).join(f), dir.join(f)).expect("swap");
+    }
+    ok(common::haven(
+        &["lab", "start", imposter, "--dir", lab.dir_str()],
+        None,
+    ));
+
+    // The leader refuses its heartbeats (they claim one node, the certificate
+    // another), and does not take its answers for the node it dialled.
+    let claim = format!("{imposter:?}");
+    let cert = format!("node {owner:?}");
+    common::wait_for("the leader to refuse the imposter's heartbeat", || {
+        log_has(&lab, &leader, &["refused /hb", &claim, &cert]).then_some(())
+    });
+    common::wait_for("the leader to refuse the imposter's answers", || {
+        log_has(
+            &lab,
+            &leader,
+            &[&format!("should be node {claim}"), &format!("is {cert}")],
+        )
+        .then_some(())
+    });
+    // Heard by no one, the imposter is lost; the node whose certificate it holds is not.
+    let state = |s: &Value, n: &str| {
+        s["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|x| x["name"] == n))
+            .map(|x| x["state"].clone())
+    };
+    let s = common::wait_for("the imposter to be lost", || {
+        let s = status(&lab);
+        (state(&s, imposter) != Some(json!("online"))).then_some(s)
+    });
+    assert_eq!(state(&s, owner), Some(json!("online")), "{s}");
+
+    // With its own certificate back, it is heard again.
+    ok(common::haven(
+        &["lab", "kill", imposter, "--dir", lab.dir_str()],
+        None,
+    ));
+    for f in ["node.pem", "node-key.pem"] {
+        std::fs::copy(saved.path().join(f), dir.join(f)).expect("restore");
+    }
+    ok(common::haven(
+        &["lab", "start", imposter, "--dir", lab.dir_str()],
+        None,
+    ));
+    ok(lab.run(&["node", "online", imposter]));
+    common::wait_for("the node to be online with its own certificate", || {
+        let s = status(&lab);
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .all(|n| n["state"] == "online")
+            .then_some(())
+    });
+}

@@ -108,8 +108,9 @@ impl Caller {
 
 /// How long a request that only the leader may send waits for this node's Raft view to
 /// name its sender as leader: just after an election the new leader can reach a
-/// follower before its first append does. Several Raft heartbeats.
-const LEADER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(1);
+/// follower before its first append does. Many Raft heartbeats, and under the 3 s the
+/// sender waits for an answer.
+const LEADER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Middleware: admits a request only if its certificate names a party of this cluster
 /// that may use the endpoint, and hands that [`Caller`] to the handler (which checks

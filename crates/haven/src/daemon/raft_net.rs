@@ -27,6 +27,8 @@ pub struct Conn {
     rpc: RpcClient,
     lab: std::sync::Arc<super::fence::LabSwitch>,
     target: NodeId,
+    /// The target's name: only a server whose certificate names it is talked to.
+    name: String,
     addr: Option<String>,
 }
 
@@ -38,6 +40,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             rpc: self.rpc.clone(),
             lab: self.lab.clone(),
             target,
+            name: node.name.clone(),
             addr: node.addrs.first().cloned(),
         }
     }
@@ -68,12 +71,15 @@ impl Conn {
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         }
         let answer: Result<Result<R, RaftError<NodeId, E>>, RpcError> =
-            self.rpc.call(addr, path, req).await;
+            self.rpc.call_node(None, addr, &self.name, path, req).await;
         match answer {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Err(
-                e @ (RpcError::Connect { .. } | RpcError::Tls { .. } | RpcError::Timeout { .. }),
+                e @ (RpcError::Connect { .. }
+                | RpcError::Tls { .. }
+                | RpcError::Timeout { .. }
+                | RpcError::WrongPeer { .. }),
             ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
