@@ -468,8 +468,9 @@ pub(super) async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOw
     let Some(addr) = leader.addrs.first() else {
         return Err(ApiFailure::unavailable("the leader has no address"));
     };
+    // Forwarded operator actions go to the leader's own daemon, by its certificate.
     d.rpc
-        .call(addr, local_path, req)
+        .call_node(None, addr, &leader.name, local_path, req)
         .await
         .map_err(|e| match e {
             haven_net::RpcError::Remote {
