@@ -3,8 +3,11 @@
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+
+pub use crate::identity::CertRole;
+use crate::identity::{PeerIdentity, valid_cluster_name, valid_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -14,6 +17,8 @@ pub enum CaError {
     BadKey { source_name: String, reason: String },
     #[error("the cluster name must be 1–64 characters of [A-Za-z0-9._-], got {0:?}")]
     BadClusterName(String),
+    #[error("a certificate's name must be 1–63 characters of [A-Za-z0-9._-], got {0:?}")]
+    BadName(String),
 }
 
 /// A certificate and its private key, both PEM.
@@ -21,15 +26,6 @@ pub enum CaError {
 pub struct IssuedCert {
     pub cert_pem: String,
     pub key_pem: String,
-}
-
-/// What a certificate is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CertRole {
-    /// A daemon: serves and connects to peers.
-    Node,
-    /// A CLI or API client: connects only.
-    Client,
 }
 
 /// The cluster CA. Its certificate can be rebuilt from the cluster name and key alone,
@@ -56,14 +52,6 @@ fn random_serial() -> SerialNumber {
     // A positive DER integer: the top bit must be clear.
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)
-}
-
-fn valid_cluster_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 impl ClusterCa {
@@ -124,15 +112,29 @@ impl ClusterCa {
         Ok(crate::tls::fingerprint_der(&der))
     }
 
-    /// A certificate for `name` signed by this CA.
+    /// A certificate for `name` in `role`, signed by this CA. The identity goes in as a
+    /// `haven://` URI name (see [`crate::identity`]); daemons' certificates also carry
+    /// the shared server name that peers dial.
     pub fn issue(&self, name: &str, role: CertRole) -> Result<IssuedCert, CaError> {
+        if !valid_name(name) {
+            return Err(CaError::BadName(name.to_string()));
+        }
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|e| CaError::BadKey {
             source_name: "the cluster CA".to_string(),
             reason: e.to_string(),
         })?;
         let issuer = Issuer::new(ca_params(&self.cluster)?, ca_key);
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![crate::SERVER_NAME.to_string()])?;
+        let dns = if role.is_daemon() {
+            vec![crate::SERVER_NAME.to_string()]
+        } else {
+            Vec::new()
+        };
+        let mut params = CertificateParams::new(dns)?;
+        let uri = PeerIdentity::new(&self.cluster, role, name).uri();
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.as_str().try_into()?));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
         dn.push(DnType::OrganizationName, "Haven");
@@ -141,7 +143,7 @@ impl ClusterCa {
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match role {
-            CertRole::Node => vec![
+            CertRole::Node | CertRole::Witness => vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
@@ -152,6 +154,20 @@ impl ClusterCa {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+/// A certificate this CA signs with whatever `params` say: for tests that need a
+/// certificate `issue` would never make.
+#[cfg(test)]
+pub(crate) fn sign_by_hand(ca: &ClusterCa, params: CertificateParams) -> IssuedCert {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).unwrap();
+    let issuer = Issuer::new(ca_params(&ca.cluster).unwrap(), ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    IssuedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
     }
 }
 
@@ -180,5 +196,33 @@ mod tests {
         assert_eq!(ca.fingerprint().unwrap(), again.fingerprint().unwrap());
         let issued = again.issue("n1", CertRole::Node).unwrap();
         assert!(issued.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn an_issued_certificate_carries_its_cluster_role_and_name() {
+        let ca = ClusterCa::generate("lab").unwrap();
+        for (name, role) in [
+            ("n1", CertRole::Node),
+            ("w", CertRole::Witness),
+            ("operator", CertRole::Client),
+        ] {
+            let issued = ca.issue(name, role).unwrap();
+            let der = crate::tls::first_cert_der(&issued.cert_pem, name).unwrap();
+            assert_eq!(
+                PeerIdentity::of_cert(&der),
+                Some(PeerIdentity::new("lab", role, name))
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_that_cannot_be_an_identity_is_not_issued() {
+        let ca = ClusterCa::generate("lab").unwrap();
+        for bad in ["", "a/b", "n 1", &"x".repeat(64)] {
+            assert!(
+                matches!(ca.issue(bad, CertRole::Node), Err(CaError::BadName(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -8,13 +8,19 @@
 //!
 //! A joining host has no certificate and no CA yet: it trusts the cluster by the CA
 //! fingerprint carried inside the join token (as kubeadm's discovery hash does).
+//!
+//! Every certificate names the party it speaks for ([`identity`]); the server hands
+//! that verified identity to each request ([`Peer::identity`]) so handlers can check
+//! that a message claiming to come from node X comes from X's certificate.
 
 pub mod ca;
+pub mod identity;
 pub mod rpc;
 pub mod tls;
 pub mod token;
 
 pub use ca::{CaError, ClusterCa, IssuedCert};
+pub use identity::{CertRole, PeerIdentity};
 pub use rpc::{Peer, RpcClient, RpcError, ServeError};
 pub use tls::{NodeCheck, TlsError, TlsIdentity};
 pub use token::{JoinToken, TokenError};

@@ -101,6 +101,12 @@ impl TlsIdentity {
         })
     }
 
+    /// The identity this certificate carries, if it carries one (certificates issued
+    /// before identities were added do not).
+    pub fn identity(&self) -> Option<crate::PeerIdentity> {
+        crate::PeerIdentity::of_cert(self.chain.first()?)
+    }
+
     /// The daemon's server side. Clients must present a certificate from the cluster CA,
     /// except that `allow_anonymous` lets a client with no certificate at all through
     /// the handshake (for the join endpoint; the request handler sees [`crate::Peer`]).

@@ -145,3 +145,65 @@ async fn node_certificates_are_told_from_client_certificates() {
     assert!(node.call::<_, bool>(&addr, "/node", &()).await.unwrap());
     assert!(!cli.call::<_, bool>(&addr, "/node", &()).await.unwrap());
 }
+
+async fn who(Extension(peer): Extension<Peer>) -> Json<Option<String>> {
+    Json(peer.identity.map(|id| id.uri()))
+}
+
+/// A server that checks roles and answers with the caller's identity URI.
+async fn identity_server(ca: &ClusterCa) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let server_id = identity(ca, "n1", CertRole::Node);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let router = Router::new().route("/who", post(who));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(haven_net::rpc::serve_with_roles(
+        listener,
+        server_id.server_config(true).unwrap(),
+        Some(Arc::new(server_id.node_check().unwrap())),
+        router,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn each_request_carries_the_identity_its_certificate_names() {
+    let ca = ClusterCa::generate("t").unwrap();
+    let (addr, _stop) = identity_server(&ca).await;
+    for (name, role, uri) in [
+        ("n2", CertRole::Node, "haven://t/node/n2"),
+        ("w1", CertRole::Witness, "haven://t/witness/w1"),
+        ("operator", CertRole::Client, "haven://t/client/operator"),
+    ] {
+        let c = client(identity(&ca, name, role).client_config().unwrap());
+        let got: Option<String> = c.call(&addr, "/who", &()).await.unwrap();
+        assert_eq!(got.as_deref(), Some(uri));
+    }
+    // Without a certificate (the join server admits the handshake) there is no one.
+    let anon = client(haven_net::tls::pinned_client_config(&ca.fingerprint().unwrap()).unwrap());
+    let got: Option<String> = anon.call(&addr, "/who", &()).await.unwrap();
+    assert_eq!(got, None);
+}
+
+#[tokio::test]
+async fn a_call_to_a_named_node_refuses_a_server_whose_certificate_names_another() {
+    let ca = ClusterCa::generate("t").unwrap();
+    // The server is n1.
+    let (addr, _stop) = identity_server(&ca).await;
+    let c = client(identity(&ca, "n2", CertRole::Node).client_config().unwrap());
+    let who: Option<String> = c.call_node(None, &addr, "n1", "/who", &()).await.unwrap();
+    assert_eq!(who.as_deref(), Some("haven://t/node/n2"));
+    let r: Result<Option<String>, RpcError> = c.call_node(None, &addr, "n3", "/who", &()).await;
+    match r {
+        Err(RpcError::WrongPeer {
+            expected, found, ..
+        }) => {
+            assert_eq!(expected, "n3");
+            assert!(found.contains("\"n1\""), "{found}");
+        }
+        other => panic!("a server naming n1 was taken for n3: {other:?}"),
+    }
+}

@@ -111,6 +111,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// The name goes into the node's certificate, so it must be one a certificate can carry.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if !haven_net::identity::valid_name(name) {
+        anyhow::bail!("--name {name:?}: a node name is 1–63 characters of [A-Za-z0-9._-]");
+    }
+    Ok(())
+}
+
 fn check_addrs(addrs: &[String]) -> anyhow::Result<()> {
     for (i, a) in addrs.iter().enumerate() {
         a.parse::<std::net::SocketAddr>()
@@ -127,6 +135,7 @@ pub fn init(
     cluster: &str,
     client_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<PathBuf> {
+    check_name(name)?;
     check_addrs(addrs)?;
     let nd = NodeDir::new(dir);
     nd.create()?;
@@ -160,6 +169,7 @@ pub async fn join(
     seed: &str,
     token: &str,
 ) -> anyhow::Result<()> {
+    check_name(name)?;
     check_addrs(addrs)?;
     let parsed: JoinToken = token.parse()?;
     let nd = NodeDir::new(dir);
@@ -186,6 +196,29 @@ pub async fn join(
             e => anyhow::anyhow!(e),
         })
         .with_context(|| format!("joining via {seed}"))?;
+    let want = haven_net::PeerIdentity::new(
+        &reply.cluster,
+        if witness {
+            CertRole::Witness
+        } else {
+            CertRole::Node
+        },
+        name,
+    );
+    let issued = haven_net::TlsIdentity::from_pem(
+        &reply.ca_pem,
+        &reply.cert_pem,
+        &reply.key_pem,
+        &format!("the certificate {seed} issued"),
+    )?;
+    if issued.identity().as_ref() != Some(&want) {
+        anyhow::bail!(
+            "joining via {seed}: the cluster issued a certificate for {}, not for {want}; no node files were written",
+            issued
+                .identity()
+                .map_or("no one".to_string(), |i| i.to_string())
+        );
+    }
     files::write_file(&nd.ca(), reply.ca_pem.as_bytes(), false)?;
     files::write_file(&nd.ca_key(), reply.ca_key_pem.as_bytes(), true)?;
     files::write_file(&nd.cert(), reply.cert_pem.as_bytes(), false)?;

@@ -1,5 +1,6 @@
 //! The daemon's RPC and client API: routes, and the thin handlers behind them. Every
-//! route but `/join` requires a certificate from the cluster CA.
+//! route but `/join` requires a certificate from the cluster CA, and every request is
+//! checked against the identity that certificate names (see [`authorize`]).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use haven_net::{JoinToken, Peer};
+use haven_net::{CertRole, JoinToken, Peer, PeerIdentity};
 use haven_store::{NodeInfo, Request, Response};
 use openraft::ChangeMembers;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
@@ -53,7 +54,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(ha::OP_PATH, post(ha_op))
         .route(ha::REPORT_PATH, post(ha_report))
         .merge(super::fence::routes())
-        .layer(axum::middleware::from_fn(require_certificate))
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            authorize,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             daemon.clone(),
             super::fence::lab_cut,
@@ -62,61 +66,265 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     protected.merge(public).with_state(daemon)
 }
 
-async fn require_certificate(
+/// Who sent a request: the identity its certificate names (verified by the TLS
+/// handshake), and from where. [`authorize`] puts it in every protected request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub identity: PeerIdentity,
+    pub addr: SocketAddr,
+}
+
+impl Caller {
+    pub fn name(&self) -> &str {
+        &self.identity.name
+    }
+
+    /// A refusal of a request whose content speaks for someone this caller is not;
+    /// logged, since it means a misbehaving or impersonating peer.
+    pub fn refuse(&self, path: &str, claim: &str) -> ApiFailure {
+        tracing::warn!(
+            "refused {path} from {} ({}): {claim}",
+            self.identity,
+            self.addr
+        );
+        ApiFailure::forbidden(format!(
+            "{path} refused: {claim}, but the request comes with the certificate of {}",
+            self.identity
+        ))
+    }
+
+    /// Refuses unless the node the request's `field` names is the caller itself.
+    pub fn must_be(&self, path: &str, field: &str, claimed: &str) -> Result<(), ApiFailure> {
+        if claimed == self.name() {
+            Ok(())
+        } else {
+            Err(self.refuse(
+                path,
+                &format!("it claims to come from node {claimed:?} (field {field})"),
+            ))
+        }
+    }
+}
+
+/// How long a request that only the leader may send waits for this node's Raft view to
+/// name its sender as leader: just after an election the new leader can reach a
+/// follower before its first append does. Many Raft heartbeats, and under the 3 s the
+/// sender waits for an answer.
+const LEADER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Middleware: admits a request only if its certificate names a party of this cluster
+/// that may use the endpoint, and hands that [`Caller`] to the handler (which checks
+/// what the body claims). Peer endpoints need a daemon's certificate whose name is a
+/// member; operator endpoints need a client certificate; `/ha/op` and `/ha/fence` only
+/// come from the leader.
+async fn authorize(
+    State(d): D,
     Extension(peer): Extension<Peer>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = req.uri().path().to_string();
+    let refuse = |why: String| {
+        tracing::warn!("refused {path} from {}: {why}", peer.addr);
+        ApiFailure::forbidden(why).into_response()
+    };
     if !peer.authenticated {
-        return axum::response::IntoResponse::into_response(ApiFailure::forbidden(
-            "this endpoint requires a certificate from the cluster CA",
+        return refuse("this endpoint requires a certificate from the cluster CA".into());
+    }
+    let Some(identity) = peer
+        .identity
+        .clone()
+        .filter(|i| i.cluster == d.node.cluster)
+    else {
+        return refuse(format!(
+            "{path} refused: the certificate does not name a node or client of cluster {} (certificates issued before identities were added must be reissued)",
+            d.node.cluster
+        ));
+    };
+    let caller = Caller {
+        identity,
+        addr: peer.addr,
+    };
+    if for_peers(&path) {
+        if !caller.identity.role.is_daemon() {
+            return refuse(format!(
+                "{path} is for cluster nodes; the certificate of {} cannot use it",
+                caller.identity
+            ));
+        }
+        if !may_be_member(&d, &path, caller.name()) {
+            return refuse(format!(
+                "{path} refused: {} is not a member of this cluster",
+                caller.identity
+            ));
+        }
+        if sent_by_leader(&path)
+            && let Err(e) = from_leader(&d, &caller, &path).await
+        {
+            return e.into_response();
+        }
+    } else if caller.identity.role != CertRole::Client {
+        return refuse(format!(
+            "{path} is for operators (client certificates, as in client.toml); the certificate of {} cannot use it",
+            caller.identity
         ));
     }
-    if !peer.node && node_only(req.uri().path()) {
-        return axum::response::IntoResponse::into_response(ApiFailure::forbidden(
-            "this endpoint is for cluster nodes; a client certificate cannot use it",
-        ));
-    }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
 /// Node-to-node endpoints: Raft, heartbeats, leader-local operations, agent and fence
-/// traffic, membership changes. Clients (CLI, API) use the rest, which forward.
-fn node_only(path: &str) -> bool {
+/// traffic, membership changes. Operators (CLI, API) use the rest, which forward.
+fn for_peers(path: &str) -> bool {
     ["/raft/", "/local/", "/ha/"]
         .iter()
         .any(|p| path.starts_with(p))
         || [heartbeat::PATH, PROMOTE, ADD_LEARNER].contains(&path)
 }
 
-async fn raft_append(
-    State(d): D,
-    Json(req): Json<AppendEntriesRequest<haven_store::TypeConfig>>,
-) -> Json<serde_json::Value> {
-    Json(to_json(&d.raft.append_entries(req).await))
+/// Orders to run something here: only the coordinator, on the leader, gives them.
+fn sent_by_leader(path: &str) -> bool {
+    [ha::OP_PATH, super::fence::FENCE_RUN].contains(&path)
 }
 
-async fn raft_vote(State(d): D, Json(req): Json<VoteRequest<u64>>) -> Json<serde_json::Value> {
-    Json(to_json(&d.raft.vote(req).await))
+/// Whether `name` may be a member, as far as this node can tell: it is in the Raft
+/// membership or the registry of joined nodes, or this node has no membership yet (a
+/// fresh joiner first hears from the leader), or the request is a Raft RPC: a node
+/// whose log predates a member's admission must still accept that member's appends if
+/// it leads, or it could never catch up ([`raft_sender`] still binds the claimed id to
+/// the name wherever either is known).
+fn may_be_member(d: &Daemon, path: &str, name: &str) -> bool {
+    let metrics = d.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    membership.nodes().next().is_none()
+        || membership.nodes().any(|(_, n)| n.name == name)
+        || d.view.state().nodes.contains_key(name)
+        || path.starts_with("/raft/")
+}
+
+/// Refuses unless `caller` is the leader as this node knows it (waiting briefly for
+/// this node to learn of a new leader).
+async fn from_leader(d: &Daemon, caller: &Caller, path: &str) -> Result<(), ApiFailure> {
+    let leads = |m: &openraft::RaftMetrics<u64, NodeInfo>| {
+        m.current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id))
+            .is_some_and(|n| n.name == caller.name())
+    };
+    let mut rx = d.raft.metrics();
+    if let Ok(Ok(_)) = tokio::time::timeout(LEADER_CATCH_UP, rx.wait_for(leads)).await {
+        return Ok(());
+    }
+    let leader = d.leader().map(|(_, n)| n.name);
+    Err(caller.refuse(
+        path,
+        &format!(
+            "only the leader sends {path}, and this node's leader is {}",
+            leader.map_or("unknown".to_string(), |l| format!("node {l:?}"))
+        ),
+    ))
+}
+
+/// Binds a Raft RPC's sender (the node id in its vote) to the caller: refused if this
+/// node knows that id under another name, or the caller's name under another id.
+fn raft_sender(
+    d: &Daemon,
+    caller: &Caller,
+    path: &str,
+    claimed: Option<u64>,
+) -> Result<(), ApiFailure> {
+    let Some(claimed) = claimed else {
+        return Err(caller.refuse(path, "it names no sending node"));
+    };
+    let metrics = d.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let state = d.view.state();
+    let name_of_claimed = membership
+        .get_node(&claimed)
+        .map(|n| n.name.clone())
+        .or_else(|| {
+            state
+                .nodes
+                .iter()
+                .find(|(_, r)| r.id == claimed)
+                .map(|(n, _)| n.clone())
+        });
+    let id_of_caller = membership
+        .nodes()
+        .find(|(_, n)| n.name == caller.name())
+        .map(|(id, _)| *id)
+        .or_else(|| state.nodes.get(caller.name()).map(|r| r.id));
+    let mismatch = name_of_claimed
+        .as_deref()
+        .is_some_and(|n| n != caller.name())
+        || id_of_caller.is_some_and(|id| id != claimed);
+    if mismatch {
+        let known = name_of_claimed.map_or(String::new(), |n| format!(" ({n:?})"));
+        return Err(caller.refuse(
+            path,
+            &format!("it claims to come from node id {claimed}{known}"),
+        ));
+    }
+    Ok(())
+}
+
+async fn raft_append(
+    State(d): D,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<AppendEntriesRequest<haven_store::TypeConfig>>,
+) -> ApiResult<serde_json::Value> {
+    raft_sender(
+        &d,
+        &caller,
+        raft_net::APPEND,
+        req.vote.leader_id().voted_for(),
+    )?;
+    Ok(Json(to_json(&d.raft.append_entries(req).await)))
+}
+
+async fn raft_vote(
+    State(d): D,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<VoteRequest<u64>>,
+) -> ApiResult<serde_json::Value> {
+    raft_sender(
+        &d,
+        &caller,
+        raft_net::VOTE,
+        req.vote.leader_id().voted_for(),
+    )?;
+    Ok(Json(to_json(&d.raft.vote(req).await)))
 }
 
 async fn raft_snapshot(
     State(d): D,
+    Extension(caller): Extension<Caller>,
     Json(req): Json<InstallSnapshotRequest<haven_store::TypeConfig>>,
-) -> Json<serde_json::Value> {
-    Json(to_json(&d.raft.install_snapshot(req).await))
+) -> ApiResult<serde_json::Value> {
+    raft_sender(
+        &d,
+        &caller,
+        raft_net::SNAPSHOT,
+        req.vote.leader_id().voted_for(),
+    )?;
+    Ok(Json(to_json(&d.raft.install_snapshot(req).await)))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
-async fn heartbeat_in(State(d): D, Json(hb): Json<Heartbeat>) -> ApiResult<HeartbeatAck> {
+async fn heartbeat_in(
+    State(d): D,
+    Extension(caller): Extension<Caller>,
+    Json(hb): Json<Heartbeat>,
+) -> ApiResult<HeartbeatAck> {
+    caller.must_be(heartbeat::PATH, "from", &hb.from)?;
     if d.lab.link_cut(&hb.link) {
         return Err(ApiFailure::unavailable("lab partition: this link is cut"));
     }
-    // The sender proved cluster membership with its certificate; its heartbeat
-    // shows that this link carries traffic in its direction too.
+    // The sender's certificate names it; its heartbeat shows that this link carries
+    // traffic in its direction too.
     d.heard(&hb.from, &hb.link);
     Ok(Json(HeartbeatAck {
         name: d.node.name.clone(),
@@ -213,8 +421,16 @@ async fn join(State(d): D, Json(req): Json<JoinRequest>) -> ApiResult<JoinReply>
         }
     };
     tracing::info!("admitted {} as node {id}", req.name);
+    // The certificate names the node the join just registered; the registry refuses a
+    // second join under a name that is already a member, so no two certificates of
+    // members name the same node.
+    let role = if req.witness {
+        CertRole::Witness
+    } else {
+        CertRole::Node
+    };
     let issued =
-        d.ca.issue(&req.name, haven_net::ca::CertRole::Node)
+        d.ca.issue(&req.name, role)
             .map_err(|e| ApiFailure::unavailable(e.to_string()))?;
     let learner = AddLearner {
         id,
@@ -252,8 +468,9 @@ pub(super) async fn leader_call<Q: serde::Serialize, R: serde::de::DeserializeOw
     let Some(addr) = d.peer_addr(&leader) else {
         return Err(ApiFailure::unavailable("the leader has no address"));
     };
+    // Forwarded operator actions go to the leader's own daemon, by its certificate.
     d.rpc
-        .call(&addr, local_path, req)
+        .call_node(None, &addr, &leader.name, local_path, req)
         .await
         .map_err(|e| match e {
             haven_net::RpcError::Remote {
@@ -281,6 +498,14 @@ async fn add_learner(State(d): D, Json(req): Json<AddLearner>) -> ApiResult<Empt
 
 async fn add_learner_local(State(d): D, Json(req): Json<AddLearner>) -> ApiResult<Empty> {
     require_leader(&d)?;
+    // Only a node the join admitted (committed with its id) becomes a learner, whichever
+    // member forwards the request.
+    if d.view.state().nodes.get(&req.name).map(|n| n.id) != Some(req.id) {
+        return Err(ApiFailure::forbidden(format!(
+            "node {:?} with id {} was not admitted by a join",
+            req.name, req.id
+        )));
+    }
     let info = NodeInfo {
         name: req.name,
         addrs: req.addrs,
@@ -320,7 +545,20 @@ where
     }
 }
 
-async fn promote(State(d): D, Json(req): Json<Promote>) -> ApiResult<Empty> {
+async fn promote(
+    State(d): D,
+    Extension(caller): Extension<Caller>,
+    Json(req): Json<Promote>,
+) -> ApiResult<Empty> {
+    // A node asks for its own promotion; the leader then trusts the forwarding member.
+    let state = d.view.state();
+    let Some((name, _)) = state.nodes.iter().find(|(_, n)| n.id == req.id) else {
+        return Err(ApiFailure::forbidden(format!(
+            "node id {} never joined this cluster",
+            req.id
+        )));
+    };
+    caller.must_be(PROMOTE, "id", name)?;
     leader_call(&d, PROMOTE_LOCAL, &req).await.map(Json)
 }
 
@@ -397,7 +635,18 @@ async fn ha_op(State(d): D, Json(req): Json<haven_ha::OpRequest>) -> ApiResult<E
     Ok(Json(Empty {}))
 }
 
-async fn ha_report(State(d): D, Json(msg): Json<ha::ReportMsg>) -> ApiResult<Empty> {
+async fn ha_report(
+    State(d): D,
+    Extension(caller): Extension<Caller>,
+    Json(msg): Json<ha::ReportMsg>,
+) -> ApiResult<Empty> {
+    caller.must_be(ha::REPORT_PATH, "node", &msg.node)?;
+    if caller.identity.role == CertRole::Witness {
+        return Err(caller.refuse(
+            ha::REPORT_PATH,
+            "it reports an operation, and a witness runs none",
+        ));
+    }
     if !d.is_leader() {
         return Err(ApiFailure::unavailable("this node is not the leader"));
     }

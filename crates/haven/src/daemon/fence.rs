@@ -790,7 +790,12 @@ async fn send_done(d: &Daemon, done: FenceDone) {
     );
 }
 
-async fn fence_done(State(d): D, Json(done): Json<FenceDone>) -> ApiResult<Empty> {
+async fn fence_done(
+    State(d): D,
+    axum::Extension(caller): axum::Extension<super::api::Caller>,
+    Json(done): Json<FenceDone>,
+) -> ApiResult<Empty> {
+    caller.must_be(FENCE_DONE, "executor", &done.executor)?;
     super::api::require_leader(&d)?;
     let _ =
         d.ha.coord

@@ -191,13 +191,16 @@ pub struct ClientToml {
     pub key: String,
 }
 
+/// The name in the client certificate `cluster init` and `lab up` write: the operator.
+pub const OPERATOR: &str = "operator";
+
 /// Writes client.toml and its client certificate into `dir`.
 pub fn write_client(
     dir: &Path,
     ca: &haven_net::ClusterCa,
     servers: Vec<String>,
 ) -> anyhow::Result<PathBuf> {
-    let issued = ca.issue("client", haven_net::ca::CertRole::Client)?;
+    let issued = ca.issue(OPERATOR, haven_net::CertRole::Client)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_file(&dir.join("client-ca.pem"), ca.cert_pem().as_bytes(), false)?;
     write_file(&dir.join("client.pem"), issued.cert_pem.as_bytes(), false)?;

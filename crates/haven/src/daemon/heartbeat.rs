@@ -68,14 +68,21 @@ pub async fn run(daemon: Arc<Daemon>) {
                         from: d.node.name.clone(),
                         link: link_name(i),
                     };
-                    let ack: Result<HeartbeatAck, _> =
-                        d.hb_rpc.call_from(Some(local), &peer_addr, PATH, &hb).await;
+                    // Only an answer from the daemon whose certificate names `name`
+                    // counts as hearing it.
+                    let ack: Result<HeartbeatAck, _> = d
+                        .hb_rpc
+                        .call_node(Some(local), &peer_addr, &name, PATH, &hb)
+                        .await;
                     match ack {
                         Ok(ack) if ack.name == name => d.heard(&name, &link_name(i)),
                         Ok(ack) => tracing::warn!(
                             "{peer_addr} answered as {:?}, but the membership says {name:?} is there",
                             ack.name
                         ),
+                        Err(e @ haven_net::RpcError::WrongPeer { .. }) => {
+                            tracing::warn!("heartbeat to {name} on link{i}: {e}")
+                        }
                         Err(e) => tracing::trace!("heartbeat to {name} on link{i}: {e}"),
                     }
                 });

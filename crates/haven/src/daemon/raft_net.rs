@@ -30,6 +30,7 @@ pub struct Conn {
     lab: std::sync::Arc<super::fence::LabSwitch>,
     membership: std::sync::Arc<std::sync::Mutex<haven_ha::membership::Membership>>,
     target: NodeId,
+    /// The target; only a server whose certificate names `node.name` is talked to.
     node: NodeInfo,
 }
 
@@ -73,12 +74,15 @@ impl Conn {
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         }
         let answer: Result<Result<R, RaftError<NodeId, E>>, RpcError> =
-            self.rpc.call(addr, path, req).await;
+            self.rpc.call_node(None, addr, &self.node.name, path, req).await;
         match answer {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Err(
-                e @ (RpcError::Connect { .. } | RpcError::Tls { .. } | RpcError::Timeout { .. }),
+                e @ (RpcError::Connect { .. }
+                | RpcError::Tls { .. }
+                | RpcError::Timeout { .. }
+                | RpcError::WrongPeer { .. }),
             ) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
