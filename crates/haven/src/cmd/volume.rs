@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use haven_volume::control::{self, ControlRequest};
 use haven_volume::decide::SplitBrainPolicy;
-use haven_volume::meta;
+use haven_volume::meta::{self, parse_size};
 use haven_volume::volume::{Status, Volume, VolumeConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -172,22 +172,6 @@ struct ResolveArgs {
     /// The node whose changes are thrown away: this node's name or the peer's
     #[arg(long)]
     discard: String,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size: use bytes or a number with K, M, G or T"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
