@@ -110,7 +110,8 @@ then-action = "start"
 }
 
 #[test]
-fn a_guest_on_a_replicated_volume_follows_its_primary_when_the_primary_node_is_powered_off() {
+fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_the_old_primary_rejoins()
+ {
     let _one = lock();
     let guest = guest_dir();
     let lab = Lab::up();
@@ -180,10 +181,47 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_when_the_primary_node_is_p
         (console_numbers(&lab, &survivor, "COUNTER").last() > Some(&resumed)).then_some(())
     });
     // Promotion was allowed because the cluster had fenced the old primary's node.
-    let h = lab.fence_history(&lab.client_of(&survivor));
+    let client = lab.client_of(&survivor);
+    let h = lab.fence_history(&client);
     assert!(
         h.iter()
             .any(|r| r["victim"] == home.as_str() && r["device"] == "power" && r["ok"] == true),
         "{h:?}"
+    );
+
+    // The old primary's node comes back: its replica restarts as a secondary (it died
+    // as primary, so it takes a full sync) and catches up; the guest stays put.
+    let checker = Checker::start(&lab.dir, "vm1");
+    ok(lab.run(&["lab", "start", &home, "--dir", lab.dir_str()]));
+    wait_for("the coordinator to hear the restarted node", || {
+        let ls = lab.fence_ls(&client)?;
+        ls["heard"]
+            .as_array()?
+            .iter()
+            .any(|n| *n == home.as_str())
+            .then_some(())
+    });
+    ok(haven(&["node", "online", &home], Some(&client)));
+    wait_for(
+        "the old primary's replica to catch up as a secondary",
+        || {
+            let s = volume_status(&lab, &home)?;
+            let peer = s["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| p["node"] == survivor.as_str())?;
+            (s["role"] == "Secondary"
+                && s["disk"] == "UpToDate"
+                && peer["role"] == "Primary"
+                && peer["replication"] == "Established")
+                .then_some(())
+        },
+    );
+    assert_eq!(lab.running("vm1"), vec![survivor.clone()]);
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+    let after = volume_status(&lab, &survivor).expect("the primary's status");
+    assert_eq!(
+        after["role"], "Primary",
+        "stickiness keeps the primary: {after:#}"
     );
 }
