@@ -122,3 +122,78 @@ pub(crate) async fn connect(
     let (r, w) = tokio::io::split(stream);
     Ok((Box::new(r), Box::new(w)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_net::ca::CertRole;
+    use haven_net::{ClusterCa, TlsIdentity};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn identity(ca: &ClusterCa, name: &str, role: CertRole) -> ReplicationTls {
+        let issued = ca.issue(name, role).unwrap();
+        let id =
+            TlsIdentity::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem, name).unwrap();
+        let check = Arc::new(id.node_check().unwrap());
+        ReplicationTls::new(
+            &id.server_config(false).unwrap(),
+            &id.client_config().unwrap(),
+            haven_net::SERVER_NAME,
+            Arc::new(move |chain| check.is_node(chain)),
+        )
+        .unwrap()
+    }
+
+    /// Dials `server` as `client`; returns what each side made of it.
+    async fn handshake(
+        server: Option<ReplicationTls>,
+        client: Option<ReplicationTls>,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (mut rd, _wr) = accept(server.as_ref(), s).await?;
+            let mut b = [0u8; 5];
+            rd.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            (b == *b"hello").then_some(()).ok_or("garbled".to_string())
+        });
+        let s = TcpStream::connect(addr).await.unwrap();
+        let dialed = match connect(client.as_ref(), s).await {
+            Ok((_rd, mut wr)) => {
+                let _ = wr.write_all(b"hello").await;
+                let _ = wr.flush().await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), accepting)
+            .await
+            .expect("the listener decides in time")
+            .unwrap();
+        (accepted, dialed)
+    }
+
+    #[tokio::test]
+    async fn only_nodes_of_the_same_cluster_get_through() {
+        let ca = ClusterCa::generate("lab").unwrap();
+        let node = |n: &str| identity(&ca, n, CertRole::Node);
+        let (a, d) = handshake(Some(node("b")), Some(node("a"))).await;
+        assert_eq!((a, d), (Ok(()), Ok(())));
+
+        // An operator's certificate is from the same CA but is not a node's.
+        let operator = identity(&ca, "admin", CertRole::Client);
+        let (a, _) = handshake(Some(node("b")), Some(operator)).await;
+        assert!(a.unwrap_err().contains("not a cluster node's"));
+
+        // Another cluster's node: refused on both sides.
+        let other = ClusterCa::generate("other").unwrap();
+        let (a, d) = handshake(Some(node("b")), Some(identity(&other, "a", CertRole::Node))).await;
+        assert!(a.is_err() && d.unwrap_err().contains("TLS"));
+
+        // A plaintext dialer never looks like a hello to a TLS listener.
+        let (a, _) = handshake(Some(node("b")), None).await;
+        assert!(a.unwrap_err().contains("TLS"));
+    }
+}
