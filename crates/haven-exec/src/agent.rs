@@ -17,7 +17,7 @@ pub const DEFAULT_INIT_DIR: &str = "/etc/init.d";
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AgentClassError {
     #[error(
-        "agent class {0:?}: expected ocf:PROVIDER:TYPE, lsb:NAME, systemd:UNIT, process or qemu"
+        "agent class {0:?}: expected ocf:PROVIDER:TYPE, lsb:NAME, systemd:UNIT, process, qemu or volume"
     )]
     Unknown(String),
     #[error(
@@ -43,6 +43,8 @@ pub enum AgentClass {
     Process,
     /// A QEMU guest driven over QMP, see [`crate::qemu`].
     Qemu,
+    /// This node's replica of a replicated volume, see [`crate::volume`].
+    Volume,
 }
 
 impl FromStr for AgentClass {
@@ -80,6 +82,7 @@ impl FromStr for AgentClass {
             }),
             ["process"] => Ok(AgentClass::Process),
             ["qemu"] => Ok(AgentClass::Qemu),
+            ["volume"] => Ok(AgentClass::Volume),
             _ => Err(AgentClassError::Unknown(s.to_string())),
         }
     }
@@ -93,6 +96,7 @@ impl fmt::Display for AgentClass {
             AgentClass::Systemd { unit } => write!(f, "systemd:{unit}"),
             AgentClass::Process => f.write_str("process"),
             AgentClass::Qemu => f.write_str("qemu"),
+            AgentClass::Volume => f.write_str("volume"),
         }
     }
 }
@@ -158,7 +162,12 @@ pub enum Op {
     Monitor {
         interval: Duration,
     },
-    Promote,
+    /// `fenced`: the nodes the cluster confirmed fenced (or knows are down). A
+    /// replicated volume may be promoted without reaching these peers, and only these
+    /// (DRBD's resource-and-stonith); other classes ignore it.
+    Promote {
+        fenced: Vec<String>,
+    },
     Demote,
     /// Run on the source. For `qemu` this may start before the destination listens: the
     /// `migrate` command is retried until it connects or the timeout passes, so the two
@@ -179,7 +188,7 @@ impl Op {
             Op::Start => "start",
             Op::Stop => "stop",
             Op::Monitor { .. } => "monitor",
-            Op::Promote => "promote",
+            Op::Promote { .. } => "promote",
             Op::Demote => "demote",
             Op::MigrateTo(_) => "migrate_to",
             Op::MigrateFrom(_) => "migrate_from",
@@ -342,6 +351,7 @@ pub async fn run_op(spec: &AgentSpec, op: Op, timeout: Duration) -> OpResult {
         AgentClass::Systemd { unit } => crate::systemd::run(unit, &op, timeout).await,
         AgentClass::Process => crate::process::run(spec, &op, timeout).await,
         AgentClass::Qemu => crate::qemu::run(spec, &op, timeout).await,
+        AgentClass::Volume => crate::volume::run(spec, &op, timeout).await,
     };
     r.duration = started.elapsed();
     tracing::debug!(
@@ -353,7 +363,7 @@ pub async fn run_op(spec: &AgentSpec, op: Op, timeout: Duration) -> OpResult {
 
 /// Instance names become file names in the state dir (pidfiles, sockets) and
 /// environment values; keep them to a safe alphabet.
-fn check_instance(name: &str) -> Result<(), String> {
+pub(crate) fn check_instance(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && !name.starts_with('.')
@@ -390,6 +400,7 @@ mod tests {
             "systemd:nginx.service",
             "process",
             "qemu",
+            "volume",
         ] {
             assert_eq!(s.parse::<AgentClass>().unwrap().to_string(), s);
         }

@@ -12,7 +12,7 @@
 //! or what happened around the agent (`Timeout`, `SpawnFailed`, `Other`). It never
 //! fails: bad configuration is `NotConfigured`/`InvalidArgs` with a note naming the
 //! field. Classes ([`AgentClass`], parsed from `ocf:PROVIDER:TYPE`, `lsb:NAME`,
-//! `systemd:UNIT`, `process`, `qemu`):
+//! `systemd:UNIT`, `process`, `qemu`, `volume`):
 //!
 //! - **ocf** runs `OCF_ROOT/resource.d/PROVIDER/TYPE ACTION` with `OCF_RESKEY_<param>`,
 //!   `OCF_RESKEY_CRM_meta_<meta>`, `..._timeout`/`..._interval` in milliseconds.
@@ -23,6 +23,9 @@
 //! - **qemu** is Haven's QEMU driver (see [`qemu`] for its parameters): start waits for
 //!   QMP `running`, stop is ACPI power-down, then `quit`, then SIGKILL; live migration
 //!   over TCP with a stall timeout.
+//! - **volume** runs this node's replica of a replicated volume (see [`volume`]) for a
+//!   promotable clone: monitor tells primary (`RunningPromoted`) from secondary, and
+//!   promote carries the peers the cluster confirmed fenced.
 //!
 //! Helpers run in their own process group; on timeout the whole group is killed.
 //! Output is kept up to [`OUTPUT_LIMIT`] bytes per stream.
@@ -40,6 +43,7 @@ pub mod pidfile;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod volume;
 
 mod lsb;
 mod ocf;

@@ -8,6 +8,7 @@
 //! | `initrd`, `append` | `-initrd`, `-append` | none |
 //! | `disk` | raw disk image file, attached as virtio | none |
 //! | `disk_nbd` | NBD export on a unix socket, attached as virtio (exclusive with `disk`) | none |
+//! | `volume` | a `volume` resource's id: its local replica's NBD socket, attached as virtio; start refuses unless that replica is primary here (exclusive with `disk`, `disk_nbd`) | none |
 //! | `memory` | MiB | 128 |
 //! | `vcpus` | | 1 |
 //! | `accel` | `kvm`, `tcg` or `auto` | `auto` |
@@ -79,6 +80,8 @@ struct Config {
 enum Disk {
     File(String),
     Nbd(String),
+    /// A Haven volume resource, attached through its replica's NBD socket here.
+    Volume(String),
 }
 
 struct Paths {
@@ -142,16 +145,22 @@ fn config(spec: &AgentSpec) -> Result<Config, OpResult> {
             "parameter `kernel` is required for the qemu class".into(),
         ));
     };
-    let disk = match (p("disk"), p("disk_nbd")) {
-        (Some(_), Some(_)) => {
+    let disk = match (p("disk"), p("disk_nbd"), p("volume")) {
+        (Some(f), None, None) => Some(Disk::File(f)),
+        (None, Some(s), None) => Some(Disk::Nbd(s)),
+        (None, None, Some(v)) => {
+            if let Err(why) = crate::agent::check_instance(&v) {
+                return Err(not_configured(spec, format!("parameter `volume`: {why}")));
+            }
+            Some(Disk::Volume(v))
+        }
+        (None, None, None) => None,
+        _ => {
             return Err(not_configured(
                 spec,
-                "parameters `disk` and `disk_nbd` exclude each other".into(),
+                "parameters `disk`, `disk_nbd` and `volume` exclude each other".into(),
             ));
         }
-        (Some(f), None) => Some(Disk::File(f)),
-        (None, Some(s)) => Some(Disk::Nbd(s)),
-        (None, None) => None,
     };
     // Read by stop, which must work even when the rest is broken; checked here so a
     // typo shows at start.
@@ -186,9 +195,10 @@ fn command_line(
     c: &Config,
     accel: Accel,
     p: &Paths,
-    name: &str,
+    spec: &AgentSpec,
     incoming: Option<&str>,
 ) -> Vec<String> {
+    let name = spec.instance.as_str();
     let mut a: Vec<String> = vec![
         "-name".into(),
         opt(name),
@@ -219,6 +229,16 @@ fn command_line(
             "-drive".into(),
             format!("file=nbd:unix:{},format=raw,if=virtio", opt(s)),
         ]),
+        Some(Disk::Volume(v)) => {
+            let s = crate::volume::nbd_socket(&spec.state_dir, v);
+            a.extend([
+                "-drive".into(),
+                format!(
+                    "file=nbd:unix:{},format=raw,if=virtio",
+                    opt(&s.display().to_string())
+                ),
+            ]);
+        }
         None => {}
     }
     a.extend([
@@ -250,7 +270,7 @@ pub(crate) async fn run(spec: &AgentSpec, op: &Op, timeout: Duration) -> OpResul
             return OpResult::new(OpCode::Unimplemented, Duration::ZERO)
                 .note("the qemu class documents its parameters in haven-exec's qemu module");
         }
-        Op::Promote | Op::Demote | Op::Reload => {
+        Op::Promote { .. } | Op::Demote | Op::Reload => {
             return OpResult::new(OpCode::Unimplemented, Duration::ZERO)
                 .note(format!("the qemu class has no {} action", op.action()));
         }
@@ -337,6 +357,11 @@ async fn start(spec: &AgentSpec, c: &Config, p: &Paths, timeout: Duration) -> Op
         Ok(None) => {}
         Err(r) => return r,
     }
+    if let Some(Disk::Volume(v)) = &c.disk
+        && let Err(why) = crate::volume::primary_socket(&spec.state_dir, v, deadline).await
+    {
+        return OpResult::new(OpCode::NotConfigured, Duration::ZERO).note(why);
+    }
     let mut notes = Vec::new();
     let plan: Vec<Accel> = match c.accel.as_str() {
         "kvm" => vec![Accel::Kvm],
@@ -404,7 +429,7 @@ async fn launch(
         let _ = writeln!(f, "{LOG_HEADER} with {}", accel.name());
     }
     let mut cmd = tokio::process::Command::new(&c.qemu);
-    cmd.args(command_line(c, accel, p, &spec.instance, incoming));
+    cmd.args(command_line(c, accel, p, spec, incoming));
     let mut child =
         spawn_detached(cmd, &spec.state_dir, &p.log).map_err(|why| (OpCode::SpawnFailed, why))?;
     let Some(t) = child.id().and_then(|pid| Tracked::of(pid as i32)) else {
@@ -805,7 +830,7 @@ mod tests {
             &c,
             Accel::Tcg,
             &paths(&spec()),
-            "vm1",
+            &spec(),
             Some("127.0.0.1:4444"),
         );
         let s = a.join(" ");
@@ -835,6 +860,18 @@ mod tests {
         assert!(r.notes[0].contains("kvm, tcg or auto"));
         let r = config(&spec().param("disk_nbd", "/s")).unwrap_err();
         assert!(r.notes[0].contains("exclude each other"));
+        let r = config(&spec().param("volume", "vol1")).unwrap_err();
+        assert!(r.notes[0].contains("exclude each other"));
+        let mut s = spec();
+        s.params.remove("disk");
+        let r = config(&s.clone().param("volume", "../x")).unwrap_err();
+        assert!(r.notes[0].contains("`volume`"), "{:?}", r.notes);
+        let s = s.param("volume", "vol1");
+        let a = command_line(&config(&s).unwrap(), Accel::Tcg, &paths(&s), &s, None).join(" ");
+        assert!(
+            a.contains("file=nbd:unix:/run/haven/vol1.nbd,format=raw,if=virtio"),
+            "{a}"
+        );
         let mut s = spec();
         s.params.remove("kernel");
         assert!(config(&s).unwrap_err().notes[0].contains("`kernel` is required"));

@@ -128,7 +128,7 @@ async fn lsb_script_lifecycle() {
     assert_eq!(run_op(&spec, Op::Stop, T).await.code, OpCode::Success);
     assert_eq!(run_op(&spec, PROBE, T).await.code, OpCode::NotRunning);
     assert_eq!(
-        run_op(&spec, Op::Promote, T).await.code,
+        run_op(&spec, Op::Promote { fenced: vec![] }, T).await.code,
         OpCode::Unimplemented
     );
 }

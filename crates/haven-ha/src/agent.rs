@@ -55,6 +55,11 @@ pub struct OpRequest {
     pub monitor_timeout: Duration,
     /// The peer node of a migration.
     pub peer: Option<String>,
+    /// For a promote: the nodes the coordinator knows are down (fenced, or assumed down
+    /// with stonith disabled). A replicated volume may be promoted without reaching
+    /// these peers (DRBD's resource-and-stonith), and only these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<String>,
 }
 
 /// What the agent tells the coordinator.
@@ -78,6 +83,8 @@ pub enum AgentCommand {
         op: OpKind,
         timeout: Duration,
         peer: Option<String>,
+        /// [`OpRequest::fenced`], for a promote.
+        fenced: Vec<String>,
         /// A recurring monitor's interval; `None` for a probe and every other operation
         /// (OCF agents tell the two apart by it).
         interval: Option<Duration>,
@@ -224,6 +231,7 @@ impl NodeAgent {
                     op: req.op,
                     timeout: req.timeout,
                     peer: req.peer.clone(),
+                    fenced: req.fenced.clone(),
                     interval: None,
                 });
                 slot.busy = Some((token, Running::Requested(req)));
@@ -236,6 +244,7 @@ impl NodeAgent {
                     op: OpKind::Monitor,
                     timeout: m.timeout,
                     peer: None,
+                    fenced: Vec::new(),
                     interval: Some(m.interval),
                 });
                 slot.busy = Some((token, Running::RecurringMonitor));
@@ -278,6 +287,7 @@ mod tests {
             monitor_interval: Some(Duration::from_secs(10)),
             monitor_timeout: Duration::from_secs(5),
             peer: None,
+            fenced: Vec::new(),
         }
     }
 

@@ -894,6 +894,15 @@ impl<P: Planner> Coordinator<P> {
         if step.is_some() {
             self.log(format!("{now}: {op:?} {resource} on {node}"));
         }
+        let fenced = if op == OpKind::Promote {
+            self.nodes
+                .iter()
+                .filter(|(_, s)| **s == NodeState::Offline)
+                .map(|(n, _)| n.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.commands.push_back(CoordinatorCommand::Op {
             node: node.to_string(),
             request: OpRequest {
@@ -904,6 +913,7 @@ impl<P: Planner> Coordinator<P> {
                 monitor_interval: ops.monitor_interval,
                 monitor_timeout: ops.monitor_timeout,
                 peer,
+                fenced,
             },
         });
     }

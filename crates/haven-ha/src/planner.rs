@@ -409,6 +409,10 @@ agent = "lab"
                                     OpOutcome::Ok
                                 }
                                 crate::OpKind::Promote => {
+                                    // The replica may skip exactly the fenced peers.
+                                    let down: Vec<String> =
+                                        dead.iter().map(|d| d.to_string()).collect();
+                                    assert_eq!(request.fenced, down, "fenced peers");
                                     roles.insert(node.clone(), Observed::Promoted);
                                     OpOutcome::Ok
                                 }

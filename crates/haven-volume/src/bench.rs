@@ -402,7 +402,10 @@ fn haven(
             .arg(dir.join(format!("{n}.nbd")))
             .arg("--control")
             .arg(dir.join(format!("{n}.ctl")))
-            .args(["--listen", &format!("127.0.0.1:{}", ports[i])]);
+            .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
+            // Measures the replication protocol itself, as the published figures do;
+            // a cluster's replicas add TLS.
+            .arg("--plaintext");
         for (j, m) in names.iter().enumerate() {
             if j != i {
                 c.args(["--peer", &format!("{m}=127.0.0.1:{}", ports[j])]);

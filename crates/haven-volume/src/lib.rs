@@ -5,6 +5,7 @@
 //! - [`decide`]: pure decisions (sync direction, split brain, promotion).
 //! - [`wire`]: the replication protocol; [`volume`]: a running replica.
 //! - [`control`]: the JSON-lines control socket used by the CLI.
+//! - [`tls`]: mutual TLS for the replication channel.
 //! - [`bench`]: Haven volumes beside `qemu-nbd` (`haven bench volume`).
 
 pub mod bench;
@@ -13,5 +14,6 @@ pub mod decide;
 pub mod meta;
 pub mod nbd;
 pub mod proto;
+pub mod tls;
 pub mod volume;
 pub mod wire;

@@ -280,6 +280,24 @@ impl Meta {
     }
 }
 
+/// A size in bytes, or with a K/M/G/T suffix (binary units), as the CLI and the
+/// cluster's `volume` resource class take it.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: use bytes or a number with K, M, G or T"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 /// Creates a new replica in `dir`: a sparse backing file of `size` bytes and metadata.
 /// `initial` marks this replica's data as the authoritative starting point (UpToDate);
 /// other replicas start Inconsistent and get a full sync.

@@ -316,6 +316,7 @@ mod tests {
             allow_two_primaries: false,
             resync_rate: None,
             peer_timeout: Duration::from_secs(5),
+            tls: None,
         })
         .unwrap()
     }

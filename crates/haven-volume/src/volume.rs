@@ -12,6 +12,7 @@
 
 use crate::decide::{self, PeerLink, Plan, PromoteError, Refusal, SideView, SplitBrainPolicy};
 use crate::meta::{DATA_FILE, DiskState, Meta, MetaError, Role};
+use crate::tls::{PeerRead, PeerWrite, ReplicationTls};
 use crate::wire::{self, GenUpdate, Hello, Msg, StateUpdate};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -23,8 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
@@ -102,6 +102,9 @@ pub struct VolumeConfig {
     /// disconnected (its regions go to the bitmap), so one hung peer cannot stall the
     /// volume — DRBD's `timeout`/`ko-count`.
     pub peer_timeout: Duration,
+    /// Mutual TLS with the peers; `None` only for an explicitly plaintext replica
+    /// (benchmarks, hand tests). A plaintext replica and a TLS one never connect.
+    pub tls: Option<ReplicationTls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,7 +198,7 @@ struct Progress {
 }
 
 /// A peer socket's sending side and a scratch buffer for frame headers.
-type PeerWriter = (BufWriter<OwnedWriteHalf>, Vec<u8>);
+type PeerWriter = (BufWriter<PeerWrite>, Vec<u8>);
 
 struct Conn {
     id: u64,
@@ -391,9 +394,25 @@ impl Volume {
             tokio::spawn(async move {
                 loop {
                     match l.accept().await {
-                        Ok((s, _)) => {
+                        Ok((s, from)) => {
                             let me = me.clone();
-                            tokio::spawn(async move { me.run_conn(s, None).await });
+                            tokio::spawn(async move {
+                                let tls = me.cfg.tls.as_ref();
+                                match tokio::time::timeout(
+                                    HANDSHAKE_TIMEOUT,
+                                    crate::tls::accept(tls, s),
+                                )
+                                .await
+                                {
+                                    Ok(Ok((rd, wr))) => me.run_conn(rd, wr, None).await,
+                                    Ok(Err(why)) => {
+                                        tracing::warn!("replication connection from {from}: {why}")
+                                    }
+                                    Err(_) => tracing::warn!(
+                                        "replication connection from {from}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+                                    ),
+                                }
+                            });
                         }
                         Err(e) => {
                             tracing::warn!("replication accept failed: {e}");
@@ -421,9 +440,20 @@ impl Volume {
                     .is_some_and(|p| p.want && p.conn.is_none())
             };
             if want {
-                let dial = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await;
-                if let Ok(Ok(s)) = dial {
-                    self.clone().run_conn(s, Some(peer.clone())).await;
+                let dial = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                    let s = TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+                    crate::tls::connect(self.cfg.tls.as_ref(), s).await
+                })
+                .await;
+                match dial {
+                    Ok(Ok((rd, wr))) => self.clone().run_conn(rd, wr, Some(peer.clone())).await,
+                    Ok(Err(why)) => self.note_error(&peer, why),
+                    Err(_) => self.note_error(
+                        &peer,
+                        format!("no connection to {addr} within {HANDSHAKE_TIMEOUT:?}"),
+                    ),
                 }
             }
             let _ = tokio::time::timeout(DIAL_INTERVAL, self.wake.notified()).await;
@@ -473,9 +503,7 @@ impl Volume {
 
     /// Runs one replication connection from handshake to teardown. `dialed` names the
     /// peer we called; an accepted connection learns its peer from the hello.
-    async fn run_conn(self: Arc<Self>, stream: TcpStream, dialed: Option<String>) {
-        let _ = stream.set_nodelay(true);
-        let (mut rd, wr) = stream.into_split();
+    async fn run_conn(self: Arc<Self>, mut rd: PeerRead, wr: PeerWrite, dialed: Option<String>) {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
         let mut buf = Vec::new();
 
@@ -502,7 +530,17 @@ impl Volume {
                     }
                     return;
                 }
-                _ => return,
+                other => {
+                    if let Some(peer) = &dialed {
+                        let why = match other {
+                            Err(_) => format!("no hello within {HANDSHAKE_TIMEOUT:?}"),
+                            Ok(Err(e)) => format!("no hello: {e}"),
+                            Ok(Ok(k)) => format!("expected a hello, got frame kind {k}"),
+                        };
+                        self.note_error(peer, why);
+                    }
+                    return;
+                }
             };
         let peer = theirs.view.node.clone();
         if dialed.as_ref().is_some_and(|d| *d != peer) {
@@ -814,7 +852,7 @@ impl Volume {
         self.wake.notify_waiters();
     }
 
-    async fn reader_task(self: Arc<Self>, mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Conn>) {
+    async fn reader_task(self: Arc<Self>, mut rd: PeerRead, conn: Arc<Conn>) {
         let mut buf = Vec::with_capacity(1 << 20);
         let limit = self.cfg.peer_timeout;
         loop {
@@ -1471,8 +1509,8 @@ async fn wait_acks(waits: &[(Arc<Conn>, u64)], limit: Duration) {
     }
 }
 
-async fn read_frame(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
+    rd: &mut R,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<u8> {
     let mut h = [0u8; wire::FRAME_HEADER];
@@ -1484,7 +1522,7 @@ async fn read_frame(
 }
 
 async fn send_json<T: Serialize>(
-    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    wr: &mut BufWriter<PeerWrite>,
     kind: u8,
     v: &T,
 ) -> std::io::Result<()> {
@@ -1495,7 +1533,7 @@ async fn send_json<T: Serialize>(
 }
 
 async fn write_out(
-    wr: &mut BufWriter<OwnedWriteHalf>,
+    wr: &mut BufWriter<PeerWrite>,
     head: &mut Vec<u8>,
     out: &Out,
 ) -> std::io::Result<()> {

@@ -69,8 +69,47 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The cluster CA of a test (in `tmp`, made on first use) and a node certificate for
+/// `name` under it: the flags that make `haven volume serve` replicate over mutual TLS.
+fn tls_args(tmp: &Path, ca_name: &str, name: &str) -> Vec<String> {
+    let ca_dir = tmp.join(format!("ca-{ca_name}"));
+    let (ca_pem, ca_key) = (ca_dir.join("ca.pem"), ca_dir.join("ca-key.pem"));
+    let ca = if ca_pem.is_file() {
+        haven_net::ClusterCa::from_pem(
+            ca_name,
+            std::fs::read_to_string(&ca_pem).unwrap(),
+            std::fs::read_to_string(&ca_key).unwrap(),
+            "ca-key.pem",
+        )
+        .expect("reload the test CA")
+    } else {
+        let ca = haven_net::ClusterCa::generate(ca_name).expect("a test CA");
+        std::fs::create_dir_all(&ca_dir).unwrap();
+        std::fs::write(&ca_pem, ca.cert_pem()).unwrap();
+        std::fs::write(&ca_key, ca.key_pem()).unwrap();
+        ca
+    };
+    let issued = ca
+        .issue(name, haven_net::ca::CertRole::Node)
+        .expect("a node certificate");
+    let cert = ca_dir.join(format!("{name}.pem"));
+    let key = ca_dir.join(format!("{name}-key.pem"));
+    std::fs::write(&cert, issued.cert_pem).unwrap();
+    std::fs::write(&key, issued.key_pem).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_owned();
+    vec![
+        "--tls-ca".into(),
+        p(&ca_pem),
+        "--tls-cert".into(),
+        p(&cert),
+        "--tls-key".into(),
+        p(&key),
+    ]
+}
+
 struct Node {
     name: String,
+    tls: Vec<String>,
     dir: PathBuf,
     nbd: PathBuf,
     ctl: PathBuf,
@@ -93,6 +132,7 @@ impl Node {
         assert!(o.status.success(), "create {name}: {}", text(&o));
         Node {
             name: name.into(),
+            tls: tls_args(tmp, "lab", name),
             nbd: tmp.join(format!("{name}.nbd")),
             ctl: tmp.join(format!("{name}.ctl")),
             dir,
@@ -115,6 +155,12 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        if !extra
+            .iter()
+            .any(|a| *a == "--plaintext" || *a == "--tls-ca")
+        {
+            c.args(&self.tls);
+        }
         for (n, p) in peers {
             c.args(["--peer", &format!("{n}=127.0.0.1:{p}")]);
         }
@@ -1059,4 +1105,78 @@ fn volume_writes_during_a_full_sync_land_on_the_new_replica() {
     a.wait_in_sync("b");
     qemu_io_ok(&a.uri(), &[s("flush")]);
     assert_identical(&a, &b);
+}
+
+#[test]
+fn volume_replication_refuses_a_plaintext_peer_and_a_foreign_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    // `a` (the smaller name) dials; `b` listens.
+    a.start(&[b.peer()], &[]);
+    b.start(&[a.peer()], &["--plaintext"]);
+    a.ok(&["promote", "--peer-fenced", "b"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x5a 0 64k")]);
+    let st = a.wait_for("a TLS failure towards plaintext b", |s| {
+        Node::peer_status(s, "b")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TLS"))
+    });
+    assert_ne!(Node::peer_status(&st, "b")["connection"], "Connected");
+    let sb = b.status().expect("b's status");
+    assert_ne!(Node::peer_status(&sb, "a")["connection"], "Connected");
+    b.kill();
+
+    // The same node name under another cluster's CA.
+    let foreign = tls_args(tmp.path(), "other", "b");
+    let refs: Vec<&str> = foreign.iter().map(String::as_str).collect();
+    b.start(&[a.peer()], &refs);
+    a.wait_for("a refusing b's foreign certificate", |s| {
+        Node::peer_status(s, "b")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate"))
+    });
+    let sb = b.status().expect("b's status");
+    assert_ne!(Node::peer_status(&sb, "a")["connection"], "Connected");
+    assert_eq!(
+        sb["disk"], "Inconsistent",
+        "b got data over a refused channel"
+    );
+    b.kill();
+
+    // Under the cluster's CA the same pair connects and syncs: the refusals were TLS's.
+    b.start(&[a.peer()], &[]);
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+}
+
+#[test]
+fn volume_serve_listens_on_loopback_only_and_replicates_only_under_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Node::create(tmp.path(), "a", true);
+    let serve = |args: &[&str]| {
+        let mut c = Command::new(HAVEN);
+        c.args(["volume", "serve", "--dir"])
+            .arg(&a.dir)
+            .arg("--control")
+            .arg(&a.ctl)
+            .args(args);
+        let o = run_bounded(&mut c, WAIT);
+        assert!(!o.status.success(), "{args:?} should fail: {}", text(&o));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = serve(&["--listen", "0.0.0.0:7790", "--plaintext"]);
+    assert!(
+        e.contains("--listen 0.0.0.0:7790") && e.contains("not a loopback address"),
+        "{e}"
+    );
+    let e = serve(&["--nbd-tcp", "192.0.2.1:10809"]);
+    assert!(
+        e.contains("--nbd-tcp 192.0.2.1:10809") && e.contains("--allow-non-loopback"),
+        "{e}"
+    );
+    let e = serve(&["--listen", &format!("127.0.0.1:{}", a.port)]);
+    assert!(e.contains("mutual TLS") && e.contains("--plaintext"), "{e}");
+    let e = serve(&["--peer", "b=127.0.0.1:1"]);
+    assert!(e.contains("mutual TLS"), "{e}");
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use haven_volume::control::{self, ControlRequest};
 use haven_volume::decide::SplitBrainPolicy;
-use haven_volume::meta;
+use haven_volume::meta::{self, parse_size};
 use haven_volume::volume::{Status, Volume, VolumeConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -84,12 +84,32 @@ struct ServeArgs {
     /// Unix socket for NBD clients
     #[arg(long)]
     nbd: Option<PathBuf>,
-    /// TCP address for NBD clients (use a loopback address unless the network is trusted)
+    /// TCP address for NBD clients (NBD has no authentication: loopback only, unless
+    /// --allow-non-loopback)
     #[arg(long)]
     nbd_tcp: Option<SocketAddr>,
-    /// Address to accept replication connections on
+    /// Address to accept replication connections on (loopback only, unless
+    /// --allow-non-loopback)
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Let --listen and --nbd-tcp bind addresses other than loopback (a host's
+    /// replication network)
+    #[arg(long)]
+    allow_non_loopback: bool,
+    /// The cluster CA certificate (PEM) peers' certificates must chain to
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), issued by the cluster CA (e.g. the daemon's
+    /// node.pem)
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM)
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// Replicate without TLS (benchmarks and hand tests on loopback only); a plaintext
+    /// replica cannot connect to a TLS one
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    plaintext: bool,
     /// A peer replica as NAME=ADDR (repeat for each peer)
     #[arg(long = "peer", value_parser = parse_peer)]
     peers: Vec<(String, SocketAddr)>,
@@ -152,22 +172,6 @@ struct ResolveArgs {
     /// The node whose changes are thrown away: this node's name or the peer's
     #[arg(long)]
     discard: String,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size: use bytes or a number with K, M, G or T"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
@@ -268,7 +272,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(p) = &a.nbd {
         refuse_existing(p, "--nbd")?;
     }
+    for (flag, addr) in [("--listen", a.listen), ("--nbd-tcp", a.nbd_tcp)] {
+        if let Some(addr) = addr {
+            check_bind(flag, addr, a.allow_non_loopback)?;
+        }
+    }
+    let tls = replication_tls(&a)?;
+    if tls.is_none() && !a.plaintext && (a.listen.is_some() || !a.peers.is_empty()) {
+        bail!(
+            "--listen/--peer: replication needs mutual TLS: give --tls-ca, --tls-cert and \
+             --tls-key (the cluster's certificates), or --plaintext to replicate unencrypted"
+        );
+    }
     let cfg = VolumeConfig {
+        tls,
         dir: a.dir.clone(),
         listen: a.listen,
         peers: a.peers.clone(),
@@ -325,6 +342,42 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     rt.shutdown_background();
     result
+}
+
+/// The house rule: servers listen on loopback unless the operator says otherwise.
+fn check_bind(flag: &str, addr: SocketAddr, allowed: bool) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() && !allowed {
+        bail!(
+            "{flag} {addr}: not a loopback address; a replica listens elsewhere only with \
+             --allow-non-loopback"
+        );
+    }
+    Ok(())
+}
+
+/// Mutual TLS from the cluster's certificate files, with haven-net's configurations
+/// (the same trust as the cluster's RPC).
+fn replication_tls(a: &ServeArgs) -> anyhow::Result<Option<haven_volume::tls::ReplicationTls>> {
+    let (Some(ca), Some(cert), Some(key)) = (&a.tls_ca, &a.tls_cert, &a.tls_key) else {
+        return Ok(None);
+    };
+    let read = |flag: &str, p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("{flag} {}", p.display()))
+    };
+    let id = haven_net::TlsIdentity::from_pem(
+        &read("--tls-ca", ca)?,
+        &read("--tls-cert", cert)?,
+        &read("--tls-key", key)?,
+        &cert.display().to_string(),
+    )?;
+    let check = std::sync::Arc::new(id.node_check()?);
+    let tls = haven_volume::tls::ReplicationTls::new(
+        &*id.server_config(false)?,
+        &*id.client_config()?,
+        haven_net::SERVER_NAME,
+        std::sync::Arc::new(move |chain| check.is_node(chain)),
+    )?;
+    Ok(Some(tls))
 }
 
 /// Runs the volume benchmark (`haven bench volume`).

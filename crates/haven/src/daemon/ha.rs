@@ -432,7 +432,7 @@ fn stop_everything(d: &Arc<Daemon>, why: &'static str) -> Vec<tokio::task::JoinH
             .map(|o| o.stop_timeout)
             .unwrap_or(Duration::from_secs(20));
         tasks.push(tokio::spawn(async move {
-            let o = execute(&d, &id, OpKind::Stop, timeout, None, None).await;
+            let o = execute(&d, &id, OpKind::Stop, timeout, None, Vec::new(), None).await;
             if o != OpOutcome::Ok {
                 tracing::error!("{why}: stopping {id} failed: {o:?}");
             }
@@ -525,11 +525,13 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                     op,
                     timeout,
                     peer,
+                    fenced,
                     interval,
                 } => {
                     let d = d.clone();
                     tokio::spawn(async move {
-                        let outcome = execute(&d, &resource, op, timeout, peer, interval).await;
+                        let outcome =
+                            execute(&d, &resource, op, timeout, peer, fenced, interval).await;
                         let _ = d.ha.agent.send(AgentInput::Done { token, outcome });
                     });
                 }
@@ -599,6 +601,8 @@ pub(super) fn spec_for(d: &Daemon, resource: &str) -> Result<AgentSpec, String> 
         .map_err(|e: haven_exec::AgentClassError| format!("resources.{resource}.class: {e}"))?;
     let mut spec = AgentSpec::new(resource, class, d.state_dir.join("resources"));
     spec.params = p.params.clone();
+    // As Pacemaker tells OCF agents; a volume replica needs it to know which it is.
+    spec.meta.insert("on_node".into(), d.node.name.clone());
     Ok(spec)
 }
 
@@ -643,6 +647,7 @@ async fn execute(
     op: OpKind,
     timeout: Duration,
     peer: Option<String>,
+    fenced: Vec<String>,
     interval: Option<Duration>,
 ) -> OpOutcome {
     // The coordinator asks from a committed configuration this node may not have
@@ -688,7 +693,7 @@ async fn execute(
         OpKind::Monitor => Op::Monitor {
             interval: interval.unwrap_or(Duration::ZERO),
         },
-        OpKind::Promote => Op::Promote,
+        OpKind::Promote => Op::Promote { fenced },
         OpKind::Demote => Op::Demote,
         OpKind::MigrateTo | OpKind::MigrateFrom => {
             let dest = if op == OpKind::MigrateTo {

@@ -1,0 +1,199 @@
+//! Mutual TLS for the replication channel.
+//!
+//! The configurations come from the caller (the `haven` binary builds them with
+//! haven-net's `TlsIdentity`, from the node's cluster certificate), so a replica trusts
+//! exactly what the cluster's RPC trusts. Both ends present a certificate; the dialer
+//! checks the listener's against the cluster CA and the node server name, the listener
+//! checks the dialer's against the CA and then asks `peer_is_node`, so an operator's
+//! client certificate (same CA, client-only) cannot feed writes into a replica.
+//! The ALPN is replaced by [`ALPN`]: an RPC client that reached this port by mistake
+//! (or a replica that reached an RPC port) fails the handshake instead of talking.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+pub const ALPN: &[u8] = b"haven-volume/1";
+
+pub type PeerRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type PeerWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Whether a verified client chain belongs to a cluster node (not an operator).
+pub type PeerCheck = Arc<dyn Fn(&[CertificateDer<'_>]) -> bool + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("replication TLS: server name {0:?} is not a valid DNS name")]
+    ServerName(String),
+}
+
+/// What a replica needs to speak mutual TLS with its peers.
+#[derive(Clone)]
+pub struct ReplicationTls {
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    peer_is_node: PeerCheck,
+}
+
+impl fmt::Debug for ReplicationTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationTls {
+    /// `server` must require client certificates; `server_name` is the name every
+    /// node's certificate is issued for.
+    pub fn new(
+        server: &ServerConfig,
+        client: &ClientConfig,
+        server_name: &str,
+        peer_is_node: PeerCheck,
+    ) -> Result<Self, TlsSetupError> {
+        let mut server = server.clone();
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = client.clone();
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|_| TlsSetupError::ServerName(server_name.to_string()))?;
+        Ok(ReplicationTls {
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            connector: TlsConnector::from(Arc::new(client)),
+            server_name,
+            peer_is_node,
+        })
+    }
+}
+
+fn plain(s: TcpStream) -> (PeerRead, PeerWrite) {
+    let (r, w) = s.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+/// The accepting side of a replication connection. Without `tls` the stream is used
+/// as it is (`haven volume serve --plaintext`).
+pub(crate) async fn accept(
+    tls: Option<&ReplicationTls>,
+    s: TcpStream,
+) -> Result<(PeerRead, PeerWrite), String> {
+    let _ = s.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(plain(s));
+    };
+    let stream = tls
+        .acceptor
+        .accept(s)
+        .await
+        .map_err(|e| format!("TLS handshake refused: {e}"))?;
+    let is_node = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|chain| (tls.peer_is_node)(chain));
+    if !is_node {
+        return Err("TLS: the peer's certificate is not a cluster node's".into());
+    }
+    let (r, w) = tokio::io::split(stream);
+    Ok((Box::new(r), Box::new(w)))
+}
+
+/// The dialing side of a replication connection.
+pub(crate) async fn connect(
+    tls: Option<&ReplicationTls>,
+    s: TcpStream,
+) -> Result<(PeerRead, PeerWrite), String> {
+    let _ = s.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(plain(s));
+    };
+    let stream = tls
+        .connector
+        .connect(tls.server_name.clone(), s)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (r, w) = tokio::io::split(stream);
+    Ok((Box::new(r), Box::new(w)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_net::ca::CertRole;
+    use haven_net::{ClusterCa, TlsIdentity};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn identity(ca: &ClusterCa, name: &str, role: CertRole) -> ReplicationTls {
+        let issued = ca.issue(name, role).unwrap();
+        let id =
+            TlsIdentity::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem, name).unwrap();
+        let check = Arc::new(id.node_check().unwrap());
+        ReplicationTls::new(
+            &id.server_config(false).unwrap(),
+            &id.client_config().unwrap(),
+            haven_net::SERVER_NAME,
+            Arc::new(move |chain| check.is_node(chain)),
+        )
+        .unwrap()
+    }
+
+    /// Dials `server` as `client`; returns what each side made of it.
+    async fn handshake(
+        server: Option<ReplicationTls>,
+        client: Option<ReplicationTls>,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (mut rd, _wr) = accept(server.as_ref(), s).await?;
+            let mut b = [0u8; 5];
+            rd.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            (b == *b"hello").then_some(()).ok_or("garbled".to_string())
+        });
+        let s = TcpStream::connect(addr).await.unwrap();
+        let dialed = match connect(client.as_ref(), s).await {
+            Ok((_rd, mut wr)) => {
+                let _ = wr.write_all(b"hello").await;
+                let _ = wr.flush().await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), accepting)
+            .await
+            .expect("the listener decides in time")
+            .unwrap();
+        (accepted, dialed)
+    }
+
+    #[tokio::test]
+    async fn only_nodes_of_the_same_cluster_get_through() {
+        let ca = ClusterCa::generate("lab").unwrap();
+        let node = |n: &str| identity(&ca, n, CertRole::Node);
+        let (a, d) = handshake(Some(node("b")), Some(node("a"))).await;
+        assert_eq!((a, d), (Ok(()), Ok(())));
+
+        // An operator's certificate is from the same CA but is not a node's.
+        let operator = identity(&ca, "admin", CertRole::Client);
+        let (a, _) = handshake(Some(node("b")), Some(operator)).await;
+        assert!(a.unwrap_err().contains("not a cluster node's"));
+
+        // Another cluster's node: refused on both sides.
+        let other = ClusterCa::generate("other").unwrap();
+        let (a, d) = handshake(Some(node("b")), Some(identity(&other, "a", CertRole::Node))).await;
+        assert!(a.is_err() && d.unwrap_err().contains("TLS"));
+
+        // A plaintext dialer never looks like a hello to a TLS listener.
+        let (a, _) = handshake(Some(node("b")), None).await;
+        assert!(a.unwrap_err().contains("TLS"));
+    }
+}

@@ -1,0 +1,227 @@
+//! A replicated volume run by the cluster: three real daemons on loopback, the volume as
+//! a promotable clone of two `haven volume serve` replicas (mutual TLS with the
+//! cluster's certificates), and a TCG guest booted from it on the primary. The guest
+//! keeps a counter in sector 0 of its disk (scripts/build-guest), so a failover shows
+//! exactly whether an acknowledged write was lost.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// Every `HAVEN-<what> N` the guest printed on its console on `node`.
+fn console_numbers(lab: &Lab, node: &str, what: &str) -> Vec<u64> {
+    let serial = lab.dir.join(node).join("resources").join("vm1.serial");
+    let text = std::fs::read(serial).unwrap_or_default();
+    let prefix = format!("HAVEN-{what} ");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(&prefix)?.trim().parse().ok())
+        .collect()
+}
+
+fn volume_status(lab: &Lab, node: &str) -> Option<serde_json::Value> {
+    let ctl = lab.dir.join(node).join("resources").join("vol1.ctl");
+    let out = haven(
+        &[
+            "volume",
+            "status",
+            "--json",
+            "--control",
+            ctl.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The volume (replicas on n1 and n2, never n3) and a guest that follows its primary.
+fn resources(guest: &Path, port: u16) -> String {
+    format!(
+        r#"
+[[resources]]
+id = "vol1"
+class = "volume"
+type = "volume"
+params = {{ replicas = "n1=127.0.0.11:{port} n2=127.0.0.12:{port}", size = "16M" }}
+ops = [{{ name = "start", timeout = 60 }}, {{ name = "promote", timeout = 60 }}, {{ name = "monitor", interval = 2, timeout = 10 }}]
+
+[[clones]]
+id = "vol1-clone"
+child = "vol1"
+clone-max = 2
+promotable = true
+promoted-max = 1
+
+[[constraints.location]]
+id = "vol1-replicas-only"
+rsc = "vol1-clone"
+node = "n3"
+score = "-INFINITY"
+
+[[constraints.location]]
+id = "vol1-primary-n1"
+rsc = "vol1-clone"
+role = "Promoted"
+node = "n1"
+score = "10"
+
+[[constraints.location]]
+id = "vol1-primary-n2"
+rsc = "vol1-clone"
+role = "Promoted"
+node = "n2"
+score = "10"
+
+[[resources]]
+id = "vm1"
+class = "qemu"
+type = "vm"
+params = {{ kernel = "{kernel}", initrd = "{initrd}", append = "console=ttyS0 panic=-1 quiet", accel = "tcg", memory = "128", ready_marker = "HAVEN-GUEST-UP", volume = "vol1" }}
+ops = [{{ name = "start", timeout = 120 }}, {{ name = "stop", timeout = 30 }}, {{ name = "monitor", interval = 2, timeout = 10 }}]
+
+[[constraints.colocation]]
+id = "vm1-with-primary"
+rsc = "vm1"
+with = "vol1-clone"
+with-role = "Promoted"
+score = "INFINITY"
+
+[[constraints.order]]
+id = "promote-before-vm1"
+first = "vol1-clone"
+first-action = "promote"
+then = "vm1"
+then-action = "start"
+"#,
+        kernel = guest.join("vmlinux").display(),
+        initrd = guest.join("initramfs.cpio").display(),
+    )
+}
+
+#[test]
+fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_the_old_primary_rejoins()
+ {
+    let _one = lock();
+    let guest = guest_dir();
+    let lab = Lab::up();
+    lab.configure_with(&resources(&guest, free_port()), &lab_device()(&lab));
+
+    let home = wait_for("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    assert_ne!(
+        home, "n3",
+        "the guest runs only where its disk's primary is"
+    );
+    let other = if home == "n1" { "n2" } else { "n1" };
+    assert_eq!(
+        lab.running("vol1"),
+        vec!["n1".to_string(), "n2".to_string()],
+        "one replica on each replica node, none on n3"
+    );
+    let primary = volume_status(&lab, &home).expect("the primary's status");
+    assert_eq!(primary["role"], "Primary", "{primary:#}");
+    // Before the power cut the other replica must hold everything (protocol C); its
+    // link to the primary runs over TLS, or the replicas would not connect at all.
+    wait_for("the secondary to be in sync", || {
+        let s = volume_status(&lab, other)?;
+        let peer = s["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node"] == home.as_str())?;
+        (s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && peer["connection"] == "Connected"
+            && peer["replication"] == "Established")
+            .then_some(())
+    });
+    wait_for("the guest to count on its disk", || {
+        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
+    });
+
+    let checker = Checker::start(&lab.dir, "vm1");
+    ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
+    // The guest died with its node: the last counter it printed had been written
+    // (FUA, so replicated) before it was printed.
+    let seen = *console_numbers(&lab, &home, "COUNTER")
+        .last()
+        .expect("counters");
+
+    let survivor = wait_for("vm1 to run on the other replica's node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1 && r[0] == other).then(|| r[0].clone())
+    });
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+    let promoted = volume_status(&lab, &survivor).expect("the survivor's status");
+    assert_eq!(promoted["role"], "Primary", "{promoted:#}");
+    assert!(
+        promoted["epoch"].as_u64() > primary["epoch"].as_u64(),
+        "a new epoch for the new primary: {promoted:#}"
+    );
+    let resumed = wait_for("the guest to resume from its disk", || {
+        console_numbers(&lab, &survivor, "RESUME").first().copied()
+    });
+    assert!(
+        resumed >= seen,
+        "the first guest printed counter {seen}, the second resumed at {resumed}"
+    );
+    wait_for("the guest to count on from there", || {
+        (console_numbers(&lab, &survivor, "COUNTER").last() > Some(&resumed)).then_some(())
+    });
+    // Promotion was allowed because the cluster had fenced the old primary's node.
+    let client = lab.client_of(&survivor);
+    let h = lab.fence_history(&client);
+    assert!(
+        h.iter()
+            .any(|r| r["victim"] == home.as_str() && r["device"] == "power" && r["ok"] == true),
+        "{h:?}"
+    );
+
+    // The old primary's node comes back: its replica restarts as a secondary (it died
+    // as primary, so it takes a full sync) and catches up; the guest stays put.
+    let checker = Checker::start(&lab.dir, "vm1");
+    ok(lab.run(&["lab", "start", &home, "--dir", lab.dir_str()]));
+    wait_for("the coordinator to hear the restarted node", || {
+        let ls = lab.fence_ls(&client)?;
+        ls["heard"]
+            .as_array()?
+            .iter()
+            .any(|n| *n == home.as_str())
+            .then_some(())
+    });
+    ok(haven(&["node", "online", &home], Some(&client)));
+    wait_for(
+        "the old primary's replica to catch up as a secondary",
+        || {
+            let s = volume_status(&lab, &home)?;
+            let peer = s["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| p["node"] == survivor.as_str())?;
+            (s["role"] == "Secondary"
+                && s["disk"] == "UpToDate"
+                && peer["role"] == "Primary"
+                && peer["replication"] == "Established")
+                .then_some(())
+        },
+    );
+    assert_eq!(lab.running("vm1"), vec![survivor.clone()]);
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+    let after = volume_status(&lab, &survivor).expect("the primary's status");
+    assert_eq!(
+        after["role"], "Primary",
+        "stickiness keeps the primary: {after:#}"
+    );
+}
