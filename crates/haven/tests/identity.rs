@@ -160,6 +160,7 @@ fn a_node_certificate_cannot_speak_for_another_node() {
             monitor_interval: None,
             monitor_timeout: Duration::from_secs(10),
             peer: None,
+            fenced: Vec::new(),
         };
         let r = rpc.call(&target_addr, "/ha/op", &op).await;
         assert_refused(
