@@ -485,10 +485,9 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
         .map(|(_, c)| policy(&c))
         .unwrap_or_default();
     let mut quorum = QuorumWatch::new(current_policy, lease);
-    // While frozen (or stopped for lack of quorum), nothing new is started here.
-    let mut frozen = true;
-    // Stops ordered for lack of quorum: nothing starts before they are over.
+    // Stops ordered for lack of quorum: starts wait until they are over.
     let mut stopping: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut deferred: Vec<OpRequest> = Vec::new();
     let mut watchdog = super::fence::WatchdogFeeder::default();
     let mut shutdown: Option<tokio::sync::oneshot::Sender<()>> = None;
     let mut tick = tokio::time::interval(TICK);
@@ -501,14 +500,22 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
         let now = d.now();
         match input {
             Some(AgentInput::Request(req)) => {
+                // Only a coordinator with quorum sends operations (it stops when it
+                // loses quorum): hearing one is hearing from a quorate leader, which
+                // gives this node its lease — a node that just started or joined gets
+                // it before its own detector has heard a majority.
+                if shutdown.is_none() {
+                    quorum.handle_quorum(true, now);
+                }
                 let starts = matches!(
                     req.op,
                     OpKind::Start | OpKind::Promote | OpKind::MigrateFrom | OpKind::MigrateTo
                 );
                 stopping.retain(|t| !t.is_finished());
-                let held = frozen || !quorum.has_lease(now) || !stopping.is_empty();
-                if held && starts {
+                if starts && (shutdown.is_some() || !quorum.has_lease(now)) {
                     tracing::warn!("no quorum: refusing {} {:?}", req.resource, req.op);
+                } else if starts && !stopping.is_empty() {
+                    deferred.push(req);
                 } else {
                     agent.handle_request(req, now);
                 }
@@ -518,8 +525,8 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                 // Nothing starts any more; everything here stops before the node leaves,
                 // so the survivors never run a resource this node still runs. The
                 // watchdog is fed until then, and disarmed last.
-                frozen = true;
                 agent.reset();
+                deferred.clear();
                 stopping.extend(stop_everything(&d, "shutting down"));
                 shutdown = Some(done);
             }
@@ -550,6 +557,7 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                                 "no quorum lease (lost for longer than the lease, or not quorate since this daemon started): stopping every resource here ({action:?})"
                             );
                             agent.reset();
+                            deferred.clear();
                             stopping.extend(stop_everything(&d, "no quorum"));
                         }
                         QuorumAction::Freeze => {
@@ -558,8 +566,16 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
                         QuorumAction::Resume => tracing::info!("quorum regained"),
                     }
                 }
-                // Starts are allowed exactly while this node holds its lease.
-                frozen = shutdown.is_some() || !quorum.has_lease(now);
+                stopping.retain(|t| !t.is_finished());
+                if stopping.is_empty() {
+                    for req in std::mem::take(&mut deferred) {
+                        if shutdown.is_none() && quorum.has_lease(now) {
+                            agent.handle_request(req, now);
+                        } else {
+                            tracing::warn!("no quorum: refusing {} {:?}", req.resource, req.op);
+                        }
+                    }
+                }
             }
         }
         while let Some(cmd) = agent.poll_command() {
