@@ -776,6 +776,19 @@ fn two_nodes_without_a_witness_the_survivor_fences_its_dead_peer_and_runs_everyt
         });
     }
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+    // The survivor answers for the fence domain even if the dead peer led Raft.
+    let ls = wait_for("the survivor's fence ls to show its peer fenced", || {
+        let out = haven(&["fence", "ls", "--json"], Some(&lab.client_of(&other)));
+        let ls: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (member_state(&ls, &home)?.0 == "offline").then_some(ls)
+    });
+    assert_eq!(ls["leader"], other.as_str(), "{ls}");
+    assert!(
+        ls["victims"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|x| x["name"] == home.as_str() && x["state"] == "confirmed")),
+        "{ls}"
+    );
     // One of two voters cannot commit: configuration changes wait for the peer.
     let refused = lab.try_apply_via(&other, &lab.config_text());
     assert!(

@@ -1128,18 +1128,35 @@ fn known_node(d: &Daemon, node: &str) -> Result<(), ApiFailure> {
     }
 }
 
+/// A two-node survivor coordinates without leading Raft (the leader it last knew may
+/// be its dead peer): the operator's fence commands are answered here.
+fn alone_here(d: &Daemon) -> bool {
+    quorum_now(d).alone && coordinating(d)
+}
+
+fn require_coordinator(d: &Daemon) -> Result<(), ApiFailure> {
+    if coordinating(d) {
+        Ok(())
+    } else {
+        super::api::require_leader(d)
+    }
+}
+
 fn coordinator_gone() -> ApiFailure {
     ApiFailure::unavailable("the coordinator is not running here (no leader with quorum yet)")
 }
 
 async fn ls(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
+    if alone_here(&d) {
+        return ls_local(State(d), Json(Empty {})).await;
+    }
     super::api::leader_call(&d, FENCE_LS_LOCAL, &Empty {})
         .await
         .map(Json)
 }
 
 async fn ls_local(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
     let (tx, rx) = oneshot::channel();
     let _ = d.ha.coord.send(ha::CoordInput::Fence(FenceInput::Ls(tx)));
     tokio::time::timeout(Duration::from_secs(5), rx)
@@ -1152,13 +1169,16 @@ async fn ls_local(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
 
 async fn node(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
     known_node(&d, &req.node)?;
+    if alone_here(&d) {
+        return node_local(State(d), Json(req)).await;
+    }
     super::api::leader_call(&d, FENCE_NODE_LOCAL, &req)
         .await
         .map(Json)
 }
 
 async fn node_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
     // Fencing the leader works like any other: another node runs the device (never the
     // victim), the mark committed first lets the next leader confirm it.
     let _ =
@@ -1169,13 +1189,16 @@ async fn node_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> 
 
 async fn ack(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
     known_node(&d, &req.node)?;
+    if alone_here(&d) {
+        return ack_local(State(d), Json(req)).await;
+    }
     super::api::leader_call(&d, FENCE_ACK_LOCAL, &req)
         .await
         .map(Json)
 }
 
 async fn ack_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
     if req.node == d.node.name {
         return Err(ApiFailure::refused(format!(
             "{} is answering this request, so it is not down: power it off, then \
@@ -1197,13 +1220,16 @@ async fn ack_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
 
 async fn rejoin(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
     known_node(&d, &req.node)?;
+    if alone_here(&d) {
+        return rejoin_local(State(d), Json(req)).await;
+    }
     super::api::leader_call(&d, NODE_REJOIN_LOCAL, &req)
         .await
         .map(Json)
 }
 
 async fn rejoin_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
     let _ =
         d.ha.coord
             .send(ha::CoordInput::Fence(FenceInput::AllowRejoin(req.node)));
