@@ -416,7 +416,7 @@ fn cutting_one_of_two_links_is_reported_but_fences_nothing() {
 }
 
 #[test]
-fn a_fenced_node_stays_out_and_a_fence_in_doubt_is_resumed_across_a_leader_change() {
+fn a_fenced_node_stays_out_across_a_leader_change() {
     let _one = lock();
     let lab = Lab::up();
     lab.configure(&lab_device()(&lab));
@@ -473,6 +473,49 @@ fn a_fenced_node_stays_out_and_a_fence_in_doubt_is_resumed_across_a_leader_chang
         let ls = lab.fence_ls(&client)?;
         (member_state(&ls, &victim)?.0 == "online").then_some(())
     });
+}
+
+#[test]
+fn a_node_in_doubt_stays_in_doubt_across_a_leader_change_though_it_heartbeats() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure("\n[[fencing.devices]]\nid = \"operator\"\nagent = \"manual\"\n");
+    svc_home(&lab);
+    let leader = wait_for("a leader", || leader_seen_by(&lab, "n2"));
+    let mut followers = NODES
+        .iter()
+        .filter(|n| **n != leader)
+        .map(|n| n.to_string());
+    let (victim, third) = (
+        followers.next().expect("a follower"),
+        followers.next().expect("another follower"),
+    );
+    let client = lab.client_of(&third);
+    let waiting = |ls: &serde_json::Value, node: &str| {
+        ls["victims"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|x| x["name"] == node && x["state"] == "waiting-ack")
+        })
+    };
+    // The operator asks for a fence that only they can carry out; the node still runs.
+    ok(haven(&["fence", "node", &victim], Some(&client)));
+    wait_for("the fence to wait for an ack", || {
+        let ls = lab.fence_ls(&client)?;
+        waiting(&ls, &victim).then_some(())
+    });
+    // The replicated mark is written on the coordinator's next turn.
+    std::thread::sleep(Duration::from_secs(1));
+    ok(lab.run(&["lab", "kill", &leader, "--dir", lab.dir_str()]));
+    let ls = wait_for("a new leader", || {
+        let ls = lab.fence_ls(&client)?;
+        (ls["leader"] != leader.as_str() && member_state(&ls, &victim)?.1).then_some(ls)
+    });
+    assert_eq!(
+        member_state(&ls, &victim).map(|m| m.0).as_deref(),
+        Some("unclean"),
+        "the new leader took a node in doubt for clean because it heartbeats: {ls}"
+    );
+    assert!(waiting(&ls, &victim), "the fence is not resumed: {ls}");
 }
 
 #[test]
