@@ -5,7 +5,7 @@ use std::time::Duration;
 use haven_model::{Config, FenceDevice};
 
 use crate::coordinator::{CoordinatorConfig, NodeSpec, ResourceOps};
-use crate::fencing::{FenceStep, StepKind};
+use crate::fencing::{FenceDelay, FenceStep, StepKind};
 
 /// Pacemaker's default stonith-timeout.
 const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,7 +104,7 @@ pub fn fence_levels(config: &Config, node: &str) -> Vec<Vec<FenceStep>> {
                 // a fence device (a CIB's stonith primitive) is empty, which fails over.
                 l.devices
                     .iter()
-                    .map(|id| device(id).map(fence_step))
+                    .map(|id| device(id).map(|d| fence_step(d, node)))
                     .collect::<Option<Vec<_>>>()
                     .unwrap_or_default()
             })
@@ -115,21 +115,17 @@ pub fn fence_levels(config: &Config, node: &str) -> Vec<Vec<FenceStep>> {
         .devices
         .iter()
         .filter(|d| d.hosts.is_empty() || d.hosts.iter().any(|h| h == node))
-        .map(|d| vec![fence_step(d)])
+        .map(|d| vec![fence_step(d, node)])
         .collect()
 }
 
-fn fence_step(d: &FenceDevice) -> FenceStep {
-    let secs = |key: &str| {
-        d.params
-            .get(key)
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs)
-    };
+fn fence_step(d: &FenceDevice, victim: &str) -> FenceStep {
+    let secs = |key: &str| d.params.get(key).and_then(|v| seconds(v));
     let kind = match d.agent.as_str() {
         "manual" | "fence_ack_manual" | "meatware" => StepKind::Manual,
         "watchdog" => StepKind::Watchdog {
             wait: secs("wait").unwrap_or(DEFAULT_WATCHDOG_WAIT),
+            timeout: secs("timeout").unwrap_or(Duration::ZERO),
         },
         _ => StepKind::Run {
             timeout: secs("pcmk_reboot_timeout").unwrap_or(DEFAULT_FENCE_TIMEOUT),
@@ -138,7 +134,41 @@ fn fence_step(d: &FenceDevice) -> FenceStep {
     FenceStep {
         device: d.id.clone(),
         kind,
+        delay: FenceDelay {
+            base: d
+                .params
+                .get("pcmk_delay_base")
+                .and_then(|v| delay_for(v, victim))
+                .unwrap_or_default(),
+            max: secs("pcmk_delay_max").unwrap_or_default(),
+        },
     }
+}
+
+/// `5`, `5s` or `500ms`.
+pub fn seconds(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Some(ms) = v.strip_suffix("ms") {
+        return ms.trim().parse().ok().map(Duration::from_millis);
+    }
+    v.strip_suffix('s')
+        .unwrap_or(v)
+        .trim()
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// Pacemaker's `pcmk_delay_base`: one delay for every victim (`5s`), or one per victim
+/// (`n1:5s;n2:0`); a victim the map does not name is not delayed.
+pub fn delay_for(v: &str, victim: &str) -> Option<Duration> {
+    if !v.contains(':') {
+        return seconds(v);
+    }
+    v.split([';', ',', ' '])
+        .filter_map(|pair| pair.split_once(':'))
+        .find(|(node, _)| node.trim() == victim)
+        .and_then(|(_, d)| seconds(d))
 }
 
 #[cfg(test)]
@@ -219,5 +249,38 @@ devices = ["pdu"]
             .collect();
         assert_eq!(n2[0].0, "pdu");
         assert_eq!(n2[1], ("operator", StepKind::Manual));
+    }
+
+    #[test]
+    fn delays_and_watchdog_timeouts_are_read_per_victim() {
+        assert_eq!(delay_for("5", "n1"), Some(Duration::from_secs(5)));
+        assert_eq!(delay_for("n1:5s;n2:0", "n1"), Some(Duration::from_secs(5)));
+        assert_eq!(delay_for("n1:5s;n2:0", "n2"), Some(Duration::ZERO));
+        assert_eq!(delay_for("n1:5s", "n3"), None);
+        assert_eq!(seconds("250ms"), Some(Duration::from_millis(250)));
+        let text = format!(
+            "{CONFIG}\n[[fencing.devices]]\nid = \"wd\"\nagent = \"watchdog\"\n\
+             params = {{ wait = \"20\", timeout = \"6\" }}\n\n\
+             [[fencing.devices]]\nid = \"lab\"\nagent = \"lab\"\n\
+             params = {{ pcmk_delay_base = \"n1:4\", pcmk_delay_max = \"2\" }}\n"
+        );
+        let config = Config::from_toml("test.toml", &text).expect("valid config");
+        let levels = fence_levels(&config, "n1");
+        let wd = levels.iter().find(|l| l[0].device == "wd").expect("wd");
+        assert_eq!(
+            wd[0].kind,
+            StepKind::Watchdog {
+                wait: Duration::from_secs(20),
+                timeout: Duration::from_secs(6)
+            }
+        );
+        let lab = levels.iter().find(|l| l[0].device == "lab").expect("lab");
+        assert_eq!(
+            lab[0].delay,
+            FenceDelay {
+                base: Duration::from_secs(4),
+                max: Duration::from_secs(2)
+            }
+        );
     }
 }

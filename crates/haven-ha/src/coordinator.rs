@@ -154,6 +154,9 @@ pub struct Coordinator<P> {
     observed: BTreeMap<String, BTreeMap<String, Observed>>,
     failcounts: BTreeMap<String, BTreeMap<String, u32>>,
     transition: Option<Transition>,
+    /// Fences an earlier leader began, to issue again once a node that can run a device
+    /// is heard (a coordinator that has just taken over hears nobody yet).
+    resumed: BTreeMap<String, String>,
     in_flight: BTreeMap<u64, InFlight>,
     next_seq: u64,
     dirty: bool,
@@ -169,11 +172,18 @@ impl<P: Planner> Coordinator<P> {
             planner,
             config: CoordinatorConfig::default(),
             membership: Membership::new(timeouts, now),
-            fencer: Fencer::new(Duration::from_secs(10)),
+            fencer: {
+                let mut f = Fencer::new(Duration::from_secs(10));
+                f.set_watchdog_floor(
+                    crate::quorum::lease(timeouts) + crate::quorum::WATCHDOG_MARGIN,
+                );
+                f
+            },
             nodes: BTreeMap::new(),
             observed: BTreeMap::new(),
             failcounts: BTreeMap::new(),
             transition: None,
+            resumed: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_seq: 1,
             dirty: true,
@@ -339,6 +349,12 @@ impl<P: Planner> Coordinator<P> {
 
     /// An operator confirms `node` is down.
     pub fn handle_fence_ack(&mut self, node: &str, now: Time) -> bool {
+        if let Some(reason) = self.resumed.remove(node) {
+            let levels = self.levels_of(node);
+            let alive = self.alive();
+            self.fencer
+                .restore(node, &reason, false, levels, &alive, now);
+        }
         let acked = self.fencer.handle_ack(node, now);
         self.progress(now);
         acked
@@ -358,6 +374,61 @@ impl<P: Planner> Coordinator<P> {
             self.join(node, now);
         }
         self.progress(now);
+    }
+
+    /// What earlier leaders' fencers reached, from the replicated state: `(node,
+    /// confirmed, reason)`. Feed it before anything else. A node in doubt is in doubt
+    /// still — whatever it ran may run, and it is fenced again from the first level,
+    /// since the earlier runs' answers are lost with their leader — even if it is heard
+    /// meanwhile. A node fenced and not allowed back stays out.
+    pub fn handle_fence_marks(
+        &mut self,
+        marks: impl IntoIterator<Item = (String, bool, String)>,
+        now: Time,
+    ) {
+        for (node, confirmed, reason) in marks {
+            if !self.nodes.contains_key(&node) || self.fencer.marks().any(|(v, ..)| v == node) {
+                continue;
+            }
+            if confirmed {
+                self.log(format!(
+                    "{now}: {node} was fenced under an earlier leader ({reason}); it stays out until allowed"
+                ));
+                self.nodes.insert(node.clone(), NodeState::Offline);
+                self.forget_node_resources(&node);
+                let levels = self.levels_of(&node);
+                let alive = self.alive();
+                self.fencer
+                    .restore(&node, &reason, true, levels, &alive, now);
+            } else if self.config.stonith_enabled {
+                self.log(format!(
+                    "{now}: {node} was being fenced under an earlier leader ({reason}); it stays in doubt and is fenced again"
+                ));
+                self.nodes.insert(node.clone(), NodeState::Unclean);
+                self.resumed.insert(node, reason);
+            }
+        }
+        self.dirty = true;
+        self.progress(now);
+    }
+
+    /// Each victim of this coordinator's fencer: whether its fence is confirmed, and
+    /// why it was fenced. The daemon replicates these so a new leader can resume.
+    pub fn fence_marks(&self) -> BTreeMap<String, (bool, String)> {
+        let mut marks: BTreeMap<String, (bool, String)> = self
+            .fencer
+            .marks()
+            .map(|(n, c, r)| (n.to_string(), (c, r.to_string())))
+            .collect();
+        for (n, r) in &self.resumed {
+            marks.insert(n.clone(), (false, r.clone()));
+        }
+        marks
+    }
+
+    /// Seeds the random part of fence delays.
+    pub fn seed_fencing(&mut self, seed: u64) {
+        self.fencer.seed(seed);
     }
 
     /// Failures counted before this coordinator took over (they are kept in the
@@ -537,6 +608,7 @@ impl<P: Planner> Coordinator<P> {
         self.nodes.insert(node.to_string(), NodeState::Online);
         // A past fence is history now; the next loss needs a fence of its own.
         self.fencer.clear(node);
+        self.resumed.remove(node);
         self.log(format!("{now}: {node} online"));
         for per_node in self.observed.values_mut() {
             per_node.insert(node.to_string(), Observed::Unknown);
@@ -568,13 +640,7 @@ impl<P: Planner> Coordinator<P> {
         if self.config.stonith_enabled {
             self.nodes.insert(node.to_string(), NodeState::Unclean);
             self.log(format!("{now}: {node} unclean ({reason}); fencing"));
-            let levels = self
-                .config
-                .nodes
-                .iter()
-                .find(|n| n.name == node)
-                .map(|n| n.fence_levels.clone())
-                .unwrap_or_default();
+            let levels = self.levels_of(node);
             let alive = self.alive();
             self.fencer.request(node, reason, levels, &alive, now);
         } else {
@@ -590,6 +656,15 @@ impl<P: Planner> Coordinator<P> {
             });
         }
         self.dirty = true;
+    }
+
+    fn levels_of(&self, node: &str) -> Vec<Vec<FenceStep>> {
+        self.config
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.fence_levels.clone())
+            .unwrap_or_default()
     }
 
     fn forget_node_resources(&mut self, node: &str) {
@@ -646,6 +721,7 @@ impl<P: Planner> Coordinator<P> {
     /// is empty or a step is waiting on the outside world; the bound only guards
     /// against a planner that never converges.
     fn progress(&mut self, now: Time) {
+        self.resume_fences(now);
         for _ in 0..8 {
             self.drain_fencer(now);
             self.probe(now);
@@ -679,6 +755,30 @@ impl<P: Planner> Coordinator<P> {
             if !self.transition.as_ref().is_some_and(Transition::finished) {
                 return;
             }
+        }
+    }
+
+    fn resume_fences(&mut self, now: Time) {
+        if self.resumed.is_empty() {
+            return;
+        }
+        let alive = self.alive();
+        let ready: Vec<(String, String)> = self
+            .resumed
+            .iter()
+            .filter(|(victim, _)| alive.iter().any(|a| a != *victim))
+            .map(|(v, r)| (v.clone(), r.clone()))
+            .collect();
+        for (victim, reason) in ready {
+            self.resumed.remove(&victim);
+            if self.nodes.get(&victim) != Some(&NodeState::Unclean) {
+                continue;
+            }
+            let levels = self.levels_of(&victim);
+            self.log(format!("{now}: fencing {victim} again ({reason})"));
+            self.fencer
+                .restore(&victim, &reason, false, levels, &alive, now);
+            self.dirty = true;
         }
     }
 
@@ -1007,6 +1107,7 @@ mod tests {
                 kind: StepKind::Run {
                     timeout: Duration::from_secs(5),
                 },
+                delay: Default::default(),
             }]],
         }
     }
@@ -1386,5 +1487,83 @@ mod tests {
         h.execute();
         h.run_for(1_000);
         assert_eq!(h.c.view().nodes["n1"], NodeState::Online);
+    }
+
+    #[test]
+    fn a_new_leader_keeps_a_fenced_node_out_and_refences_one_in_doubt() {
+        // The old leader fenced n3 (confirmed; it has rebooted and heartbeats again) and
+        // had begun fencing n1, which still heartbeats and may still run vm1.
+        let mut h = Harness::new(three_nodes());
+        h.running.insert(("vm1".into(), "n1".into()), true);
+        h.c.handle_fence_marks(
+            [
+                (
+                    "n1".to_string(),
+                    false,
+                    "a stop operation failed".to_string(),
+                ),
+                (
+                    "n3".to_string(),
+                    true,
+                    "it stopped heartbeating".to_string(),
+                ),
+            ],
+            h.now,
+        );
+        h.execute();
+        h.run_for(3_000);
+        assert_eq!(h.c.view().nodes["n3"], NodeState::Offline, "kept out");
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Unclean, "still in doubt");
+        assert_eq!(
+            h.fences.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>(),
+            vec!["n1"],
+            "the fence in doubt is issued again, the confirmed one is not"
+        );
+        assert_eq!(h.running_on("vm1"), vec!["n1"], "frozen until n1 is fenced");
+        h.complete_fence(true);
+        h.run_for(500);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
+        let marks = h.c.fence_marks();
+        assert!(marks["n1"].0, "n1 is confirmed now");
+        assert!(marks["n3"].0);
+        h.c.handle_allow_rejoin("n3", h.now);
+        h.run_for(500);
+        assert_eq!(h.c.view().nodes["n3"], NodeState::Online);
+        assert!(!h.c.fence_marks().contains_key("n3"));
+    }
+
+    #[test]
+    fn a_watchdog_fence_waits_at_least_the_lease_and_margin() {
+        let wd = |node: &str| NodeSpec {
+            name: node.into(),
+            links: vec!["ring0".into()],
+            fence_levels: vec![vec![FenceStep {
+                device: "wd".into(),
+                kind: StepKind::Watchdog {
+                    wait: Duration::from_millis(100),
+                    timeout: Duration::from_secs(2),
+                },
+                delay: Default::default(),
+            }]],
+        };
+        let mut h = Harness::new(config(vec![wd("n1"), wd("n2"), wd("n3")]));
+        h.run_for(2_000);
+        h.power_off("n1");
+        h.running.retain(|(_, n), _| n != "n1"); // its watchdog will have reset it
+        // Last heard at 2.0 s: lost at 3.0 s.
+        h.run_for(900);
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Unclean);
+        let lost_at = Time(3_000);
+        // lease (2 × 1 s) + margin (1 s) + the device's timeout (2 s) = 5 s.
+        h.run_for(4_800);
+        assert_eq!(
+            h.c.view().nodes["n1"],
+            NodeState::Unclean,
+            "confirmed before lease + timeout + margin ({:?} after loss)",
+            h.now - lost_at
+        );
+        h.run_for(1_200);
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Offline);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
     }
 }

@@ -8,7 +8,12 @@
 //! is told each time. A manual acknowledgement (the seeds' meatware /
 //! `fence_ack_manual`) confirms at any point. A watchdog step confirms by waiting: a
 //! node that lost quorum resets itself, so it is safe once its lease plus a margin is
-//! over. A device never runs on the node it fences.
+//! over — its lease, its hardware watchdog's timeout and a margin, whatever shorter
+//! wait the configuration names. A device never runs on the node it fences.
+//!
+//! A device may be delayed (Pacemaker's `pcmk_delay_base` / `pcmk_delay_max`): in a
+//! two-node cluster both halves of a split shoot each other, and the delay decides who
+//! shoots first, so that exactly one survives.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -21,6 +26,22 @@ pub struct FenceStep {
     /// The device's id in the configuration.
     pub device: String,
     pub kind: StepKind,
+    /// How long the device waits before it acts against this victim.
+    #[serde(default)]
+    pub delay: FenceDelay,
+}
+
+/// A device's delay before it acts: a fixed part and a random part up to `max`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FenceDelay {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl FenceDelay {
+    pub fn is_zero(&self) -> bool {
+        self.base.is_zero() && self.max.is_zero()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -30,17 +51,28 @@ pub enum StepKind {
     Run { timeout: Duration },
     /// Wait for an operator's `haven fence ack`.
     Manual,
-    /// The victim resets itself; it counts as fenced after this long without it.
-    Watchdog { wait: Duration },
+    /// The victim resets itself; it counts as fenced after this long without it, and
+    /// never sooner than its lease plus its hardware watchdog's `timeout` plus a margin.
+    Watchdog {
+        wait: Duration,
+        #[serde(default)]
+        timeout: Duration,
+    },
 }
 
 /// Why a victim is, or was, fenced; shown in `haven fence ls|history`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Confirmation {
-    Device { device: String },
+    Device {
+        device: String,
+    },
     Manual,
-    Watchdog { device: String },
+    Watchdog {
+        device: String,
+    },
+    /// Confirmed under an earlier leader (read back from the replicated state).
+    Earlier,
 }
 
 impl std::fmt::Display for Confirmation {
@@ -49,6 +81,7 @@ impl std::fmt::Display for Confirmation {
             Confirmation::Device { device } => write!(f, "by device {device}"),
             Confirmation::Manual => write!(f, "by an operator's acknowledgement"),
             Confirmation::Watchdog { device } => write!(f, "by watchdog {device} (wait over)"),
+            Confirmation::Earlier => write!(f, "under an earlier leader"),
         }
     }
 }
@@ -56,6 +89,12 @@ impl std::fmt::Display for Confirmation {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VictimState {
+    /// Waiting out the device's delay before running `levels[level][step]`.
+    Delaying {
+        level: usize,
+        step: usize,
+        until: Time,
+    },
     /// Running `levels[level][step]` on `executor`.
     Running {
         level: usize,
@@ -112,6 +151,11 @@ struct Victim {
 #[derive(Clone, Debug)]
 pub struct Fencer {
     retry_after: Duration,
+    /// The shortest wait a watchdog step may have, before its hardware timeout: the
+    /// victim's lease plus a margin.
+    watchdog_floor: Duration,
+    /// xorshift state for random delays: deterministic for a given seed.
+    rng: u64,
     victims: BTreeMap<String, Victim>,
     next_token: u64,
     commands: VecDeque<FenceCommand>,
@@ -122,9 +166,69 @@ impl Fencer {
     pub fn new(retry_after: Duration) -> Self {
         Fencer {
             retry_after,
+            watchdog_floor: Duration::ZERO,
+            rng: 0x9e37_79b9_7f4a_7c15,
             victims: BTreeMap::new(),
             next_token: 0,
             commands: VecDeque::new(),
+        }
+    }
+
+    /// A watchdog step never confirms sooner than `floor` plus the device's hardware
+    /// timeout after it began: the victim may run until its lease is over, and its
+    /// watchdog resets it only a timeout after the last keepalive.
+    pub fn set_watchdog_floor(&mut self, floor: Duration) {
+        self.watchdog_floor = floor;
+    }
+
+    /// Seeds the random part of device delays (the daemon: something per node and run;
+    /// the simulator and tests: a fixed number, so runs replay).
+    pub fn seed(&mut self, seed: u64) {
+        self.rng = seed | 1;
+    }
+
+    fn random_below(&mut self, max: Duration) -> Duration {
+        let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 {
+            return Duration::ZERO;
+        }
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        Duration::from_millis(x % (ms + 1))
+    }
+
+    /// Takes over what an earlier leader's fencer had reached: a confirmed victim stays
+    /// confirmed (it is down, or kept out since); one still in doubt is fenced again from
+    /// the first level, since that leader's runs and their answers are lost.
+    pub fn restore(
+        &mut self,
+        victim: &str,
+        reason: &str,
+        confirmed: bool,
+        levels: Vec<Vec<FenceStep>>,
+        alive: &[String],
+        now: Time,
+    ) {
+        if self.victims.contains_key(victim) {
+            return;
+        }
+        if confirmed {
+            self.victims.insert(
+                victim.to_string(),
+                Victim {
+                    reason: reason.to_string(),
+                    levels,
+                    state: VictimState::Confirmed {
+                        at: now,
+                        by: Confirmation::Earlier,
+                    },
+                },
+            );
+        } else {
+            self.request(victim, reason, levels, alive, now);
         }
     }
 
@@ -208,6 +312,7 @@ impl Fencer {
             .filter(|(_, v)| match v.state {
                 VictimState::Running { deadline, .. } => deadline <= now,
                 VictimState::WaitingWatchdog { until, .. } => until <= now,
+                VictimState::Delaying { until, .. } => until <= now,
                 VictimState::Exhausted { retry_at } => retry_at <= now,
                 _ => false,
             })
@@ -228,6 +333,9 @@ impl Fencer {
                 }
                 VictimState::WaitingWatchdog { level, step, .. } => {
                     self.next_step(&name, level, step, alive, now)
+                }
+                VictimState::Delaying { level, step, .. } => {
+                    self.run_now(&name, level, step, alive, now)
                 }
                 VictimState::Exhausted { .. } => self.start_level(&name, 0, alive, now),
                 _ => {}
@@ -250,6 +358,7 @@ impl Fencer {
                 Some(FenceStep {
                     device,
                     kind: StepKind::Watchdog { .. },
+                    ..
                 }) => Confirmation::Watchdog {
                     device: device.clone(),
                 },
@@ -307,6 +416,25 @@ impl Fencer {
             self.start_level(victim, level + 1, alive, now);
             return;
         };
+        if matches!(s.kind, StepKind::Run { .. }) && !s.delay.is_zero() {
+            let wait = s.delay.base + self.random_below(s.delay.max);
+            if let Some(v) = self.victims.get_mut(victim) {
+                v.state = VictimState::Delaying {
+                    level,
+                    step,
+                    until: now + wait,
+                };
+            }
+            return;
+        }
+        self.run_now(victim, level, step, alive, now);
+    }
+
+    fn run_now(&mut self, victim: &str, level: usize, step: usize, alive: &[String], now: Time) {
+        let Some(s) = self.step(victim, level, step).cloned() else {
+            self.start_level(victim, level + 1, alive, now);
+            return;
+        };
         match s.kind {
             StepKind::Run { timeout } => {
                 // Prefer a stable choice (the first alive node by name) so a retry goes
@@ -355,12 +483,23 @@ impl Fencer {
                     ),
                 );
             }
-            StepKind::Watchdog { wait } => {
+            StepKind::Watchdog { wait, timeout } => {
+                let floor = self.watchdog_floor + timeout;
+                if wait < floor {
+                    self.alert(
+                        victim,
+                        format!(
+                            "watchdog {}: waiting {floor:?} for {victim}, not the configured \
+                             {wait:?}: its lease plus the watchdog's timeout plus a margin",
+                            s.device
+                        ),
+                    );
+                }
                 if let Some(v) = self.victims.get_mut(victim) {
                     v.state = VictimState::WaitingWatchdog {
                         level,
                         step,
-                        until: now + wait,
+                        until: now + wait.max(floor),
                     };
                 }
             }
@@ -383,6 +522,17 @@ impl Fencer {
         self.victims
             .get(victim)
             .is_some_and(|v| matches!(v.state, VictimState::Confirmed { .. }))
+    }
+
+    /// What a new leader must know: each victim, whether it is confirmed, and why.
+    pub fn marks(&self) -> impl Iterator<Item = (&str, bool, &str)> {
+        self.victims.iter().map(|(n, v)| {
+            (
+                n.as_str(),
+                matches!(v.state, VictimState::Confirmed { .. }),
+                v.reason.as_str(),
+            )
+        })
     }
 
     /// Victims not yet confirmed: the nodes in doubt.
@@ -410,6 +560,7 @@ impl Fencer {
             .filter_map(|v| match v.state {
                 VictimState::Running { deadline, .. } => Some(deadline),
                 VictimState::WaitingWatchdog { until, .. } => Some(until),
+                VictimState::Delaying { until, .. } => Some(until),
                 VictimState::Exhausted { retry_at } => Some(retry_at),
                 _ => None,
             })
@@ -419,6 +570,8 @@ impl Fencer {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn run(device: &str) -> FenceStep {
@@ -427,6 +580,7 @@ mod tests {
             kind: StepKind::Run {
                 timeout: Duration::from_secs(10),
             },
+            delay: FenceDelay::default(),
         }
     }
 
@@ -569,6 +723,7 @@ mod tests {
         let manual = FenceStep {
             device: "meatware".into(),
             kind: StepKind::Manual,
+            delay: FenceDelay::default(),
         };
         f.request("n2", "lost", vec![vec![manual]], &alive(), Time(0));
         f.handle_timeout(&alive(), Time(3_600_000));
@@ -584,7 +739,9 @@ mod tests {
             device: "wd".into(),
             kind: StepKind::Watchdog {
                 wait: Duration::from_secs(3),
+                timeout: Duration::ZERO,
             },
+            delay: FenceDelay::default(),
         };
         f.request("n2", "lost", vec![vec![wd]], &alive(), Time(1_000));
         f.handle_timeout(&alive(), Time(3_999));
@@ -605,6 +762,7 @@ mod tests {
         let manual = FenceStep {
             device: "meatware".into(),
             kind: StepKind::Manual,
+            delay: FenceDelay::default(),
         };
         f.request(
             "n1",
@@ -619,5 +777,105 @@ mod tests {
             f.victims().next().map(|v| v.2),
             Some(VictimState::WaitingManual { .. })
         ));
+    }
+
+    #[test]
+    fn a_watchdog_never_confirms_before_lease_plus_timeout_plus_margin() {
+        let mut f = Fencer::new(Duration::from_secs(5));
+        // Lease 2 s + margin 1 s; the device's hardware timeout is 4 s; the
+        // configuration asks for only 1 s, which would recover while the victim runs.
+        f.set_watchdog_floor(Duration::from_secs(3));
+        let wd = FenceStep {
+            device: "wd".into(),
+            kind: StepKind::Watchdog {
+                wait: Duration::from_secs(1),
+                timeout: Duration::from_secs(4),
+            },
+            delay: FenceDelay::default(),
+        };
+        f.request("n2", "lost", vec![vec![wd]], &alive(), Time(0));
+        let cmds = drain(&mut f);
+        assert!(
+            cmds.iter().any(
+                |c| matches!(c, FenceCommand::Alert { message, .. } if message.contains("lease"))
+            ),
+            "{cmds:?}"
+        );
+        f.handle_timeout(&alive(), Time(6_999));
+        assert!(!f.is_confirmed("n2"), "confirmed inside lease + timeout");
+        f.handle_timeout(&alive(), Time(7_000));
+        assert!(f.is_confirmed("n2"));
+    }
+
+    #[test]
+    fn a_delayed_device_acts_only_after_its_delay_and_random_delays_replay() {
+        let delayed = |base: u64, max: u64| FenceStep {
+            delay: FenceDelay {
+                base: Duration::from_millis(base),
+                max: Duration::from_millis(max),
+            },
+            ..run("power")
+        };
+        let mut f = Fencer::new(Duration::from_secs(5));
+        f.request(
+            "n2",
+            "lost",
+            vec![vec![delayed(3_000, 0)]],
+            &alive(),
+            Time(0),
+        );
+        assert!(drain(&mut f).is_empty());
+        assert_eq!(f.poll_timeout(), Some(Time(3_000)));
+        f.handle_timeout(&alive(), Time(2_999));
+        assert!(drain(&mut f).is_empty());
+        f.handle_timeout(&alive(), Time(3_000));
+        only_run(&drain(&mut f));
+        let random = |seed| {
+            let mut f = Fencer::new(Duration::from_secs(5));
+            f.seed(seed);
+            f.request(
+                "n2",
+                "lost",
+                vec![vec![delayed(0, 10_000)]],
+                &alive(),
+                Time(0),
+            );
+            f.poll_timeout()
+        };
+        assert_eq!(random(7), random(7), "a seed replays");
+        let spread: BTreeSet<_> = (0..20).map(random).collect();
+        assert!(spread.len() > 1, "the random part varies with the seed");
+        assert!(spread.iter().all(|t| t.is_some_and(|t| t <= Time(10_000))));
+    }
+
+    #[test]
+    fn a_new_leader_resumes_a_fence_in_doubt_and_keeps_a_confirmed_one() {
+        let mut f = Fencer::new(Duration::from_secs(5));
+        f.restore(
+            "n2",
+            "lost",
+            false,
+            vec![vec![run("power")]],
+            &alive(),
+            Time(0),
+        );
+        let (_, dev, executor) = only_run(&drain(&mut f));
+        assert_eq!((dev.as_str(), executor.as_str()), ("power", "n1"));
+        assert_eq!(f.in_doubt().collect::<Vec<_>>(), vec!["n2"]);
+        f.restore(
+            "n3",
+            "lost",
+            true,
+            vec![vec![run("power")]],
+            &alive(),
+            Time(0),
+        );
+        assert!(f.is_confirmed("n3"));
+        assert!(
+            drain(&mut f).is_empty(),
+            "a confirmed victim is not fenced again"
+        );
+        let marks: Vec<_> = f.marks().map(|(n, c, _)| (n.to_string(), c)).collect();
+        assert_eq!(marks, vec![("n2".into(), false), ("n3".into(), true)]);
     }
 }

@@ -113,6 +113,11 @@ pub struct Options {
     pub symmetric_cluster: bool,
     #[serde(default)]
     pub no_quorum_policy: NoQuorumPolicy,
+    /// Two nodes and no witness (corosync's two_node with wait_for_all): a node that
+    /// loses its peer keeps quorum, fences the peer (the fence delay decides who
+    /// shoots first) and, once that is confirmed, runs everything alone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub two_node: bool,
     #[serde(default)]
     pub resource_stickiness: Score,
     #[serde(default)]
@@ -148,6 +153,7 @@ impl Default for Options {
             stonith_enabled: true,
             symmetric_cluster: true,
             no_quorum_policy: NoQuorumPolicy::Stop,
+            two_node: false,
             resource_stickiness: Score::ZERO,
             placement_strategy: PlacementStrategy::Default,
             maintenance_mode: false,
@@ -685,6 +691,12 @@ impl Config {
         }
         let index = self.id_index();
         let node_known = |n: &str| node_names.contains(n);
+        if self.options.two_node && (!self.options.stonith_enabled || self.nodes.len() != 2) {
+            return Err(bad(
+                "options.two-node".into(),
+                "two-node needs exactly two [[nodes]] and stonith-enabled = true: without a third vote, only fencing keeps both halves of a split from running the same resources".into(),
+            ));
+        }
 
         for (i, p) in self.resources.iter().enumerate() {
             if p.class.trim().is_empty() {

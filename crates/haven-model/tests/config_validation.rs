@@ -147,3 +147,18 @@ fn fencing_devices_that_cannot_work_safely_are_refused() {
     assert_eq!(f, "fencing.levels[0].devices");
     assert!(r.contains("at least one"), "{r}");
 }
+
+#[test]
+fn two_node_needs_two_nodes_and_fencing() {
+    Config::from_toml("c.toml", &format!("[options]\ntwo-node = true\n{BASE}"))
+        .expect("two nodes with stonith: valid");
+    let (f, r) = refuse(&format!(
+        "[options]\ntwo-node = true\nstonith-enabled = false\n{BASE}"
+    ));
+    assert_eq!(f, "options.two-node");
+    assert!(r.contains("stonith-enabled"), "{r}");
+    let (f, _) = refuse(&format!(
+        "[options]\ntwo-node = true\n{BASE}[[nodes]]\nname = \"n3\"\n"
+    ));
+    assert_eq!(f, "options.two-node");
+}

@@ -33,6 +33,9 @@ pub struct FaultOptions {
     pub max_delay: Duration,
     /// Probability that a start fails.
     pub start_failure: f64,
+    /// The leader steps down (a Raft election without a failure) and another node of
+    /// the majority takes over with a fresh coordinator.
+    pub leader_change_per_s: f64,
 }
 
 impl Default for FaultOptions {
@@ -45,6 +48,7 @@ impl Default for FaultOptions {
             message_loss: 0.01,
             max_delay: Duration::from_millis(20),
             start_failure: 0.02,
+            leader_change_per_s: 0.03,
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct SimReport {
     pub crashes: u32,
     pub partitions: u32,
     pub fences: u32,
+    pub leader_changes: u32,
 }
 
 const TICK: Duration = Duration::from_millis(50);
@@ -136,6 +141,10 @@ struct World<P> {
     next_msg: u64,
     leader: Option<(String, Coordinator<P>)>,
     leader_gone_at: Option<Time>,
+    /// A leader that stepped down, passed over at the next election.
+    deposed: Option<String>,
+    /// The fence marks committed to the replicated state: what a new leader reads.
+    committed_marks: BTreeMap<String, (bool, String)>,
     resources: Vec<String>,
     config: CoordinatorConfig,
     report: SimReport,
@@ -216,7 +225,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                         boot_at: None,
                         agent: NodeAgent::new(),
                         group: 0,
-                        quorum: QuorumWatch::new(NoQuorumPolicy::Stop, opts.quorum_lease, Time(0)),
+                        quorum: QuorumWatch::new(NoQuorumPolicy::Stop, opts.quorum_lease),
                         pending_ops: Vec::new(),
                     },
                 )
@@ -228,6 +237,8 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
         next_msg: 0,
         leader: None,
         leader_gone_at: Some(Time(0)),
+        deposed: None,
+        committed_marks: BTreeMap::new(),
         resources,
         config,
         seen_twice: BTreeSet::new(),
@@ -310,6 +321,14 @@ impl<P: Planner> World<P> {
         if self.chance_per_tick(self.opts.faults.heal_per_s) {
             self.heal();
         }
+        if self.chance_per_tick(self.opts.faults.leader_change_per_s)
+            && let Some((l, _)) = self.leader.take()
+        {
+            self.report.leader_changes += 1;
+            self.log(format!("fault: {l} steps down"));
+            self.leader_gone_at = Some(self.now);
+            self.deposed = Some(l);
+        }
         if self.chance_per_tick(self.opts.faults.resource_death_per_s) {
             let n = self.pick_node();
             let victim = self
@@ -389,11 +408,12 @@ impl<P: Planner> World<P> {
             .collect();
         for n in booting {
             self.log(format!("{n} boots"));
-            let (now, lease) = (self.now, self.opts.quorum_lease);
+            let lease = self.opts.quorum_lease;
             if let Some(node) = self.nodes.get_mut(&n) {
                 node.powered = true;
                 node.boot_at = None;
-                node.quorum = QuorumWatch::new(NoQuorumPolicy::Stop, lease, now);
+                // A node that boots has no lease until it is part of a quorate partition.
+                node.quorum = QuorumWatch::new(NoQuorumPolicy::Stop, lease);
             }
         }
     }
@@ -409,10 +429,16 @@ impl<P: Planner> World<P> {
                 groups.entry(node.group).or_default().push(n.clone());
             }
         }
+        let deposed = self.deposed.clone();
         let majority = groups
             .values()
             .find(|members| members.len() * 2 > total)
-            .and_then(|m| m.first().cloned());
+            .and_then(|m| {
+                m.iter()
+                    .find(|n| Some(*n) != deposed.as_ref())
+                    .or(m.first())
+                    .cloned()
+            });
         let current = self.leader.as_ref().map(|(l, _)| l.clone());
         let still_valid = current
             .as_ref()
@@ -429,14 +455,24 @@ impl<P: Planner> World<P> {
                 .is_some_and(|t| self.now.saturating_since(t) >= ELECTION_DELAY)
         {
             self.log(format!("{l} becomes leader"));
-            let c = Coordinator::new(
+            let mut c = Coordinator::new(
                 planner(),
                 self.config.clone(),
                 Timeouts::default(),
                 self.now,
             );
+            c.seed_fencing(self.rng.random());
+            // What the earlier leaders committed: fences in doubt are resumed, fenced
+            // nodes stay fenced.
+            let marks: Vec<(String, bool, String)> = self
+                .committed_marks
+                .iter()
+                .map(|(n, (c, r))| (n.clone(), *c, r.clone()))
+                .collect();
+            c.handle_fence_marks(marks, self.now);
             self.leader = Some((l, c));
             self.leader_gone_at = None;
+            self.deposed = None;
         }
     }
 
@@ -674,10 +710,13 @@ impl<P: Planner> World<P> {
         while let Some(cmd) = c.poll_command() {
             cmds.push(cmd);
         }
+        // Marks are committed before any fence command leaves, as the daemon does.
+        let marks = c.fence_marks();
         let lines = c.take_log();
         for line in lines {
             self.report.log.push(format!("[{leader}] {line}"));
         }
+        self.committed_marks = marks;
         for cmd in cmds {
             match cmd {
                 CoordinatorCommand::Op { node, request } => {

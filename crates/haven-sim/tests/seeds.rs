@@ -17,6 +17,7 @@ fn seeds() -> u64 {
 fn many_seeds_never_run_twice_and_always_recover() {
     let mut failed = Vec::new();
     let mut faults = 0;
+    let mut leader_changes = 0;
     for seed in 0..seeds() {
         let opts = SimOptions {
             seed,
@@ -24,11 +25,16 @@ fn many_seeds_never_run_twice_and_always_recover() {
         };
         let report = run_scheduler(opts);
         faults += report.crashes + report.partitions;
+        leader_changes += report.leader_changes;
         if !report.violations.is_empty() {
             failed.push((seed, report));
         }
     }
     assert!(faults > 0, "the runs must actually inject faults");
+    assert!(
+        leader_changes > 0,
+        "the runs must change leaders without failures too"
+    );
     if let Some((seed, report)) = failed.first() {
         let tail: Vec<_> = report.log.iter().rev().take(40).rev().cloned().collect();
         panic!(

@@ -12,7 +12,9 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub use state::{ClusterState, ConfigRecord, FenceRecord, NodeRecord, Request, Response};
+pub use state::{
+    ClusterState, ConfigRecord, FenceMark, FenceRecord, NodeRecord, Request, Response,
+};
 pub use store::{LogStore, StateMachineStore, StateView, StoreError, open};
 
 /// A Raft member's address book entry.

@@ -70,6 +70,17 @@ pub struct FenceRecord {
     pub detail: String,
 }
 
+/// A node the coordinator has begun to fence, or has fenced and keeps out until an
+/// operator allows it back. Replicated so that a new leader resumes what the old one
+/// began instead of trusting the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceMark {
+    /// False: fencing was requested and is not confirmed (the node is in doubt).
+    /// True: confirmed; the node stays out until allowed back.
+    pub confirmed: bool,
+    pub reason: String,
+}
+
 /// How many fence records are kept; older ones are dropped first.
 pub const FENCE_HISTORY_LIMIT: usize = 200;
 
@@ -90,6 +101,9 @@ pub struct ClusterState {
     /// The coordinator's judgement of each node (online, pending, unclean, offline).
     #[serde(default)]
     pub node_states: BTreeMap<String, String>,
+    /// Nodes being fenced or fenced and kept out: node name → mark.
+    #[serde(default)]
+    pub fencing: BTreeMap<String, FenceMark>,
 }
 
 /// A command proposed to Raft.
@@ -149,6 +163,11 @@ pub enum Request {
         placement: BTreeMap<String, Vec<String>>,
         #[serde(default)]
         node_states: BTreeMap<String, String>,
+    },
+    /// Sets (or, with `None`, clears) the fence mark of `node`.
+    SetFenceMark {
+        node: String,
+        mark: Option<FenceMark>,
     },
 }
 
@@ -329,6 +348,17 @@ impl ClusterState {
             } => {
                 self.placement = placement.clone();
                 self.node_states = node_states.clone();
+                Response::Done
+            }
+            Request::SetFenceMark { node, mark } => {
+                match mark {
+                    Some(m) => {
+                        self.fencing.insert(node.clone(), m.clone());
+                    }
+                    None => {
+                        self.fencing.remove(node);
+                    }
+                }
                 Response::Done
             }
             Request::ClearFailures { resource, node } => {
@@ -569,5 +599,29 @@ mod tests {
             s.fence_history.iter().all(|r| r.ok),
             "the oldest went first"
         );
+    }
+
+    #[test]
+    fn fence_marks_are_set_upgraded_and_cleared() {
+        let mut s = ClusterState::default();
+        let mark = |confirmed| FenceMark {
+            confirmed,
+            reason: "it stopped heartbeating".into(),
+        };
+        s.apply(&Request::SetFenceMark {
+            node: "n1".into(),
+            mark: Some(mark(false)),
+        });
+        assert_eq!(s.fencing["n1"], mark(false));
+        s.apply(&Request::SetFenceMark {
+            node: "n1".into(),
+            mark: Some(mark(true)),
+        });
+        assert!(s.fencing["n1"].confirmed);
+        s.apply(&Request::SetFenceMark {
+            node: "n1".into(),
+            mark: None,
+        });
+        assert!(s.fencing.is_empty());
     }
 }

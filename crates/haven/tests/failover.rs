@@ -8,9 +8,52 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
+
+fn status(client: &Path) -> Option<serde_json::Value> {
+    let out = haven(&["status", "--json"], Some(client));
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The Raft leader as `node` sees it.
+fn leader_seen_by(lab: &Lab, node: &str) -> Option<String> {
+    status(&lab.client_of(node))?["leader"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn daemon_pid(dir: &Path, node: &str) -> i32 {
+    std::fs::read_to_string(dir.join(node).join("daemon.pid"))
+        .expect("daemon.pid")
+        .trim()
+        .parse()
+        .expect("pid")
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The state of `node` in the coordinator's `fence ls`, and whether it is heard.
+fn member_state(ls: &serde_json::Value, node: &str) -> Option<(String, bool)> {
+    let state = ls["members"].as_array()?.iter().find(|m| m[0] == node)?[1]
+        .as_str()?
+        .to_string();
+    let heard = ls["heard"].as_array()?.iter().any(|n| *n == node);
+    Some((state, heard))
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
 
 #[test]
 fn a_powered_off_node_is_fenced_by_the_lab_switch_and_its_resource_runs_once_on_a_survivor() {
@@ -113,8 +156,8 @@ fn fence_node_escalates_from_a_failing_fence_dummy_to_the_lab_switch_which_kills
         ));
     }
     lab.configure(&fencing);
-    // Keep svc off the leader (n1 founded the lab): the coordinator cannot fence the
-    // node it runs on.
+    // Keep svc off n1 (which founded the lab and leads it), so the run below fences a
+    // follower; fencing the leader has its own test.
     ok(lab.run(&["node", "standby", "n1"]));
     let home = wait_for("svc to leave n1", || {
         let r = lab.running("svc");
@@ -370,4 +413,472 @@ fn cutting_one_of_two_links_is_reported_but_fences_nothing() {
     wait_for("link1 to come back", || {
         link_state(&home).filter(|(_, _, link1)| *link1)
     });
+}
+
+#[test]
+fn a_fenced_node_stays_out_across_a_leader_change() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    svc_home(&lab);
+    let leader = wait_for("a leader", || leader_seen_by(&lab, "n2"));
+    let victim = NODES
+        .iter()
+        .find(|n| **n != leader)
+        .expect("a follower")
+        .to_string();
+    let third = NODES
+        .iter()
+        .find(|n| **n != leader && **n != victim)
+        .expect("a third node")
+        .to_string();
+    let client = lab.client_of(&third);
+    ok(lab.run(&["lab", "kill", &victim, "--dir", lab.dir_str()]));
+    wait_for("the follower to be fenced", || {
+        let h = lab.fence_history(&client);
+        h.iter()
+            .any(|r| r["victim"] == victim.as_str() && r["ok"] == true)
+            .then_some(())
+    });
+    ok(lab.run(&["lab", "start", &victim, "--dir", lab.dir_str()]));
+    wait_for("the leader to hear the fenced node and keep it out", || {
+        let ls = lab.fence_ls(&client)?;
+        (member_state(&ls, &victim)? == ("offline".to_string(), true)).then_some(())
+    });
+    let checker = Checker::start(&lab.dir, "svc");
+    // The leader dies: the new one must still keep the fenced node out, although it
+    // hears it, and fence the old leader before its resources move.
+    ok(lab.run(&["lab", "kill", &leader, "--dir", lab.dir_str()]));
+    let ls = wait_for("a new leader to fence the old one", || {
+        let ls = lab.fence_ls(&client)?;
+        (ls["leader"] != leader.as_str()
+            && member_state(&ls, &leader)?.0 == "offline"
+            && member_state(&ls, &third)?.0 == "online")
+            .then_some(ls)
+    });
+    assert_eq!(
+        member_state(&ls, &victim),
+        Some(("offline".to_string(), true)),
+        "the new leader let the fenced node back in by itself: {ls}"
+    );
+    let survivor = wait_for("svc to run on the third node", || {
+        let r = lab.running("svc");
+        (r == [third.clone()]).then(|| r[0].clone())
+    });
+    assert_eq!(survivor, third);
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+    // The operator lets it back; the mark goes first, the node follows.
+    ok(haven(&["node", "online", &victim], Some(&client)));
+    wait_for("the fenced node to be allowed back", || {
+        let ls = lab.fence_ls(&client)?;
+        (member_state(&ls, &victim)?.0 == "online").then_some(())
+    });
+}
+
+#[test]
+fn a_node_in_doubt_stays_in_doubt_across_a_leader_change_though_it_heartbeats() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure("\n[[fencing.devices]]\nid = \"operator\"\nagent = \"manual\"\n");
+    svc_home(&lab);
+    let leader = wait_for("a leader", || leader_seen_by(&lab, "n2"));
+    let mut followers = NODES
+        .iter()
+        .filter(|n| **n != leader)
+        .map(|n| n.to_string());
+    let (victim, third) = (
+        followers.next().expect("a follower"),
+        followers.next().expect("another follower"),
+    );
+    let client = lab.client_of(&third);
+    let waiting = |ls: &serde_json::Value, node: &str| {
+        ls["victims"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|x| x["name"] == node && x["state"] == "waiting-ack")
+        })
+    };
+    // The operator asks for a fence that only they can carry out; the node still runs.
+    ok(haven(&["fence", "node", &victim], Some(&client)));
+    wait_for("the fence to wait for an ack", || {
+        let ls = lab.fence_ls(&client)?;
+        waiting(&ls, &victim).then_some(())
+    });
+    // The replicated mark is written on the coordinator's next turn.
+    std::thread::sleep(Duration::from_secs(1));
+    ok(lab.run(&["lab", "kill", &leader, "--dir", lab.dir_str()]));
+    let ls = wait_for("a new leader", || {
+        let ls = lab.fence_ls(&client)?;
+        (ls["leader"] != leader.as_str() && member_state(&ls, &victim)?.1).then_some(ls)
+    });
+    assert_eq!(
+        member_state(&ls, &victim).map(|m| m.0).as_deref(),
+        Some("unclean"),
+        "the new leader took a node in doubt for clean because it heartbeats: {ls}"
+    );
+    assert!(waiting(&ls, &victim), "the fence is not resumed: {ls}");
+}
+
+#[test]
+fn fence_node_on_the_leader_has_another_node_fence_it_and_a_new_leader_confirms() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    svc_home(&lab);
+    let leader = wait_for("a leader", || leader_seen_by(&lab, "n2"));
+    let other = NODES
+        .iter()
+        .find(|n| **n != leader)
+        .expect("a follower")
+        .to_string();
+    let client = lab.client_of(&other);
+    let pid = daemon_pid(&lab.dir, &leader);
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(haven(&["fence", "node", &leader], Some(&client)));
+    wait_for("the leader's daemon to be powered off", || {
+        (!alive(pid)).then_some(())
+    });
+    let h = wait_for("a new leader to confirm the fence", || {
+        let h = lab.fence_history(&client);
+        h.iter()
+            .any(|r| r["victim"] == leader.as_str() && r["ok"] == true)
+            .then_some(h)
+    });
+    assert!(
+        h.iter()
+            .filter(|r| r["victim"] == leader.as_str())
+            .all(|r| r["executor"] != leader.as_str()),
+        "a node never fences itself: {h:?}"
+    );
+    let new_leader = wait_for("a new leader", || {
+        leader_seen_by(&lab, &other).filter(|l| *l != leader)
+    });
+    assert_ne!(new_leader, leader);
+    wait_for("svc to run once on a survivor", || {
+        let r = lab.running("svc");
+        (r.len() == 1 && r[0] != leader).then_some(())
+    });
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}
+
+#[test]
+fn config_apply_that_removes_a_node_running_resources_is_refused_naming_them() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    let home = svc_home(&lab);
+    wait_for("status to show svc on its node", || {
+        let s = status(&lab.client)?;
+        let on = s["resources"]
+            .as_array()?
+            .iter()
+            .find(|r| r["id"] == "svc")?["running_on"]
+            .clone();
+        (on == serde_json::json!([home])).then_some(())
+    });
+    let show = ok(lab.run(&["config", "show"]));
+    let version = show
+        .lines()
+        .find_map(|l| l.strip_prefix("# haven-config-version: "))
+        .expect("version line")
+        .trim()
+        .to_string();
+    // The configuration without `home`'s [[nodes]] entry.
+    let text = std::fs::read_to_string(lab.dir.join("cluster.toml")).expect("cluster.toml");
+    let block = text
+        .split("\n[[nodes]]\n")
+        .find(|b| b.starts_with(&format!("name = \"{home}\"")))
+        .expect("the node's block")
+        .to_string();
+    let without = text.replacen(&format!("\n[[nodes]]\n{block}"), "\n", 1);
+    assert_ne!(without, text);
+    let path = lab.dir.join("without.toml");
+    std::fs::write(&path, without).expect("write");
+    let out = lab.run(&[
+        "config",
+        "apply",
+        path.to_str().expect("utf-8"),
+        "--based-on",
+        &version,
+    ]);
+    assert!(!out.status.success(), "the removal was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("node {home}")) && err.contains("svc"),
+        "the refusal must name the node and its resources: {err}"
+    );
+    assert_eq!(lab.running("svc"), vec![home]);
+}
+
+#[test]
+fn watchdog_is_fed_while_quorate_not_after_quorum_loss_nor_after_a_restart_cut_off() {
+    let _one = lock();
+    let lab = Lab::up();
+    // Regular files stand in for /dev/watchdog: every keepalive is a byte.
+    for n in NODES {
+        std::fs::write(lab.dir.join(n).join("watchdog"), "").expect("watchdog file");
+    }
+    lab.configure(&format!(
+        "\n[[fencing.devices]]\nid = \"wd\"\nagent = \"watchdog\"\n\
+         params = {{ wait = \"1\", timeout = \"1\", device = \"{}/{{node}}/watchdog\" }}\n",
+        lab.dir_str()
+    ));
+    let wd = |n: &str| lab.dir.join(n).join("watchdog");
+    let fed = |n: &str| {
+        let before = file_len(&wd(n));
+        wait_for("keepalives", || (file_len(&wd(n)) > before).then_some(()));
+    };
+    for n in NODES {
+        fed(n);
+    }
+    let home = svc_home(&lab);
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(lab.run(&["lab", "partition", &home, "--dir", lab.dir_str()]));
+    // The majority recovers svc only after lease + timeout + margin, however short the
+    // configured wait; by then the cut-off node has stopped feeding.
+    wait_for("svc to run in the majority", || {
+        let r = lab.running("svc");
+        (r.len() == 1 && r[0] != home).then_some(())
+    });
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+    let stopped_at = file_len(&wd(&home));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        file_len(&wd(&home)),
+        stopped_at,
+        "a node without quorum fed its watchdog"
+    );
+    let bytes = std::fs::read(wd(&home)).expect("read");
+    assert!(
+        !bytes.is_empty() && !bytes.contains(&b'V'),
+        "no magic close on quorum loss"
+    );
+    // Power-cycled inside the partition: a restarted node gets no lease, so it must not
+    // feed its watchdog (nor start anything) until it hears a quorate cluster.
+    ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
+    ok(lab.run(&["lab", "start", &home, "--dir", lab.dir_str()]));
+    let before = file_len(&wd(&home));
+    let s = wait_for("the restarted node to answer", || {
+        status(&lab.client_of(&home))
+    });
+    assert_eq!(s["quorate"], false, "{s}");
+    // Longer than a whole lease after it answered.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        file_len(&wd(&home)),
+        before,
+        "the restarted node gave itself a lease"
+    );
+    assert!(!lab.running("svc").contains(&home));
+    ok(lab.run(&["lab", "heal", "--dir", lab.dir_str()]));
+    fed(&home);
+    // A clean stop disarms the device: the magic close comes last.
+    let pid = daemon_pid(&lab.dir, &home);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    wait_for("the daemon to stop", || (!alive(pid)).then_some(()));
+    let bytes = std::fs::read(wd(&home)).expect("read");
+    assert_eq!(bytes.last(), Some(&b'V'), "no magic close on a clean stop");
+}
+
+/// A two-node lab (no witness): `options.two-node`, the lab's power switch with a
+/// delay on fencing n1, so n1 shoots first when both lose each other.
+struct TwoNodes {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl TwoNodes {
+    fn up() -> TwoNodes {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("lab");
+        ok(haven(
+            &[
+                "lab",
+                "up",
+                "--nodes",
+                "2",
+                "--dir",
+                dir.to_str().expect("utf-8"),
+            ],
+            None,
+        ));
+        let lab = TwoNodes { _tmp: tmp, dir };
+        lab.apply(&lab.config_text());
+        lab
+    }
+
+    fn dir_str(&self) -> &str {
+        self.dir.to_str().expect("utf-8")
+    }
+
+    fn client_of(&self, node: &str) -> PathBuf {
+        let text = std::fs::read_to_string(self.dir.join("client.toml")).expect("client.toml");
+        let mut v: toml::Table = toml::from_str(&text).expect("client.toml parses");
+        let servers = v["servers"].as_array().expect("servers").clone();
+        let i = ["n1", "n2"].iter().position(|n| *n == node).expect("node");
+        v.insert(
+            "servers".into(),
+            toml::Value::Array(vec![servers[i].clone()]),
+        );
+        let path = self.dir.join(format!("client-{node}.toml"));
+        std::fs::write(&path, toml::to_string(&v).expect("toml")).expect("write client");
+        path
+    }
+
+    fn config_text(&self) -> String {
+        let mut text = String::from(
+            "[options]\nstonith-enabled = true\ntwo-node = true\nresource-stickiness = 100\n",
+        );
+        for (i, n) in ["n1", "n2"].iter().enumerate() {
+            let host = 11 + i;
+            text.push_str(&format!(
+                "\n[[nodes]]\nname = \"{n}\"\naddrs = [\"127.0.0.{host}\", \"127.0.1.{host}\"]\n"
+            ));
+        }
+        for id in ["db", "web", "worker", "svc"] {
+            text.push_str(&format!(
+                "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000000\" }}\nops = [{{ name = \"monitor\", interval = 1, timeout = 10 }}]\n"
+            ));
+        }
+        text.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
+        text.push_str(&format!(
+            "\n[[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\n\
+             params = {{ lab-dir = \"{}\", pcmk_delay_base = \"n1:4\" }}\n",
+            self.dir_str()
+        ));
+        text
+    }
+
+    /// `haven config apply` through `node`, on the current version.
+    fn try_apply_via(&self, node: &str, text: &str) -> std::process::Output {
+        let client = self.client_of(node);
+        let show = ok(haven(&["config", "show"], Some(&client)));
+        let version = show
+            .lines()
+            .find_map(|l| l.strip_prefix("# haven-config-version: "))
+            .expect("version line")
+            .trim()
+            .to_string();
+        let path = self.dir.join("cluster.toml");
+        std::fs::write(&path, text).expect("write config");
+        haven(
+            &[
+                "config",
+                "apply",
+                path.to_str().expect("utf-8"),
+                "--based-on",
+                &version,
+            ],
+            Some(&client),
+        )
+    }
+
+    fn apply(&self, text: &str) {
+        ok(self.try_apply_via("n1", text));
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in ["n1", "n2"] {
+                let log = std::fs::read_to_string(self.dir.join(n).join("daemon.log"))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- {n}/daemon.log (last 80 lines)");
+                for l in &lines[lines.len().saturating_sub(80)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        let _ = haven(&["lab", "heal", "--dir", self.dir_str()], None);
+        let _ = haven(&["lab", "down", "--dir", self.dir_str()], None);
+    }
+}
+
+#[test]
+fn two_nodes_without_a_witness_the_survivor_fences_its_dead_peer_and_runs_everything() {
+    let _one = lock();
+    let lab = TwoNodes::up();
+    let home = wait_for("svc to run on one node", || {
+        let r = running(&lab.dir, "svc");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    let other = if home == "n1" { "n2" } else { "n1" }.to_string();
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(haven(&["lab", "kill", &home, "--dir", lab.dir_str()], None));
+    wait_for("svc to run on the survivor", || {
+        (running(&lab.dir, "svc") == [other.clone()]).then_some(())
+    });
+    for r in ["db", "web", "worker"] {
+        wait_for("every resource to run on the survivor", || {
+            (running(&lab.dir, r) == [other.clone()]).then_some(())
+        });
+    }
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+    // The survivor answers for the fence domain even if the dead peer led Raft.
+    let ls = wait_for("the survivor's fence ls to show its peer fenced", || {
+        let out = haven(&["fence", "ls", "--json"], Some(&lab.client_of(&other)));
+        let ls: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (member_state(&ls, &home)?.0 == "offline").then_some(ls)
+    });
+    assert_eq!(ls["leader"], other.as_str(), "{ls}");
+    assert!(
+        ls["victims"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|x| x["name"] == home.as_str() && x["state"] == "confirmed")),
+        "{ls}"
+    );
+    // One of two voters cannot commit: configuration changes wait for the peer.
+    let refused = lab.try_apply_via(&other, &lab.config_text());
+    assert!(
+        !refused.status.success(),
+        "a configuration change was accepted by one of two nodes"
+    );
+    ok(haven(
+        &["lab", "start", &home, "--dir", lab.dir_str()],
+        None,
+    ));
+    wait_for(
+        "configuration changes to work again with the peer back",
+        || {
+            lab.try_apply_via(&other, &lab.config_text())
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    assert_eq!(running(&lab.dir, "svc"), vec![other]);
+}
+
+#[test]
+fn two_nodes_cut_off_from_each_other_both_ways_exactly_one_survives() {
+    let _one = lock();
+    let lab = TwoNodes::up();
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run", || {
+            (running(&lab.dir, r).len() == 1).then_some(())
+        });
+    }
+    let pids = [daemon_pid(&lab.dir, "n1"), daemon_pid(&lab.dir, "n2")];
+    let checker = Checker::start(&lab.dir, "svc");
+    // Every link of n2, both ways: each node sees the other die.
+    ok(haven(
+        &["lab", "partition", "n2", "--dir", lab.dir_str()],
+        None,
+    ));
+    wait_for("one daemon to be powered off", || {
+        (!alive(pids[0]) || !alive(pids[1])).then_some(())
+    });
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run on the survivor", || {
+            (running(&lab.dir, r) == ["n1"]).then_some(())
+        });
+    }
+    assert!(alive(pids[0]), "n1 (whose fencing is delayed) must survive");
+    assert!(!alive(pids[1]), "n2 must have been fenced");
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
 }

@@ -340,8 +340,9 @@ async fn config_show(State(d): D) -> Json<ConfigReply> {
 }
 
 async fn config_apply(State(d): D, Json(req): Json<ApplyConfig>) -> ApiResult<ConfigReply> {
-    haven_model::Config::from_toml("the submitted configuration", &req.text)
+    let next = haven_model::Config::from_toml("the submitted configuration", &req.text)
         .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    super::fence::refuse_node_removal(&d, &next)?;
     match d
         .write(Request::ApplyConfig {
             based_on: req.based_on,

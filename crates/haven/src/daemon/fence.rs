@@ -19,11 +19,27 @@
 //!
 //! Quorum loss: the node agent (ha.rs) applies no-quorum-policy once quorum has been
 //! gone for its lease (twice the failure-detection time): it stops every resource here
-//! without the coordinator. That is the lab's process-level watchdog. A quorate side
-//! using a `watchdog` device waits its `wait` (default 10 s), which must exceed the
-//! failure-detection time plus that lease, before it recovers the node's resources. The
-//! coordinator itself runs only while its node sees quorum, so a cut-off leader never
-//! fences the majority.
+//! without the coordinator. A node that (re)starts holds no lease until it is quorate.
+//! With a `watchdog` device whose `device` param names a path (`{node}` is replaced by
+//! the node's name), the agent opens it once quorate, writes a keepalive every tick
+//! while it holds its lease, stops on quorum loss (so the kernel resets the node) and
+//! writes the magic `V` on a clean shutdown. A quorate side using a `watchdog` device
+//! waits its `wait` (default 10 s), and never less than the lease plus the device's
+//! `timeout` param plus a margin (haven-ha enforces it), before it recovers the node's
+//! resources. The coordinator itself runs only while its node sees quorum, so a
+//! cut-off leader never fences the majority.
+//!
+//! Two nodes without a witness (`options.two-node`): a node that has seen its peer
+//! since it started keeps quorum when the peer is lost, runs a coordinator even if it
+//! is not the Raft leader, and fences the peer; a device's `pcmk_delay_base` /
+//! `pcmk_delay_max` decide who shoots first when both lose each other. The node that
+//! wins continues alone; Raft cannot commit with one of two voters, so configuration
+//! changes are refused until the peer is back.
+//!
+//! Fence marks: before a fence command leaves, the victim's mark (in doubt) is
+//! committed, and its confirmation is committed after, so a new leader resumes the
+//! fence or keeps the fenced node out (haven-ha's `handle_fence_marks`). A mark is
+//! removed before a fenced node is let back in, never after.
 //!
 //! The lab's partition switch: a daemon started with `--lab` drops heartbeats on the
 //! links named in NODE_DIR/lab-cut (one per line, or `all`), and when link0 is cut also
@@ -132,6 +148,12 @@ pub enum FenceInput {
     Request(String),
     Ack(String, oneshot::Sender<bool>),
     AllowRejoin(String),
+    /// The removal of the mark of a node allowed back was committed (`ok`), or failed:
+    /// only then may it rejoin.
+    RejoinCommitted {
+        node: String,
+        ok: bool,
+    },
     Ls(oneshot::Sender<FenceLs>),
 }
 
@@ -184,8 +206,12 @@ impl LabSwitch {
 pub fn spawn(d: Arc<Daemon>) {
     if d.lab.enabled {
         let d2 = d.clone();
+        // Read at once, not on the watcher's first turn: a node restarted inside a
+        // partition must not hear (or be heard by) anyone meanwhile.
+        let path = d.state_dir.join(LAB_CUT_FILE);
+        let first = std::fs::read_to_string(&path).ok();
+        d.lab.set(first.as_deref());
         tokio::spawn(async move {
-            let path = d2.state_dir.join(LAB_CUT_FILE);
             let mut last: Option<String> = None;
             loop {
                 let now = std::fs::read_to_string(&path).ok();
@@ -211,6 +237,282 @@ pub fn quorate_now(d: &Daemon) -> bool {
         m.handle_timeout(now);
     }
     d.quorate()
+}
+
+/// Whether this node has seen a quorate partition since it started (corosync's
+/// wait_for_all): one daemon per process.
+static SEEN_QUORATE: AtomicBool = AtomicBool::new(false);
+
+/// Quorum, with the two-node rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quorum {
+    pub quorate: bool,
+    /// Two-node cluster, peer lost: this node holds quorum alone.
+    pub alone: bool,
+}
+
+pub fn quorum_now(d: &Daemon) -> Quorum {
+    if quorate_now(d) {
+        SEEN_QUORATE.store(true, Ordering::Relaxed);
+        return Quorum {
+            quorate: true,
+            alone: false,
+        };
+    }
+    let lost = Quorum {
+        quorate: false,
+        alone: false,
+    };
+    let two_node = committed_config(d).is_some_and(|c| c.options.two_node);
+    let voters = d.voters();
+    if !two_node || voters.len() != 2 || !voters.contains(&d.node.id) {
+        return lost;
+    }
+    // Only a node that has seen both nodes together may go on alone: one booting by
+    // itself cannot tell a dead peer from a cut-off one that runs everything.
+    Quorum {
+        quorate: SEEN_QUORATE.load(Ordering::Relaxed),
+        alone: true,
+    }
+}
+
+/// Whether the coordinator runs here: on the Raft leader with quorum, or on a two-node
+/// cluster's node that has lost its peer (it races to fence it).
+pub fn coordinating(d: &Daemon) -> bool {
+    let q = quorum_now(d);
+    q.quorate && (q.alone || d.is_leader())
+}
+
+// ---- the node's own watchdog ----
+
+/// The watchdog this node feeds, from a `watchdog` device's `device` param.
+pub fn watchdog_path(d: &Daemon, config: &haven_model::Config) -> Option<PathBuf> {
+    config
+        .fencing
+        .devices
+        .iter()
+        .filter(|x| x.agent == "watchdog")
+        .filter(|x| x.hosts.is_empty() || x.hosts.contains(&d.node.name))
+        .find_map(|x| x.params.get("device"))
+        .map(|p| PathBuf::from(p.replace("{node}", &d.node.name)))
+}
+
+/// Feeds a watchdog device (`/dev/watchdog`, or a file standing in for it): any write
+/// is a keepalive, `V` before closing disarms it. Opening arms it, so it is opened only
+/// once this node may feed it.
+#[derive(Default)]
+pub struct WatchdogFeeder {
+    path: Option<PathBuf>,
+    file: Option<std::fs::File>,
+    complained: bool,
+}
+
+impl WatchdogFeeder {
+    /// Follows the configuration: a different device is disarmed and the new one opened
+    /// at the next feed.
+    pub fn set_path(&mut self, path: Option<PathBuf>) {
+        if path != self.path {
+            self.disarm();
+            self.path = path;
+            self.complained = false;
+        }
+    }
+
+    /// Called every tick: `feed` while this node holds its lease.
+    pub fn tick(&mut self, feed: bool) {
+        use std::io::Write;
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        if !feed {
+            // Not a word: the device resets the node when its timeout runs out.
+            return;
+        }
+        if self.file.is_none() {
+            match std::fs::OpenOptions::new().write(true).open(&path) {
+                Ok(f) => {
+                    tracing::info!("watchdog {} armed", path.display());
+                    self.file = Some(f);
+                }
+                Err(e) => {
+                    if !self.complained {
+                        tracing::error!("watchdog {}: cannot open: {e}", path.display());
+                        self.complained = true;
+                    }
+                    return;
+                }
+            }
+        }
+        if let Some(f) = self.file.as_mut()
+            && let Err(e) = f.write_all(b"1")
+            && !self.complained
+        {
+            tracing::error!("watchdog {}: keepalive failed: {e}", path.display());
+            self.complained = true;
+        }
+    }
+
+    /// A clean stop: the magic close, so the device does not reset the node.
+    pub fn disarm(&mut self) {
+        use std::io::Write;
+        if let Some(mut f) = self.file.take() {
+            match f.write_all(b"V") {
+                Ok(()) => {
+                    if let Some(p) = &self.path {
+                        tracing::info!("watchdog {} disarmed", p.display());
+                    }
+                }
+                Err(e) => tracing::error!("watchdog: magic close failed: {e}"),
+            }
+        }
+    }
+}
+
+// ---- fence marks in the replicated state ----
+
+/// Serialises writes of fence marks, so one that removes a mark (a rejoin) is never
+/// overtaken by an earlier one that sets it.
+static MARK_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn write_mark(d: &Daemon, node: &str, mark: Option<haven_store::FenceMark>) -> bool {
+    let _one = MARK_WRITES.lock().await;
+    let req = Request::SetFenceMark {
+        node: node.to_string(),
+        mark,
+    };
+    match d.write(req).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("recording the fence mark of {node}: {}", e.1);
+            false
+        }
+    }
+}
+
+/// `haven node online` for a fenced node: its mark goes first, then the coordinator
+/// lets it in — a new leader never forgets the resources of a node let back in.
+pub fn remove_mark_then_rejoin(d: &Arc<Daemon>, node: String) {
+    let d = d.clone();
+    tokio::spawn(async move {
+        let marked = d.view.state().fencing.contains_key(&node);
+        let ok = !marked || write_mark(&d, &node, None).await;
+        let _ =
+            d.ha.coord
+                .send(ha::CoordInput::Fence(FenceInput::RejoinCommitted {
+                    node,
+                    ok,
+                }));
+    });
+}
+
+/// The marks earlier leaders committed, for a new coordinator.
+pub fn committed_marks(d: &Daemon) -> Vec<(String, bool, String)> {
+    d.view
+        .state()
+        .fencing
+        .iter()
+        .map(|(n, m)| (n.clone(), m.confirmed, m.reason.clone()))
+        .collect()
+}
+
+/// Commits marks the coordinator has and the replicated state lacks (new victims,
+/// confirmations), one write at a time, and drops marks of nodes no longer configured.
+/// Marks of nodes being let back in are left to the rejoin.
+pub fn publish_marks<P: Planner>(
+    d: &Arc<Daemon>,
+    c: &Coordinator<P>,
+    rejoining: &BTreeSet<String>,
+    in_flight: &Arc<AtomicBool>,
+) {
+    let committed = d.view.state().fencing;
+    let configured: BTreeSet<String> = c.view().nodes.keys().cloned().collect();
+    let mut todo: Vec<(String, Option<haven_store::FenceMark>)> = Vec::new();
+    for (node, (confirmed, reason)) in c.fence_marks() {
+        if rejoining.contains(&node) {
+            continue;
+        }
+        let stale = committed
+            .get(&node)
+            .is_none_or(|m| !m.confirmed && confirmed);
+        if stale {
+            let mark = haven_store::FenceMark { confirmed, reason };
+            todo.push((node, Some(mark)));
+        }
+    }
+    for node in committed.keys() {
+        if !configured.contains(node) {
+            todo.push((node.clone(), None));
+        }
+    }
+    if todo.is_empty() || in_flight.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let d = d.clone();
+    let in_flight = in_flight.clone();
+    tokio::spawn(async move {
+        for (node, mark) in todo {
+            if !write_mark(&d, &node, mark).await {
+                break;
+            }
+        }
+        in_flight.store(false, Ordering::Release);
+    });
+}
+
+/// A fence command leaves only once its victim's mark is committed, so a leader that
+/// dies right after leaves the fence to its successor instead of a clean-looking node.
+/// A two-node survivor alone cannot commit, and fences at once.
+pub fn dispatch_marked(d: &Arc<Daemon>, run: FenceRun, executor: String, reason: String) {
+    let committed = d.view.state().fencing.contains_key(&run.victim);
+    if committed || quorum_now(d).alone {
+        dispatch(d, run, executor);
+        return;
+    }
+    let d = d.clone();
+    tokio::spawn(async move {
+        let mark = haven_store::FenceMark {
+            confirmed: false,
+            reason,
+        };
+        // Fencing is never unsafe: if the mark cannot be committed, fence anyway.
+        write_mark(&d, &run.victim, Some(mark)).await;
+        dispatch(&d, run, executor);
+    });
+}
+
+/// `haven config apply` must not remove a node that still runs resources (or is in
+/// doubt): the cluster would lose track of them.
+pub fn refuse_node_removal(d: &Daemon, next: &haven_model::Config) -> Result<(), ApiFailure> {
+    let state = d.view.state();
+    let Some(current) = committed_config(d) else {
+        return Ok(());
+    };
+    let kept: BTreeSet<&str> = next.nodes.iter().map(|n| n.name.as_str()).collect();
+    for node in current.nodes.iter().map(|n| n.name.as_str()) {
+        if kept.contains(node) {
+            continue;
+        }
+        let running: Vec<&str> = state
+            .placement
+            .iter()
+            .filter(|(_, on)| on.iter().any(|n| n == node))
+            .map(|(r, _)| r.as_str())
+            .collect();
+        if !running.is_empty() {
+            return Err(ApiFailure::refused(format!(
+                "configuration change refused: it removes node {node}, which still runs {}; \
+                 move them off first (`haven node standby {node}`), then apply again",
+                running.join(", ")
+            )));
+        }
+        if state.node_states.get(node).map(String::as_str) == Some("unclean") {
+            return Err(ApiFailure::refused(format!(
+                "configuration change refused: it removes node {node}, which is in doubt \
+                 (lost and not yet fenced); fence it or `haven fence ack {node}` first"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn committed_config(d: &Daemon) -> Option<haven_model::Config> {
@@ -540,7 +842,13 @@ pub fn handle_input<P: Planner>(
             let acked = c.handle_fence_ack(&node, now);
             let _ = reply.send(acked);
         }
-        FenceInput::AllowRejoin(node) => c.handle_allow_rejoin(&node, now),
+        // The coordinator loop removes the mark first, then sends RejoinCommitted.
+        FenceInput::AllowRejoin(_) => {}
+        FenceInput::RejoinCommitted { node, ok } => {
+            if ok {
+                c.handle_allow_rejoin(&node, now);
+            }
+        }
         FenceInput::Ls(reply) => {
             let _ = reply.send(fence_ls(d, c));
         }
@@ -586,7 +894,8 @@ pub fn record_confirmations<P: Planner>(
         }
         seen.insert(victim.to_string(), *at);
         let (device, detail) = match by {
-            Confirmation::Device { .. } => continue, // committed with the run's result
+            // Committed with the run's result, or by the leader that confirmed it.
+            Confirmation::Device { .. } | Confirmation::Earlier => continue,
             Confirmation::Manual => (
                 "manual".to_string(),
                 format!("acknowledged by an operator ({reason})"),
@@ -650,6 +959,14 @@ fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
                 "waiting-watchdog",
                 format!(
                     "level {}: the node's watchdog lease ends in {} ms",
+                    level + 1,
+                    until.0.saturating_sub(d.now().0)
+                ),
+            ),
+            VictimState::Delaying { level, until, .. } => (
+                "delaying",
+                format!(
+                    "level {}: the device's delay ends in {} ms",
                     level + 1,
                     until.0.saturating_sub(d.now().0)
                 ),
@@ -816,18 +1133,35 @@ fn known_node(d: &Daemon, node: &str) -> Result<(), ApiFailure> {
     }
 }
 
+/// A two-node survivor coordinates without leading Raft (the leader it last knew may
+/// be its dead peer): the operator's fence commands are answered here.
+fn alone_here(d: &Daemon) -> bool {
+    quorum_now(d).alone && coordinating(d)
+}
+
+fn require_coordinator(d: &Daemon) -> Result<(), ApiFailure> {
+    if coordinating(d) {
+        Ok(())
+    } else {
+        super::api::require_leader(d)
+    }
+}
+
 fn coordinator_gone() -> ApiFailure {
     ApiFailure::unavailable("the coordinator is not running here (no leader with quorum yet)")
 }
 
 async fn ls(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
+    if alone_here(&d) {
+        return ls_local(State(d), Json(Empty {})).await;
+    }
     super::api::leader_call(&d, FENCE_LS_LOCAL, &Empty {})
         .await
         .map(Json)
 }
 
 async fn ls_local(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
     let (tx, rx) = oneshot::channel();
     let _ = d.ha.coord.send(ha::CoordInput::Fence(FenceInput::Ls(tx)));
     tokio::time::timeout(Duration::from_secs(5), rx)
@@ -840,20 +1174,18 @@ async fn ls_local(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
 
 async fn node(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
     known_node(&d, &req.node)?;
+    if alone_here(&d) {
+        return node_local(State(d), Json(req)).await;
+    }
     super::api::leader_call(&d, FENCE_NODE_LOCAL, &req)
         .await
         .map(Json)
 }
 
 async fn node_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
-    super::api::require_leader(&d)?;
-    if req.node == d.node.name {
-        // The coordinator would have to fence the node it runs on.
-        return Err(ApiFailure::refused(format!(
-            "{} leads the cluster and cannot fence itself; fence it from another leader",
-            req.node
-        )));
-    }
+    require_coordinator(&d)?;
+    // Fencing the leader works like any other: another node runs the device (never the
+    // victim), the mark committed first lets the next leader confirm it.
     let _ =
         d.ha.coord
             .send(ha::CoordInput::Fence(FenceInput::Request(req.node)));
@@ -862,13 +1194,23 @@ async fn node_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> 
 
 async fn ack(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
     known_node(&d, &req.node)?;
+    if alone_here(&d) {
+        return ack_local(State(d), Json(req)).await;
+    }
     super::api::leader_call(&d, FENCE_ACK_LOCAL, &req)
         .await
         .map(Json)
 }
 
 async fn ack_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
+    if req.node == d.node.name {
+        return Err(ApiFailure::refused(format!(
+            "{} is answering this request, so it is not down: power it off, then \
+             acknowledge from another node",
+            req.node
+        )));
+    }
     let (tx, rx) = oneshot::channel();
     let _ =
         d.ha.coord
@@ -883,13 +1225,16 @@ async fn ack_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Acked> {
 
 async fn rejoin(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
     known_node(&d, &req.node)?;
+    if alone_here(&d) {
+        return rejoin_local(State(d), Json(req)).await;
+    }
     super::api::leader_call(&d, NODE_REJOIN_LOCAL, &req)
         .await
         .map(Json)
 }
 
 async fn rejoin_local(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {
-    super::api::require_leader(&d)?;
+    require_coordinator(&d)?;
     let _ =
         d.ha.coord
             .send(ha::CoordInput::Fence(FenceInput::AllowRejoin(req.node)));

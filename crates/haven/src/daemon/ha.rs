@@ -111,6 +111,9 @@ struct Leading {
     config_version: u64,
     /// Fence confirmations already committed to Raft.
     fence_seen: std::collections::BTreeMap<String, haven_ha::Time>,
+    /// Fenced nodes an operator let back in, whose marks are being removed.
+    rejoining: std::collections::BTreeSet<String>,
+    marks_in_flight: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
@@ -159,8 +162,9 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             _ = tick.tick() => None,
         };
         // A leader cut off from the majority must not act (it would fence the
-        // majority): the coordinator runs only while this node sees quorum.
-        if !d.is_leader() || !super::fence::quorate_now(&d) {
+        // majority): the coordinator runs only while this node sees quorum (or, in a
+        // two-node cluster, has lost its peer and must fence it).
+        if !super::fence::coordinating(&d) {
             if leading.take().is_some() {
                 tracing::info!("no longer a leader with quorum: coordinator stopped");
             }
@@ -180,6 +184,10 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                 // must not be declared lost (and fenced) on the spot.
                 let mut coordinator =
                     Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
+                coordinator.seed_fencing(d.node.id ^ super::wall_ms());
+                // First what earlier leaders were fencing or had fenced: a node in
+                // doubt must not pass for clean because it is heard.
+                coordinator.handle_fence_marks(super::fence::committed_marks(&d), now);
                 super::fence::seed_heartbeats(&d, &mut coordinator, now);
                 coordinator.handle_failcounts(committed_failcounts(&d), now);
                 tracing::info!("leader: coordinator started on configuration version {v}");
@@ -188,6 +196,8 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                     planner,
                     config_version: v,
                     fence_seen: Default::default(),
+                    rejoining: Default::default(),
+                    marks_in_flight: Default::default(),
                 });
             }
             Some(l) if l.config_version != version => {
@@ -208,7 +218,16 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
             Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
-            Some(CoordInput::Fence(f)) => super::fence::handle_input(&d, c, f, now),
+            Some(CoordInput::Fence(super::fence::FenceInput::AllowRejoin(node))) => {
+                l.rejoining.insert(node.clone());
+                super::fence::remove_mark_then_rejoin(&d, node);
+            }
+            Some(CoordInput::Fence(f)) => {
+                if let super::fence::FenceInput::RejoinCommitted { node, .. } = &f {
+                    l.rejoining.remove(node);
+                }
+                super::fence::handle_input(&d, c, f, now)
+            }
             Some(CoordInput::Report { node, report }) => {
                 let resource = report.resource.clone();
                 let record = record_op(&node, &report);
@@ -256,8 +275,18 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             tracing::info!("coordinator: {line}");
         }
         publish_placement(&d, &c.view(), &placement_in_flight);
+        super::fence::publish_marks(&d, c, &l.rejoining, &l.marks_in_flight);
         while let Some(cmd) = c.poll_command() {
-            dispatch(&d, cmd);
+            if let CoordinatorCommand::Fence { victim, .. } = &cmd {
+                let reason = c
+                    .fence_marks()
+                    .remove(victim)
+                    .map(|(_, r)| r)
+                    .unwrap_or_default();
+                dispatch(&d, cmd, reason);
+            } else {
+                dispatch(&d, cmd, String::new());
+            }
         }
         super::fence::record_confirmations(&d, &l.coordinator, &mut l.fence_seen);
     }
@@ -347,7 +376,8 @@ fn op_name(op: OpKind) -> &'static str {
     }
 }
 
-fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
+/// `reason`: why a fence command's victim is fenced, for its mark.
+fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand, reason: String) {
     match cmd {
         CoordinatorCommand::Op { node, request } => {
             if node == d.node.name {
@@ -397,7 +427,7 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand) {
                 device,
                 timeout_ms: timeout.as_millis() as u64,
             };
-            super::fence::dispatch(d, run, executor);
+            super::fence::dispatch_marked(d, run, executor, reason);
         }
         CoordinatorCommand::Alert { message } => tracing::warn!("alert: {message}"),
     }
@@ -444,14 +474,22 @@ fn stop_everything(d: &Arc<Daemon>, why: &'static str) -> Vec<tokio::task::JoinH
 async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>) {
     let mut agent = NodeAgent::new();
     // A node cut off from the majority acts on no-quorum-policy once its lease (twice
-    // the failure-detection time, counted from when it last saw quorum) is over.
-    let lease = Duration::from_millis(2 * d.node.timers.dead_after_ms);
+    // the failure-detection time, counted from when it last saw quorum) is over. A node
+    // that starts has no lease: until it is quorate it starts nothing, feeds no
+    // watchdog, and applies its policy at once (it cannot know how long it was cut off).
+    let lease = haven_ha::quorum::lease(Timeouts {
+        heartbeat_interval: Duration::from_millis(d.node.timers.heartbeat_ms),
+        dead_after: Duration::from_millis(d.node.timers.dead_after_ms),
+    });
     let mut current_policy = parse_config(&d)
         .map(|(_, c)| policy(&c))
         .unwrap_or_default();
-    let mut quorum = QuorumWatch::new(current_policy, lease, d.now());
-    // While frozen (or stopped for lack of quorum), nothing new is started here.
-    let mut frozen = false;
+    let mut quorum = QuorumWatch::new(current_policy, lease);
+    // Stops ordered for lack of quorum: starts wait until they are over.
+    let mut stopping: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut deferred: Vec<OpRequest> = Vec::new();
+    let mut watchdog = super::fence::WatchdogFeeder::default();
+    let mut shutdown: Option<tokio::sync::oneshot::Sender<()>> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -462,12 +500,22 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
         let now = d.now();
         match input {
             Some(AgentInput::Request(req)) => {
+                // Only a coordinator with quorum sends operations (it stops when it
+                // loses quorum): hearing one is hearing from a quorate leader, which
+                // gives this node its lease — a node that just started or joined gets
+                // it before its own detector has heard a majority.
+                if shutdown.is_none() {
+                    quorum.handle_quorum(true, now);
+                }
                 let starts = matches!(
                     req.op,
                     OpKind::Start | OpKind::Promote | OpKind::MigrateFrom | OpKind::MigrateTo
                 );
-                if frozen && starts {
+                stopping.retain(|t| !t.is_finished());
+                if starts && (shutdown.is_some() || !quorum.has_lease(now)) {
                     tracing::warn!("no quorum: refusing {} {:?}", req.resource, req.op);
+                } else if starts && !stopping.is_empty() {
+                    deferred.push(req);
                 } else {
                     agent.handle_request(req, now);
                 }
@@ -475,43 +523,56 @@ async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>)
             Some(AgentInput::Done { token, outcome }) => agent.handle_op_done(token, outcome, now),
             Some(AgentInput::Shutdown(done)) => {
                 // Nothing starts any more; everything here stops before the node leaves,
-                // so the survivors never run a resource this node still runs.
-                frozen = true;
+                // so the survivors never run a resource this node still runs. The
+                // watchdog is fed until then, and disarmed last.
                 agent.reset();
-                let tasks = stop_everything(&d, "shutting down");
-                tokio::spawn(async move {
-                    for t in tasks {
-                        let _ = t.await;
-                    }
-                    let _ = done.send(());
-                });
+                deferred.clear();
+                stopping.extend(stop_everything(&d, "shutting down"));
+                shutdown = Some(done);
             }
             None => {
                 agent.handle_timeout(now);
-                if let Some(p) = parse_config(&d).map(|(_, c)| policy(&c))
+                let config = parse_config(&d);
+                if let Some(p) = config.as_ref().map(|(_, c)| policy(c))
                     && p != current_policy
                 {
                     current_policy = p;
-                    quorum = QuorumWatch::new(p, lease, now);
+                    quorum = QuorumWatch::with_policy(&quorum, p);
                 }
-                quorum.handle_quorum(d.quorate(), now);
+                if let Some((_, c)) = &config {
+                    watchdog.set_path(super::fence::watchdog_path(&d, c));
+                }
+                quorum.handle_quorum(super::fence::quorum_now(&d).quorate, now);
+                stopping.retain(|t| !t.is_finished());
+                if let Some(done) = shutdown.take_if(|_| stopping.is_empty()) {
+                    watchdog.disarm();
+                    let _ = done.send(());
+                    return;
+                }
+                watchdog.tick(quorum.may_feed_watchdog(now));
                 while let Some(action) = quorum.poll_action() {
                     match action {
                         QuorumAction::StopAll | QuorumAction::SelfFence => {
                             tracing::warn!(
-                                "quorum lost for longer than the lease: stopping every resource here ({action:?})"
+                                "no quorum lease (lost for longer than the lease, or not quorate since this daemon started): stopping every resource here ({action:?})"
                             );
                             agent.reset();
-                            frozen = true;
-                            stop_everything(&d, "no quorum");
+                            deferred.clear();
+                            stopping.extend(stop_everything(&d, "no quorum"));
                         }
                         QuorumAction::Freeze => {
                             tracing::warn!("quorum lost: freezing (nothing new starts here)");
-                            frozen = true;
                         }
-                        QuorumAction::Resume => {
-                            tracing::info!("quorum regained");
-                            frozen = false;
+                        QuorumAction::Resume => tracing::info!("quorum regained"),
+                    }
+                }
+                stopping.retain(|t| !t.is_finished());
+                if stopping.is_empty() {
+                    for req in std::mem::take(&mut deferred) {
+                        if shutdown.is_none() && quorum.has_lease(now) {
+                            agent.handle_request(req, now);
+                        } else {
+                            tracing::warn!("no quorum: refusing {} {:?}", req.resource, req.op);
                         }
                     }
                 }
@@ -552,7 +613,16 @@ async fn send_report(d: &Daemon, report: OpReport) {
     // A few tries across a leader change; after that the coordinator's own timeout
     // takes over (an unanswered operation counts as timed out).
     for _ in 0..10 {
+        // A two-node survivor coordinates without leading Raft.
+        let here = super::fence::coordinating(d);
         match d.leader() {
+            _ if here => {
+                let _ = d.ha.coord.send(CoordInput::Report {
+                    node: msg.node.clone(),
+                    report: msg.report.clone(),
+                });
+                return;
+            }
             Some((id, _)) if id == d.node.id => {
                 let _ = d.ha.coord.send(CoordInput::Report {
                     node: msg.node.clone(),

@@ -94,6 +94,11 @@ impl Daemon {
     }
 
     pub fn heard(&self, node: &str, link: &str) {
+        // An answer that crossed a link the lab has cut since (or before this daemon
+        // read its switch) proves nothing about the link now.
+        if self.lab.link_cut(link) {
+            return;
+        }
         let now = self.now();
         if let Ok(mut m) = self.membership.lock() {
             m.handle_heartbeat(node, link, now);
