@@ -73,8 +73,10 @@ impl Conn {
             let e = std::io::Error::other("lab partition: this node is cut off");
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         }
-        let answer: Result<Result<R, RaftError<NodeId, E>>, RpcError> =
-            self.rpc.call_node(None, addr, &self.node.name, path, req).await;
+        let answer: Result<Result<R, RaftError<NodeId, E>>, RpcError> = self
+            .rpc
+            .call_node(None, addr, &self.node.name, path, req)
+            .await;
         match answer {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
