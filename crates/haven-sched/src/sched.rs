@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use haven_model::{
-    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, MultipleActive, NoQuorumPolicy,
-    NodeState, OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State,
-    ValueType,
+    Action as OrderAction, BoolOp, Config, DefinitionChange, ExprOp, Location, Meta,
+    MultipleActive, NoQuorumPolicy, NodeState, OrderKind, PlacementStrategy, Primitive,
+    ResourceStatus, Role, Rule, Score, State, ValueType,
 };
 
 use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
@@ -47,6 +47,8 @@ struct Prim<'a> {
     cur: Vec<Cur<'a>>,
     /// node → (failcount, last failure)
     fails: HashMap<usize, (u32, Option<i64>)>,
+    /// The node it is locked to while that node is shut down.
+    locked_to: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -395,6 +397,7 @@ impl<'a> Sched<'a> {
 
                     cur: Vec::new(),
                     fails: HashMap::new(),
+                    locked_to: None,
                 });
                 prims.push(slot);
                 ids.push(mid);
@@ -470,6 +473,11 @@ impl<'a> Sched<'a> {
                     let e = self.prims[pi].fails.entry(ni).or_default();
                     e.0 = e.0.saturating_add(count);
                     e.1 = e.1.max(status.last_failure);
+                }
+                if let Some(pi) = base
+                    && status.shutdown_locked
+                {
+                    self.prims[pi].locked_to = Some(ni);
                 }
                 if !self.nodes[ni].counts || status.role == Role::Stopped {
                     continue;
@@ -843,6 +851,9 @@ impl<'a> Sched<'a> {
                     if m < banned && self.failed_out(pi, n) {
                         w = NEG;
                     }
+                    if self.prims[pi].locked_to.is_some_and(|l| l != n) {
+                        w = NEG;
+                    }
                 }
                 w
             })
@@ -938,6 +949,20 @@ impl<'a> Sched<'a> {
             for (n, s) in prefs.iter().enumerate() {
                 if *s > Score::ZERO && !s.is_neg_inf() {
                     w[n] += s.scale(c.score);
+                }
+            }
+            // What must run with it rules out the nodes it can never run on, unless
+            // that would leave no node at all (then that dependent is given up).
+            if c.score.is_pos_inf() {
+                let before = w.to_vec();
+                for (n, s) in prefs.iter().enumerate() {
+                    if s.is_neg_inf() {
+                        w[n] = NEG;
+                    }
+                }
+                let any = (0..w.len()).any(|n| self.nodes[n].can_run && !w[n].is_neg_inf());
+                if !any {
+                    w.copy_from_slice(&before);
                 }
             }
         }
@@ -1600,20 +1625,53 @@ impl<'a> Sched<'a> {
                         == Some(k)
             })
         } else {
-            p.cur.iter().find(|c| c.node == n)
+            // Several anonymous copies on one node: the one recorded under this
+            // instance's number, if any.
+            let number_of = |c: &Cur<'_>| {
+                c.key
+                    .rsplit_once(':')
+                    .and_then(|(_, x)| x.parse::<u32>().ok())
+            };
+            let here = || p.cur.iter().filter(|c| c.node == n);
+            if here().count() > 1
+                && let Some(c) = here().find(|c| number.is_some() && number_of(c) == number)
+            {
+                return Some(c);
+            }
+            here().next()
         }
+    }
+
+    /// The current copy of member `m` of an instance.
+    fn inst_member_cur(&self, u: usize, inst: &Inst, m: usize) -> Option<&Cur<'a>> {
+        let pi = self.units[u].prims[m];
+        let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
+        if self.units[u].kind == Kind::Clone {
+            self.member_cur(pi, inst.cur_node, inst.number, unique)
+        } else {
+            self.primary_cur(pi, inst.node)
+        }
+    }
+
+    /// A change of definition that applies to member `m` staying on its node.
+    fn definition_change(&self, u: usize, inst: &Inst, m: usize) -> Option<DefinitionChange> {
+        let c = self.inst_member_cur(u, inst, m)?;
+        if inst.node != Some(c.node) || !self.nodes[c.node].can_run {
+            return None;
+        }
+        c.status.definition_changed
+    }
+
+    /// Must member `m` restart where it is because its definition changed?
+    fn must_restart(&self, u: usize, inst: &Inst, m: usize) -> bool {
+        self.definition_change(u, inst, m) == Some(DefinitionChange::Restart)
     }
 
     /// Per instance member: (had, will) — where it is and will be, with roles.
     fn member_transition(&self, u: usize, inst: &Inst, m: usize) -> (Had, Will) {
         let pi = self.units[u].prims[m];
-        let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
         let promotable = self.promotable(u);
-        let cur = if self.units[u].kind == Kind::Clone {
-            self.member_cur(pi, inst.cur_node, inst.number, unique)
-        } else {
-            self.primary_cur(pi, inst.node)
-        };
+        let cur = self.inst_member_cur(u, inst, m);
         let had = cur.map(|c| {
             let role = match c.role {
                 Role::Started if promotable => Role::Unpromoted,
@@ -1771,9 +1829,16 @@ impl<'a> Sched<'a> {
                 if then_clone && !interleaved {
                     continue;
                 }
-                let triggered = |s: &Sched<'_>, node: Option<usize>| {
-                    let (starts, stops) = s.unit_activity(first, node);
-                    fa == OrderAction::Start && (starts || symmetrical && stops)
+                let triggered = |s: &Sched<'_>, node: Option<usize>| match fa {
+                    OrderAction::Start => {
+                        let (starts, stops) = s.unit_activity(first, node);
+                        starts || symmetrical && stops
+                    }
+                    OrderAction::Promote => {
+                        let (promotes, demotes) = s.unit_role_activity(first, node);
+                        promotes || symmetrical && demotes
+                    }
+                    _ => false,
                 };
                 if ta == OrderAction::Start {
                     let any = triggered(self, None);
@@ -1866,7 +1931,8 @@ impl<'a> Sched<'a> {
                     (Some(_), None) => stops = true,
                     (Some((a, _, failed)), Some((b, _))) => {
                         let migrates = a != b && self.migratable(u, inst, m, a, failed, 0);
-                        if (a != b || failed || inst.restart) && !migrates {
+                        let redo = inst.restart || self.must_restart(u, inst, m);
+                        if (a != b || failed || redo) && !migrates {
                             starts = true;
                             stops = true;
                         }
@@ -1876,6 +1942,39 @@ impl<'a> Sched<'a> {
             }
         }
         (starts, stops)
+    }
+
+    /// Does any instance of `u` (on `node`, if given) get promoted, and does any get
+    /// demoted (or stop, or restart, from the promoted role), in this transition?
+    fn unit_role_activity(&self, u: usize, node: Option<usize>) -> (bool, bool) {
+        let Some(insts) = self.placed[u].as_ref() else {
+            return (false, false);
+        };
+        let mut promotes = false;
+        let mut demotes = false;
+        for inst in insts {
+            if node.is_some() && inst.node != node && inst.cur_node != node {
+                continue;
+            }
+            for m in 0..self.units[u].prims.len() {
+                let (had, will) = self.member_transition(u, inst, m);
+                let redone = match (had, will) {
+                    (Some((a, _, failed)), Some((b, _))) => {
+                        a != b || failed || inst.restart || self.must_restart(u, inst, m)
+                    }
+                    _ => false,
+                };
+                let was = had.is_some_and(|h| h.1 == Role::Promoted);
+                let will_be = will.is_some_and(|w| w.1 == Role::Promoted);
+                if will_be && (!was || redone) {
+                    promotes = true;
+                }
+                if was && (!will_be || redone) {
+                    demotes = true;
+                }
+            }
+        }
+        (promotes, demotes)
     }
 
     fn inst_stays(&self, u: usize, i: usize) -> bool {
@@ -1963,7 +2062,7 @@ impl<'a> Sched<'a> {
                 match self.member_transition(u, inst, m) {
                     (Some(_), None) => return true,
                     (Some((a, _, failed)), Some((b, _))) => {
-                        if failed || inst.restart {
+                        if failed || inst.restart || self.must_restart(u, inst, m) {
                             return true;
                         }
                         if a != b && !self.migratable(u, inst, m, a, failed, depth + 1) {
@@ -2051,6 +2150,7 @@ impl<'a> Sched<'a> {
                                 Some((ChangeKind::Recover, from, to))
                             } else if restart_rest
                                 || self.multi(pi) == Some(MultipleActive::StopStart)
+                                || self.must_restart(u, inst, m)
                             {
                                 restart_rest = true;
                                 Some((ChangeKind::Restart, from, to))
@@ -2058,6 +2158,10 @@ impl<'a> Sched<'a> {
                                 Some((ChangeKind::Promote, from, to))
                             } else if ra > rb {
                                 Some((ChangeKind::Demote, from, to))
+                            } else if self.definition_change(u, inst, m)
+                                == Some(DefinitionChange::Reload)
+                            {
+                                Some((ChangeKind::Reload, from, to))
                             } else {
                                 None
                             }
@@ -2225,7 +2329,11 @@ impl<'a> Sched<'a> {
             }
             let moving = matches!(
                 ch.kind,
-                ChangeKind::Stop | ChangeKind::Move | ChangeKind::Recover | ChangeKind::Restart
+                ChangeKind::Stop
+                    | ChangeKind::Move
+                    | ChangeKind::Recover
+                    | ChangeKind::Restart
+                    | ChangeKind::Reload
             );
             if let Some(f) = from {
                 if f.role == Role::Promoted && (moving || ch.kind == ChangeKind::Demote) {
@@ -2255,7 +2363,10 @@ impl<'a> Sched<'a> {
                 let needs_start = from.is_none()
                     || matches!(
                         ch.kind,
-                        ChangeKind::Move | ChangeKind::Recover | ChangeKind::Restart
+                        ChangeKind::Move
+                            | ChangeKind::Recover
+                            | ChangeKind::Restart
+                            | ChangeKind::Reload
                     );
                 if needs_start {
                     let a = push(
