@@ -1086,6 +1086,10 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
         }
         if !ok {
             st.failed = true;
+            // "Not installed" (by the agent, or the executor) is a hard error here.
+            if o.rc == 5 || o.status == 7 {
+                st.not_installed = true;
+            }
             st.failed_op = Some(format!("{}:{}", o.op, o.interval));
             st.last_failure = o.last_rc_change.or(st.last_failure);
             match o.op.as_str() {
@@ -1141,6 +1145,7 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
                 st.failed = false;
                 st.failed_op = None;
                 st.start_failed = false;
+                st.not_installed = false;
                 st.migration = None;
             }
             "stop" => {
@@ -1427,6 +1432,57 @@ fn definition_change(ops: &[OpRec], prim: XNode<'_, '_>) -> Option<DefinitionCha
     result
 }
 
+/// (resource, node, time of an operation's last result).
+type Stamp = (String, String, Option<i64>);
+
+/// What a live migration that did not finish left behind. A failed `migrate_to` may
+/// have left the resource running on the target too, unless the target has stopped it
+/// since. A `migrate_to` that succeeded towards a node that is down now, with nothing
+/// recorded there, failed: the resource needs recovery where it was.
+fn settle_migrations(state: &mut State, stopped_last: &[Stamp], migrations_at: &[Stamp]) {
+    let node_state = |n: &str| state.nodes.get(n).map(|x| x.state);
+    let mut down_targets: Vec<(String, String)> = Vec::new();
+    let mut stopped_targets: Vec<(String, String)> = Vec::new();
+    for (rid, per_node) in &state.resources {
+        for (node, st) in per_node {
+            let Some(m) = &st.migration else { continue };
+            if m.completed || m.source != *node {
+                continue;
+            }
+            let target_known = per_node.contains_key(&m.target);
+            let begun = migrations_at
+                .iter()
+                .find(|(r, n, _)| r == rid && n == node)
+                .and_then(|x| x.2);
+            // Stopped on the target after the migration was attempted (or when unknown).
+            let stopped_since = stopped_last.iter().any(|(r, n, t)| {
+                r == rid && *n == m.target && !matches!((t, begun), (Some(t), Some(b)) if t < &b)
+            });
+            if st.failed && stopped_since {
+                stopped_targets.push((rid.clone(), node.clone()));
+            } else if !st.failed
+                && st.role != Role::Stopped
+                && !target_known
+                && node_state(&m.target) == Some(NodeState::Offline)
+            {
+                down_targets.push((rid.clone(), node.clone()));
+            }
+        }
+    }
+    for (rid, node) in stopped_targets {
+        if let Some(st) = state.resources.get_mut(&rid).and_then(|p| p.get_mut(&node)) {
+            st.migration = None;
+        }
+    }
+    for (rid, node) in down_targets {
+        if let Some(st) = state.resources.get_mut(&rid).and_then(|p| p.get_mut(&node)) {
+            st.failed = true;
+            st.failed_op = Some("migrate_to:0".into());
+            st.migration = None;
+        }
+    }
+}
+
 /// Cluster options that decide how the status section reads.
 #[derive(Clone, Copy)]
 struct StatusOptions {
@@ -1452,6 +1508,10 @@ fn read_status(
         lock_limit,
     } = *opts;
     let fencing = cfg.options.stonith_enabled;
+    // (resource, node, when) whose history ends with a successful stop, and of the
+    // last live migration begun there.
+    let mut stopped_last: Vec<Stamp> = Vec::new();
+    let mut migrations_at: Vec<Stamp> = Vec::new();
     for ns in children(status, "node_state") {
         // A node that never finished joining is recorded by id only.
         let by_id = || {
@@ -1576,6 +1636,17 @@ fn read_status(
                 };
                 let ops = read_ops(r);
                 let mut st = replay(&ops, uname);
+                if let Some(o) = ops
+                    .iter()
+                    .rev()
+                    .find(|o| o.status != 1 && o.op != "notify")
+                    .filter(|o| o.op == "stop" && o.rc == 0 && o.status == 0)
+                {
+                    stopped_last.push((rid.to_string(), uname.to_string(), o.last_rc_change));
+                }
+                if let Some(o) = ops.iter().rev().find(|o| o.op == "migrate_to") {
+                    migrations_at.push((rid.to_string(), uname.to_string(), o.last_rc_change));
+                }
                 let base = rid
                     .rsplit_once(':')
                     .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
@@ -1630,6 +1701,7 @@ fn read_status(
         }
         state.nodes.insert(uname.to_string(), node);
     }
+    settle_migrations(state, &stopped_last, &migrations_at);
     // A node never seen may be running anything: with startup fencing (the default)
     // it is unclean until fenced; without, it is taken as down.
     for n in &cfg.nodes {

@@ -49,6 +49,9 @@ struct Prim<'a> {
     fails: HashMap<usize, (u32, Option<i64>)>,
     /// The node it is locked to while that node is shut down.
     locked_to: Option<usize>,
+    /// The source's copy after a live migration that completed on the target: it only
+    /// needs its stop.
+    dangling: Vec<Cur<'a>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -398,6 +401,7 @@ impl<'a> Sched<'a> {
                     cur: Vec::new(),
                     fails: HashMap::new(),
                     locked_to: None,
+                    dangling: Vec::new(),
                 });
                 prims.push(slot);
                 ids.push(mid);
@@ -461,10 +465,13 @@ impl<'a> Sched<'a> {
                 if let Some(pi) = base
                     && (status.failcount > 0
                         || status.last_failure.is_some()
-                        || status.start_failed)
+                        || status.start_failed
+                        || status.not_installed)
                 {
-                    // A failed start is fatal on that node unless configured otherwise.
-                    let fatal = status.start_failed && self.cfg.options.start_failure_is_fatal;
+                    // A failed start is fatal on that node unless configured otherwise;
+                    // an agent that is not installed there always is.
+                    let fatal = status.start_failed && self.cfg.options.start_failure_is_fatal
+                        || status.not_installed;
                     let count = if fatal {
                         haven_model::INFINITY as u32
                     } else {
@@ -517,14 +524,32 @@ impl<'a> Sched<'a> {
                 }
             }
             p.cur.extend(extra);
+            // A migration that completed on its target leaves the source's copy to stop.
+            let sources: Vec<usize> = p
+                .cur
+                .iter()
+                .filter_map(|c| {
+                    let m = c.status.migration.as_ref().filter(|m| m.completed)?;
+                    (nodes[c.node].name == m.target)
+                        .then(|| node_ix.get(m.source.as_str()).copied())
+                        .flatten()
+                })
+                .collect();
+            let (gone, kept): (Vec<Cur<'a>>, Vec<Cur<'a>>) = std::mem::take(&mut p.cur)
+                .into_iter()
+                .partition(|c| sources.contains(&c.node) && !c.failed);
+            p.cur = kept;
+            p.dangling = gone;
         }
         let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
             // Failures of operations with `on-fail = ignore` do not count; a start or
             // stop that failed that way leaves the resource taken as stopped.
+            // A hard error (not installed) is never ignored.
             let ignored = |c: &Cur<'_>| {
                 c.failed
+                    && !c.status.not_installed
                     && c.status
                         .failed_op
                         .as_deref()
@@ -1234,8 +1259,16 @@ impl<'a> Sched<'a> {
                 w[c.node] += self.stickiness(pi);
             }
         }
+        // A node its own preferences (location, health, stickiness) score below zero
+        // is not one it may be placed on; colocations only rank the others.
+        let own = w.clone();
         self.apply_dependents(u, &mut w);
         self.apply_colocations(u, &mut w);
+        for (x, o) in w.iter_mut().zip(&own) {
+            if *o < Score::ZERO {
+                *x = NEG;
+            }
+        }
         self.record_scores(u, &w);
         let stopped = Self::target_stopped(&self.units[u].meta)
             || Self::target_stopped(&self.prims[first].meta)
@@ -2242,6 +2275,24 @@ impl<'a> Sched<'a> {
                         }
                     }
                 }
+            }
+        }
+        for p in &self.prims {
+            for c in &p.dangling {
+                plan.changes.push(Change {
+                    kind: ChangeKind::Stop,
+                    resource: c.key.to_string(),
+                    from: Some(Placement {
+                        node: self.nodes[c.node].name.to_string(),
+                        role: c.role,
+                    }),
+                    to: None,
+                    show_roles: false,
+                    blocked: false,
+                    reason: Some("migration completed".into()),
+                    // Part of the migration Pacemaker already reported.
+                    quiet: true,
+                });
             }
         }
         let orphans: &[Cur<'_>] = if self.cfg.options.stop_orphan_resources {
