@@ -613,12 +613,6 @@ fn read_constraints(
                     None if score == Some(Score::ZERO) => OrderKind::Optional,
                     None => OrderKind::Mandatory,
                 };
-                if n.attribute("require-all").is_some() {
-                    ctx.skip(
-                        n,
-                        "`require-all` on a plain order is not supported; ignored",
-                    );
-                }
                 cfg.constraints.order.push(Order {
                     id,
                     first: n.attribute("first").map(str::to_string),
@@ -627,6 +621,7 @@ fn read_constraints(
                     then_action: n.attribute("then-action").and_then(Action::parse),
                     kind,
                     symmetrical: n.attribute("symmetrical").and_then(parse_bool),
+                    require_all: n.attribute("require-all").and_then(parse_bool),
                     sets: read_sets(ctx, n),
                 });
             }
@@ -1600,7 +1595,32 @@ fn read_status(
         }
         // Failcounts per resource, summed over operations.
         let mut fails: HashMap<String, (u32, Option<i64>)> = HashMap::new();
+        // Failures of operations configured with `on-fail = ignore` never count.
+        let ignored = |key: &str| {
+            let Some((rsc, op)) = key.split_once('#') else {
+                return false;
+            };
+            let Some((name, ms)) = op.rsplit_once('_') else {
+                return false;
+            };
+            let base = rsc.rsplit_once(':').map_or(rsc, |(b, _)| b);
+            let secs = ms.parse::<u64>().map(|m| m / 1000).ok();
+            cfg.resources.iter().any(|p| {
+                p.id == base
+                    && p.ops.iter().any(|o| {
+                        o.name == name
+                            && Some(o.interval) == secs
+                            && o.on_fail == Some(OnFail::Ignore)
+                    })
+            })
+        };
         for (k, v) in &attrs {
+            if k.strip_prefix("fail-count-")
+                .or_else(|| k.strip_prefix("last-failure-"))
+                .is_some_and(ignored)
+            {
+                continue;
+            }
             if let Some(rest) = k.strip_prefix("fail-count-") {
                 let rsc = rest.split('#').next().unwrap_or(rest).to_string();
                 let n: u32 = v

@@ -523,6 +523,10 @@ pub struct Order {
     /// Defaults to true for Mandatory and Optional, false for Serialize.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetrical: Option<bool>,
+    /// With `false`, one running instance of a `first` clone is enough for `then`
+    /// (unset: all of them, per node when interleaved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_all: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<ResourceSet>,
 }

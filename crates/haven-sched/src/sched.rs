@@ -113,6 +113,8 @@ struct Ord {
     then_action: OrderAction,
     mandatory: bool,
     symmetrical: bool,
+    /// Every instance of a first clone counts (else one is enough).
+    require_all: bool,
 }
 
 struct Sched<'a> {
@@ -710,6 +712,7 @@ impl<'a> Sched<'a> {
                     then_action: ta,
                     mandatory,
                     symmetrical,
+                    require_all: o.require_all.unwrap_or(true),
                 });
             }
         }
@@ -1563,6 +1566,9 @@ impl<'a> Sched<'a> {
             if let Some(l) = loc {
                 s += l;
             }
+            // A promoted role that must be with something running here makes this
+            // instance a candidate.
+            let mut drawn = false;
             for &ci in &self.dep_of[u] {
                 let c = &self.colocs[ci];
                 if c.dep_role != Some(Role::Promoted) {
@@ -1574,6 +1580,8 @@ impl<'a> Sched<'a> {
                 if c.score.is_pos_inf() {
                     if !on.contains(&n) {
                         s = NEG;
+                    } else {
+                        drawn = true;
                     }
                 } else if on.contains(&n) {
                     s += c.score;
@@ -1602,7 +1610,7 @@ impl<'a> Sched<'a> {
             let was = self.currently_promoted(u, n);
             // Only a promotion score or a promoted-role location makes an instance a
             // candidate; colocations merely rank the candidates.
-            let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO);
+            let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO) || drawn;
             if s < Score::ZERO || !has_pref {
                 continue;
             }
@@ -1807,7 +1815,7 @@ impl<'a> Sched<'a> {
                 if !mandatory {
                     continue;
                 }
-                let runnable = self.unit_runnable(first, fa);
+                let runnable = self.unit_runnable(first, fa, self.orders[oi].require_all);
                 if !runnable && matches!(ta, OrderAction::Start | OrderAction::Promote) {
                     let symmetrical = self.orders[oi].symmetrical;
                     let mut failed_here = vec![false; self.nodes.len()];
@@ -1857,6 +1865,36 @@ impl<'a> Sched<'a> {
                         .clone
                         .as_ref()
                         .is_some_and(|c| c.interleave);
+                // An interleaved instance needs the first's instance on its own node:
+                // without one there, it does not run.
+                // (With clone-min, the first's instances count together instead.)
+                if interleaved
+                    && self.orders[oi].require_all
+                    && self.units[first].clone.as_ref().is_some_and(|c| c.min <= 1)
+                    && fa == OrderAction::Start
+                    && ta == OrderAction::Start
+                {
+                    let partners: Vec<usize> = self.placed[first]
+                        .as_ref()
+                        .map(|v| {
+                            v.iter()
+                                .filter(|i| !i.blocked && i.member_ok.iter().all(|x| *x))
+                                .filter_map(|i| i.node)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let unmanaged = self.units[then].prims.iter().any(|&pi| !self.managed(pi));
+                    if let Some(insts) = self.placed[then].as_mut()
+                        && !unmanaged
+                    {
+                        for i in insts.iter_mut() {
+                            if i.node.is_some_and(|n| !partners.contains(&n)) {
+                                i.node = None;
+                                changed = true;
+                            }
+                        }
+                    }
+                }
                 // A clone that must follow restarts nothing when the first changes: only
                 // its collective start waits. Interleaved clones follow per node.
                 if then_clone && !interleaved {
@@ -1871,9 +1909,11 @@ impl<'a> Sched<'a> {
                         let (promotes, demotes) = s.unit_role_activity(first, node);
                         promotes || symmetrical && demotes
                     }
+                    // What must stop after the first stops stops too (and starts again).
+                    OrderAction::Stop if ta == OrderAction::Stop => s.unit_activity(first, node).1,
                     _ => false,
                 };
-                if ta == OrderAction::Start {
+                if matches!(ta, OrderAction::Start | OrderAction::Stop) {
                     let any = triggered(self, None);
                     let staying: Vec<usize> =
                         (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
@@ -1928,7 +1968,7 @@ impl<'a> Sched<'a> {
     }
 
     /// Will `u` have an instance able to do `action` after the transition?
-    fn unit_runnable(&self, u: usize, action: OrderAction) -> bool {
+    fn unit_runnable(&self, u: usize, action: OrderAction, require_all: bool) -> bool {
         let Some(insts) = self.placed[u].as_ref() else {
             return true;
         };
@@ -1939,7 +1979,12 @@ impl<'a> Sched<'a> {
                     .iter()
                     .filter(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x))
                     .count();
-                running >= self.units[u].clone.as_ref().map_or(1, |c| c.min)
+                let min = if require_all {
+                    self.units[u].clone.as_ref().map_or(1, |c| c.min)
+                } else {
+                    1
+                };
+                running >= min
             }
             _ => true,
         }
