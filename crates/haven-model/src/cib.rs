@@ -1079,11 +1079,19 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
             }
             continue;
         }
+        // "Not installed" (by the agent, or the executor) is a hard error here; found by
+        // a probe, it also says the resource is not running here. Invalid parameters
+        // and insufficient privileges are hard errors too.
+        let missing = !ok && (o.rc == 5 || o.status == 7);
+        if missing && probe {
+            st.hard_error = true;
+            st.role = Role::Stopped;
+            continue;
+        }
         if !ok {
             st.failed = true;
-            // "Not installed" (by the agent, or the executor) is a hard error here.
-            if o.rc == 5 || o.status == 7 {
-                st.not_installed = true;
+            if missing || matches!(o.rc, 2 | 4) {
+                st.hard_error = true;
             }
             st.failed_op = Some(format!("{}:{}", o.op, o.interval));
             st.last_failure = o.last_rc_change.or(st.last_failure);
@@ -1140,7 +1148,7 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
                 st.failed = false;
                 st.failed_op = None;
                 st.start_failed = false;
-                st.not_installed = false;
+                st.hard_error = false;
                 st.migration = None;
             }
             "stop" => {

@@ -122,10 +122,10 @@ pub struct ResourceStatus {
     /// The agent's operations here are known (a probe ran). False: it may be running.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub probed: bool,
-    /// The agent reported that it cannot run here at all (not installed): the
-    /// resource is banned from this node.
+    /// The agent reported a hard error here (not installed, insufficient privileges,
+    /// invalid parameters): the resource is banned from this node.
     #[serde(default, skip_serializing_if = "is_false")]
-    pub not_installed: bool,
+    pub hard_error: bool,
     /// Held for this node, which is shutting down or shut down cleanly (Pacemaker's
     /// `shutdown-lock`): it may run nowhere else until the node is back.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -151,7 +151,7 @@ impl Default for ResourceStatus {
             last_failure: None,
             migration: None,
             probed: true,
-            not_installed: false,
+            hard_error: false,
             shutdown_locked: false,
             definition_changed: None,
         }

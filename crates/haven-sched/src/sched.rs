@@ -468,12 +468,12 @@ impl<'a> Sched<'a> {
                     && (status.failcount > 0
                         || status.last_failure.is_some()
                         || status.start_failed
-                        || status.not_installed)
+                        || status.hard_error)
                 {
                     // A failed start is fatal on that node unless configured otherwise;
                     // an agent that is not installed there always is.
                     let fatal = status.start_failed && self.cfg.options.start_failure_is_fatal
-                        || status.not_installed;
+                        || status.hard_error;
                     let count = if fatal {
                         haven_model::INFINITY as u32
                     } else {
@@ -551,7 +551,7 @@ impl<'a> Sched<'a> {
             // A hard error (not installed) is never ignored.
             let ignored = |c: &Cur<'_>| {
                 c.failed
-                    && !c.status.not_installed
+                    && !c.status.hard_error
                     && c.status
                         .failed_op
                         .as_deref()
@@ -728,7 +728,13 @@ impl<'a> Sched<'a> {
     /// How a resource that may run once, found active on several nodes, is handled.
     fn multi(&self, pi: usize) -> Option<MultipleActive> {
         let p = &self.prims[pi];
-        (p.cur.len() > 1 && self.units[self.unit_of_prim(pi)].kind != Kind::Clone)
+        // A copy on a node being fenced dies with it.
+        let copies = p
+            .cur
+            .iter()
+            .filter(|c| self.nodes[c.node].fence.is_none())
+            .count();
+        (copies > 1 && self.units[self.unit_of_prim(pi)].kind != Kind::Clone)
             .then(|| p.meta.multiple_active.unwrap_or(MultipleActive::StopStart))
     }
 
@@ -1897,7 +1903,7 @@ impl<'a> Sched<'a> {
                 }
                 // A clone that must follow restarts nothing when the first changes: only
                 // its collective start waits. Interleaved clones follow per node.
-                if then_clone && !interleaved {
+                if then_clone && !interleaved && first_clone {
                     continue;
                 }
                 let triggered = |s: &Sched<'_>, node: Option<usize>| match fa {
