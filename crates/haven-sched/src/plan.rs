@@ -182,9 +182,11 @@ impl Change {
         if let Some(r) = &self.reason {
             s.push_str("  due to ");
             s.push_str(r);
-        }
-        if self.blocked {
-            s.push_str(" (blocked)");
+            if self.blocked {
+                s.push_str(" (blocked)");
+            }
+        } else if self.blocked {
+            s.push_str("  blocked");
         }
         s
     }

@@ -26,6 +26,8 @@ struct NodeInfo<'a> {
     /// Its resource history counts (it is up, or may still be running things).
     counts: bool,
     fence: Option<String>,
+    /// Lost without a clean exit: what it ran may still run there.
+    unclean: bool,
     attrs: HashMap<String, String>,
     capacity: Option<BTreeMap<String, i64>>,
     /// Node health as a score every resource gets there.
@@ -269,6 +271,7 @@ impl<'a> Sched<'a> {
                     NodeState::Online | NodeState::Unclean | NodeState::Pending
                 ),
                 fence,
+                unclean,
                 attrs,
                 capacity: (opts.placement_strategy != PlacementStrategy::Default).then(|| {
                     let mut c = n.utilization.clone();
@@ -1290,7 +1293,8 @@ impl<'a> Sched<'a> {
         let mut need = own_need.clone();
         let mut seen = vec![u];
         self.add_dependent_util(u, &mut need, &mut seen);
-        let node = if stopped {
+        let stuck = cur.is_some_and(|n| self.stuck_node(n)) && self.cfg.options.stonith_enabled;
+        let node = if stopped || stuck {
             None
         } else {
             self.choose(&w, cur, &need, &[])
@@ -1330,6 +1334,12 @@ impl<'a> Sched<'a> {
             restart: false,
             blocked: false,
         }]
+    }
+
+    /// A node that is lost and cannot be fenced now (no quorum, or fencing is off):
+    /// what runs there can neither be stopped nor safely started elsewhere.
+    fn stuck_node(&self, n: usize) -> bool {
+        self.nodes[n].unclean && self.nodes[n].fence.is_none()
     }
 
     fn node_maintenance(&self, n: usize) -> bool {
@@ -2251,15 +2261,35 @@ impl<'a> Sched<'a> {
                             }
                         }
                     };
-                    if let Some((kind, from, to)) = change {
+                    if let Some((mut kind, from, mut to)) = change {
+                        // A member must stop before the ones after it may restart; one of
+                        // those stuck after a failure it cannot recover from leaves this one
+                        // stopping, and that waits on it too.
+                        let stuck_after = kind == ChangeKind::Restart
+                            && self.units[u].prims[m + 1..].iter().any(|&later| {
+                                self.prims[later]
+                                    .cur
+                                    .iter()
+                                    .any(|c| self.blocked_failure(later, c))
+                            });
+                        if stuck_after {
+                            kind = ChangeKind::Stop;
+                            to = None;
+                        }
+                        // Nothing can be done on a lost node that cannot be fenced.
+                        let on_stuck = kind == ChangeKind::Stop
+                            && self.units[u].kind != Kind::Clone
+                            && self.cfg.options.stonith_enabled
+                            && had.is_some_and(|h| self.stuck_node(h.0));
+                        let blocked = inst.blocked || stuck_after || on_stuck;
                         plan.changes.push(Change {
                             kind,
                             resource: name,
                             from,
                             to,
                             show_roles: promotable,
-                            reason: inst.blocked.then(|| "unrunnable start".to_string()),
-                            blocked: inst.blocked,
+                            reason: (blocked && !on_stuck).then(|| "unrunnable start".to_string()),
+                            blocked,
                             quiet: false,
                         });
                     }
