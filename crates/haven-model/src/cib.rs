@@ -579,13 +579,6 @@ fn read_constraints(
                 }
             }
             "rsc_colocation" => {
-                if n.attribute("node-attribute").is_some_and(|a| a != "#uname") {
-                    ctx.skip(
-                        n,
-                        "colocation by a node attribute other than #uname is not supported",
-                    );
-                    continue;
-                }
                 if n.attribute("influence").is_some() {
                     ctx.skip(n, "the `influence` attribute is not supported; ignored");
                 }
@@ -600,6 +593,10 @@ fn read_constraints(
                     score,
                     rsc_role: n.attribute("rsc-role").and_then(Role::parse),
                     with_role: n.attribute("with-rsc-role").and_then(Role::parse),
+                    node_attribute: n
+                        .attribute("node-attribute")
+                        .filter(|a| *a != "#uname")
+                        .map(str::to_string),
                     sets: read_sets(ctx, n),
                 });
             }

@@ -492,6 +492,10 @@ pub struct Colocation {
     pub rsc_role: Option<Role>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub with_role: Option<Role>,
+    /// Colocate on nodes with the same value of this node attribute, rather than on
+    /// the same node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_attribute: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<ResourceSet>,
 }

@@ -12,8 +12,15 @@ use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
 
 const NEG: Score = Score::NEG_INFINITY;
 
-/// (dependent, primary, score, dependent role, primary role)
-type ColocPair<'a> = (&'a str, &'a str, Score, Option<Role>, Option<Role>);
+/// (dependent, primary, score, dependent role, primary role, node attribute)
+type ColocPair<'a> = (
+    &'a str,
+    &'a str,
+    Score,
+    Option<Role>,
+    Option<Role>,
+    Option<&'a str>,
+);
 /// Where a member is now: node, role, failed.
 type Had = Option<(usize, Role, bool)>;
 /// Where a member will be: node, role.
@@ -100,12 +107,14 @@ struct Inst {
     blocked: bool,
 }
 
-struct Coloc {
+struct Coloc<'a> {
     dep: usize,
     primary: usize,
     score: Score,
     dep_role: Option<Role>,
     primary_role: Option<Role>,
+    /// Same value of this node attribute instead of the same node.
+    attr: Option<&'a str>,
 }
 
 struct Ord {
@@ -128,7 +137,7 @@ struct Sched<'a> {
     units: Vec<Unit<'a>>,
     unit_of: HashMap<&'a str, usize>,
     locs: HashMap<&'a str, Vec<&'a Location>>,
-    colocs: Vec<Coloc>,
+    colocs: Vec<Coloc<'a>>,
     /// unit → colocation indices where it is the dependent / the primary
     dep_of: Vec<Vec<usize>>,
     prim_of: Vec<Vec<usize>>,
@@ -627,8 +636,9 @@ impl<'a> Sched<'a> {
         }
         let mut pairs: Vec<ColocPair<'_>> = Vec::new();
         for c in &cfg.constraints.colocation {
+            let attr = c.node_attribute.as_deref();
             if let (Some(a), Some(b)) = (&c.rsc, &c.with) {
-                pairs.push((a, b, c.score, c.rsc_role, c.with_role));
+                pairs.push((a, b, c.score, c.rsc_role, c.with_role, attr));
             }
             // Within a set each member goes with the one before it; a later set goes
             // with the last member of the set before it.
@@ -636,18 +646,18 @@ impl<'a> Sched<'a> {
             for set in &c.sets {
                 if set.sequential {
                     for w in set.resources.windows(2) {
-                        pairs.push((&w[1], &w[0], c.score, set.role, set.role));
+                        pairs.push((&w[1], &w[0], c.score, set.role, set.role, attr));
                     }
                 }
                 if let Some((p, pr)) = prev_last {
                     for r in &set.resources {
-                        pairs.push((r, p, c.score, set.role, pr));
+                        pairs.push((r, p, c.score, set.role, pr, attr));
                     }
                 }
                 prev_last = set.resources.last().map(|r| (r.as_str(), set.role));
             }
         }
-        for (a, b, score, ar, br) in pairs {
+        for (a, b, score, ar, br, attr) in pairs {
             let (Some(&du), Some(&pu)) = (self.unit_of.get(a), self.unit_of.get(b)) else {
                 continue;
             };
@@ -661,6 +671,7 @@ impl<'a> Sched<'a> {
                 score,
                 dep_role: ar,
                 primary_role: br,
+                attr,
             });
             self.dep_of[du].push(ix);
             self.prim_of[pu].push(ix);
@@ -934,6 +945,7 @@ impl<'a> Sched<'a> {
             let Some(on) = self.nodes_of(c.primary, c.primary_role) else {
                 continue;
             };
+            let on = self.same_attr_nodes(on, c.attr);
             if c.score.is_pos_inf() {
                 for (n, x) in w.iter_mut().enumerate() {
                     if !on.contains(&n) {
@@ -992,8 +1004,16 @@ impl<'a> Sched<'a> {
             // that would leave no node at all (then that dependent is given up).
             if c.score.is_pos_inf() {
                 let before = w.to_vec();
+                let usable: Vec<usize> = (0..prefs.len())
+                    .filter(|&m| !prefs[m].is_neg_inf() && self.nodes[m].can_run)
+                    .collect();
+                let usable = self.same_attr_nodes(usable, c.attr);
                 for (n, s) in prefs.iter().enumerate() {
-                    if s.is_neg_inf() {
+                    let ruled_out = match c.attr {
+                        None => s.is_neg_inf(),
+                        Some(_) => !usable.contains(&n),
+                    };
+                    if ruled_out {
                         w[n] = NEG;
                     }
                 }
@@ -1003,6 +1023,26 @@ impl<'a> Sched<'a> {
                 }
             }
         }
+    }
+
+    /// With a node attribute, every node sharing a value of it with one of `on`
+    /// (nodes without the attribute match nothing); without, `on` itself.
+    fn same_attr_nodes(&self, on: Vec<usize>, attr: Option<&str>) -> Vec<usize> {
+        let Some(a) = attr else {
+            return on;
+        };
+        let values: Vec<&String> = on
+            .iter()
+            .filter_map(|&n| self.nodes[n].attrs.get(a))
+            .collect();
+        (0..self.nodes.len())
+            .filter(|&m| {
+                self.nodes[m]
+                    .attrs
+                    .get(a)
+                    .is_some_and(|v| values.contains(&v))
+            })
+            .collect()
     }
 
     fn fits(&self, n: usize, need: &BTreeMap<String, i64>) -> bool {
