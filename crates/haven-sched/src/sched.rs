@@ -1633,6 +1633,7 @@ impl<'a> Sched<'a> {
                 let Some(on) = self.nodes_of(c.primary, c.primary_role) else {
                     continue;
                 };
+                let on = self.same_attr_nodes(on, c.attr);
                 if c.score.is_pos_inf() {
                     if !on.contains(&n) {
                         s = NEG;
