@@ -974,6 +974,31 @@ impl<'a> Sched<'a> {
         w
     }
 
+    /// Unit `d`'s own preferences plus the positive ones of the unplaced resources that
+    /// must run with it, transitively (a few levels deep).
+    fn chain_prefs(&self, d: usize, depth: u32) -> Vec<Score> {
+        let mut w = self.own_prefs(d);
+        if depth > 4 {
+            return w;
+        }
+        for &ci in &self.prim_of[d] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || c.score <= Score::ZERO
+                || c.primary_role.is_some()
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            for (n, p) in self.chain_prefs(c.dep, depth + 1).iter().enumerate() {
+                if *p > Score::ZERO && !p.is_pos_inf() && !w[n].is_neg_inf() {
+                    w[n] += p.scale(c.score);
+                }
+            }
+        }
+        w
+    }
+
     fn apply_dependents(&self, u: usize, w: &mut [Score]) {
         for &ci in &self.prim_of[u] {
             let c = &self.colocs[ci];
@@ -1443,6 +1468,24 @@ impl<'a> Sched<'a> {
                 .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
         let mut w = self.base_weights(u);
         self.apply_colocations(u, &mut w);
+        // What must run with the clone (and what must run with that) draws its
+        // instances toward the nodes it prefers.
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || c.score <= Score::ZERO
+                || c.primary_role.is_some()
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            let prefs = self.chain_prefs(c.dep, 0);
+            for (n, p) in prefs.iter().enumerate() {
+                if *p > Score::ZERO && !p.is_pos_inf() && !w[n].is_neg_inf() {
+                    w[n] += p.scale(c.score);
+                }
+            }
+        }
         self.record_scores(u, &w);
         let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
         let mut per_node = vec![0usize; n_nodes];
@@ -1570,6 +1613,17 @@ impl<'a> Sched<'a> {
         for &pi in &self.units[u].prims {
             let id = &self.prims[pi].cfg.id;
             let mut names = vec![format!("master-{id}"), format!("promotion-{id}")];
+            // An anonymous copy's score may be kept under the number it had when it
+            // was recorded here, which need not be the instance number it gets now.
+            let unique = self.units[u].clone.as_ref().is_some_and(|c| c.unique);
+            if !unique {
+                for c in self.prims[pi].cur.iter().filter(|c| c.node == n) {
+                    if let Some((_, k)) = c.key.rsplit_once(':') {
+                        names.insert(0, format!("master-{id}:{k}"));
+                        names.insert(1, format!("promotion-{id}:{k}"));
+                    }
+                }
+            }
             if let Some(k) = num {
                 names.insert(0, format!("master-{id}:{k}"));
                 names.insert(1, format!("promotion-{id}:{k}"));
@@ -1916,8 +1970,11 @@ impl<'a> Sched<'a> {
                 let symmetrical = self.orders[oi].symmetrical;
                 let then_clone = self.units[then].kind == Kind::Clone;
                 let first_clone = self.units[first].kind == Kind::Clone;
+                // With require-all=false the clone that follows depends on the first as
+                // a whole, never per node.
                 let interleaved = then_clone
                     && self.units[first].kind == Kind::Clone
+                    && self.orders[oi].require_all
                     && self.units[then]
                         .clone
                         .as_ref()
@@ -1926,7 +1983,6 @@ impl<'a> Sched<'a> {
                 // without one there, it does not run.
                 // (With clone-min, the first's instances count together instead.)
                 if interleaved
-                    && self.orders[oi].require_all
                     && self.units[first].clone.as_ref().is_some_and(|c| c.min <= 1)
                     && fa == OrderAction::Start
                     && ta == OrderAction::Start
