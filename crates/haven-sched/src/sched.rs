@@ -2321,7 +2321,32 @@ impl<'a> Sched<'a> {
                         (Some((a, ra, failed)), Some((b, rb))) => {
                             let from = Some(place(a, ra));
                             let to = Some(place(b, rb));
-                            if a != b {
+                            // Copies of an anonymous promotable clone are interchangeable:
+                            // one leaving a node stops there and another starts elsewhere.
+                            let anonymous_promotable = promotable
+                                && self.units[u].clone.as_ref().is_some_and(|c| !c.unique);
+                            if a != b && anonymous_promotable {
+                                restart_rest = true;
+                                plan.changes.push(Change {
+                                    kind: ChangeKind::Stop,
+                                    resource: name.clone(),
+                                    from,
+                                    to: None,
+                                    show_roles: true,
+                                    reason: None,
+                                    blocked: false,
+                                    quiet: false,
+                                });
+                                Some((
+                                    if rb == Role::Promoted {
+                                        ChangeKind::Promote
+                                    } else {
+                                        ChangeKind::Start
+                                    },
+                                    None,
+                                    to,
+                                ))
+                            } else if a != b {
                                 restart_rest = true;
                                 // After fencing, a failed resource is simply gone.
                                 let fenced_for_failure = self.nodes[a]
