@@ -640,21 +640,28 @@ impl<'a> Sched<'a> {
             if let (Some(a), Some(b)) = (&c.rsc, &c.with) {
                 pairs.push((a, b, c.score, c.rsc_role, c.with_role, attr));
             }
-            // Within a set each member goes with the one before it; a later set goes
-            // with the last member of the set before it.
-            let mut prev_last: Option<(&str, Option<Role>)> = None;
+            // Within a set each member goes with the one before it; every member of a
+            // set goes with the set after it: with its first member (which the rest of
+            // that set follows), or with each member when that set is not sequential.
             for set in &c.sets {
                 if set.sequential {
                     for w in set.resources.windows(2) {
                         pairs.push((&w[1], &w[0], c.score, set.role, set.role, attr));
                     }
                 }
-                if let Some((p, pr)) = prev_last {
-                    for r in &set.resources {
-                        pairs.push((r, p, c.score, set.role, pr, attr));
+            }
+            for w in c.sets.windows(2) {
+                let (this, next) = (&w[0], &w[1]);
+                let primaries: Vec<&String> = if next.sequential {
+                    next.resources.first().into_iter().collect()
+                } else {
+                    next.resources.iter().collect()
+                };
+                for r in &this.resources {
+                    for p in &primaries {
+                        pairs.push((r, p, c.score, this.role, next.role, attr));
                     }
                 }
-                prev_last = set.resources.last().map(|r| (r.as_str(), set.role));
             }
         }
         for (a, b, score, ar, br, attr) in pairs {
@@ -1461,11 +1468,11 @@ impl<'a> Sched<'a> {
             }
         }
         let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
-        let stopped = Self::target_stopped(&self.units[u].meta)
-            || self.units[u]
-                .prims
-                .first()
-                .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
+        // The child's own target role, if set, overrides the clone's (which it inherits).
+        let stopped = self.units[u]
+            .prims
+            .first()
+            .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
         let mut w = self.base_weights(u);
         self.apply_colocations(u, &mut w);
         // What must run with the clone (and what must run with that) draws its
