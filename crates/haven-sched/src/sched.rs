@@ -1671,7 +1671,7 @@ impl<'a> Sched<'a> {
         {
             return;
         }
-        let mut cands: Vec<(Score, bool, usize, usize)> = Vec::new();
+        let mut cands: Vec<(Score, bool, bool, usize, usize)> = Vec::new();
         for (i, inst) in insts.iter().enumerate() {
             let Some(n) = inst.node else { continue };
             if inst.member_ok.iter().any(|ok| !ok) {
@@ -1726,18 +1726,28 @@ impl<'a> Sched<'a> {
                 s += prefs[n].scale(c.score);
             }
             let was = self.currently_promoted(u, n);
+            // Of equal candidates, one being recovered here comes last.
+            let failed_here = (0..self.units[u].prims.len()).any(|m| {
+                self.inst_member_cur(u, inst, m)
+                    .is_some_and(|c| c.failed && c.node == n)
+            });
             // Only a promotion score or a promoted-role location makes an instance a
             // candidate; colocations merely rank the candidates.
             let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO) || drawn;
             if s < Score::ZERO || !has_pref {
                 continue;
             }
-            cands.push((s, was, n, i));
+            cands.push((s, was, failed_here, n, i));
         }
-        cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        cands.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(b.1.cmp(&a.1))
+                .then(a.2.cmp(&b.2))
+                .then(a.3.cmp(&b.3))
+        });
         let mut per_node: HashMap<usize, usize> = HashMap::new();
         let mut count = 0;
-        for (_, _, n, i) in cands {
+        for (_, _, _, n, i) in cands {
             if count >= pmax {
                 break;
             }
