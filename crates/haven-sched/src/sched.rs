@@ -981,6 +981,31 @@ impl<'a> Sched<'a> {
         w
     }
 
+    /// A clone's score per node for its instances: its locations and colocations, and
+    /// the pull of what must run with it (and what must run with that) toward the
+    /// nodes those prefer.
+    fn clone_weights(&self, u: usize) -> Vec<Score> {
+        let mut w = self.base_weights(u);
+        self.apply_colocations(u, &mut w);
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || c.score <= Score::ZERO
+                || matches!(c.primary_role, Some(Role::Promoted | Role::Unpromoted))
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            let prefs = self.chain_prefs(c.dep, 0);
+            for (n, p) in prefs.iter().enumerate() {
+                if *p > Score::ZERO && !p.is_pos_inf() && !w[n].is_neg_inf() {
+                    w[n] += p.scale(c.score);
+                }
+            }
+        }
+        w
+    }
+
     /// Unit `d`'s own preferences plus the positive ones of the unplaced resources that
     /// must run with it, transitively (a few levels deep).
     fn chain_prefs(&self, d: usize, depth: u32) -> Vec<Score> {
@@ -992,7 +1017,7 @@ impl<'a> Sched<'a> {
             let c = &self.colocs[ci];
             if self.placed[c.dep].is_some()
                 || c.score <= Score::ZERO
-                || c.primary_role.is_some()
+                || matches!(c.primary_role, Some(Role::Promoted | Role::Unpromoted))
                 || self.units[c.dep].kind == Kind::Clone
             {
                 continue;
@@ -1473,26 +1498,7 @@ impl<'a> Sched<'a> {
             .prims
             .first()
             .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
-        let mut w = self.base_weights(u);
-        self.apply_colocations(u, &mut w);
-        // What must run with the clone (and what must run with that) draws its
-        // instances toward the nodes it prefers.
-        for &ci in &self.prim_of[u] {
-            let c = &self.colocs[ci];
-            if self.placed[c.dep].is_some()
-                || c.score <= Score::ZERO
-                || c.primary_role.is_some()
-                || self.units[c.dep].kind == Kind::Clone
-            {
-                continue;
-            }
-            let prefs = self.chain_prefs(c.dep, 0);
-            for (n, p) in prefs.iter().enumerate() {
-                if *p > Score::ZERO && !p.is_pos_inf() && !w[n].is_neg_inf() {
-                    w[n] += p.scale(c.score);
-                }
-            }
-        }
+        let w = self.clone_weights(u);
         self.record_scores(u, &w);
         let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
         let mut per_node = vec![0usize; n_nodes];
@@ -1739,10 +1745,13 @@ impl<'a> Sched<'a> {
             }
             cands.push((s, was, failed_here, n, i));
         }
+        // Then the node the clone itself (with what must run with it) prefers.
+        let pull = self.clone_weights(u);
         cands.sort_by(|a, b| {
             b.0.cmp(&a.0)
                 .then(b.1.cmp(&a.1))
                 .then(a.2.cmp(&b.2))
+                .then(pull[b.3].cmp(&pull[a.3]))
                 .then(a.3.cmp(&b.3))
         });
         let mut per_node: HashMap<usize, usize> = HashMap::new();
