@@ -779,12 +779,16 @@ impl<'a> Sched<'a> {
     /// A failure the cluster must leave alone: the failed operation says `on-fail =
     /// block`, or a stop failed and there is no fencing to make the node safe.
     fn blocked_failure(&self, pi: usize, c: &Cur<'_>) -> bool {
-        // Fencing, or a ban from the failcount, still stops it.
-        if !c.failed || self.nodes[c.node].fence.is_some() || self.failed_out(pi, c.node) {
+        if !c.failed || self.nodes[c.node].fence.is_some() {
             return false;
         }
+        // A stop that failed, with no fencing to make the node safe, can only wait.
         if c.status.stop_failed && !self.cfg.options.stonith_enabled {
             return true;
+        }
+        // Otherwise a ban from the failcount still stops it.
+        if self.failed_out(pi, c.node) {
+            return false;
         }
         let Some((name, interval)) = c
             .status
@@ -2375,10 +2379,15 @@ impl<'a> Sched<'a> {
                             } else if a != b {
                                 restart_rest = true;
                                 // After fencing, a failed resource is simply gone.
+                                // (Unless the node is fenced for this very failure.)
+                                let own_key = self
+                                    .inst_member_cur(u, inst, m)
+                                    .map(|c| c.key)
+                                    .unwrap_or_default();
                                 let fenced_for_failure = self.nodes[a]
                                     .fence
                                     .as_deref()
-                                    .is_some_and(|r| r.ends_with("failed there"));
+                                    .is_some_and(|r| r == format!("{own_key} failed there"));
                                 let kind = if failed && (!fenced[a] || fenced_for_failure) {
                                     ChangeKind::Recover
                                 } else if !fenced[a] && self.migratable(u, inst, m, a, failed, 0) {
