@@ -576,8 +576,18 @@ impl<'a> Sched<'a> {
                             })
                         })
             };
+            // A demote that failed with `on-fail = block` leaves it promoted, and there
+            // it stays (the import reads any other failed demote as unpromoted).
+            let demote_blocks = p.cfg.ops.iter().any(|o| {
+                o.name == "demote"
+                    && o.interval == 0
+                    && o.on_fail == Some(haven_model::OnFail::Block)
+            });
             let mut kept = Vec::new();
             for mut c in std::mem::take(&mut p.cur) {
+                if demote_blocks && c.failed && c.status.failed_op.as_deref() == Some("demote:0") {
+                    c.role = Role::Promoted;
+                }
                 if ignored(&c) {
                     if c.status.start_failed
                         || matches!(c.status.failed_op.as_deref(), Some("start:0" | "stop:0"))
@@ -786,10 +796,6 @@ impl<'a> Sched<'a> {
         if c.status.stop_failed && !self.cfg.options.stonith_enabled {
             return true;
         }
-        // Otherwise a ban from the failcount still stops it.
-        if self.failed_out(pi, c.node) {
-            return false;
-        }
         let Some((name, interval)) = c
             .status
             .failed_op
@@ -798,11 +804,14 @@ impl<'a> Sched<'a> {
         else {
             return false;
         };
-        self.prims[pi].cfg.ops.iter().any(|o| {
+        let block = self.prims[pi].cfg.ops.iter().any(|o| {
             o.name == name
                 && o.interval.to_string() == interval
                 && o.on_fail == Some(haven_model::OnFail::Block)
-        })
+        });
+        // A demote that failed that way leaves nothing to do; after another failure a
+        // ban from the failcount still stops it.
+        block && (name == "demote" || !self.failed_out(pi, c.node))
     }
 
     fn target_stopped(meta: &Meta) -> bool {
