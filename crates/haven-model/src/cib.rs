@@ -18,7 +18,7 @@ use crate::config::{
     OrderKind, PlacementStrategy, Primitive, ResourceSet, Role, Rule, ValueType,
 };
 use crate::score::{INFINITY, Score};
-use crate::state::{Migration, NodeState, NodeStatus, ResourceStatus, State};
+use crate::state::{DefinitionChange, Migration, NodeState, NodeStatus, ResourceStatus, State};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CibError {
@@ -579,13 +579,6 @@ fn read_constraints(
                 }
             }
             "rsc_colocation" => {
-                if n.attribute("node-attribute").is_some_and(|a| a != "#uname") {
-                    ctx.skip(
-                        n,
-                        "colocation by a node attribute other than #uname is not supported",
-                    );
-                    continue;
-                }
                 if n.attribute("influence").is_some() {
                     ctx.skip(n, "the `influence` attribute is not supported; ignored");
                 }
@@ -600,6 +593,10 @@ fn read_constraints(
                     score,
                     rsc_role: n.attribute("rsc-role").and_then(Role::parse),
                     with_role: n.attribute("with-rsc-role").and_then(Role::parse),
+                    node_attribute: n
+                        .attribute("node-attribute")
+                        .filter(|a| *a != "#uname")
+                        .map(str::to_string),
                     sets: read_sets(ctx, n),
                 });
             }
@@ -613,12 +610,6 @@ fn read_constraints(
                     None if score == Some(Score::ZERO) => OrderKind::Optional,
                     None => OrderKind::Mandatory,
                 };
-                if n.attribute("require-all").is_some() {
-                    ctx.skip(
-                        n,
-                        "`require-all` on a plain order is not supported; ignored",
-                    );
-                }
                 cfg.constraints.order.push(Order {
                     id,
                     first: n.attribute("first").map(str::to_string),
@@ -627,6 +618,7 @@ fn read_constraints(
                     then_action: n.attribute("then-action").and_then(Action::parse),
                     kind,
                     symmetrical: n.attribute("symmetrical").and_then(parse_bool),
+                    require_all: n.attribute("require-all").and_then(parse_bool),
                     sets: read_sets(ctx, n),
                 });
             }
@@ -939,6 +931,8 @@ const INFORMATIONAL_OPTIONS: &[&str] = &[
     "concurrent-fencing",
     "priority-fencing-delay",
     "shutdown-lock",
+    "node-pending-timeout",
+    "shutdown-lock-limit",
 ];
 
 /// One recorded operation.
@@ -955,6 +949,12 @@ struct OpRec {
     last_rc_change: Option<i64>,
     graph: Option<i64>,
     uuid: Option<String>,
+    digest: Option<String>,
+    restart_digest: Option<String>,
+    force_restart: Option<String>,
+    secure_digest: Option<String>,
+    secure_params: Option<String>,
+    feature_set: Option<String>,
 }
 
 fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
@@ -996,6 +996,12 @@ fn read_ops(r: XNode<'_, '_>) -> Vec<OpRec> {
             migrate_target: o.attribute("migrate_target").map(str::to_string),
             last_rc_change: o.attribute("last-rc-change").and_then(|v| v.parse().ok()),
             op,
+            digest: o.attribute("op-digest").map(str::to_string),
+            restart_digest: o.attribute("op-restart-digest").map(str::to_string),
+            force_restart: o.attribute("op-force-restart").map(str::to_string),
+            secure_digest: o.attribute("op-secure-digest").map(str::to_string),
+            secure_params: o.attribute("op-secure-params").map(str::to_string),
+            feature_set: o.attribute("crm_feature_set").map(str::to_string),
         };
         // `*_last_failure_0` repeats an operation listed under the same call id; the
         // entry for a recurring monitor keeps its last success, so the failure wins.
@@ -1070,8 +1076,20 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
             }
             continue;
         }
+        // "Not installed" (by the agent, or the executor) is a hard error here; found by
+        // a probe, it also says the resource is not running here. Invalid parameters
+        // and insufficient privileges are hard errors too.
+        let missing = !ok && (o.rc == 5 || o.status == 7);
+        if missing && probe {
+            st.hard_error = true;
+            st.role = Role::Stopped;
+            continue;
+        }
         if !ok {
             st.failed = true;
+            if missing || matches!(o.rc, 2 | 4) {
+                st.hard_error = true;
+            }
             st.failed_op = Some(format!("{}:{}", o.op, o.interval));
             st.last_failure = o.last_rc_change.or(st.last_failure);
             match o.op.as_str() {
@@ -1127,6 +1145,7 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
                 st.failed = false;
                 st.failed_op = None;
                 st.start_failed = false;
+                st.hard_error = false;
                 st.migration = None;
             }
             "stop" => {
@@ -1178,16 +1197,331 @@ fn replay(ops: &[OpRec], node: &str) -> ResourceStatus {
     st
 }
 
+/// MD5 (RFC 1321) as lowercase hex: Pacemaker records parameter digests with it. Used
+/// to tell whether a running resource's definition changed, never for security.
+fn md5_hex(data: &[u8]) -> String {
+    const S: [u32; 64] = [
+        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
+        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
+        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
+    ];
+    let k: Vec<u32> = (0..64)
+        .map(|i: u32| ((f64::from(i + 1)).sin().abs() * 4_294_967_296.0) as u32)
+        .collect();
+    let mut msg = data.to_vec();
+    let bit_len = (data.len() as u64).wrapping_mul(8);
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&bit_len.to_le_bytes());
+    let (mut a0, mut b0, mut c0, mut d0) = (
+        0x6745_2301u32,
+        0xefcd_ab89u32,
+        0x98ba_dcfeu32,
+        0x1032_5476u32,
+    );
+    for chunk in msg.chunks_exact(64) {
+        let m: Vec<u32> = chunk
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let (mut a, mut b, mut c, mut d) = (a0, b0, c0, d0);
+        for i in 0..64 {
+            let (f, g) = match i / 16 {
+                0 => ((b & c) | (!b & d), i),
+                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
+                2 => (b ^ c ^ d, (3 * i + 5) % 16),
+                _ => (c ^ (b | !d), (7 * i) % 16),
+            };
+            let f = f.wrapping_add(a).wrapping_add(k[i]).wrapping_add(m[g]);
+            a = d;
+            d = c;
+            c = b;
+            b = b.wrapping_add(f.rotate_left(S[i]));
+        }
+        a0 = a0.wrapping_add(a);
+        b0 = b0.wrapping_add(b);
+        c0 = c0.wrapping_add(c);
+        d0 = d0.wrapping_add(d);
+    }
+    [a0, b0, c0, d0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Pacemaker's digest of a parameter set: the MD5 of the parameters written as one
+/// XML element with sorted attributes, in the form its version-1 digests use.
+fn params_digest(params: &BTreeMap<String, String>) -> String {
+    let mut s = String::from(" <parameters");
+    for (k, v) in params {
+        // Names Pacemaker leaves out of every operation digest.
+        if k.starts_with("CRM_meta_")
+            || matches!(
+                k.as_str(),
+                "id" | "crm_feature_set"
+                    | "op-digest"
+                    | "on_node"
+                    | "on_node_uuid"
+                    | "pcmk_external_ip"
+            )
+        {
+            continue;
+        }
+        s.push(' ');
+        s.push_str(k);
+        s.push_str("=\"");
+        for ch in v.chars() {
+            match ch {
+                '&' => s.push_str("&amp;"),
+                '<' => s.push_str("&lt;"),
+                '>' => s.push_str("&gt;"),
+                '"' => s.push_str("&quot;"),
+                '\n' => s.push_str("&#10;"),
+                '\r' => s.push_str("&#13;"),
+                '\t' => s.push_str("&#9;"),
+                c => s.push(c),
+            }
+        }
+        s.push('"');
+    }
+    s.push_str("/>\n");
+    md5_hex(s.as_bytes())
+}
+
+/// The parameters of a primitive as its agent sees them: its own instance attributes,
+/// then those of the group and clone around it (the nearest wins). Blocks with rules
+/// are left out (they are not imported either); `#default` means unset.
+fn agent_params(prim: XNode<'_, '_>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut cur = Some(prim);
+    while let Some(n) = cur {
+        if !matches!(
+            n.tag_name().name(),
+            "primitive" | "group" | "clone" | "master"
+        ) {
+            break;
+        }
+        add_block_params(n, &mut out);
+        cur = n.parent_element();
+    }
+    out
+}
+
+fn add_block_params(n: XNode<'_, '_>, out: &mut BTreeMap<String, String>) {
+    for block in children(n, "instance_attributes") {
+        if child(block, "rule").is_some() {
+            continue;
+        }
+        for nv in children(block, "nvpair") {
+            if let (Some(k), Some(v)) = (nv.attribute("name"), nv.attribute("value"))
+                && v != "#default"
+            {
+                out.entry(k.to_string()).or_insert_with(|| v.to_string());
+            }
+        }
+    }
+}
+
+/// Whether a fence device parameter is one Pacemaker itself interprets (older
+/// controllers left those out of the digests they recorded).
+fn is_fencing_param(name: &str) -> bool {
+    matches!(name, "provides" | "stonith-timeout") || name.starts_with("pcmk_")
+}
+
+fn version_at_least(v: &str, want: &[u64]) -> bool {
+    let have: Vec<u64> = v
+        .split('.')
+        .map(|x| x.trim().parse().unwrap_or(0))
+        .collect();
+    have.as_slice() >= want
+}
+
+/// Has the definition of a resource changed since it was started on this node? The
+/// operations from its last start on recorded digests of the parameters they ran
+/// with; these are compared with the parameters configured now (as Pacemaker does).
+/// A change only to parameters the agent reloads in place (it recorded which force a
+/// restart) is a reload; anything else, or a change while the start is still pending,
+/// is a restart. Digests that leave out secret parameters count when they match, since
+/// CIBs collected for troubleshooting have their secrets masked.
+fn definition_change(ops: &[OpRec], prim: XNode<'_, '_>) -> Option<DefinitionChange> {
+    let ok = |o: &OpRec| o.status == 0 || o.status == -1;
+    let mut start = None;
+    let mut stop = None;
+    for (i, o) in ops.iter().enumerate() {
+        match o.op.as_str() {
+            "start" | "migrate_from" => start = Some(i),
+            "monitor" if o.interval == 0 && matches!(o.rc, 0 | 8) && ok(o) => start = Some(i),
+            "stop" if o.rc == 0 && o.status == 0 => stop = Some(i),
+            _ => {}
+        }
+    }
+    let start = start?;
+    if stop.is_some_and(|s| s > start) {
+        return None;
+    }
+    let start_pending =
+        ops[start].op == "start" && (ops[start].status == -1 || ops[start].call < 0);
+    let base = agent_params(prim);
+    let stonith = prim.attribute("class") == Some("stonith");
+    let mut result: Option<DefinitionChange> = None;
+    for o in &ops[start..] {
+        let checked = matches!(o.op.as_str(), "start" | "promote" | "migrate_from")
+            || o.op == "monitor" && o.interval == 0;
+        if !checked {
+            continue;
+        }
+        // Parameters configured for this very operation join the resource's.
+        let mut op_params = BTreeMap::new();
+        if let Some(opsn) = child(prim, "operations") {
+            for c in children(opsn, "op") {
+                let interval = c.attribute("interval").and_then(parse_seconds).unwrap_or(0);
+                if c.attribute("name") == Some(o.op.as_str()) && interval == o.interval {
+                    add_block_params(c, &mut op_params);
+                }
+            }
+        }
+        let mut all = base.clone();
+        for (k, v) in &op_params {
+            all.insert(k.clone(), v.clone());
+        }
+        let listed = |list: &str, k: &str| list.contains(&format!(" {k} "));
+        let restart_mismatch = o.restart_digest.as_deref().is_some_and(|want| {
+            let kept: BTreeMap<String, String> = all
+                .iter()
+                .filter(|(k, _)| o.force_restart.as_deref().is_none_or(|l| listed(l, k)))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            params_digest(&kept) != want
+        });
+        let verdict = if restart_mismatch {
+            Some(DefinitionChange::Restart)
+        } else {
+            match o.digest.as_deref() {
+                Some(d) if d == params_digest(&all) => None,
+                Some(_) if !op_params.is_empty() => Some(DefinitionChange::Restart),
+                _ if o.restart_digest.is_some() => Some(DefinitionChange::Reload),
+                _ => Some(DefinitionChange::Restart),
+            }
+        };
+        let Some(mut verdict) = verdict else {
+            continue;
+        };
+        if let Some(want) = &o.secure_digest {
+            let secret = o.secure_params.as_deref().unwrap_or("");
+            let old = !version_at_least(o.feature_set.as_deref().unwrap_or("0"), &[3, 16, 0]);
+            let source = if old { &base } else { &all };
+            let shown: BTreeMap<String, String> = source
+                .iter()
+                .filter(|(k, _)| !(listed(secret, k) || old && stonith && is_fencing_param(k)))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if &params_digest(&shown) == want {
+                continue;
+            }
+        }
+        if start_pending {
+            verdict = DefinitionChange::Restart;
+        }
+        if result != Some(DefinitionChange::Restart) {
+            result = Some(verdict);
+        }
+    }
+    result
+}
+
+/// (resource, node, time of an operation's last result).
+type Stamp = (String, String, Option<i64>);
+
+/// What a live migration that did not finish left behind. A failed `migrate_to` may
+/// have left the resource running on the target too, unless the target has stopped it
+/// since. A `migrate_to` that succeeded towards a node that is down now, with nothing
+/// recorded there, failed: the resource needs recovery where it was.
+fn settle_migrations(state: &mut State, stopped_last: &[Stamp], migrations_at: &[Stamp]) {
+    let node_state = |n: &str| state.nodes.get(n).map(|x| x.state);
+    let mut down_targets: Vec<(String, String)> = Vec::new();
+    let mut stopped_targets: Vec<(String, String)> = Vec::new();
+    for (rid, per_node) in &state.resources {
+        for (node, st) in per_node {
+            let Some(m) = &st.migration else { continue };
+            if m.completed || m.source != *node {
+                continue;
+            }
+            let target_known = per_node.contains_key(&m.target);
+            let begun = migrations_at
+                .iter()
+                .find(|(r, n, _)| r == rid && n == node)
+                .and_then(|x| x.2);
+            // Stopped on the target after the migration was attempted (or when unknown).
+            let stopped_since = stopped_last.iter().any(|(r, n, t)| {
+                r == rid && *n == m.target && !matches!((t, begun), (Some(t), Some(b)) if t < &b)
+            });
+            if st.failed && stopped_since {
+                stopped_targets.push((rid.clone(), node.clone()));
+            } else if !st.failed
+                && st.role != Role::Stopped
+                && !target_known
+                && node_state(&m.target) == Some(NodeState::Offline)
+            {
+                down_targets.push((rid.clone(), node.clone()));
+            }
+        }
+    }
+    for (rid, node) in stopped_targets {
+        if let Some(st) = state.resources.get_mut(&rid).and_then(|p| p.get_mut(&node)) {
+            st.migration = None;
+        }
+    }
+    for (rid, node) in down_targets {
+        if let Some(st) = state.resources.get_mut(&rid).and_then(|p| p.get_mut(&node)) {
+            st.failed = true;
+            st.failed_op = Some("migrate_to:0".into());
+            st.migration = None;
+        }
+    }
+}
+
+/// Cluster options that decide how the status section reads.
+#[derive(Clone, Copy)]
+struct StatusOptions {
+    /// A node never seen is unclean until fenced.
+    startup_fencing: bool,
+    /// `node-pending-timeout` in seconds.
+    pending_timeout: Option<u64>,
+    /// With `shutdown-lock`: its limit in seconds (0: none).
+    lock_limit: Option<u64>,
+}
+
 fn read_status(
     ctx: &mut Ctx<'_>,
     status: XNode<'_, '_>,
+    prim_xml: &HashMap<&str, XNode<'_, '_>>,
     cfg: &Config,
     state: &mut State,
-    startup_fencing: bool,
+    opts: &StatusOptions,
 ) {
+    let StatusOptions {
+        startup_fencing,
+        pending_timeout,
+        lock_limit,
+    } = *opts;
     let fencing = cfg.options.stonith_enabled;
+    // (resource, node, when) whose history ends with a successful stop, and of the
+    // last live migration begun there.
+    let mut stopped_last: Vec<Stamp> = Vec::new();
+    let mut migrations_at: Vec<Stamp> = Vec::new();
     for ns in children(status, "node_state") {
-        let Some(uname) = ns.attribute("uname") else {
+        // A node that never finished joining is recorded by id only.
+        let by_id = || {
+            let id = ns.attribute("id")?;
+            cfg.nodes
+                .iter()
+                .find(|n| n.id.as_deref() == Some(id))
+                .map(|n| n.name.as_str())
+        };
+        let Some(uname) = ns.attribute("uname").or_else(by_id) else {
             ctx.skip(ns, "node_state without uname; left out");
             continue;
         };
@@ -1224,10 +1558,26 @@ fn read_status(
             .is_some_and(|v| v != "0" && v != "false")
             || ns.attribute("shutdown").is_some_and(|v| v != "0");
         node.shutdown = shutdown;
+        // Cluster membership recorded as the time it began: a node that has been a
+        // member that long without its controller joining is fenced when the
+        // configured `node-pending-timeout` has passed.
+        let pending_since = ns
+            .attribute("in_ccm")
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|t| *t > 1);
+        let pending_expired = !crmd
+            && matches!(
+                (pending_since, pending_timeout, state.now),
+                (Some(since), Some(t), Some(now)) if t > 0 && since + t as i64 <= now
+            );
         node.state = if in_ccm && crmd && join == "member" {
             NodeState::Online
         } else if in_ccm && crmd {
             NodeState::Pending
+        } else if fencing && pending_expired {
+            node.unclean_reason =
+                Some("peer pending timed out on joining the process group".to_string());
+            NodeState::Unclean
         } else if !fencing
             || !in_ccm && (expected == "down" || join == "down" && !crmd && expected != "member")
             || in_ccm && !crmd && (expected == "down" || shutdown)
@@ -1250,7 +1600,32 @@ fn read_status(
         }
         // Failcounts per resource, summed over operations.
         let mut fails: HashMap<String, (u32, Option<i64>)> = HashMap::new();
+        // Failures of operations configured with `on-fail = ignore` never count.
+        let ignored = |key: &str| {
+            let Some((rsc, op)) = key.split_once('#') else {
+                return false;
+            };
+            let Some((name, ms)) = op.rsplit_once('_') else {
+                return false;
+            };
+            let base = rsc.rsplit_once(':').map_or(rsc, |(b, _)| b);
+            let secs = ms.parse::<u64>().map(|m| m / 1000).ok();
+            cfg.resources.iter().any(|p| {
+                p.id == base
+                    && p.ops.iter().any(|o| {
+                        o.name == name
+                            && Some(o.interval) == secs
+                            && o.on_fail == Some(OnFail::Ignore)
+                    })
+            })
+        };
         for (k, v) in &attrs {
+            if k.strip_prefix("fail-count-")
+                .or_else(|| k.strip_prefix("last-failure-"))
+                .is_some_and(ignored)
+            {
+                continue;
+            }
             if let Some(rest) = k.strip_prefix("fail-count-") {
                 let rsc = rest.split('#').next().unwrap_or(rest).to_string();
                 let n: u32 = v
@@ -1286,6 +1661,46 @@ fn read_status(
                 };
                 let ops = read_ops(r);
                 let mut st = replay(&ops, uname);
+                if let Some(o) = ops
+                    .iter()
+                    .rev()
+                    .find(|o| o.status != 1 && o.op != "notify")
+                    .filter(|o| o.op == "stop" && o.rc == 0 && o.status == 0)
+                {
+                    stopped_last.push((rid.to_string(), uname.to_string(), o.last_rc_change));
+                }
+                if let Some(o) = ops.iter().rev().find(|o| o.op == "migrate_to") {
+                    migrations_at.push((rid.to_string(), uname.to_string(), o.last_rc_change));
+                }
+                let base = rid
+                    .rsplit_once(':')
+                    .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+                    .map_or(rid, |(b, _)| b);
+                if st.role != Role::Stopped
+                    && let Some(p) = prim_xml.get(base)
+                {
+                    st.definition_changed = definition_change(&ops, *p);
+                }
+                // With `shutdown-lock`, what runs on a node shutting down (and what ran
+                // on one that shut down, until the lock expires) stays with it. Fence
+                // devices and clone instances are never locked.
+                if let Some(limit) = lock_limit
+                    && let Some(p) = prim_xml.get(base)
+                    && p.attribute("class") != Some("stonith")
+                    && !p
+                        .ancestors()
+                        .any(|a| matches!(a.tag_name().name(), "clone" | "master"))
+                {
+                    let locked_at = r
+                        .attribute("shutdown-lock")
+                        .and_then(|v| v.parse::<i64>().ok());
+                    st.shutdown_locked = match locked_at {
+                        Some(at) => {
+                            limit == 0 || state.now.is_none_or(|now| at + limit as i64 > now)
+                        }
+                        None => shutdown && st.role != Role::Stopped,
+                    };
+                }
                 st.probed = true;
                 if let Some((n, t)) = fails.remove(rid) {
                     st.failcount = n;
@@ -1311,6 +1726,7 @@ fn read_status(
         }
         state.nodes.insert(uname.to_string(), node);
     }
+    settle_migrations(state, &stopped_last, &migrations_at);
     // A node never seen may be running anything: with startup fencing (the default)
     // it is unclean until fenced; without, it is taken as down.
     for n in &cfg.nodes {
@@ -1326,6 +1742,15 @@ fn read_status(
             }
         });
     }
+}
+
+/// The value of a cluster option (the first set that names it).
+fn crm_option<'a>(conf: XNode<'a, '_>, name: &str) -> Option<&'a str> {
+    let crm = child(conf, "crm_config")?;
+    children(crm, "cluster_property_set")
+        .flat_map(|set| children(set, "nvpair"))
+        .find(|nv| nv.attribute("name") == Some(name))
+        .and_then(|nv| nv.attribute("value"))
 }
 
 /// Import a Pacemaker CIB; `source` names the file in errors.
@@ -1369,7 +1794,34 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
         ..Default::default()
     };
     if let Some(status) = child(root, "status") {
-        read_status(&mut ctx, status, &config, &mut state, startup_fencing);
+        let prim_xml: HashMap<&str, XNode<'_, '_>> = conf
+            .descendants()
+            .filter(|n| n.is_element() && n.tag_name().name() == "primitive")
+            .filter_map(|n| Some((n.attribute("id")?, n)))
+            .collect();
+        let pending_timeout = crm_option(conf, "node-pending-timeout").and_then(parse_seconds);
+        // Some(limit in seconds, 0 = none) when resources are locked to nodes that shut
+        // down cleanly.
+        let lock_limit = crm_option(conf, "shutdown-lock")
+            .and_then(parse_bool)
+            .filter(|on| *on)
+            .map(|_| {
+                crm_option(conf, "shutdown-lock-limit")
+                    .and_then(parse_seconds)
+                    .unwrap_or(0)
+            });
+        read_status(
+            &mut ctx,
+            status,
+            &prim_xml,
+            &config,
+            &mut state,
+            &StatusOptions {
+                startup_fencing,
+                pending_timeout,
+                lock_limit,
+            },
+        );
     }
     // Rules may test `#is_dc`; the DC is named by its node id.
     for n in &config.nodes {
@@ -1393,4 +1845,76 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
         state,
         unsupported: ctx.unsupported,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn md5_matches_the_rfc_vectors() {
+        assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
+        let long =
+            b"12345678901234567890123456789012345678901234567890123456789012345678901234567890";
+        assert_eq!(md5_hex(long), "57edf4a22be3c955ac49da2e2107b67a");
+    }
+
+    #[test]
+    fn parameter_digests_are_pacemakers() {
+        // Recorded by Pacemaker for a resource without parameters, and for a fence
+        // device with four (the order of the attributes does not matter).
+        assert_eq!(
+            params_digest(&BTreeMap::new()),
+            "f2317cad3d54cec5d7d7aa7d0bf35cf8"
+        );
+        let p: BTreeMap<String, String> = [
+            ("pcmk_host_list", "fc16-builder,fc16-builder2,fc16-builder3"),
+            ("pcmk_host_check", "static-list"),
+            ("debug", "1"),
+            ("action", "reboot"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(params_digest(&p), "7e3dbcf6815893c8d95c1b9fa1fd82ae");
+    }
+
+    fn cib(params: &str, digest: &str, extra: &str) -> String {
+        format!(
+            r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy">
+<instance_attributes id="ia">{params}</instance_attributes></primitive></resources>
+<constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="true" crmd="online" join="member" expected="member">
+<lrm id="1"><lrm_resources><lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_last_0" operation="start" call-id="3" rc-code="0" op-status="0" interval="0"
+ op-digest="{digest}" {extra}/>
+</lrm_resource></lrm_resources></lrm></node_state></status></cib>"#
+        )
+    }
+
+    fn changed(xml: &str) -> Option<DefinitionChange> {
+        let imp = import("t.xml", xml).expect("imports");
+        imp.state.resources["r"]["n1"].definition_changed
+    }
+
+    #[test]
+    fn a_changed_parameter_restarts_or_reloads() {
+        let one = r#"<nvpair id="a" name="fake" value="1"/>"#;
+        let two = r#"<nvpair id="a" name="fake" value="2"/>"#;
+        let mut p = BTreeMap::new();
+        p.insert("fake".to_string(), "1".to_string());
+        let d = params_digest(&p);
+        assert_eq!(changed(&cib(one, &d, "")), None);
+        assert_eq!(changed(&cib(two, &d, "")), Some(DefinitionChange::Restart));
+        // The agent listed `state` as the only parameter needing a restart: `fake`
+        // is reloaded in place.
+        let restart = params_digest(&BTreeMap::new());
+        let reloadable = format!(r#"op-force-restart=" state " op-restart-digest="{restart}""#);
+        assert_eq!(
+            changed(&cib(two, &d, &reloadable)),
+            Some(DefinitionChange::Reload)
+        );
+    }
 }

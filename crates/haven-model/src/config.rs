@@ -498,6 +498,10 @@ pub struct Colocation {
     pub rsc_role: Option<Role>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub with_role: Option<Role>,
+    /// Colocate on nodes with the same value of this node attribute, rather than on
+    /// the same node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_attribute: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<ResourceSet>,
 }
@@ -529,6 +533,10 @@ pub struct Order {
     /// Defaults to true for Mandatory and Optional, false for Serialize.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetrical: Option<bool>,
+    /// With `false`, one running instance of a `first` clone is enough for `then`
+    /// (unset: all of them, per node when interleaved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_all: Option<bool>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<ResourceSet>,
 }

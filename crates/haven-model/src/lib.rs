@@ -27,4 +27,6 @@ pub use config::{
     ResourceSet, Role, Rule, ValueType,
 };
 pub use score::{INFINITY, Score, ScoreError};
-pub use state::{Migration, NodeState, NodeStatus, ResourceStatus, State, StateError};
+pub use state::{
+    DefinitionChange, Migration, NodeState, NodeStatus, ResourceStatus, State, StateError,
+};

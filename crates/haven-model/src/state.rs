@@ -85,6 +85,16 @@ pub struct Migration {
     pub completed: bool,
 }
 
+/// The resource's definition changed since it was started on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefinitionChange {
+    /// Only parameters the agent can apply in place changed.
+    Reload,
+    /// The running instance must be stopped and started again to pick the change up.
+    Restart,
+}
+
 /// One resource (or clone instance) on one node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +122,17 @@ pub struct ResourceStatus {
     /// The agent's operations here are known (a probe ran). False: it may be running.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub probed: bool,
+    /// The agent reported a hard error here (not installed, insufficient privileges,
+    /// invalid parameters): the resource is banned from this node.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub hard_error: bool,
+    /// Held for this node, which is shutting down or shut down cleanly (Pacemaker's
+    /// `shutdown-lock`): it may run nowhere else until the node is back.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shutdown_locked: bool,
+    /// Its parameters changed since it started here (it stays where it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition_changed: Option<DefinitionChange>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -130,6 +151,9 @@ impl Default for ResourceStatus {
             last_failure: None,
             migration: None,
             probed: true,
+            hard_error: false,
+            shutdown_locked: false,
+            definition_changed: None,
         }
     }
 }

@@ -12,16 +12,20 @@
 //!   on its current node, bans from failcounts past `migration-threshold`, and the
 //!   preferences of resources colocated with it (scaled by the colocation score);
 //! - resources are placed one at a time (higher `priority` first); a resource is placed
-//!   after the resources it is colocated with, on its best node (only -INFINITY bans a
-//!   node; a negative score only discourages it); ties go to the less loaded node,
-//!   then the current node, then the node name;
+//!   after the resources it is colocated with, on its best node (a node its own
+//!   preferences — locations, health, stickiness — score below zero is out; a negative
+//!   colocation only discourages); ties go to the less loaded node, then the current
+//!   node, then the node name;
 //! - groups are placed as one unit (members follow the first, in order); clones place
 //!   instances (current ones stay where allowed, new ones spread), promotable clones
 //!   promote the instances with the best promotion scores;
 //! - mandatory orders block starts behind something that cannot run, stop what runs
 //!   behind it (symmetrical orders), and restart what depends on something that
 //!   restarts (per node for clones); live migration replaces stop/start when allowed;
-//! - unclean nodes are fenced before anything starts (fencing needs quorum); without
+//! - what runs with a changed definition restarts (or reloads) in place; the CIB import
+//!   finds such changes from Pacemaker's parameter digests;
+//! - unclean nodes are fenced before anything starts (fencing needs quorum); what runs
+//!   on one that cannot be fenced stays put (its stop is blocked); without
 //!   quorum, `no-quorum-policy` stops, freezes or demotes; `on-fail = block` and
 //!   unmanaged resources are left alone.
 //!

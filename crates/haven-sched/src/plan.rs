@@ -16,6 +16,9 @@ pub enum ChangeKind {
     Restart,
     Promote,
     Demote,
+    /// The agent applies changed parameters in place (carried out as a restart by a
+    /// coordinator whose agents cannot reload).
+    Reload,
 }
 
 impl ChangeKind {
@@ -29,6 +32,7 @@ impl ChangeKind {
             ChangeKind::Restart => "Restart",
             ChangeKind::Promote => "Promote",
             ChangeKind::Demote => "Demote",
+            ChangeKind::Reload => "Reload",
         }
     }
 }
@@ -178,9 +182,11 @@ impl Change {
         if let Some(r) = &self.reason {
             s.push_str("  due to ");
             s.push_str(r);
-        }
-        if self.blocked {
-            s.push_str(" (blocked)");
+            if self.blocked {
+                s.push_str(" (blocked)");
+            }
+        } else if self.blocked {
+            s.push_str("  blocked");
         }
         s
     }

@@ -3,17 +3,24 @@
 use std::collections::{BTreeMap, HashMap};
 
 use haven_model::{
-    Action as OrderAction, BoolOp, Config, ExprOp, Location, Meta, MultipleActive, NoQuorumPolicy,
-    NodeState, OrderKind, PlacementStrategy, Primitive, ResourceStatus, Role, Rule, Score, State,
-    ValueType,
+    Action as OrderAction, BoolOp, Config, DefinitionChange, ExprOp, Location, Meta,
+    MultipleActive, NoQuorumPolicy, NodeState, OrderKind, PlacementStrategy, Primitive,
+    ResourceStatus, Role, Rule, Score, State, ValueType,
 };
 
 use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
 
 const NEG: Score = Score::NEG_INFINITY;
 
-/// (dependent, primary, score, dependent role, primary role)
-type ColocPair<'a> = (&'a str, &'a str, Score, Option<Role>, Option<Role>);
+/// (dependent, primary, score, dependent role, primary role, node attribute)
+type ColocPair<'a> = (
+    &'a str,
+    &'a str,
+    Score,
+    Option<Role>,
+    Option<Role>,
+    Option<&'a str>,
+);
 /// Where a member is now: node, role, failed.
 type Had = Option<(usize, Role, bool)>;
 /// Where a member will be: node, role.
@@ -26,6 +33,8 @@ struct NodeInfo<'a> {
     /// Its resource history counts (it is up, or may still be running things).
     counts: bool,
     fence: Option<String>,
+    /// Lost without a clean exit: what it ran may still run there.
+    unclean: bool,
     attrs: HashMap<String, String>,
     capacity: Option<BTreeMap<String, i64>>,
     /// Node health as a score every resource gets there.
@@ -47,6 +56,11 @@ struct Prim<'a> {
     cur: Vec<Cur<'a>>,
     /// node → (failcount, last failure)
     fails: HashMap<usize, (u32, Option<i64>)>,
+    /// The node it is locked to while that node is shut down.
+    locked_to: Option<usize>,
+    /// The source's copy after a live migration that completed on the target: it only
+    /// needs its stop.
+    dangling: Vec<Cur<'a>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -93,12 +107,14 @@ struct Inst {
     blocked: bool,
 }
 
-struct Coloc {
+struct Coloc<'a> {
     dep: usize,
     primary: usize,
     score: Score,
     dep_role: Option<Role>,
     primary_role: Option<Role>,
+    /// Same value of this node attribute instead of the same node.
+    attr: Option<&'a str>,
 }
 
 struct Ord {
@@ -108,6 +124,8 @@ struct Ord {
     then_action: OrderAction,
     mandatory: bool,
     symmetrical: bool,
+    /// Every instance of a first clone counts (else one is enough).
+    require_all: bool,
 }
 
 struct Sched<'a> {
@@ -119,7 +137,7 @@ struct Sched<'a> {
     units: Vec<Unit<'a>>,
     unit_of: HashMap<&'a str, usize>,
     locs: HashMap<&'a str, Vec<&'a Location>>,
-    colocs: Vec<Coloc>,
+    colocs: Vec<Coloc<'a>>,
     /// unit → colocation indices where it is the dependent / the primary
     dep_of: Vec<Vec<usize>>,
     prim_of: Vec<Vec<usize>>,
@@ -262,6 +280,7 @@ impl<'a> Sched<'a> {
                     NodeState::Online | NodeState::Unclean | NodeState::Pending
                 ),
                 fence,
+                unclean,
                 attrs,
                 capacity: (opts.placement_strategy != PlacementStrategy::Default).then(|| {
                     let mut c = n.utilization.clone();
@@ -395,6 +414,8 @@ impl<'a> Sched<'a> {
 
                     cur: Vec::new(),
                     fails: HashMap::new(),
+                    locked_to: None,
+                    dangling: Vec::new(),
                 });
                 prims.push(slot);
                 ids.push(mid);
@@ -458,10 +479,13 @@ impl<'a> Sched<'a> {
                 if let Some(pi) = base
                     && (status.failcount > 0
                         || status.last_failure.is_some()
-                        || status.start_failed)
+                        || status.start_failed
+                        || status.hard_error)
                 {
-                    // A failed start is fatal on that node unless configured otherwise.
-                    let fatal = status.start_failed && self.cfg.options.start_failure_is_fatal;
+                    // A failed start is fatal on that node unless configured otherwise;
+                    // an agent that is not installed there always is.
+                    let fatal = status.start_failed && self.cfg.options.start_failure_is_fatal
+                        || status.hard_error;
                     let count = if fatal {
                         haven_model::INFINITY as u32
                     } else {
@@ -470,6 +494,11 @@ impl<'a> Sched<'a> {
                     let e = self.prims[pi].fails.entry(ni).or_default();
                     e.0 = e.0.saturating_add(count);
                     e.1 = e.1.max(status.last_failure);
+                }
+                if let Some(pi) = base
+                    && status.shutdown_locked
+                {
+                    self.prims[pi].locked_to = Some(ni);
                 }
                 if !self.nodes[ni].counts || status.role == Role::Stopped {
                     continue;
@@ -509,14 +538,32 @@ impl<'a> Sched<'a> {
                 }
             }
             p.cur.extend(extra);
+            // A migration that completed on its target leaves the source's copy to stop.
+            let sources: Vec<usize> = p
+                .cur
+                .iter()
+                .filter_map(|c| {
+                    let m = c.status.migration.as_ref().filter(|m| m.completed)?;
+                    (nodes[c.node].name == m.target)
+                        .then(|| node_ix.get(m.source.as_str()).copied())
+                        .flatten()
+                })
+                .collect();
+            let (gone, kept): (Vec<Cur<'a>>, Vec<Cur<'a>>) = std::mem::take(&mut p.cur)
+                .into_iter()
+                .partition(|c| sources.contains(&c.node) && !c.failed);
+            p.cur = kept;
+            p.dangling = gone;
         }
         let now = self.st.now;
         for p in &mut self.prims {
             p.cur.sort_by_key(|c| c.node);
             // Failures of operations with `on-fail = ignore` do not count; a start or
             // stop that failed that way leaves the resource taken as stopped.
+            // A hard error (not installed) is never ignored.
             let ignored = |c: &Cur<'_>| {
                 c.failed
+                    && !c.status.hard_error
                     && c.status
                         .failed_op
                         .as_deref()
@@ -529,8 +576,18 @@ impl<'a> Sched<'a> {
                             })
                         })
             };
+            // A demote that failed with `on-fail = block` leaves it promoted, and there
+            // it stays (the import reads any other failed demote as unpromoted).
+            let demote_blocks = p.cfg.ops.iter().any(|o| {
+                o.name == "demote"
+                    && o.interval == 0
+                    && o.on_fail == Some(haven_model::OnFail::Block)
+            });
             let mut kept = Vec::new();
             for mut c in std::mem::take(&mut p.cur) {
+                if demote_blocks && c.failed && c.status.failed_op.as_deref() == Some("demote:0") {
+                    c.role = Role::Promoted;
+                }
                 if ignored(&c) {
                     if c.status.start_failed
                         || matches!(c.status.failed_op.as_deref(), Some("start:0" | "stop:0"))
@@ -589,27 +646,35 @@ impl<'a> Sched<'a> {
         }
         let mut pairs: Vec<ColocPair<'_>> = Vec::new();
         for c in &cfg.constraints.colocation {
+            let attr = c.node_attribute.as_deref();
             if let (Some(a), Some(b)) = (&c.rsc, &c.with) {
-                pairs.push((a, b, c.score, c.rsc_role, c.with_role));
+                pairs.push((a, b, c.score, c.rsc_role, c.with_role, attr));
             }
-            // Within a set each member goes with the one before it; a later set goes
-            // with the last member of the set before it.
-            let mut prev_last: Option<(&str, Option<Role>)> = None;
+            // Within a set each member goes with the one before it; every member of a
+            // set goes with the set after it: with its first member (which the rest of
+            // that set follows), or with each member when that set is not sequential.
             for set in &c.sets {
                 if set.sequential {
                     for w in set.resources.windows(2) {
-                        pairs.push((&w[1], &w[0], c.score, set.role, set.role));
+                        pairs.push((&w[1], &w[0], c.score, set.role, set.role, attr));
                     }
                 }
-                if let Some((p, pr)) = prev_last {
-                    for r in &set.resources {
-                        pairs.push((r, p, c.score, set.role, pr));
+            }
+            for w in c.sets.windows(2) {
+                let (this, next) = (&w[0], &w[1]);
+                let primaries: Vec<&String> = if next.sequential {
+                    next.resources.first().into_iter().collect()
+                } else {
+                    next.resources.iter().collect()
+                };
+                for r in &this.resources {
+                    for p in &primaries {
+                        pairs.push((r, p, c.score, this.role, next.role, attr));
                     }
                 }
-                prev_last = set.resources.last().map(|r| (r.as_str(), set.role));
             }
         }
-        for (a, b, score, ar, br) in pairs {
+        for (a, b, score, ar, br, attr) in pairs {
             let (Some(&du), Some(&pu)) = (self.unit_of.get(a), self.unit_of.get(b)) else {
                 continue;
             };
@@ -623,6 +688,7 @@ impl<'a> Sched<'a> {
                 score,
                 dep_role: ar,
                 primary_role: br,
+                attr,
             });
             self.dep_of[du].push(ix);
             self.prim_of[pu].push(ix);
@@ -677,6 +743,7 @@ impl<'a> Sched<'a> {
                     then_action: ta,
                     mandatory,
                     symmetrical,
+                    require_all: o.require_all.unwrap_or(true),
                 });
             }
         }
@@ -692,7 +759,13 @@ impl<'a> Sched<'a> {
     /// How a resource that may run once, found active on several nodes, is handled.
     fn multi(&self, pi: usize) -> Option<MultipleActive> {
         let p = &self.prims[pi];
-        (p.cur.len() > 1 && self.units[self.unit_of_prim(pi)].kind != Kind::Clone)
+        // A copy on a node being fenced dies with it.
+        let copies = p
+            .cur
+            .iter()
+            .filter(|c| self.nodes[c.node].fence.is_none())
+            .count();
+        (copies > 1 && self.units[self.unit_of_prim(pi)].kind != Kind::Clone)
             .then(|| p.meta.multiple_active.unwrap_or(MultipleActive::StopStart))
     }
 
@@ -716,10 +789,10 @@ impl<'a> Sched<'a> {
     /// A failure the cluster must leave alone: the failed operation says `on-fail =
     /// block`, or a stop failed and there is no fencing to make the node safe.
     fn blocked_failure(&self, pi: usize, c: &Cur<'_>) -> bool {
-        // Fencing, or a ban from the failcount, still stops it.
-        if !c.failed || self.nodes[c.node].fence.is_some() || self.failed_out(pi, c.node) {
+        if !c.failed || self.nodes[c.node].fence.is_some() {
             return false;
         }
+        // A stop that failed, with no fencing to make the node safe, can only wait.
         if c.status.stop_failed && !self.cfg.options.stonith_enabled {
             return true;
         }
@@ -731,11 +804,14 @@ impl<'a> Sched<'a> {
         else {
             return false;
         };
-        self.prims[pi].cfg.ops.iter().any(|o| {
+        let block = self.prims[pi].cfg.ops.iter().any(|o| {
             o.name == name
                 && o.interval.to_string() == interval
                 && o.on_fail == Some(haven_model::OnFail::Block)
-        })
+        });
+        // A demote that failed that way leaves nothing to do; after another failure a
+        // ban from the failcount still stops it.
+        block && (name == "demote" || !self.failed_out(pi, c.node))
     }
 
     fn target_stopped(meta: &Meta) -> bool {
@@ -843,6 +919,9 @@ impl<'a> Sched<'a> {
                     if m < banned && self.failed_out(pi, n) {
                         w = NEG;
                     }
+                    if self.prims[pi].locked_to.is_some_and(|l| l != n) {
+                        w = NEG;
+                    }
                 }
                 w
             })
@@ -886,6 +965,7 @@ impl<'a> Sched<'a> {
             let Some(on) = self.nodes_of(c.primary, c.primary_role) else {
                 continue;
             };
+            let on = self.same_attr_nodes(on, c.attr);
             if c.score.is_pos_inf() {
                 for (n, x) in w.iter_mut().enumerate() {
                     if !on.contains(&n) {
@@ -908,6 +988,56 @@ impl<'a> Sched<'a> {
             for c in &self.prims[pi].cur {
                 if self.units[d].kind != Kind::Clone {
                     w[c.node] += self.stickiness(pi);
+                }
+            }
+        }
+        w
+    }
+
+    /// A clone's score per node for its instances: its locations and colocations, and
+    /// the pull of what must run with it (and what must run with that) toward the
+    /// nodes those prefer.
+    fn clone_weights(&self, u: usize) -> Vec<Score> {
+        let mut w = self.base_weights(u);
+        self.apply_colocations(u, &mut w);
+        for &ci in &self.prim_of[u] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || c.score <= Score::ZERO
+                || matches!(c.primary_role, Some(Role::Promoted | Role::Unpromoted))
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            let prefs = self.chain_prefs(c.dep, 0);
+            for (n, p) in prefs.iter().enumerate() {
+                if *p > Score::ZERO && !p.is_pos_inf() && !w[n].is_neg_inf() {
+                    w[n] += p.scale(c.score);
+                }
+            }
+        }
+        w
+    }
+
+    /// Unit `d`'s own preferences plus the positive ones of the unplaced resources that
+    /// must run with it, transitively (a few levels deep).
+    fn chain_prefs(&self, d: usize, depth: u32) -> Vec<Score> {
+        let mut w = self.own_prefs(d);
+        if depth > 4 {
+            return w;
+        }
+        for &ci in &self.prim_of[d] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || c.score <= Score::ZERO
+                || matches!(c.primary_role, Some(Role::Promoted | Role::Unpromoted))
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            for (n, p) in self.chain_prefs(c.dep, depth + 1).iter().enumerate() {
+                if *p > Score::ZERO && !p.is_pos_inf() && !w[n].is_neg_inf() {
+                    w[n] += p.scale(c.score);
                 }
             }
         }
@@ -940,7 +1070,49 @@ impl<'a> Sched<'a> {
                     w[n] += s.scale(c.score);
                 }
             }
+            // What must run with it rules out the nodes it can never run on, unless
+            // that would leave no node at all (then that dependent is given up).
+            if c.score.is_pos_inf() {
+                let before = w.to_vec();
+                let usable: Vec<usize> = (0..prefs.len())
+                    .filter(|&m| !prefs[m].is_neg_inf() && self.nodes[m].can_run)
+                    .collect();
+                let usable = self.same_attr_nodes(usable, c.attr);
+                for (n, s) in prefs.iter().enumerate() {
+                    let ruled_out = match c.attr {
+                        None => s.is_neg_inf(),
+                        Some(_) => !usable.contains(&n),
+                    };
+                    if ruled_out {
+                        w[n] = NEG;
+                    }
+                }
+                let any = (0..w.len()).any(|n| self.nodes[n].can_run && !w[n].is_neg_inf());
+                if !any {
+                    w.copy_from_slice(&before);
+                }
+            }
         }
+    }
+
+    /// With a node attribute, every node sharing a value of it with one of `on`
+    /// (nodes without the attribute match nothing); without, `on` itself.
+    fn same_attr_nodes(&self, on: Vec<usize>, attr: Option<&str>) -> Vec<usize> {
+        let Some(a) = attr else {
+            return on;
+        };
+        let values: Vec<&String> = on
+            .iter()
+            .filter_map(|&n| self.nodes[n].attrs.get(a))
+            .collect();
+        (0..self.nodes.len())
+            .filter(|&m| {
+                self.nodes[m]
+                    .attrs
+                    .get(a)
+                    .is_some_and(|v| values.contains(&v))
+            })
+            .collect()
     }
 
     fn fits(&self, n: usize, need: &BTreeMap<String, i64>) -> bool {
@@ -1209,8 +1381,16 @@ impl<'a> Sched<'a> {
                 w[c.node] += self.stickiness(pi);
             }
         }
+        // A node its own preferences (location, health, stickiness) score below zero
+        // is not one it may be placed on; colocations only rank the others.
+        let own = w.clone();
         self.apply_dependents(u, &mut w);
         self.apply_colocations(u, &mut w);
+        for (x, o) in w.iter_mut().zip(&own) {
+            if *o < Score::ZERO {
+                *x = NEG;
+            }
+        }
         self.record_scores(u, &w);
         let stopped = Self::target_stopped(&self.units[u].meta)
             || Self::target_stopped(&self.prims[first].meta)
@@ -1223,7 +1403,8 @@ impl<'a> Sched<'a> {
         let mut need = own_need.clone();
         let mut seen = vec![u];
         self.add_dependent_util(u, &mut need, &mut seen);
-        let node = if stopped {
+        let stuck = cur.is_some_and(|n| self.stuck_node(n)) && self.cfg.options.stonith_enabled;
+        let node = if stopped || stuck {
             None
         } else {
             self.choose(&w, cur, &need, &[])
@@ -1263,6 +1444,12 @@ impl<'a> Sched<'a> {
             restart: false,
             blocked: false,
         }]
+    }
+
+    /// A node that is lost and cannot be fenced now (no quorum, or fencing is off):
+    /// what runs there can neither be stopped nor safely started elsewhere.
+    fn stuck_node(&self, n: usize) -> bool {
+        self.nodes[n].unclean && self.nodes[n].fence.is_none()
     }
 
     fn node_maintenance(&self, n: usize) -> bool {
@@ -1319,13 +1506,12 @@ impl<'a> Sched<'a> {
             }
         }
         let unmanaged = self.units[u].prims.iter().any(|&pi| !self.managed(pi));
-        let stopped = Self::target_stopped(&self.units[u].meta)
-            || self.units[u]
-                .prims
-                .first()
-                .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
-        let mut w = self.base_weights(u);
-        self.apply_colocations(u, &mut w);
+        // The child's own target role, if set, overrides the clone's (which it inherits).
+        let stopped = self.units[u]
+            .prims
+            .first()
+            .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
+        let w = self.clone_weights(u);
         self.record_scores(u, &w);
         let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
         let mut per_node = vec![0usize; n_nodes];
@@ -1453,6 +1639,17 @@ impl<'a> Sched<'a> {
         for &pi in &self.units[u].prims {
             let id = &self.prims[pi].cfg.id;
             let mut names = vec![format!("master-{id}"), format!("promotion-{id}")];
+            // An anonymous copy's score may be kept under the number it had when it
+            // was recorded here, which need not be the instance number it gets now.
+            let unique = self.units[u].clone.as_ref().is_some_and(|c| c.unique);
+            if !unique {
+                for c in self.prims[pi].cur.iter().filter(|c| c.node == n) {
+                    if let Some((_, k)) = c.key.rsplit_once(':') {
+                        names.insert(0, format!("master-{id}:{k}"));
+                        names.insert(1, format!("promotion-{id}:{k}"));
+                    }
+                }
+            }
             if let Some(k) = num {
                 names.insert(0, format!("master-{id}:{k}"));
                 names.insert(1, format!("promotion-{id}:{k}"));
@@ -1493,7 +1690,7 @@ impl<'a> Sched<'a> {
         {
             return;
         }
-        let mut cands: Vec<(Score, bool, usize, usize)> = Vec::new();
+        let mut cands: Vec<(Score, bool, bool, usize, usize)> = Vec::new();
         for (i, inst) in insts.iter().enumerate() {
             let Some(n) = inst.node else { continue };
             if inst.member_ok.iter().any(|ok| !ok) {
@@ -1505,6 +1702,9 @@ impl<'a> Sched<'a> {
             if let Some(l) = loc {
                 s += l;
             }
+            // A promoted role that must be with something running here makes this
+            // instance a candidate.
+            let mut drawn = false;
             for &ci in &self.dep_of[u] {
                 let c = &self.colocs[ci];
                 if c.dep_role != Some(Role::Promoted) {
@@ -1513,9 +1713,12 @@ impl<'a> Sched<'a> {
                 let Some(on) = self.nodes_of(c.primary, c.primary_role) else {
                     continue;
                 };
+                let on = self.same_attr_nodes(on, c.attr);
                 if c.score.is_pos_inf() {
                     if !on.contains(&n) {
                         s = NEG;
+                    } else {
+                        drawn = true;
                     }
                 } else if on.contains(&n) {
                     s += c.score;
@@ -1542,18 +1745,31 @@ impl<'a> Sched<'a> {
                 s += prefs[n].scale(c.score);
             }
             let was = self.currently_promoted(u, n);
+            // Of equal candidates, one being recovered here comes last.
+            let failed_here = (0..self.units[u].prims.len()).any(|m| {
+                self.inst_member_cur(u, inst, m)
+                    .is_some_and(|c| c.failed && c.node == n)
+            });
             // Only a promotion score or a promoted-role location makes an instance a
             // candidate; colocations merely rank the candidates.
-            let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO);
+            let has_pref = attr.is_some() || loc.is_some_and(|l| l > Score::ZERO) || drawn;
             if s < Score::ZERO || !has_pref {
                 continue;
             }
-            cands.push((s, was, n, i));
+            cands.push((s, was, failed_here, n, i));
         }
-        cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+        // Then the node the clone itself (with what must run with it) prefers.
+        let pull = self.clone_weights(u);
+        cands.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(b.1.cmp(&a.1))
+                .then(a.2.cmp(&b.2))
+                .then(pull[b.3].cmp(&pull[a.3]))
+                .then(a.3.cmp(&b.3))
+        });
         let mut per_node: HashMap<usize, usize> = HashMap::new();
         let mut count = 0;
-        for (_, _, n, i) in cands {
+        for (_, _, _, n, i) in cands {
             if count >= pmax {
                 break;
             }
@@ -1600,20 +1816,53 @@ impl<'a> Sched<'a> {
                         == Some(k)
             })
         } else {
-            p.cur.iter().find(|c| c.node == n)
+            // Several anonymous copies on one node: the one recorded under this
+            // instance's number, if any.
+            let number_of = |c: &Cur<'_>| {
+                c.key
+                    .rsplit_once(':')
+                    .and_then(|(_, x)| x.parse::<u32>().ok())
+            };
+            let here = || p.cur.iter().filter(|c| c.node == n);
+            if here().count() > 1
+                && let Some(c) = here().find(|c| number.is_some() && number_of(c) == number)
+            {
+                return Some(c);
+            }
+            here().next()
         }
+    }
+
+    /// The current copy of member `m` of an instance.
+    fn inst_member_cur(&self, u: usize, inst: &Inst, m: usize) -> Option<&Cur<'a>> {
+        let pi = self.units[u].prims[m];
+        let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
+        if self.units[u].kind == Kind::Clone {
+            self.member_cur(pi, inst.cur_node, inst.number, unique)
+        } else {
+            self.primary_cur(pi, inst.node)
+        }
+    }
+
+    /// A change of definition that applies to member `m` staying on its node.
+    fn definition_change(&self, u: usize, inst: &Inst, m: usize) -> Option<DefinitionChange> {
+        let c = self.inst_member_cur(u, inst, m)?;
+        if inst.node != Some(c.node) || !self.nodes[c.node].can_run {
+            return None;
+        }
+        c.status.definition_changed
+    }
+
+    /// Must member `m` restart where it is because its definition changed?
+    fn must_restart(&self, u: usize, inst: &Inst, m: usize) -> bool {
+        self.definition_change(u, inst, m) == Some(DefinitionChange::Restart)
     }
 
     /// Per instance member: (had, will) — where it is and will be, with roles.
     fn member_transition(&self, u: usize, inst: &Inst, m: usize) -> (Had, Will) {
         let pi = self.units[u].prims[m];
-        let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
         let promotable = self.promotable(u);
-        let cur = if self.units[u].kind == Kind::Clone {
-            self.member_cur(pi, inst.cur_node, inst.number, unique)
-        } else {
-            self.primary_cur(pi, inst.node)
-        };
+        let cur = self.inst_member_cur(u, inst, m);
         let had = cur.map(|c| {
             let role = match c.role {
                 Role::Started if promotable => Role::Unpromoted,
@@ -1716,7 +1965,7 @@ impl<'a> Sched<'a> {
                 if !mandatory {
                     continue;
                 }
-                let runnable = self.unit_runnable(first, fa);
+                let runnable = self.unit_runnable(first, fa, self.orders[oi].require_all);
                 if !runnable && matches!(ta, OrderAction::Start | OrderAction::Promote) {
                     let symmetrical = self.orders[oi].symmetrical;
                     let mut failed_here = vec![false; self.nodes.len()];
@@ -1760,22 +2009,63 @@ impl<'a> Sched<'a> {
                 let symmetrical = self.orders[oi].symmetrical;
                 let then_clone = self.units[then].kind == Kind::Clone;
                 let first_clone = self.units[first].kind == Kind::Clone;
+                // With require-all=false the clone that follows depends on the first as
+                // a whole, never per node.
                 let interleaved = then_clone
                     && self.units[first].kind == Kind::Clone
+                    && self.orders[oi].require_all
                     && self.units[then]
                         .clone
                         .as_ref()
                         .is_some_and(|c| c.interleave);
+                // An interleaved instance needs the first's instance on its own node:
+                // without one there, it does not run.
+                // (With clone-min, the first's instances count together instead.)
+                if interleaved
+                    && self.units[first].clone.as_ref().is_some_and(|c| c.min <= 1)
+                    && fa == OrderAction::Start
+                    && ta == OrderAction::Start
+                {
+                    let partners: Vec<usize> = self.placed[first]
+                        .as_ref()
+                        .map(|v| {
+                            v.iter()
+                                .filter(|i| !i.blocked && i.member_ok.iter().all(|x| *x))
+                                .filter_map(|i| i.node)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let unmanaged = self.units[then].prims.iter().any(|&pi| !self.managed(pi));
+                    if let Some(insts) = self.placed[then].as_mut()
+                        && !unmanaged
+                    {
+                        for i in insts.iter_mut() {
+                            if i.node.is_some_and(|n| !partners.contains(&n)) {
+                                i.node = None;
+                                changed = true;
+                            }
+                        }
+                    }
+                }
                 // A clone that must follow restarts nothing when the first changes: only
                 // its collective start waits. Interleaved clones follow per node.
-                if then_clone && !interleaved {
+                if then_clone && !interleaved && first_clone {
                     continue;
                 }
-                let triggered = |s: &Sched<'_>, node: Option<usize>| {
-                    let (starts, stops) = s.unit_activity(first, node);
-                    fa == OrderAction::Start && (starts || symmetrical && stops)
+                let triggered = |s: &Sched<'_>, node: Option<usize>| match fa {
+                    OrderAction::Start => {
+                        let (starts, stops) = s.unit_activity(first, node);
+                        starts || symmetrical && stops
+                    }
+                    OrderAction::Promote => {
+                        let (promotes, demotes) = s.unit_role_activity(first, node);
+                        promotes || symmetrical && demotes
+                    }
+                    // What must stop after the first stops stops too (and starts again).
+                    OrderAction::Stop if ta == OrderAction::Stop => s.unit_activity(first, node).1,
+                    _ => false,
                 };
-                if ta == OrderAction::Start {
+                if matches!(ta, OrderAction::Start | OrderAction::Stop) {
                     let any = triggered(self, None);
                     let staying: Vec<usize> =
                         (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
@@ -1830,7 +2120,7 @@ impl<'a> Sched<'a> {
     }
 
     /// Will `u` have an instance able to do `action` after the transition?
-    fn unit_runnable(&self, u: usize, action: OrderAction) -> bool {
+    fn unit_runnable(&self, u: usize, action: OrderAction, require_all: bool) -> bool {
         let Some(insts) = self.placed[u].as_ref() else {
             return true;
         };
@@ -1841,7 +2131,12 @@ impl<'a> Sched<'a> {
                     .iter()
                     .filter(|i| i.node.is_some() && !i.blocked && i.member_ok.iter().all(|x| *x))
                     .count();
-                running >= self.units[u].clone.as_ref().map_or(1, |c| c.min)
+                let min = if require_all {
+                    self.units[u].clone.as_ref().map_or(1, |c| c.min)
+                } else {
+                    1
+                };
+                running >= min
             }
             _ => true,
         }
@@ -1866,7 +2161,8 @@ impl<'a> Sched<'a> {
                     (Some(_), None) => stops = true,
                     (Some((a, _, failed)), Some((b, _))) => {
                         let migrates = a != b && self.migratable(u, inst, m, a, failed, 0);
-                        if (a != b || failed || inst.restart) && !migrates {
+                        let redo = inst.restart || self.must_restart(u, inst, m);
+                        if (a != b || failed || redo) && !migrates {
                             starts = true;
                             stops = true;
                         }
@@ -1876,6 +2172,39 @@ impl<'a> Sched<'a> {
             }
         }
         (starts, stops)
+    }
+
+    /// Does any instance of `u` (on `node`, if given) get promoted, and does any get
+    /// demoted (or stop, or restart, from the promoted role), in this transition?
+    fn unit_role_activity(&self, u: usize, node: Option<usize>) -> (bool, bool) {
+        let Some(insts) = self.placed[u].as_ref() else {
+            return (false, false);
+        };
+        let mut promotes = false;
+        let mut demotes = false;
+        for inst in insts {
+            if node.is_some() && inst.node != node && inst.cur_node != node {
+                continue;
+            }
+            for m in 0..self.units[u].prims.len() {
+                let (had, will) = self.member_transition(u, inst, m);
+                let redone = match (had, will) {
+                    (Some((a, _, failed)), Some((b, _))) => {
+                        a != b || failed || inst.restart || self.must_restart(u, inst, m)
+                    }
+                    _ => false,
+                };
+                let was = had.is_some_and(|h| h.1 == Role::Promoted);
+                let will_be = will.is_some_and(|w| w.1 == Role::Promoted);
+                if will_be && (!was || redone) {
+                    promotes = true;
+                }
+                if was && (!will_be || redone) {
+                    demotes = true;
+                }
+            }
+        }
+        (promotes, demotes)
     }
 
     fn inst_stays(&self, u: usize, i: usize) -> bool {
@@ -1963,7 +2292,7 @@ impl<'a> Sched<'a> {
                 match self.member_transition(u, inst, m) {
                     (Some(_), None) => return true,
                     (Some((a, _, failed)), Some((b, _))) => {
-                        if failed || inst.restart {
+                        if failed || inst.restart || self.must_restart(u, inst, m) {
                             return true;
                         }
                         if a != b && !self.migratable(u, inst, m, a, failed, depth + 1) {
@@ -2031,13 +2360,43 @@ impl<'a> Sched<'a> {
                         (Some((a, ra, failed)), Some((b, rb))) => {
                             let from = Some(place(a, ra));
                             let to = Some(place(b, rb));
-                            if a != b {
+                            // Copies of an anonymous promotable clone are interchangeable:
+                            // one leaving a node stops there and another starts elsewhere.
+                            let anonymous_promotable = promotable
+                                && self.units[u].clone.as_ref().is_some_and(|c| !c.unique);
+                            if a != b && anonymous_promotable {
+                                restart_rest = true;
+                                plan.changes.push(Change {
+                                    kind: ChangeKind::Stop,
+                                    resource: name.clone(),
+                                    from,
+                                    to: None,
+                                    show_roles: true,
+                                    reason: None,
+                                    blocked: false,
+                                    quiet: false,
+                                });
+                                Some((
+                                    if rb == Role::Promoted {
+                                        ChangeKind::Promote
+                                    } else {
+                                        ChangeKind::Start
+                                    },
+                                    None,
+                                    to,
+                                ))
+                            } else if a != b {
                                 restart_rest = true;
                                 // After fencing, a failed resource is simply gone.
+                                // (Unless the node is fenced for this very failure.)
+                                let own_key = self
+                                    .inst_member_cur(u, inst, m)
+                                    .map(|c| c.key)
+                                    .unwrap_or_default();
                                 let fenced_for_failure = self.nodes[a]
                                     .fence
                                     .as_deref()
-                                    .is_some_and(|r| r.ends_with("failed there"));
+                                    .is_some_and(|r| r == format!("{own_key} failed there"));
                                 let kind = if failed && (!fenced[a] || fenced_for_failure) {
                                     ChangeKind::Recover
                                 } else if !fenced[a] && self.migratable(u, inst, m, a, failed, 0) {
@@ -2051,6 +2410,7 @@ impl<'a> Sched<'a> {
                                 Some((ChangeKind::Recover, from, to))
                             } else if restart_rest
                                 || self.multi(pi) == Some(MultipleActive::StopStart)
+                                || self.must_restart(u, inst, m)
                             {
                                 restart_rest = true;
                                 Some((ChangeKind::Restart, from, to))
@@ -2058,20 +2418,44 @@ impl<'a> Sched<'a> {
                                 Some((ChangeKind::Promote, from, to))
                             } else if ra > rb {
                                 Some((ChangeKind::Demote, from, to))
+                            } else if self.definition_change(u, inst, m)
+                                == Some(DefinitionChange::Reload)
+                            {
+                                Some((ChangeKind::Reload, from, to))
                             } else {
                                 None
                             }
                         }
                     };
-                    if let Some((kind, from, to)) = change {
+                    if let Some((mut kind, from, mut to)) = change {
+                        // A member must stop before the ones after it may restart; one of
+                        // those stuck after a failure it cannot recover from leaves this one
+                        // stopping, and that waits on it too.
+                        let stuck_after = kind == ChangeKind::Restart
+                            && self.units[u].prims[m + 1..].iter().any(|&later| {
+                                self.prims[later]
+                                    .cur
+                                    .iter()
+                                    .any(|c| self.blocked_failure(later, c))
+                            });
+                        if stuck_after {
+                            kind = ChangeKind::Stop;
+                            to = None;
+                        }
+                        // Nothing can be done on a lost node that cannot be fenced.
+                        let on_stuck = kind == ChangeKind::Stop
+                            && self.units[u].kind != Kind::Clone
+                            && self.cfg.options.stonith_enabled
+                            && had.is_some_and(|h| self.stuck_node(h.0));
+                        let blocked = inst.blocked || stuck_after || on_stuck;
                         plan.changes.push(Change {
                             kind,
                             resource: name,
                             from,
                             to,
                             show_roles: promotable,
-                            reason: inst.blocked.then(|| "unrunnable start".to_string()),
-                            blocked: inst.blocked,
+                            reason: (blocked && !on_stuck).then(|| "unrunnable start".to_string()),
+                            blocked,
                             quiet: false,
                         });
                     }
@@ -2138,6 +2522,24 @@ impl<'a> Sched<'a> {
                         }
                     }
                 }
+            }
+        }
+        for p in &self.prims {
+            for c in &p.dangling {
+                plan.changes.push(Change {
+                    kind: ChangeKind::Stop,
+                    resource: c.key.to_string(),
+                    from: Some(Placement {
+                        node: self.nodes[c.node].name.to_string(),
+                        role: c.role,
+                    }),
+                    to: None,
+                    show_roles: false,
+                    blocked: false,
+                    reason: Some("migration completed".into()),
+                    // Part of the migration Pacemaker already reported.
+                    quiet: true,
+                });
             }
         }
         let orphans: &[Cur<'_>] = if self.cfg.options.stop_orphan_resources {
@@ -2225,7 +2627,11 @@ impl<'a> Sched<'a> {
             }
             let moving = matches!(
                 ch.kind,
-                ChangeKind::Stop | ChangeKind::Move | ChangeKind::Recover | ChangeKind::Restart
+                ChangeKind::Stop
+                    | ChangeKind::Move
+                    | ChangeKind::Recover
+                    | ChangeKind::Restart
+                    | ChangeKind::Reload
             );
             if let Some(f) = from {
                 if f.role == Role::Promoted && (moving || ch.kind == ChangeKind::Demote) {
@@ -2255,7 +2661,10 @@ impl<'a> Sched<'a> {
                 let needs_start = from.is_none()
                     || matches!(
                         ch.kind,
-                        ChangeKind::Move | ChangeKind::Recover | ChangeKind::Restart
+                        ChangeKind::Move
+                            | ChangeKind::Recover
+                            | ChangeKind::Restart
+                            | ChangeKind::Reload
                     );
                 if needs_start {
                     let a = push(

@@ -156,16 +156,36 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-/// Peak resident memory of this process so far, from /proc (kB), for the report.
-fn peak_rss_kb() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+/// Peak resident memory of a process so far (`self` or a pid), from /proc (kB).
+fn peak_rss_kb(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }
 
-fn time_peer(path: &Path, timeout: u64) -> anyhow::Result<Option<Duration>> {
+/// Start this process's peak-memory count afresh (Linux: `5` in clear_refs sets the
+/// peak to the current resident size), so each case reports its own peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn mib(kb: Option<u64>) -> String {
+    kb.map_or_else(
+        || "n/a".to_string(),
+        |k| format!("{:.1}MiB", k as f64 / 1024.0),
+    )
+}
+
+/// What one crm_simulate run took: wall time and peak memory (kB, sampled from /proc
+/// while it runs).
+struct PeerRun {
+    time: Duration,
+    peak_kb: Option<u64>,
+}
+
+fn time_peer(path: &Path, timeout: u64) -> anyhow::Result<Option<PeerRun>> {
     let start = Instant::now();
     let mut child = match Command::new("crm_simulate")
         .arg("-R")
@@ -178,13 +198,21 @@ fn time_peer(path: &Path, timeout: u64) -> anyhow::Result<Option<Duration>> {
         Ok(c) => c,
         Err(_) => return Ok(None),
     };
-    // Bounded wait: poll the child, kill it past the limit.
+    // Bounded wait: poll the child (and its peak memory), kill it past the limit.
+    let pid = child.id().to_string();
+    let mut peak_kb: Option<u64> = None;
     loop {
+        if let Some(kb) = peak_rss_kb(&pid) {
+            peak_kb = Some(peak_kb.unwrap_or(0).max(kb));
+        }
         if let Some(status) = child.try_wait()? {
             if !status.success() {
                 anyhow::bail!("crm_simulate failed on {} ({status})", path.display());
             }
-            return Ok(Some(start.elapsed()));
+            return Ok(Some(PeerRun {
+                time: start.elapsed(),
+                peak_kb,
+            }));
         }
         if start.elapsed() > Duration::from_secs(timeout) {
             let _ = child.kill();
@@ -276,8 +304,8 @@ fn bench_sizes(
     no_peer: bool,
 ) -> anyhow::Result<()> {
     println!(
-        "{:<10} {:<6} {:>12} {:>14} {:>10} {:>8}",
-        "size", "case", "haven", "crm_simulate", "ratio", "actions"
+        "{:<10} {:<6} {:>12} {:>14} {:>10} {:>8} {:>12} {:>14}",
+        "size", "case", "haven", "crm_simulate", "ratio", "actions", "haven peak", "crm_sim peak"
     );
     for size in sizes {
         let size = size.as_str();
@@ -291,6 +319,7 @@ fn bench_sizes(
         for (case, text) in [("fresh", fresh), ("lost", lost)] {
             let path = dir.join(format!("{size}-{case}.xml"));
             std::fs::write(&path, &text)?;
+            reset_peak_rss();
             let imported = haven_model::cib::import(&path.display().to_string(), &text)?;
             let mut times = Vec::new();
             let mut actions = 0;
@@ -301,35 +330,40 @@ fn bench_sizes(
                 actions = plan.actions.len();
             }
             let ours = median(times);
+            let ours_kb = peak_rss_kb("self");
             let peer = if no_peer {
                 None
             } else {
                 time_peer(&path, peer_timeout)?
             };
-            let (peer_s, ratio) = match peer {
+            let (peer_s, ratio, peer_mem) = match &peer {
                 Some(p) => (
-                    format!("{:.3}s", p.as_secs_f64()),
-                    format!("{:.0}x", p.as_secs_f64() / ours.as_secs_f64().max(1e-9)),
+                    format!("{:.3}s", p.time.as_secs_f64()),
+                    format!(
+                        "{:.0}x",
+                        p.time.as_secs_f64() / ours.as_secs_f64().max(1e-9)
+                    ),
+                    mib(p.peak_kb),
                 ),
-                None => ("n/a".to_string(), "-".to_string()),
+                None => ("n/a".to_string(), "-".to_string(), "n/a".to_string()),
             };
             println!(
-                "{:<10} {:<6} {:>11.2}ms {:>14} {:>10} {:>8}",
+                "{:<10} {:<6} {:>11.2}ms {:>14} {:>10} {:>8} {:>12} {:>14}",
                 size,
                 case,
                 ours.as_secs_f64() * 1e3,
                 peer_s,
                 ratio,
-                actions
+                actions,
+                mib(ours_kb),
+                peer_mem
             );
         }
     }
-    if let Some(kb) = peak_rss_kb() {
-        println!(
-            "peak memory (haven, whole run): {:.1} MiB",
-            kb as f64 / 1024.0
-        );
-    }
+    println!(
+        "peak = highest resident memory: haven's process while importing and scheduling \
+         that case (it also holds the generated CIB), crm_simulate's sampled from /proc"
+    );
     Ok(())
 }
 
