@@ -182,6 +182,10 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
     });
     // Promotion was allowed because the cluster had fenced the old primary's node.
     let client = lab.client_of(&survivor);
+    // Promoted with its peer away, the new primary had the old one recorded outdated
+    // before acknowledging a write (the guest counts on, so it was).
+    let why = unpromotable(&client).expect("status");
+    assert!(why.contains_key(home.as_str()), "{why:?}");
     let h = lab.fence_history(&client);
     assert!(
         h.iter()
@@ -217,6 +221,9 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
                 .then_some(())
         },
     );
+    wait_for("the rejoined replica's outdated record to clear", || {
+        unpromotable(&client)?.is_empty().then_some(())
+    });
     assert_eq!(lab.running("vm1"), vec![survivor.clone()]);
     assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
     let after = volume_status(&lab, &survivor).expect("the primary's status");
