@@ -18,6 +18,8 @@
 //! | `region_size` | resync granularity (power of two) | 64K |
 //! | `after_sb` | split-brain policy (`haven volume serve --after-sb`) | `disconnect` |
 //! | `peer_timeout` | seconds before a silent peer is dropped | 5 |
+//! | `fencing` | `resource-and-stonith`: a primary that loses an up-to-date peer freezes I/O until the cluster has recorded that peer outdated; `none` writes on alone (unsafe: the lost peer may later be promoted without those writes) | `resource-and-stonith` |
+//! | `freeze_timeout` | seconds a request may wait on such a freeze before it fails (EIO) | 60 |
 //! | `tls_dir` | directory with `ca.pem`, `node.pem`, `node-key.pem` | the daemon's directory (the state dir's parent) |
 //! | `plaintext` | `true` replicates without TLS (never across hosts) | false |
 //! | `allow_non_loopback` | `true` lets the replica listen on a non-loopback address | false |
@@ -33,6 +35,11 @@
 //! is not UpToDate, and promote retries until its timeout (a peer may still be
 //! connecting, a resync finishing). Demote and stop are the replica's own (stop is
 //! SIGTERM: the replica flushes and leaves itself secondary).
+//!
+//! Resource-level fencing (DRBD's `fence-peer`) is driven by the daemon around the
+//! monitor: [`replica_status`] shows a frozen primary's lost peers, the daemon commits
+//! "this replica is outdated" to the replicated state and then calls [`peer_outdated`];
+//! a replica the cluster holds outdated is told so with [`outdate`] before any promote.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,6 +96,8 @@ struct Config {
     dir: PathBuf,
     after_sb: Option<String>,
     peer_timeout: Option<String>,
+    fence_peers: bool,
+    freeze_timeout: Option<String>,
     /// (CA, certificate, key); `None` with `plaintext = true`.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     allow_non_loopback: bool,
@@ -230,6 +239,16 @@ fn config(spec: &AgentSpec) -> Result<Config, OpResult> {
         }
         Some(files)
     };
+    let fence_peers = match p("fencing").as_deref() {
+        None | Some("resource-and-stonith") => true,
+        Some("none") => false,
+        Some(v) => {
+            return Err(not_configured(
+                spec,
+                format!("parameter `fencing` = {v:?}: expected resource-and-stonith or none"),
+            ));
+        }
+    };
     let haven = match p("haven") {
         Some(h) => PathBuf::from(h),
         None => std::env::current_exe().map_err(|e| {
@@ -249,6 +268,8 @@ fn config(spec: &AgentSpec) -> Result<Config, OpResult> {
         dir,
         after_sb: p("after_sb"),
         peer_timeout: p("peer_timeout"),
+        fence_peers,
+        freeze_timeout: p("freeze_timeout"),
         tls,
         allow_non_loopback: flag(spec, "allow_non_loopback")?,
         haven,
@@ -277,6 +298,12 @@ fn serve_args(c: &Config, p: &Paths) -> Vec<String> {
     }
     if let Some(v) = &c.peer_timeout {
         a.extend(["--peer-timeout".into(), v.clone()]);
+    }
+    if c.fence_peers {
+        a.push("--fence-peers".into());
+    }
+    if let Some(v) = &c.freeze_timeout {
+        a.extend(["--freeze-timeout".into(), v.clone()]);
     }
     match &c.tls {
         Some((ca, cert, key)) => a.extend([
@@ -504,6 +531,37 @@ async fn stop(p: &Paths, timeout: Duration) -> OpResult {
     r
 }
 
+/// The status of volume resource `volume`'s replica on this node.
+pub async fn replica_status(state_dir: &Path, volume: &str) -> Result<Status, String> {
+    let ctl = control_socket(state_dir, volume);
+    ask(&ctl, &ControlRequest::Status, Instant::now() + CONTROL_CALL).await
+}
+
+/// Tells this node's (primary) replica that the cluster has recorded `peer` outdated,
+/// so I/O frozen for it resumes.
+pub async fn peer_outdated(state_dir: &Path, volume: &str, peer: &str) -> Result<(), String> {
+    let ctl = control_socket(state_dir, volume);
+    let req = ControlRequest::PeerOutdated {
+        peer: peer.to_string(),
+    };
+    ask(&ctl, &req, Instant::now() + CONTROL_CALL)
+        .await
+        .map(|_| ())
+}
+
+/// Tells this node's replica that the cluster holds it outdated: it refuses promotion
+/// until a resync brings it up to date.
+pub async fn outdate(state_dir: &Path, volume: &str) -> Result<(), String> {
+    let ctl = control_socket(state_dir, volume);
+    ask(
+        &ctl,
+        &ControlRequest::Outdate,
+        Instant::now() + CONTROL_CALL,
+    )
+    .await
+    .map(|_| ())
+}
+
 /// For the `qemu` class: the NBD socket of volume resource `volume` on this node, once
 /// its replica here is primary (a secondary refuses I/O, and a guest booted on it would
 /// only see errors).
@@ -554,7 +612,11 @@ mod tests {
             ),
             "{a}"
         );
-        assert!(a.ends_with("--plaintext"), "{a}");
+        assert!(a.ends_with("--fence-peers --plaintext"), "{a}");
+        let c = config(&spec().param("fencing", "none")).unwrap();
+        assert!(!serve_args(&c, &paths(&spec())).contains(&"--fence-peers".to_string()));
+        let r = config(&spec().param("fencing", "maybe")).unwrap_err();
+        assert!(r.notes[0].contains("`fencing`"), "{:?}", r.notes);
         let c = config(&spec().param("dir", "/data/{node}/v")).unwrap();
         assert_eq!(c.dir, PathBuf::from("/data/n2/v"));
     }

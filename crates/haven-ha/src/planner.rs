@@ -330,6 +330,43 @@ agent = "lab"
         assert_eq!((stops, starts_elsewhere), (2, 2), "{plan:?}");
     }
 
+    /// crm-fence-peer's constraint as the daemon sets it: a replica recorded outdated
+    /// gets -INFINITY promotion and stays unpromoted although it is the only copy left
+    /// and preferred by location; cleared, it is promoted.
+    #[test]
+    fn an_outdated_replica_is_never_promoted() {
+        let text = format!(
+            "{PROMOTABLE}\n[[constraints.location]]\nid = \"p2\"\nrsc = \"disk-clone\"\nrole = \"Promoted\"\nnode = \"n2\"\nscore = \"10\"\n"
+        );
+        let config = Config::from_toml("test.toml", &text).expect("valid config");
+        let mut p = SchedPlanner::new(config);
+        let mut view = ClusterView::default();
+        view.nodes.insert("n1".into(), NodeState::Offline);
+        view.nodes.insert("n2".into(), NodeState::Online);
+        view.resources
+            .entry("disk".into())
+            .or_default()
+            .insert("n2".into(), Observed::Started);
+        let promotes = |plan: &Plan| {
+            plan.steps
+                .iter()
+                .any(|s| matches!(s, Step::Promote { node, .. } if node == "n2"))
+        };
+        assert!(promotes(&p.plan(&view)), "the control: n2 is promoted");
+        let outdated = NodeOverride {
+            attributes: [("promotion-disk".to_string(), "-INFINITY".to_string())].into(),
+            ..NodeOverride::default()
+        };
+        assert!(p.set_overrides([("n2".to_string(), outdated)].into()));
+        let plan = p.plan(&view);
+        assert!(
+            !promotes(&plan),
+            "an outdated replica is promoted: {plan:?}"
+        );
+        assert!(p.set_overrides(BTreeMap::new()));
+        assert!(promotes(&p.plan(&view)));
+    }
+
     const PROMOTABLE: &str = r#"
 [options]
 stonith-enabled = true

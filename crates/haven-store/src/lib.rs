@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use state::{
     ClusterState, ConfigRecord, FenceMark, FenceRecord, NodeRecord, Request, Response,
+    VolumeOutdated,
 };
 pub use store::{LogStore, StateMachineStore, StateView, StoreError, open};
 

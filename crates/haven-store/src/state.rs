@@ -81,6 +81,17 @@ pub struct FenceMark {
     pub reason: String,
 }
 
+/// A volume replica the cluster holds outdated: its primary lost it and wrote on, so it
+/// lacks everything from `generation` on and must not be promoted until resynced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeOutdated {
+    /// The generation (hex) the primary started when it lost this replica.
+    pub generation: String,
+    /// The node whose primary replica asked for the record.
+    pub by: String,
+    pub at_ms: u64,
+}
+
 /// How many fence records are kept; older ones are dropped first.
 pub const FENCE_HISTORY_LIMIT: usize = 200;
 
@@ -104,6 +115,9 @@ pub struct ClusterState {
     /// Nodes being fenced or fenced and kept out: node name → mark.
     #[serde(default)]
     pub fencing: BTreeMap<String, FenceMark>,
+    /// Volume resource id → node → why that node's replica is outdated.
+    #[serde(default)]
+    pub volumes_outdated: BTreeMap<String, BTreeMap<String, VolumeOutdated>>,
 }
 
 /// A command proposed to Raft.
@@ -168,6 +182,20 @@ pub enum Request {
     SetFenceMark {
         node: String,
         mark: Option<FenceMark>,
+    },
+    /// Records `node`'s replica of volume `volume` as outdated (DRBD's fence-peer).
+    OutdateVolumeReplica {
+        volume: String,
+        node: String,
+        record: VolumeOutdated,
+    },
+    /// Clears that record, but only if it is about one of `generations` (the replica's
+    /// current one and its history): a replica that has the data written since the
+    /// record's generation is no longer outdated; a newer record stays.
+    ClearVolumeOutdated {
+        volume: String,
+        node: String,
+        generations: Vec<String>,
     },
 }
 
@@ -360,6 +388,40 @@ impl ClusterState {
                     }
                 }
                 Response::Done
+            }
+            Request::OutdateVolumeReplica {
+                volume,
+                node,
+                record,
+            } => {
+                self.volumes_outdated
+                    .entry(volume.clone())
+                    .or_default()
+                    .insert(node.clone(), record.clone());
+                Response::Done
+            }
+            Request::ClearVolumeOutdated {
+                volume,
+                node,
+                generations,
+            } => {
+                let Some(per_node) = self.volumes_outdated.get_mut(volume) else {
+                    return Response::Done;
+                };
+                match per_node.get(node) {
+                    Some(r) if generations.contains(&r.generation) => {
+                        per_node.remove(node);
+                        if per_node.is_empty() {
+                            self.volumes_outdated.remove(volume);
+                        }
+                        Response::Done
+                    }
+                    Some(r) => Response::Refused(format!(
+                        "volume {volume}: the replica on {node} does not have generation {} yet",
+                        r.generation
+                    )),
+                    None => Response::Done,
+                }
             }
             Request::ClearFailures { resource, node } => {
                 if let Some(per_node) = self.resources.get_mut(resource) {
@@ -623,5 +685,35 @@ mod tests {
             mark: None,
         });
         assert!(s.fencing.is_empty());
+    }
+
+    #[test]
+    fn an_outdated_replica_is_cleared_only_once_it_has_the_generation() {
+        let mut s = ClusterState::default();
+        let rec = |g: &str| VolumeOutdated {
+            generation: g.into(),
+            by: "n1".into(),
+            at_ms: 1,
+        };
+        s.apply(&Request::OutdateVolumeReplica {
+            volume: "vol1".into(),
+            node: "n2".into(),
+            record: rec("00B"),
+        });
+        assert_eq!(s.volumes_outdated["vol1"]["n2"], rec("00B"));
+        // Its data is from before the record: it stays outdated.
+        let r = s.apply(&Request::ClearVolumeOutdated {
+            volume: "vol1".into(),
+            node: "n2".into(),
+            generations: vec!["00A".into()],
+        });
+        assert!(matches!(r, Response::Refused(_)), "{r:?}");
+        assert!(s.volumes_outdated["vol1"].contains_key("n2"));
+        s.apply(&Request::ClearVolumeOutdated {
+            volume: "vol1".into(),
+            node: "n2".into(),
+            generations: vec!["00C".into(), "00B".into()],
+        });
+        assert!(s.volumes_outdated.is_empty());
     }
 }

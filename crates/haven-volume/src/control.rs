@@ -32,6 +32,12 @@ pub enum ControlRequest {
         peer: String,
         discard: String,
     },
+    /// The cluster recorded `peer` as outdated: I/O frozen for it resumes.
+    PeerOutdated {
+        peer: String,
+    },
+    /// The cluster holds this replica outdated: it refuses promotion until resynced.
+    Outdate,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +72,8 @@ async fn execute(vol: &Volume, req: ControlRequest) -> ControlReply {
         ControlRequest::Connect { peer } => vol.connect(&peer),
         ControlRequest::Disconnect { peer } => vol.disconnect(&peer),
         ControlRequest::Resolve { peer, discard } => vol.resolve(&peer, &discard),
+        ControlRequest::PeerOutdated { peer } => vol.peer_outdated(&peer),
+        ControlRequest::Outdate => vol.outdate(),
     };
     match r {
         Ok(()) => ControlReply {

@@ -317,6 +317,8 @@ mod tests {
             resync_rate: None,
             peer_timeout: Duration::from_secs(5),
             tls: None,
+            fence_peers: false,
+            freeze_timeout: Duration::from_secs(60),
         })
         .unwrap()
     }

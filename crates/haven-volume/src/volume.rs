@@ -105,6 +105,26 @@ pub struct VolumeConfig {
     /// Mutual TLS with the peers; `None` only for an explicitly plaintext replica
     /// (benchmarks, hand tests). A plaintext replica and a TLS one never connect.
     pub tls: Option<ReplicationTls>,
+    /// DRBD's `fencing resource-and-stonith`: a primary that loses an up-to-date peer
+    /// freezes I/O until it is told the peer is recorded outdated (or the peer is back).
+    /// Off, a primary writes on alone and the lost peer still passes for up to date.
+    pub fence_peers: bool,
+    /// How long a freeze may hold a request; past it the request fails (EIO) instead
+    /// of being acknowledged, and the replica stays frozen.
+    pub freeze_timeout: Duration,
+}
+
+/// Peers lost while up to date, whose being outdated the cluster has not confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frozen {
+    pub peer: String,
+    /// Wall-clock milliseconds when the peer was lost.
+    pub since_ms: u64,
+    /// The generation this primary started when it lost the peer: the peer has
+    /// nothing written from it on.
+    pub generation: String,
+    /// Past `freeze_timeout`: requests now fail instead of waiting.
+    pub expired: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +179,16 @@ pub struct Status {
     pub size: u64,
     pub crashed_primary: bool,
     pub peers: Vec<PeerStatus>,
+    /// Earlier generations, newest first (hex), so a cluster can tell whether this
+    /// replica holds what a primary wrote since a given generation.
+    #[serde(default)]
+    pub history: Vec<String>,
+    /// Non-empty: I/O is frozen until these peers are confirmed outdated or return.
+    #[serde(default)]
+    pub frozen: Vec<Frozen>,
+    /// Client requests waiting on the freeze.
+    #[serde(default)]
+    pub frozen_requests: u64,
 }
 
 struct Inflight {
@@ -280,9 +310,17 @@ struct Peer {
     resynced_bytes: u64,
 }
 
+struct FreezeEntry {
+    since: Instant,
+    since_ms: u64,
+    generation: u64,
+}
+
 struct State {
     meta: Meta,
     peers: BTreeMap<String, Peer>,
+    /// Lost peers awaiting the cluster's word that they are outdated.
+    frozen: BTreeMap<String, FreezeEntry>,
 }
 
 pub struct Volume {
@@ -296,6 +334,9 @@ pub struct Volume {
     order: tokio::sync::Mutex<()>,
     conn_ids: AtomicU64,
     wake: Notify,
+    /// Bumped whenever the freeze set shrinks.
+    thaw: watch::Sender<u64>,
+    frozen_requests: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -363,10 +404,16 @@ impl Volume {
             node: meta.node.clone(),
             file: Arc::new(file),
             data_path,
-            state: Mutex::new(State { meta, peers }),
+            state: Mutex::new(State {
+                meta,
+                peers,
+                frozen: BTreeMap::new(),
+            }),
             order: tokio::sync::Mutex::new(()),
             conn_ids: AtomicU64::new(1),
             wake: Notify::new(),
+            thaw: watch::channel(0).0,
+            frozen_requests: AtomicU64::new(0),
             cfg,
         }))
     }
@@ -692,6 +739,11 @@ impl Volume {
             {
                 p.conn = Some(conn.clone());
                 tracing::info!(peer = %peer, conn = conn.id, plan = ?outcome.plan, "connected");
+                // The peer is back and is told everything from here on (or resynced):
+                // it no longer passes for current with data it lacks.
+                if st.frozen.remove(&peer).is_some() {
+                    self.thaw.send_modify(|n| *n += 1);
+                }
             }
             // Held until our hello is out: writers that see the new connection wait
             // for it instead of sending a write before the hello.
@@ -830,6 +882,24 @@ impl Volume {
         if st.meta.role == Role::Primary {
             st.meta.rotate_gen();
             changed = true;
+            // Only a peer that could be promoted needs outdating; one mid-resync or
+            // already outdated cannot pass for current.
+            let was_current = *lock(&conn.peer_disk) == DiskState::UpToDate;
+            if self.cfg.fence_peers && was_current && !st.frozen.contains_key(&conn.peer) {
+                tracing::warn!(
+                    "lost up-to-date peer {}: I/O frozen until it is recorded outdated",
+                    conn.peer
+                );
+                let generation = st.meta.current_gen;
+                st.frozen.insert(
+                    conn.peer.clone(),
+                    FreezeEntry {
+                        since: Instant::now(),
+                        since_ms: now_ms(),
+                        generation,
+                    },
+                );
+            }
             let g = GenUpdate {
                 current_gen: st.meta.current_gen,
                 history: st.meta.history.clone(),
@@ -1178,6 +1248,7 @@ impl Volume {
         fua: bool,
     ) -> Result<(), IoFail> {
         self.check_range(offset, u64::from(len))?;
+        self.wait_unfrozen().await?;
         let mut waits: Vec<(Arc<Conn>, u64)> = Vec::new();
         {
             let _o = self.order.lock().await;
@@ -1233,11 +1304,73 @@ impl Volume {
             self.sync_data().await.map_err(|_| IoFail::Io)?;
         }
         wait_acks(&waits, self.cfg.peer_timeout).await;
+        // A peer lost while this write was on its way froze the volume before the
+        // write counted as done: it is acknowledged only once that peer is outdated.
+        self.wait_unfrozen().await
+    }
+
+    /// Waits while a lost peer's being outdated is unconfirmed; past the freeze
+    /// timeout the request fails rather than be acknowledged.
+    async fn wait_unfrozen(&self) -> Result<(), IoFail> {
+        if !self.cfg.fence_peers {
+            return Ok(());
+        }
+        let mut rx = self.thaw.subscribe();
+        let mut counted = false;
+        let r = loop {
+            rx.borrow_and_update();
+            let oldest = lock(&self.state).frozen.values().map(|f| f.since).min();
+            let Some(since) = oldest else { break Ok(()) };
+            let until = since + self.cfg.freeze_timeout;
+            if Instant::now() >= until {
+                break Err(IoFail::Io);
+            }
+            if !counted {
+                counted = true;
+                self.frozen_requests.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ =
+                tokio::time::timeout_at(tokio::time::Instant::from_std(until), rx.changed()).await;
+        };
+        if counted {
+            self.frozen_requests.fetch_sub(1, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// The cluster recorded `peer` as outdated: I/O waiting for that resumes.
+    pub fn peer_outdated(&self, peer: &str) -> Result<(), VolumeError> {
+        let mut st = lock(&self.state);
+        self.peer_mut(&mut st, peer)?;
+        if st.frozen.remove(peer).is_some() {
+            tracing::info!("peer {peer} confirmed outdated: I/O resumes");
+        }
+        drop(st);
+        self.thaw.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// The cluster holds this replica outdated: it stops counting as up to date, so it
+    /// refuses promotion until a resync from a primary brings it up to date again.
+    pub fn outdate(&self) -> Result<(), VolumeError> {
+        let mut st = lock(&self.state);
+        if st.meta.role == Role::Primary {
+            return Err(VolumeError::IsPrimary {
+                action: "mark this replica outdated",
+            });
+        }
+        let in_sync = self.view(&st, "").in_sync_with_primary;
+        if st.meta.disk == DiskState::UpToDate && !in_sync {
+            st.meta.disk = DiskState::Outdated;
+            st.meta.save(&self.cfg.dir)?;
+            tracing::warn!("the cluster records this replica as outdated");
+        }
         Ok(())
     }
 
     /// Makes every completed write durable locally and on every connected peer.
     pub async fn flush(&self) -> Result<(), IoFail> {
+        self.wait_unfrozen().await?;
         let mut waits = Vec::new();
         {
             let _o = self.order.lock().await;
@@ -1260,7 +1393,7 @@ impl Volume {
         }
         self.sync_data().await.map_err(|_| IoFail::Io)?;
         wait_acks(&waits, self.cfg.peer_timeout).await;
-        Ok(())
+        self.wait_unfrozen().await
     }
 
     fn peer_links(&self, st: &State) -> Vec<PeerLink> {
@@ -1340,6 +1473,24 @@ impl Volume {
                 .max(st.meta.epoch);
             st.meta.epoch = newest + 1;
             st.meta.rotate_gen();
+            // As DRBD calls fence-peer when promoting with a peer's disk unknown: a
+            // peer away now misses what this primary writes, so it must be recorded
+            // outdated before the first write is acknowledged.
+            if self.cfg.fence_peers {
+                let generation = st.meta.current_gen;
+                let away: Vec<String> = links
+                    .iter()
+                    .filter(|l| !l.connected)
+                    .map(|l| l.node.clone())
+                    .collect();
+                for peer in away {
+                    st.frozen.entry(peer).or_insert(FreezeEntry {
+                        since: Instant::now(),
+                        since_ms: now_ms(),
+                        generation,
+                    });
+                }
+            }
         }
         st.meta.role = Role::Primary;
         st.meta.promoted_at_ms = now_ms();
@@ -1372,7 +1523,11 @@ impl Volume {
             }
             st.meta.role = Role::Secondary;
             st.meta.save(&self.cfg.dir)?;
+            // A secondary writes nothing, so nothing waits on a peer being outdated;
+            // the next promotion freezes again for peers still away.
+            st.frozen.clear();
         }
+        self.thaw.send_modify(|n| *n += 1);
         self.announce().await;
         Ok(())
     }
@@ -1482,6 +1637,23 @@ impl Volume {
             size: st.meta.size,
             crashed_primary: st.meta.crashed_primary,
             peers,
+            history: st
+                .meta
+                .history
+                .iter()
+                .map(|g| format!("{g:016X}"))
+                .collect(),
+            frozen: st
+                .frozen
+                .iter()
+                .map(|(p, f)| Frozen {
+                    peer: p.clone(),
+                    since_ms: f.since_ms,
+                    generation: format!("{:016X}", f.generation),
+                    expired: f.since.elapsed() >= self.cfg.freeze_timeout,
+                })
+                .collect(),
+            frozen_requests: self.frozen_requests.load(Ordering::SeqCst),
         }
     }
 

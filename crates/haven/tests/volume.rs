@@ -1180,3 +1180,182 @@ fn volume_serve_listens_on_loopback_only_and_replicates_only_under_tls() {
     let e = serve(&["--peer", "b=127.0.0.1:1"]);
     assert!(e.contains("mutual TLS"), "{e}");
 }
+
+/// A sequential `qemu-io` writer on `uri`: 4 KiB writes with pattern `i % 250 + 1` at
+/// block `i`, for blocks `from..to`. Its acknowledged writes are counted as they come
+/// (line-buffered through `stdbuf`, so the count is current).
+struct Writer {
+    child: Child,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(uri: &str, from: u64, to: u64) -> Writer {
+        let mut c = Command::new("stdbuf");
+        c.args(["-oL", "qemu-io", "-f", "raw"]);
+        for i in from..to {
+            c.args(["-c", &format!("write -P {} {} 4k", i % 250 + 1, i * 4096)]);
+        }
+        c.arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = c.spawn().expect("spawning qemu-io");
+        let out = child.stdout.take().expect("qemu-io stdout");
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a2 = acked.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(off) = line
+                    .strip_prefix("wrote 4096/4096 bytes at offset ")
+                    .and_then(|o| o.trim().parse().ok())
+                {
+                    a2.lock().unwrap().push(off);
+                }
+            }
+        });
+        Writer {
+            child,
+            acked,
+            reader: Some(reader),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn wait_count(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {} writes acknowledged, want {n}",
+                self.count()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("qemu-io status").is_none()
+    }
+
+    /// Waits for the writer to finish; returns the offsets it saw acknowledged.
+    fn finish(mut self) -> Vec<u64> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.running() {
+            assert!(Instant::now() < deadline, "qemu-io did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn frozen_for(s: &Value, peer: &str) -> bool {
+    s["frozen"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f["peer"] == peer))
+}
+
+#[test]
+fn volume_primary_that_loses_its_peer_freezes_writes_until_the_peer_is_outdated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(tmp.path(), &["--fence-peers"]);
+    const N: u64 = 1024;
+    let mut w = Writer::start(&a.uri(), 0, N);
+    w.wait_count("writes to flow while both replicas are up", 50);
+    // The secondary dies mid-stream: nobody has said yet that its data is stale.
+    b.kill();
+    let frozen = a.wait_for("the primary to freeze with a write waiting", |s| {
+        frozen_for(s, "b") && s["frozen_requests"].as_u64() >= Some(1)
+    });
+    let before = w.count();
+    assert!(
+        (before as u64) < N,
+        "the stream ended before the freeze: {before}"
+    );
+    // A sequential writer has at most one request out; while the replica still holds
+    // one waiting, no acknowledgement can have slipped through.
+    let again = a.wait_for("the freeze to be observed again", |s| {
+        frozen_for(s, "b") && s["frozen_requests"].as_u64() >= Some(1)
+    });
+    assert_eq!(w.count(), before, "a write was acknowledged while frozen");
+    assert!(w.running(), "the writer must wait, not fail");
+    assert_eq!(again["frozen"][0]["expired"], false, "{again:#}");
+    assert_eq!(
+        frozen["frozen"][0]["generation"], frozen["generation"],
+        "the freeze names the generation the peer has nothing of: {frozen:#}"
+    );
+    let shown = String::from_utf8_lossy(&a.ok(&["status"]).stdout).into_owned();
+    assert!(shown.contains("I/O frozen: peer b"), "{shown}");
+
+    // The cluster's word that b is outdated: writes resume and finish, none failed.
+    a.ok(&["peer-outdated", "--peer", "b"]);
+    let acked = w.finish();
+    assert_eq!(
+        acked.len() as u64,
+        N,
+        "every write acknowledged, none failed"
+    );
+    let s = a.status().expect("a's status");
+    assert!(!frozen_for(&s, "b"), "{s:#}");
+
+    // b returns and catches up on what it missed, by bitmap.
+    b.start(&[a.peer()], &["--fence-peers"]);
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+
+    // Defence in depth: a replica the cluster calls outdated refuses promotion.
+    a.ok(&["demote"]);
+    b.wait_for("a secondary", |s| {
+        Node::peer_status(s, "a")["role"] == "Secondary"
+    });
+    b.ok(&["outdate"]);
+    let o = b.ctl(&["promote"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Outdated"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn volume_freeze_is_bounded_and_a_returning_peer_ends_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, mut b) = pair(tmp.path(), &["--fence-peers", "--freeze-timeout", "1"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x21 0 64k")]);
+    b.kill();
+    a.wait_for("the primary to freeze", |s| frozen_for(s, "b"));
+    // Past the bound a request fails: it is never acknowledged unreplicated.
+    a.wait_for("the freeze to pass its bound", |s| {
+        s["frozen"][0]["expired"] == true
+    });
+    let o = qemu_io(&a.uri(), &[s("write -P 0x22 0 64k")]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &text(&o);
+    assert!(
+        out.contains("Input/output error") || out.contains("failed"),
+        "{out}"
+    );
+    // The peer coming back lifts the freeze (it is resynced from here).
+    b.start(&[a.peer()], &["--fence-peers", "--freeze-timeout", "1"]);
+    a.wait_in_sync("b");
+    let st = a.status().expect("a's status");
+    assert!(!frozen_for(&st, "b"), "{st:#}");
+    qemu_io_ok(&a.uri(), &[s("write -P 0x23 0 64k")]);
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+}

@@ -182,6 +182,10 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
     });
     // Promotion was allowed because the cluster had fenced the old primary's node.
     let client = lab.client_of(&survivor);
+    // Promoted with its peer away, the new primary had the old one recorded outdated
+    // before acknowledging a write (the guest counts on, so it was).
+    let why = unpromotable(&client).expect("status");
+    assert!(why.contains_key(home.as_str()), "{why:?}");
     let h = lab.fence_history(&client);
     assert!(
         h.iter()
@@ -217,6 +221,9 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
                 .then_some(())
         },
     );
+    wait_for("the rejoined replica's outdated record to clear", || {
+        unpromotable(&client)?.is_empty().then_some(())
+    });
     assert_eq!(lab.running("vm1"), vec![survivor.clone()]);
     assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
     let after = volume_status(&lab, &survivor).expect("the primary's status");
@@ -224,4 +231,143 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
         after["role"], "Primary",
         "stickiness keeps the primary: {after:#}"
     );
+}
+
+fn volume_ctl(lab: &Lab, node: &str, args: &[&str]) -> String {
+    let ctl = lab.dir.join(node).join("resources").join("vol1.ctl");
+    let mut a = vec!["volume", args[0], "--control", ctl.to_str().expect("utf-8")];
+    a.extend_from_slice(&args[1..]);
+    ok(haven(&a, None))
+}
+
+/// `haven status --json`'s reasons why vol1 may not be promoted, node → reason.
+fn unpromotable(client: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let out = haven(&["status", "--json"], Some(client));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let r = v["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["id"] == "vol1")?;
+    Some(
+        r.get("unpromotable")
+            .and_then(|u| u.as_object().cloned())
+            .unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_every_write() {
+    let _one = lock();
+    let guest = guest_dir();
+    let lab = Lab::up();
+    lab.configure_with(&resources(&guest, free_port()), &lab_device()(&lab));
+
+    let home = wait_for("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    let other = if home == "n1" { "n2" } else { "n1" };
+    wait_for("the secondary to be in sync", || {
+        let s = volume_status(&lab, other)?;
+        (s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && s["peers"][0]["replication"] == "Established")
+            .then_some(())
+    });
+    wait_for("the guest to count on its disk", || {
+        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
+    });
+
+    // Replication is cut while the guest writes: the primary may not acknowledge another
+    // write until the cluster has recorded the secondary as outdated.
+    volume_ctl(&lab, other, &["disconnect", "--peer", &home]);
+    let client = lab.client_of(&home);
+    let why = wait_for("the cluster to record the secondary outdated", || {
+        unpromotable(&client)?.get(other).cloned()
+    });
+    assert!(
+        why.as_str().is_some_and(|w| w.contains("outdated")),
+        "{why}"
+    );
+    let recorded_at = *console_numbers(&lab, &home, "COUNTER")
+        .last()
+        .expect("counters");
+    wait_for("the guest to write on alone, resumed", || {
+        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&(recorded_at + 3))).then_some(())
+    });
+    let s = volume_status(&lab, &home).expect("the primary's status");
+    assert_eq!(s["frozen"], serde_json::json!([]), "{s:#}");
+    let stale = volume_status(&lab, other).expect("the secondary's status");
+    assert_eq!(
+        stale["disk"], "UpToDate",
+        "on its own the stale replica still thinks itself current: {stale:#}"
+    );
+
+    // The up-to-date primary's node loses power. The only other replica is stale.
+    ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
+    let seen = *console_numbers(&lab, &home, "COUNTER")
+        .last()
+        .expect("counters");
+    let client = lab.client_of(other);
+    wait_for("the primary's node to be fenced", || {
+        lab.fence_history(&client)
+            .iter()
+            .any(|r| r["victim"] == home.as_str() && r["ok"] == true)
+            .then_some(())
+    });
+    wait_for("status to hold the stale replica unpromotable", || {
+        unpromotable(&client)?.get(other).map(|_| ())
+    });
+    let s = volume_status(&lab, other).expect("the stale replica's status");
+    assert_eq!(
+        s["role"], "Secondary",
+        "the stale replica was promoted: {s:#}"
+    );
+    assert!(
+        lab.running("vm1").is_empty(),
+        "the guest must not run on stale data"
+    );
+    let shown = ok(lab.run(&["status"]));
+    assert!(
+        shown.contains(&format!("not promotable on {other}")),
+        "{shown}"
+    );
+
+    // The up-to-date node returns: it is promoted, the guest resumes from everything it
+    // wrote, and the stale replica catches up from it and is cleared.
+    volume_ctl(&lab, other, &["connect", "--peer", &home]);
+    let checker = Checker::start(&lab.dir, "vm1");
+    ok(lab.run(&["lab", "start", &home, "--dir", lab.dir_str()]));
+    wait_for("the coordinator to hear the restarted node", || {
+        let ls = lab.fence_ls(&client)?;
+        ls["heard"]
+            .as_array()?
+            .iter()
+            .any(|n| *n == home.as_str())
+            .then_some(())
+    });
+    ok(haven(&["node", "online", &home], Some(&client)));
+    wait_for("vm1 to run again on the up-to-date node", || {
+        (lab.running("vm1") == vec![home.clone()]).then_some(())
+    });
+    let resumed = wait_for("the guest to resume from its disk", || {
+        console_numbers(&lab, &home, "RESUME").last().copied()
+    });
+    assert!(
+        resumed >= seen,
+        "the guest printed counter {seen} (acknowledged), but resumed at {resumed}"
+    );
+    wait_for("the stale replica to resync and be cleared", || {
+        let s = volume_status(&lab, other)?;
+        let current = s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && s["peers"][0]["role"] == "Primary"
+            && s["peers"][0]["replication"] == "Established";
+        (current && unpromotable(&client)?.is_empty()).then_some(())
+    });
+    assert!(
+        console_numbers(&lab, other, "RESUME").is_empty(),
+        "the guest never ran on the stale replica"
+    );
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
 }

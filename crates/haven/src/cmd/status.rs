@@ -69,6 +69,9 @@ pub fn render(r: &StatusReport) -> String {
             format!("Started {}", res.running_on.join(", "))
         };
         let _ = writeln!(out, "  {:<16} ({})  {}", res.id, res.agent, place);
+        for (node, why) in &res.unpromotable {
+            let _ = writeln!(out, "    not promotable on {node}: {why}");
+        }
     }
     if !r.failed_actions.is_empty() {
         let _ = writeln!(out, "\nFailed actions:");

@@ -34,6 +34,10 @@ enum VolumeCommand {
     Disconnect(PeerArgs),
     /// Resolve a split brain with a peer by naming the node whose data is discarded
     Resolve(ResolveArgs),
+    /// Tell a frozen primary that the cluster has recorded PEER as outdated: I/O resumes
+    PeerOutdated(PeerArgs),
+    /// Mark this (secondary) replica outdated: it refuses promotion until resynced
+    Outdate(CtlArgs),
 }
 
 #[derive(Parser)]
@@ -130,6 +134,15 @@ struct ServeArgs {
     /// disconnected and tracked in the bitmap instead
     #[arg(long, default_value_t = 5.0, value_parser = parse_timeout)]
     peer_timeout: f64,
+    /// Freeze I/O when an up-to-date peer is lost (and when promoted with a peer away)
+    /// until `haven volume peer-outdated` says the peer is recorded outdated, or it
+    /// returns (DRBD's `fencing resource-and-stonith`)
+    #[arg(long)]
+    fence_peers: bool,
+    /// Seconds a request may wait on such a freeze; past it, it fails (EIO) rather than
+    /// be acknowledged
+    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
+    freeze_timeout: f64,
     /// Runtime worker threads (1: everything on one thread, lowest latency)
     #[arg(long, default_value_t = 2, env = "HAVEN_VOLUME_THREADS")]
     threads: usize,
@@ -217,6 +230,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 discard: a.discard,
             },
         ),
+        VolumeCommand::PeerOutdated(a) => {
+            ctl(&a.ctl, ControlRequest::PeerOutdated { peer: a.peer })
+        }
+        VolumeCommand::Outdate(a) => ctl(&a, ControlRequest::Outdate),
     }
 }
 
@@ -293,6 +310,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         allow_two_primaries: a.allow_two_primaries,
         resync_rate: a.resync_rate,
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout),
+        fence_peers: a.fence_peers,
+        freeze_timeout: std::time::Duration::from_secs_f64(a.freeze_timeout),
     };
     let vol = Volume::open(cfg).with_context(|| format!("opening {}", a.dir.display()))?;
     let rt = runtime(a.threads)?;
@@ -478,6 +497,20 @@ fn render(s: &Status) -> String {
             ""
         }
     );
+    for f in &s.frozen {
+        out.push_str(&format!(
+            "  I/O frozen: peer {} lost at generation {}, not yet recorded outdated{} \
+             ({} requests waiting)\n",
+            f.peer,
+            f.generation,
+            if f.expired {
+                "; freeze timeout passed, requests fail"
+            } else {
+                ""
+            },
+            s.frozen_requests
+        ));
+    }
     for p in &s.peers {
         out.push_str(&format!("  {} connection:{:?}", p.node, p.connection));
         if let Some(r) = p.role {

@@ -750,11 +750,27 @@ pub fn build_status(d: &Daemon) -> StatusReport {
                         .collect()
                 })
                 .unwrap_or_default();
+            let unpromotable = state
+                .volumes_outdated
+                .get(&p.id)
+                .map(|m| {
+                    m.iter()
+                        .map(|(n, r)| {
+                            let why = format!(
+                                "replica outdated since generation {} (recorded by {}); not promoted until resynced",
+                                r.generation, r.by
+                            );
+                            (n.clone(), why)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             resources.push(ResourceStatus {
                 id: p.id.clone(),
                 agent: agent_name(p),
                 running_on,
                 failcounts,
+                unpromotable,
             });
         }
     }

@@ -214,6 +214,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             Some(_) => {}
         }
         let Some(l) = leading.as_mut() else { continue };
+        outdated_replicas_unpromotable(&d, l, now);
         let c = &mut l.coordinator;
         match input {
             Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
@@ -289,6 +290,132 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             }
         }
         super::fence::record_confirmations(&d, &l.coordinator, &mut l.fence_seen);
+    }
+}
+
+/// crm-fence-peer's constraint: a volume replica the cluster holds outdated gets
+/// -INFINITY for the Promoted role (its promotion score), until its record is cleared.
+fn outdated_replicas_unpromotable(d: &Daemon, l: &mut Leading, now: haven_ha::Time) {
+    let mut overrides: BTreeMap<String, haven_ha::NodeOverride> = BTreeMap::new();
+    for (volume, per_node) in &d.view.state().volumes_outdated {
+        for node in per_node.keys() {
+            overrides
+                .entry(node.clone())
+                .or_default()
+                .attributes
+                .insert(format!("promotion-{volume}"), "-INFINITY".into());
+        }
+    }
+    let changed = l
+        .planner
+        .0
+        .lock()
+        .map(|mut p| p.set_overrides(overrides))
+        .unwrap_or(false);
+    if changed {
+        l.coordinator.handle_planner_changed(now);
+    }
+}
+
+/// Volumes whose fence-peer step is under way on this node (one at a time each).
+static VOLUME_FENCING: Mutex<std::collections::BTreeSet<String>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// DRBD's fence-peer and unfence, driven by the monitor of a volume replica here: a
+/// frozen primary's lost peers are committed outdated through Raft and only then is
+/// the replica told to resume; this node's own record is cleared once its replica has
+/// the primary's current data. Off the monitor's path: a slow commit (no quorum) must
+/// not time the monitor out, and the replica stays frozen meanwhile, which is safe.
+fn volume_fence_step(d: &Arc<Daemon>, resource: &str, state_dir: std::path::PathBuf) {
+    let claimed = VOLUME_FENCING
+        .lock()
+        .map(|mut s| s.insert(resource.to_string()))
+        .unwrap_or(false);
+    if !claimed {
+        return;
+    }
+    let d = d.clone();
+    let resource = resource.to_string();
+    tokio::spawn(async move {
+        fence_step(&d, &resource, &state_dir).await;
+        if let Ok(mut s) = VOLUME_FENCING.lock() {
+            s.remove(&resource);
+        }
+    });
+}
+
+async fn fence_step(d: &Daemon, resource: &str, state_dir: &std::path::Path) {
+    use haven_volume::meta::{DiskState, Role};
+    let Ok(s) = haven_exec::volume::replica_status(state_dir, resource).await else {
+        return;
+    };
+    let me = d.node.name.clone();
+    for f in &s.frozen {
+        let recorded = d
+            .view
+            .state()
+            .volumes_outdated
+            .get(resource)
+            .and_then(|m| m.get(&f.peer))
+            .is_some_and(|r| r.generation == f.generation);
+        if !recorded {
+            let req = Request::OutdateVolumeReplica {
+                volume: resource.to_string(),
+                node: f.peer.clone(),
+                record: haven_store::VolumeOutdated {
+                    generation: f.generation.clone(),
+                    by: me.clone(),
+                    at_ms: super::wall_ms(),
+                },
+            };
+            if let Err(e) = d.write(req).await {
+                tracing::warn!(
+                    "volume {resource}: recording the replica on {} as outdated: {} (I/O stays frozen)",
+                    f.peer,
+                    e.1
+                );
+                continue;
+            }
+            tracing::info!(
+                "volume {resource}: the replica on {} is recorded outdated since generation {}",
+                f.peer,
+                f.generation
+            );
+        }
+        if let Err(e) = haven_exec::volume::peer_outdated(state_dir, resource, &f.peer).await {
+            tracing::warn!("volume {resource}: resuming I/O: {e}");
+        }
+    }
+    let mine = d
+        .view
+        .state()
+        .volumes_outdated
+        .get(resource)
+        .and_then(|m| m.get(&me))
+        .cloned();
+    let current = s.role == Role::Secondary
+        && s.disk == DiskState::UpToDate
+        && s.peers.iter().any(|p| {
+            p.role == Some(Role::Primary)
+                && p.replication == Some(haven_volume::volume::Replication::Established)
+        });
+    if let Some(r) = mine
+        && current
+    {
+        let mut generations = vec![s.generation.clone()];
+        generations.extend(s.history.iter().cloned());
+        if !generations.contains(&r.generation) {
+            return;
+        }
+        let req = Request::ClearVolumeOutdated {
+            volume: resource.to_string(),
+            node: me,
+            generations,
+        };
+        match d.write(req).await {
+            Ok(_) => tracing::info!("volume {resource}: resynced; no longer recorded outdated"),
+            Err(e) => tracing::warn!("volume {resource}: clearing the outdated record: {}", e.1),
+        }
     }
 }
 
@@ -712,7 +839,7 @@ static LAST_SPECS: Mutex<std::collections::BTreeMap<String, AgentSpec>> =
     Mutex::new(std::collections::BTreeMap::new());
 
 async fn execute(
-    d: &Daemon,
+    d: &Arc<Daemon>,
     resource: &str,
     op: OpKind,
     timeout: Duration,
@@ -778,7 +905,34 @@ async fn execute(
             }
         }
     };
+    let volume = spec.class == AgentClass::Volume;
+    if volume && op == OpKind::Promote {
+        let outdated = d
+            .view
+            .state()
+            .volumes_outdated
+            .get(resource)
+            .and_then(|m| m.get(&d.node.name))
+            .cloned();
+        if let Some(r) = outdated {
+            // The planner never asks this (-INFINITY); if a stale plan does, the
+            // replica itself is told, so it refuses any promote until resynced.
+            if let Err(e) = haven_exec::volume::outdate(&spec.state_dir, resource).await {
+                tracing::warn!("volume {resource}: marking the replica outdated: {e}");
+            }
+            return OpOutcome::Failed {
+                rc: 1,
+                reason: format!(
+                    "volume {resource}: the replica on {} is recorded outdated since generation {} (by {}); it is not promoted until resynced",
+                    d.node.name, r.generation, r.by
+                ),
+            };
+        }
+    }
     let result = haven_exec::run_op(&spec, exec_op, timeout).await;
+    if volume && op == OpKind::Monitor {
+        volume_fence_step(d, resource, spec.state_dir.clone());
+    }
     if result.code != OpCode::Success && result.code != OpCode::NotRunning {
         tracing::info!(
             "{resource} {}: {:?} {}",

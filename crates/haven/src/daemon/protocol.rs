@@ -122,6 +122,10 @@ pub struct ResourceStatus {
     pub agent: String,
     pub running_on: Vec<String>,
     pub failcounts: BTreeMap<String, u32>,
+    /// Why the resource may not be promoted on some nodes (a volume replica recorded
+    /// outdated): node → reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unpromotable: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
