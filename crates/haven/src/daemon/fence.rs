@@ -555,7 +555,7 @@ pub fn dispatch(d: &Arc<Daemon>, run: FenceRun, executor: String) {
             (None, _) => Err(format!("no address for executor {executor}")),
             (Some(addr), _) => d
                 .rpc
-                .call(addr, FENCE_RUN, &run)
+                .call_node(None, addr, &executor, FENCE_RUN, &run)
                 .await
                 .map_err(|e| e.to_string()),
         };
@@ -1090,7 +1090,10 @@ async fn send_done(d: &Daemon, done: FenceDone) {
             }
             Some((_, info)) => {
                 if let Some(addr) = d.peer_addr(&info) {
-                    let r: Result<Empty, _> = d.rpc.call(&addr, FENCE_DONE, &done).await;
+                    let r: Result<Empty, _> = d
+                        .rpc
+                        .call_node(None, &addr, &info.name, FENCE_DONE, &done)
+                        .await;
                     match r {
                         Ok(_) => return,
                         Err(e) => tracing::debug!("fence result to the leader: {e}"),
