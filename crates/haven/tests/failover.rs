@@ -518,7 +518,7 @@ fn a_fenced_node_stays_out_across_a_leader_change() {
     ok(lab.run(&["lab", "start", &victim, "--dir", lab.dir_str()]));
     wait_for("the leader to hear the fenced node and keep it out", || {
         let ls = lab.fence_ls(&client)?;
-        (member_state(&ls, &victim)? == ("offline".to_string(), true)).then_some(())
+        (member_state(&ls, &victim)? == ("fenced".to_string(), true)).then_some(())
     });
     let checker = Checker::start(&lab.dir, "svc");
     // The leader dies: the new one must still keep the fenced node out, although it
@@ -527,13 +527,13 @@ fn a_fenced_node_stays_out_across_a_leader_change() {
     let ls = wait_for("a new leader to fence the old one", || {
         let ls = lab.fence_ls(&client)?;
         (ls["leader"] != leader.as_str()
-            && member_state(&ls, &leader)?.0 == "offline"
+            && member_state(&ls, &leader)?.0 == "fenced"
             && member_state(&ls, &third)?.0 == "online")
             .then_some(ls)
     });
     assert_eq!(
         member_state(&ls, &victim),
-        Some(("offline".to_string(), true)),
+        Some(("fenced".to_string(), true)),
         "the new leader let the fenced node back in by itself: {ls}"
     );
     let survivor = wait_for("svc to run on the third node", || {
