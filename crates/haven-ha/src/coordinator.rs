@@ -627,6 +627,25 @@ impl<P: Planner> Coordinator<P> {
     }
 
     fn declare_unclean(&mut self, node: &str, reason: &str, now: Time) {
+        // An operation sent there (a start above all) may have taken effect before the
+        // node was lost: what it touched may run there until the fence says otherwise.
+        let touched: Vec<String> = self
+            .in_flight
+            .values()
+            .filter(|f| f.node == node)
+            .map(|f| f.resource.clone())
+            .collect();
+        for r in touched {
+            let o = self
+                .observed
+                .entry(r)
+                .or_default()
+                .entry(node.to_string())
+                .or_insert(Observed::Stopped);
+            if *o == Observed::Stopped {
+                *o = Observed::Unknown;
+            }
+        }
         // Its in-flight operations will never answer, or their answers can't be trusted.
         self.in_flight.retain(|_, f| f.node != node);
         if let Some(t) = self.transition.as_mut() {
@@ -1134,6 +1153,8 @@ mod tests {
         running: BTreeMap<(String, String), bool>,
         dead: BTreeSet<String>,
         hung: BTreeSet<String>,
+        /// Nodes that die right after a start took effect, before answering it.
+        die_on_start: BTreeSet<String>,
         fences: Vec<(u64, String)>,
         alerts: Vec<String>,
     }
@@ -1146,6 +1167,7 @@ mod tests {
                 running: BTreeMap::new(),
                 dead: BTreeSet::new(),
                 hung: BTreeSet::new(),
+                die_on_start: BTreeSet::new(),
                 fences: Vec::new(),
                 alerts: Vec::new(),
             }
@@ -1174,6 +1196,11 @@ mod tests {
                             continue; // lost in the void
                         }
                         let key = (request.resource.clone(), node.clone());
+                        if request.op == OpKind::Start && self.die_on_start.contains(&node) {
+                            self.running.insert(key, true);
+                            self.dead.insert(node);
+                            continue;
+                        }
                         let outcome = match request.op {
                             OpKind::Monitor => {
                                 if self.running.get(&key).copied().unwrap_or(false) {
@@ -1298,6 +1325,27 @@ mod tests {
         assert!(h.fences.is_empty());
         assert!(h.alerts.iter().any(|a| a.contains("stonith is disabled")));
         assert!(h.running_on("vm1").contains(&"n2".to_string()));
+    }
+
+    #[test]
+    fn a_start_in_flight_on_a_node_that_is_lost_leaves_the_resource_in_doubt_there() {
+        let mut h = Harness::new(three_nodes());
+        h.die_on_start.insert("n1".into());
+        h.run_for(5_000);
+        assert_eq!(h.c.view().nodes["n1"], NodeState::Unclean);
+        assert!(
+            h.c.view().resources["vm1"]["n1"].maybe_active(),
+            "the start may have taken effect: {:?}",
+            h.c.view().resources
+        );
+        assert_eq!(
+            h.running_on("vm1"),
+            vec!["n1"],
+            "started again before the fence"
+        );
+        h.complete_fence(true);
+        h.run_for(3_000);
+        assert_eq!(h.running_on("vm1"), vec!["n2"]);
     }
 
     #[test]

@@ -18,6 +18,16 @@ fn status(client: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// `node`'s entry in a status report.
+fn node_of<'a>(s: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
+    s["nodes"].as_array()?.iter().find(|n| n["name"] == node)
+}
+
+/// `id`'s entry in a status report.
+fn resource<'a>(s: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    s["resources"].as_array()?.iter().find(|r| r["id"] == id)
+}
+
 /// The Raft leader as `node` sees it.
 fn leader_seen_by(lab: &Lab, node: &str) -> Option<String> {
     status(&lab.client_of(node))?["leader"]
@@ -112,6 +122,34 @@ fn with_only_a_manual_device_the_resource_stays_frozen_until_fence_ack() {
     });
     assert_eq!(ls["victim_now"], home.as_str(), "{ls}");
     assert_eq!(ls["wait_state"], "fencing", "{ls}");
+    // Status tells the truth: the node is unclean, svc is in doubt there (not
+    // "Stopped"), frozen, and says what ends it.
+    let s = wait_for("status to show the node unclean and svc in doubt", || {
+        let s = status(&client)?;
+        let svc = resource(&s, "svc")?;
+        (node_of(&s, &home)?["state"] == "unclean"
+            && svc["in_doubt_on"] == serde_json::json!([home]))
+        .then_some(s)
+    });
+    let node = node_of(&s, &home).expect("the node");
+    let svc = resource(&s, "svc").expect("svc");
+    assert!(
+        node["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("haven fence ack {home}"))),
+        "{s}"
+    );
+    assert_eq!(svc["running_on"], serde_json::json!([]), "{s}");
+    assert!(
+        svc["frozen"].as_str().is_some_and(|f| f.contains("frozen")
+            && f.contains(&format!("haven fence ack {home}"))),
+        "{s}"
+    );
+    let text = ok(haven(&["status"], Some(&client)));
+    assert!(
+        text.contains(&format!("IN DOUBT on {home}")) && text.contains("frozen until"),
+        "{text}"
+    );
     // Frozen: nothing recovered while the victim is in doubt.
     assert!(
         lab.running("svc").is_empty(),
@@ -132,6 +170,19 @@ fn with_only_a_manual_device_the_resource_stays_frozen_until_fence_ack() {
     });
     assert_eq!(h[0]["device"], "manual", "{h:?}");
     assert_eq!(h[0]["victim"], home.as_str(), "{h:?}");
+    // Confirmed: fenced, and svc is no longer in doubt anywhere.
+    wait_for(
+        "status to show the node fenced and svc on the survivor",
+        || {
+            let s = status(&client)?;
+            let svc = resource(&s, "svc")?;
+            (node_of(&s, &home)?["state"] == "fenced"
+                && svc["in_doubt_on"] == serde_json::json!([])
+                && svc["running_on"] == serde_json::json!([survivor])
+                && svc.get("frozen").is_none())
+            .then_some(())
+        },
+    );
     // Acknowledging a node nobody is fencing is refused, and an unknown one is named.
     let again = haven(&["fence", "ack", other], Some(&client));
     assert!(!again.status.success());
@@ -310,11 +361,35 @@ fn a_fenced_node_that_comes_back_stays_out_until_node_online() {
             .any(|n| *n == home.as_str())
             .then_some(ls)
     });
-    assert_eq!(member(&ls).as_deref(), Some("offline"), "{ls}");
+    assert_eq!(member(&ls).as_deref(), Some("fenced"), "{ls}");
+    // Status agrees, whichever node answers: fenced and kept out, not "online".
+    for n in NODES {
+        let s = wait_for("status to show the restarted node kept out", || {
+            let s = status(&lab.client_of(n))?;
+            (node_of(&s, &home)?["state"] == "fenced").then_some(s)
+        });
+        let detail = node_of(&s, &home).expect("the node")["detail"].clone();
+        assert!(
+            detail
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("haven node online {home}"))),
+            "{s}"
+        );
+    }
+    let text = ok(haven(&["status"], Some(&client)));
+    assert!(
+        text.contains("stays out until `haven node online"),
+        "{text}"
+    );
     ok(haven(&["node", "online", &home], Some(&client)));
     wait_for("the node to be allowed back", || {
         let ls = lab.fence_ls(&client)?;
         (member(&ls).as_deref() == Some("online")).then_some(())
+    });
+    wait_for("status to show the node online", || {
+        let s = status(&client)?;
+        let n = node_of(&s, &home)?;
+        (n["state"] == "online" && n.get("detail").is_none()).then_some(())
     });
     // Stickiness keeps svc where it is; it still runs exactly once.
     assert_eq!(lab.running("svc"), vec![survivor]);
@@ -443,7 +518,7 @@ fn a_fenced_node_stays_out_across_a_leader_change() {
     ok(lab.run(&["lab", "start", &victim, "--dir", lab.dir_str()]));
     wait_for("the leader to hear the fenced node and keep it out", || {
         let ls = lab.fence_ls(&client)?;
-        (member_state(&ls, &victim)? == ("offline".to_string(), true)).then_some(())
+        (member_state(&ls, &victim)? == ("fenced".to_string(), true)).then_some(())
     });
     let checker = Checker::start(&lab.dir, "svc");
     // The leader dies: the new one must still keep the fenced node out, although it
@@ -452,13 +527,13 @@ fn a_fenced_node_stays_out_across_a_leader_change() {
     let ls = wait_for("a new leader to fence the old one", || {
         let ls = lab.fence_ls(&client)?;
         (ls["leader"] != leader.as_str()
-            && member_state(&ls, &leader)?.0 == "offline"
+            && member_state(&ls, &leader)?.0 == "fenced"
             && member_state(&ls, &third)?.0 == "online")
             .then_some(ls)
     });
     assert_eq!(
         member_state(&ls, &victim),
-        Some(("offline".to_string(), true)),
+        Some(("fenced".to_string(), true)),
         "the new leader let the fenced node back in by itself: {ls}"
     );
     let survivor = wait_for("svc to run on the third node", || {
@@ -823,7 +898,7 @@ fn two_nodes_without_a_witness_the_survivor_fences_its_dead_peer_and_runs_everyt
     let ls = wait_for("the survivor's fence ls to show its peer fenced", || {
         let out = haven(&["fence", "ls", "--json"], Some(&lab.client_of(&other)));
         let ls: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (member_state(&ls, &home)?.0 == "offline").then_some(ls)
+        (member_state(&ls, &home)?.0 == "fenced").then_some(ls)
     });
     assert_eq!(ls["leader"], other.as_str(), "{ls}");
     assert!(
@@ -881,4 +956,76 @@ fn two_nodes_cut_off_from_each_other_both_ways_exactly_one_survives() {
     assert!(alive(pids[0]), "n1 (whose fencing is delayed) must survive");
     assert!(!alive(pids[1]), "n2 must have been fenced");
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}
+
+/// A process started in a node's network namespace behind its daemon's back (no
+/// pidfile names it); killed by pid when the test ends, if the switch did not.
+struct Stray(std::process::Child);
+
+impl Stray {
+    fn spawn(ns: &str) -> Stray {
+        // `ip netns exec` execs in place: the child's pid is the sleep's.
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "sleep", "1000004"])
+            .spawn()
+            .expect("spawn a process in the namespace");
+        Stray(child)
+    }
+
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    fn gone(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_lab_switch_powers_off_everything_in_a_netns_nodes_namespace() {
+    let _one = lock();
+    let lab = Lab::up_netns();
+    let rec = lab.netns.clone().expect("netns record");
+    lab.configure(&lab_device()(&lab));
+    let leader = wait_for("a leader", || leader_seen_by(&lab, "n1"));
+    let victim = NODES
+        .iter()
+        .find(|n| **n != leader)
+        .expect("a follower")
+        .to_string();
+    let ns = rec.node(&victim).netns.clone();
+    let mut stray = Stray::spawn(&ns);
+    let inode = common::netns::ns_inode(&ns);
+    wait_for("the stray process to be in the namespace", || {
+        (common::netns::netns_of(stray.pid()) == inode).then_some(())
+    });
+    ok(lab.run(&["fence", "node", &victim]));
+    let h = wait_for("the fence to be committed", || {
+        let h = lab.fence_history(&lab.client_of(&leader));
+        h.iter()
+            .any(|r| r["victim"] == victim.as_str() && r["ok"] == true)
+            .then_some(h)
+    });
+    assert!(
+        h.iter().any(|r| r["device"] == "power"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("process(es) killed"))),
+        "{h:?}"
+    );
+    wait_for("the stray process to be powered off", || {
+        stray.gone().then_some(())
+    });
+    assert_eq!(
+        common::netns::pids(&ns),
+        Vec::<i32>::new(),
+        "processes survived in {ns}"
+    );
 }

@@ -89,6 +89,11 @@ fn render_ls(ls: &FenceLs) -> String {
         ls.victim_now.as_deref().unwrap_or("-")
     ));
     s.push_str(&format!("wait state  {}\n", ls.wait_state));
+    if !ls.frozen.is_empty() {
+        // What waits for the fence: it may still run on the victim.
+        let frozen: Vec<String> = ls.frozen.iter().map(|(r, n)| format!("{r}@{n}")).collect();
+        s.push_str(&format!("frozen      {}\n", frozen.join(" ")));
+    }
     s.push_str(&format!("victims     {}\n", ls.victims.len()));
     for v in &ls.victims {
         s.push_str(&format!(
@@ -162,8 +167,10 @@ mod tests {
             }],
             victim_now: Some("n2".into()),
             wait_state: "fencing".into(),
+            frozen: vec![("svc".into(), "n2".into())],
         };
         let text = render_ls(&ls);
+        assert!(text.contains("frozen      svc@n2"), "{text}");
         assert!(text.contains("members     n1:online n2:unclean"), "{text}");
         assert!(text.contains("victim now  n2"), "{text}");
         assert!(text.contains("wait state  fencing"), "{text}");

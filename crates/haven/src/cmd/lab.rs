@@ -5,7 +5,7 @@
 //! With `--netns` (root) each node runs in a network namespace of its own, on real
 //! links that `lab partition` really cuts (see [`netns`]).
 
-mod netns;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -117,11 +117,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         LabCommand::Status { dir } => status(&dir),
         LabCommand::Kill { node, dir } => {
             let node_dir = lab_node_dir(&dir, &node)?;
-            let mut n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;
-            // A node in a namespace is powered off whole: whatever else runs there too.
-            if let Some(rec) = netns::load(&dir.canonicalize()?)? {
-                n += netns::kill_all(&rec.node(&node)?.netns);
-            }
+            // In a lab of namespaces, the node's whole namespace too.
+            let n = crate::daemon::fence::power_off(&node_dir).map_err(anyhow::Error::msg)?;
             println!("{node}: powered off ({n} process(es) killed)");
             Ok(())
         }

@@ -57,18 +57,35 @@ pub fn render(r: &StatusReport) -> String {
             n.role,
             links.join(", ")
         );
+        if let Some(detail) = &n.detail {
+            let _ = writeln!(out, "  {:<12} {detail}", "");
+        }
     }
     let _ = writeln!(out, "\nResources:");
     if r.resources.is_empty() {
         let _ = writeln!(out, "  (none configured)");
     }
     for res in &r.resources {
-        let place = if res.running_on.is_empty() {
-            "Stopped".to_string()
-        } else {
-            format!("Started {}", res.running_on.join(", "))
-        };
-        let _ = writeln!(out, "  {:<16} ({})  {}", res.id, res.agent, place);
+        let mut place = Vec::new();
+        if !res.running_on.is_empty() {
+            place.push(format!("Started {}", res.running_on.join(", ")));
+        }
+        if !res.in_doubt_on.is_empty() {
+            place.push(format!("IN DOUBT on {}", res.in_doubt_on.join(", ")));
+        }
+        if place.is_empty() {
+            place.push("Stopped".to_string());
+        }
+        let _ = writeln!(
+            out,
+            "  {:<16} ({})  {}",
+            res.id,
+            res.agent,
+            place.join("; ")
+        );
+        if let Some(why) = &res.frozen {
+            let _ = writeln!(out, "  {:<16} {why}", "");
+        }
         for (node, why) in &res.unpromotable {
             let _ = writeln!(out, "    not promotable on {node}: {why}");
         }
@@ -80,4 +97,48 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::protocol::{NodeStatus, ResourceStatus};
+
+    #[test]
+    fn a_resource_in_doubt_shows_where_and_why_it_is_frozen() {
+        let r = StatusReport {
+            cluster: "c".into(),
+            reported_by: "n1".into(),
+            quorate: true,
+            leader: Some("n1".into()),
+            term: 1,
+            config_version: 1,
+            nodes: vec![NodeStatus {
+                name: "n2".into(),
+                id: 2,
+                state: "unclean".into(),
+                role: "voter".into(),
+                links: vec![],
+                detail: Some("in doubt (it stopped heartbeating): waiting".into()),
+            }],
+            resources: vec![ResourceStatus {
+                id: "svc".into(),
+                agent: "process:svc".into(),
+                running_on: vec![],
+                in_doubt_on: vec!["n2".into()],
+                frozen: Some("frozen until n2 is confirmed down: waiting".into()),
+                failcounts: Default::default(),
+                unpromotable: Default::default(),
+            }],
+            failed_actions: vec![],
+        };
+        let text = render(&r);
+        assert!(text.contains("IN DOUBT on n2"), "{text}");
+        assert!(!text.contains("Stopped"), "{text}");
+        assert!(text.contains("frozen until n2 is confirmed down"), "{text}");
+        assert!(
+            text.contains("in doubt (it stopped heartbeating)"),
+            "{text}"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! route but `/join` requires a certificate from the cluster CA, and every request is
 //! checked against the identity that certificate names (see [`authorize`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -659,7 +659,8 @@ async fn ha_report(
 }
 
 async fn status(State(d): D) -> Json<StatusReport> {
-    Json(build_status(&d))
+    let live = super::fence::live_ls(&d).await;
+    Json(build_status(&d, live.as_ref()))
 }
 
 fn agent_name(p: &haven_model::config::Primitive) -> String {
@@ -669,8 +670,184 @@ fn agent_name(p: &haven_model::config::Primitive) -> String {
     }
 }
 
-pub fn build_status(d: &Daemon) -> StatusReport {
-    use haven_ha::membership::Liveness;
+/// What is known of a node's fencing: the coordinator's live picture when it answered,
+/// else the committed fence marks and the coordinator's last published node states.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Fencing {
+    Clear,
+    /// Lost or being fenced, not yet confirmed down: whatever it ran may still run.
+    InDoubt {
+        reason: String,
+        why: String,
+    },
+    /// Confirmed down; kept out until an operator allows it back.
+    Fenced {
+        reason: String,
+    },
+}
+
+/// The state the coordinator gives `name`: live if it answered, else as last committed.
+fn coordinator_state<'a>(
+    name: &str,
+    state: &'a haven_store::ClusterState,
+    live: Option<&'a super::fence::FenceLs>,
+) -> Option<&'a str> {
+    match live {
+        Some(ls) => ls
+            .members
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.as_str()),
+        None => state.node_states.get(name).map(String::as_str),
+    }
+}
+
+fn fencing_of(
+    name: &str,
+    state: &haven_store::ClusterState,
+    live: Option<&super::fence::FenceLs>,
+    config: Option<&haven_model::Config>,
+) -> Fencing {
+    let victim = live.and_then(|ls| ls.victims.iter().find(|v| v.name == name));
+    match (victim, state.fencing.get(name)) {
+        (Some(v), _) if v.state == "confirmed" => Fencing::Fenced {
+            reason: v.reason.clone(),
+        },
+        (Some(v), _) => Fencing::InDoubt {
+            reason: v.reason.clone(),
+            why: victim_why(name, &v.state, &v.detail),
+        },
+        (None, Some(m)) if m.confirmed => Fencing::Fenced {
+            reason: m.reason.clone(),
+        },
+        (None, Some(m)) => Fencing::InDoubt {
+            reason: m.reason.clone(),
+            why: configured_why(name, config),
+        },
+        (None, None) if coordinator_state(name, state, live) == Some("unclean") => {
+            Fencing::InDoubt {
+                reason: "lost".into(),
+                why: configured_why(name, config),
+            }
+        }
+        (None, None) => Fencing::Clear,
+    }
+}
+
+/// Where the coordinator's fencer stands with a victim, for an operator.
+fn victim_why(name: &str, state: &str, detail: &str) -> String {
+    match state {
+        "waiting-ack" => format!(
+            "waiting for an operator: power {name} off, then run `haven fence ack {name}` ({detail})"
+        ),
+        "exhausted" => format!(
+            "every fence level failed ({detail}); once {name} is down, `haven fence ack {name}` ends it"
+        ),
+        "fencing" => format!("being fenced: {detail}"),
+        "waiting-watchdog" => format!("waiting for its watchdog to reset it: {detail}"),
+        "delaying" => format!("about to be fenced: {detail}"),
+        other => format!("{other}: {detail}"),
+    }
+}
+
+/// What fencing `name` takes, from the configuration alone (when the coordinator did
+/// not answer): the devices that can fence it.
+fn configured_why(name: &str, config: Option<&haven_model::Config>) -> String {
+    use haven_ha::StepKind;
+    let levels = config
+        .map(|c| haven_ha::adapter::fence_levels(c, name))
+        .unwrap_or_default();
+    let steps: Vec<&haven_ha::FenceStep> = levels.iter().flatten().collect();
+    if steps.is_empty() {
+        format!("no fence device can fence {name}: power it off, then run `haven fence ack {name}`")
+    } else if steps.iter().all(|s| s.kind == StepKind::Manual) {
+        format!(
+            "only an operator can fence {name}: power it off, then run `haven fence ack {name}`"
+        )
+    } else {
+        format!(
+            "being fenced (`haven fence ls` shows how far; `haven fence ack {name}` once it is down)"
+        )
+    }
+}
+
+/// A node's state and why, from its fencing, what this node's detector hears, the
+/// coordinator's judgement and the configuration's standby/maintenance.
+fn node_state(
+    name: &str,
+    fencing: &Fencing,
+    liveness: Option<haven_ha::Liveness>,
+    coordinator: Option<&str>,
+    standby: bool,
+    maintenance: bool,
+) -> (&'static str, Option<String>) {
+    use haven_ha::Liveness;
+    let heard = liveness == Some(Liveness::Alive);
+    match fencing {
+        Fencing::InDoubt { reason, why } => {
+            let back = if heard {
+                "; heard again, but what it ran may still run"
+            } else {
+                ""
+            };
+            ("unclean", Some(format!("in doubt ({reason}){back}: {why}")))
+        }
+        Fencing::Fenced { reason } if heard => (
+            "fenced",
+            Some(format!(
+                "fenced ({reason}); its daemon is back and stays out until `haven node online {name}`"
+            )),
+        ),
+        Fencing::Fenced { reason } => ("fenced", Some(format!("fenced ({reason}); down"))),
+        Fencing::Clear => match liveness {
+            // The coordinator keeps it out (a node lost without fencing, or one whose
+            // mark was just removed and is being let in).
+            Some(Liveness::Alive) if matches!(coordinator, Some("offline" | "fenced")) => (
+                "offline",
+                Some(format!(
+                    "heard, but the coordinator keeps it out until `haven node online {name}`"
+                )),
+            ),
+            Some(Liveness::Alive) if maintenance => ("maintenance", None),
+            Some(Liveness::Alive) if standby => ("standby", None),
+            Some(Liveness::Alive) => ("online", None),
+            Some(Liveness::Lost { .. }) => ("offline", None),
+            Some(Liveness::Pending) | None => ("pending", None),
+        },
+    }
+}
+
+/// `running_on` and `in_doubt_on` of a resource: the nodes it was seen running on,
+/// split by whether they are in doubt. A node in doubt counts if the coordinator
+/// judges it may still run there (`frozen_on`: a start was in flight when it was
+/// lost), or its committed placement or the last committed operation there has it
+/// running (a new leader may not have seen it run).
+fn split_placement(
+    placed: &[String],
+    records: Option<&BTreeMap<String, haven_store::state::ResourceRecord>>,
+    in_doubt: &BTreeMap<String, String>,
+    frozen_on: &[&str],
+) -> (Vec<String>, Vec<String>) {
+    let running_on = placed
+        .iter()
+        .filter(|n| !in_doubt.contains_key(*n))
+        .cloned()
+        .collect();
+    let in_doubt_on = in_doubt
+        .keys()
+        .filter(|n| {
+            placed.contains(n)
+                || frozen_on.contains(&n.as_str())
+                || records
+                    .and_then(|r| r.get(*n))
+                    .is_some_and(|rec| rec.running)
+        })
+        .cloned()
+        .collect();
+    (running_on, in_doubt_on)
+}
+
+pub fn build_status(d: &Daemon, live: Option<&super::fence::FenceLs>) -> StatusReport {
     let state = d.view.state();
     let metrics = d.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership().clone();
@@ -683,28 +860,25 @@ pub fn build_status(d: &Daemon) -> StatusReport {
     };
     let config = haven_model::Config::from_toml("cluster configuration", &state.config.text).ok();
     let mut nodes = Vec::new();
+    // Node in doubt → why it is not yet confirmed down.
+    let mut in_doubt: BTreeMap<String, String> = BTreeMap::new();
     for (id, info) in membership.nodes() {
         let rec = state.nodes.get(&info.name);
         let configured = config
             .as_ref()
             .and_then(|c| c.nodes.iter().find(|n| n.name == info.name));
-        let standby = configured.is_some_and(|n| n.standby);
-        let maintenance = configured.is_some_and(|n| n.maintenance);
-        let liveness = d.liveness(&info.name);
-        let state_name = match liveness {
-            Some(Liveness::Alive) if maintenance => "maintenance",
-            Some(Liveness::Alive) if standby => "standby",
-            Some(Liveness::Alive) => "online",
-            // Lost and not yet fenced: whatever it ran may still run (the coordinator's
-            // judgement, committed by the leader).
-            Some(Liveness::Lost { .. })
-                if state.node_states.get(&info.name).map(String::as_str) == Some("unclean") =>
-            {
-                "unclean"
-            }
-            Some(Liveness::Lost { .. }) => "offline",
-            Some(Liveness::Pending) | None => "pending",
-        };
+        let fencing = fencing_of(&info.name, &state, live, config.as_ref());
+        if let Fencing::InDoubt { why, .. } = &fencing {
+            in_doubt.insert(info.name.clone(), why.clone());
+        }
+        let (state_name, detail) = node_state(
+            &info.name,
+            &fencing,
+            d.liveness(&info.name),
+            coordinator_state(&info.name, &state, live),
+            configured.is_some_and(|n| n.standby),
+            configured.is_some_and(|n| n.maintenance),
+        );
         let role = if rec.is_some_and(|r| r.witness) {
             "witness"
         } else if voters.contains(id) {
@@ -712,8 +886,7 @@ pub fn build_status(d: &Daemon) -> StatusReport {
         } else {
             "learner"
         };
-        let up: std::collections::BTreeMap<String, bool> =
-            links_of(&info.name).into_iter().collect();
+        let up: BTreeMap<String, bool> = links_of(&info.name).into_iter().collect();
         let links = info
             .addrs
             .iter()
@@ -733,6 +906,7 @@ pub fn build_status(d: &Daemon) -> StatusReport {
             state: state_name.to_string(),
             role: role.to_string(),
             links,
+            detail,
         });
     }
     let mut resources = Vec::new();
@@ -740,8 +914,30 @@ pub fn build_status(d: &Daemon) -> StatusReport {
     if let Some(config) = &config {
         for p in &config.resources {
             let records = state.resources.get(&p.id);
-            let running_on = state.placement.get(&p.id).cloned().unwrap_or_default();
-
+            let placed = state.placement.get(&p.id).cloned().unwrap_or_default();
+            let frozen_on: Vec<&str> = live
+                .map(|ls| {
+                    ls.frozen
+                        .iter()
+                        .filter(|(r, _)| *r == p.id)
+                        .map(|(_, n)| n.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let (running_on, in_doubt_on) =
+                split_placement(&placed, records, &in_doubt, &frozen_on);
+            let frozen = (!in_doubt_on.is_empty()).then(|| {
+                let whys: Vec<&str> = in_doubt_on
+                    .iter()
+                    .filter_map(|n| in_doubt.get(n).map(String::as_str))
+                    .collect();
+                format!(
+                    "frozen until {} {} confirmed down: {}",
+                    in_doubt_on.join(" and "),
+                    if in_doubt_on.len() == 1 { "is" } else { "are" },
+                    whys.join("; ")
+                )
+            });
             let failcounts = records
                 .map(|r| {
                     r.iter()
@@ -769,6 +965,8 @@ pub fn build_status(d: &Daemon) -> StatusReport {
                 id: p.id.clone(),
                 agent: agent_name(p),
                 running_on,
+                in_doubt_on,
+                frozen,
                 failcounts,
                 unpromotable,
             });
@@ -798,5 +996,154 @@ pub fn build_status(d: &Daemon) -> StatusReport {
         nodes,
         resources,
         failed_actions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_ha::Liveness;
+    use haven_store::FenceMark;
+
+    fn config(fencing: &str) -> haven_model::Config {
+        let text = format!(
+            "[options]\nstonith-enabled = true\n\n[[nodes]]\nname = \"n1\"\naddrs = [\"127.0.0.1\"]\n\n[[nodes]]\nname = \"n2\"\naddrs = [\"127.0.0.2\"]\n{fencing}"
+        );
+        haven_model::Config::from_toml("test", &text).expect("valid configuration")
+    }
+
+    fn mark(state: &mut haven_store::ClusterState, node: &str, confirmed: bool) {
+        state.fencing.insert(
+            node.into(),
+            FenceMark {
+                confirmed,
+                reason: "it stopped heartbeating".into(),
+            },
+        );
+    }
+
+    #[test]
+    fn a_node_in_doubt_is_unclean_and_says_who_can_end_it() {
+        let mut state = haven_store::ClusterState::default();
+        mark(&mut state, "n2", false);
+        let manual = config("\n[[fencing.devices]]\nid = \"op\"\nagent = \"manual\"\n");
+        let f = fencing_of("n2", &state, None, Some(&manual));
+        let (s, detail) = node_state("n2", &f, Some(Liveness::Alive), None, false, false);
+        assert_eq!(s, "unclean", "heard again, it is still in doubt");
+        let detail = detail.expect("a reason");
+        assert!(
+            detail.contains("only an operator") && detail.contains("haven fence ack n2"),
+            "{detail}"
+        );
+        let none = config("");
+        let Fencing::InDoubt { why, .. } = fencing_of("n2", &state, None, Some(&none)) else {
+            panic!("not in doubt");
+        };
+        assert!(why.contains("no fence device can fence n2"), "{why}");
+        // Lost and judged unclean before any mark is committed: in doubt too.
+        let mut lost = haven_store::ClusterState::default();
+        lost.node_states.insert("n2".into(), "unclean".into());
+        assert!(matches!(
+            fencing_of("n2", &lost, None, Some(&none)),
+            Fencing::InDoubt { .. }
+        ));
+    }
+
+    #[test]
+    fn the_coordinators_live_picture_wins_over_what_was_committed() {
+        let mut state = haven_store::ClusterState::default();
+        mark(&mut state, "n2", false);
+        let mut ls = super::super::fence::FenceLs {
+            leader: "n1".into(),
+            members: vec![
+                ("n1".into(), "online".into()),
+                ("n2".into(), "unclean".into()),
+            ],
+            heard: vec!["n1".into()],
+            victims: vec![super::super::fence::VictimInfo {
+                name: "n2".into(),
+                reason: "it stopped heartbeating".into(),
+                state: "exhausted".into(),
+                detail: "every level failed; retrying in 5000 ms".into(),
+            }],
+            victim_now: Some("n2".into()),
+            wait_state: "fencing".into(),
+            frozen: vec![],
+        };
+        let Fencing::InDoubt { why, .. } = fencing_of("n2", &state, Some(&ls), None) else {
+            panic!("not in doubt");
+        };
+        assert!(
+            why.contains("every fence level failed") && why.contains("retrying"),
+            "{why}"
+        );
+        ls.victims[0].state = "confirmed".into();
+        assert!(matches!(
+            fencing_of("n2", &state, Some(&ls), None),
+            Fencing::Fenced { .. }
+        ));
+    }
+
+    #[test]
+    fn a_fenced_node_that_is_heard_again_is_kept_out_not_online() {
+        let mut state = haven_store::ClusterState::default();
+        mark(&mut state, "n2", true);
+        let f = fencing_of("n2", &state, None, None);
+        let (s, detail) = node_state(
+            "n2",
+            &f,
+            Some(Liveness::Alive),
+            Some("offline"),
+            false,
+            false,
+        );
+        assert_eq!(s, "fenced");
+        assert!(
+            detail.is_some_and(|d| d.contains("haven node online n2")),
+            "the operator is told how to let it back"
+        );
+        // Its mark removed, the coordinator still keeps it out until it lets it in.
+        let (s, _) = node_state(
+            "n2",
+            &Fencing::Clear,
+            Some(Liveness::Alive),
+            Some("offline"),
+            false,
+            false,
+        );
+        assert_eq!(s, "offline");
+        let (s, detail) = node_state(
+            "n2",
+            &Fencing::Clear,
+            Some(Liveness::Alive),
+            Some("online"),
+            true,
+            false,
+        );
+        assert_eq!((s, detail), ("standby", None));
+    }
+
+    #[test]
+    fn a_resource_on_a_node_in_doubt_is_in_doubt_there_not_stopped() {
+        let in_doubt = BTreeMap::from([("n2".to_string(), "waiting".to_string())]);
+        let placed = vec!["n2".to_string()];
+        let (on, doubt) = split_placement(&placed, None, &in_doubt, &[]);
+        assert_eq!((on, doubt), (vec![], vec!["n2".to_string()]));
+        // The coordinator's word: a start was in flight there when it was lost.
+        let (on, doubt) = split_placement(&[], None, &in_doubt, &["n2"]);
+        assert_eq!((on, doubt), (vec![], vec!["n2".to_string()]));
+        // A new leader's placement may have lost it: the last committed operation
+        // still says it ran there.
+        let records = BTreeMap::from([(
+            "n2".to_string(),
+            haven_store::state::ResourceRecord {
+                running: true,
+                ..Default::default()
+            },
+        )]);
+        let (on, doubt) = split_placement(&[], Some(&records), &in_doubt, &[]);
+        assert_eq!((on, doubt), (vec![], vec!["n2".to_string()]));
+        let (on, doubt) = split_placement(&["n1".to_string()], None, &in_doubt, &[]);
+        assert_eq!((on, doubt), (vec!["n1".to_string()], vec![]));
     }
 }

@@ -121,7 +121,9 @@ pub struct Acked {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FenceLs {
     pub leader: String,
-    /// Every configured node and its state as the coordinator sees it.
+    /// Every configured node and its state as the coordinator sees it: pending,
+    /// online, unclean (in doubt, being fenced), offline, or fenced (kept out until
+    /// `haven node online`).
     pub members: Vec<(String, String)>,
     /// Nodes the coordinator hears on at least one link.
     #[serde(default)]
@@ -131,6 +133,11 @@ pub struct FenceLs {
     pub victim_now: Option<String>,
     /// `none` or `fencing`.
     pub wait_state: String,
+    /// (resource, node): resources that may still run on a node in doubt, so nothing
+    /// recovers them until it is fenced. The coordinator's own safety judgement: a
+    /// start in flight when the node was lost counts too.
+    #[serde(default)]
+    pub frozen: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -555,7 +562,7 @@ pub fn dispatch(d: &Arc<Daemon>, run: FenceRun, executor: String) {
             (None, _) => Err(format!("no address for executor {executor}")),
             (Some(addr), _) => d
                 .rpc
-                .call(addr, FENCE_RUN, &run)
+                .call_node(None, addr, &executor, FENCE_RUN, &run)
                 .await
                 .map_err(|e| e.to_string()),
         };
@@ -709,8 +716,9 @@ pub fn agent_spec(dev: &FenceDevice) -> Result<(FenceAgentSpec, FenceAction), St
 }
 
 /// The lab's power switch: kills the daemon of the node in `node_dir` and every
-/// resource process it started (each one's process group), by the pidfiles, and waits
-/// until they are gone. Returns how many processes it killed.
+/// resource process it started (each one's process group), by the pidfiles, and in a
+/// lab of network namespaces every process left in the node's namespace; waits until
+/// they are gone. Returns how many processes it killed. `haven lab kill` is this too.
 pub fn power_off(node_dir: &Path) -> Result<usize, String> {
     use nix::sys::signal::{Signal, kill, killpg};
     use nix::unistd::Pid;
@@ -761,7 +769,32 @@ pub fn power_off(node_dir: &Path) -> Result<usize, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(victims.len())
+    Ok(victims.len() + power_off_namespace(node_dir)?)
+}
+
+/// A node in a network namespace is powered off whole: what it started outside its
+/// pidfiles (an agent's double-forked helper, a guest's sidecar) dies with it.
+fn power_off_namespace(node_dir: &Path) -> Result<usize, String> {
+    use crate::cmd::lab::netns;
+    let (Some(lab_dir), Some(node)) = (node_dir.parent(), node_dir.file_name()) else {
+        return Ok(0);
+    };
+    let record = netns::load(lab_dir).map_err(|e| format!("{e:#}"))?;
+    let Some(record) = record else {
+        return Ok(0);
+    };
+    let ns = &record
+        .node(&node.to_string_lossy())
+        .map_err(|e| format!("{e:#}"))?
+        .netns;
+    let killed = netns::kill_all(ns);
+    let left = netns::pids(ns);
+    if !left.is_empty() {
+        return Err(format!(
+            "namespace {ns}: processes {left:?} survived SIGKILL for {POWER_OFF_WAIT:?}"
+        ));
+    }
+    Ok(killed)
 }
 
 /// The pid in NODE_DIR/daemon.pid, if it is that node's `haven daemon` (a recycled pid
@@ -933,10 +966,24 @@ fn commit(d: &Arc<Daemon>, record: FenceRecord, confirmed: bool) {
 
 fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
     let view = c.view();
+    let fenced: BTreeSet<&str> = c
+        .fencer()
+        .victims()
+        .filter(|(_, _, s)| matches!(s, VictimState::Confirmed { .. }))
+        .map(|(n, ..)| n)
+        .collect();
+    // A node the coordinator keeps offline because it was fenced is "fenced": it stays
+    // out, heard or not, until `haven node online`.
     let members = view
         .nodes
         .iter()
-        .map(|(n, s)| (n.clone(), format!("{s:?}").to_lowercase()))
+        .map(|(n, s)| {
+            let state = match s {
+                haven_ha::NodeState::Offline if fenced.contains(n.as_str()) => "fenced".into(),
+                s => format!("{s:?}").to_lowercase(),
+            };
+            (n.clone(), state)
+        })
         .collect();
     let mut victims = Vec::new();
     let mut victim_now = None;
@@ -990,6 +1037,18 @@ fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
             detail,
         });
     }
+    let frozen = view
+        .resources
+        .iter()
+        .flat_map(|(r, per_node)| {
+            per_node
+                .iter()
+                .filter(|(n, o)| {
+                    o.maybe_active() && view.nodes.get(*n) == Some(&haven_ha::NodeState::Unclean)
+                })
+                .map(move |(n, _)| (r.clone(), n.clone()))
+        })
+        .collect();
     let heard = c
         .status()
         .links
@@ -1009,6 +1068,7 @@ fn fence_ls<P: Planner>(d: &Daemon, c: &Coordinator<P>) -> FenceLs {
         }
         .to_string(),
         victim_now,
+        frozen,
     }
 }
 
@@ -1090,7 +1150,10 @@ async fn send_done(d: &Daemon, done: FenceDone) {
             }
             Some((_, info)) => {
                 if let Some(addr) = d.peer_addr(&info) {
-                    let r: Result<Empty, _> = d.rpc.call(&addr, FENCE_DONE, &done).await;
+                    let r: Result<Empty, _> = d
+                        .rpc
+                        .call_node(None, &addr, &info.name, FENCE_DONE, &done)
+                        .await;
                     match r {
                         Ok(_) => return,
                         Err(e) => tracing::debug!("fence result to the leader: {e}"),
@@ -1162,14 +1225,42 @@ async fn ls(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
 
 async fn ls_local(State(d): D, Json(_): Json<Empty>) -> ApiResult<FenceLs> {
     require_coordinator(&d)?;
+    ask_coordinator(&d, Duration::from_secs(5))
+        .await
+        .map(Json)
+        .ok_or_else(coordinator_gone)
+}
+
+async fn ask_coordinator(d: &Daemon, within: Duration) -> Option<FenceLs> {
     let (tx, rx) = oneshot::channel();
     let _ = d.ha.coord.send(ha::CoordInput::Fence(FenceInput::Ls(tx)));
-    tokio::time::timeout(Duration::from_secs(5), rx)
+    tokio::time::timeout(within, rx)
         .await
         .ok()
         .and_then(Result::ok)
-        .map(Json)
-        .ok_or_else(coordinator_gone)
+}
+
+/// How long `haven status` waits for the coordinator's picture of fencing: short, so a
+/// status answers promptly when the leader is slow or gone (it then shows what was
+/// committed).
+const STATUS_FENCE_WAIT: Duration = Duration::from_secs(1);
+
+/// The coordinator's live picture of fencing, for `haven status`: from this node's own
+/// coordinator (the leader, or a two-node survivor), else from the leader while this
+/// node is quorate. None when there is none to ask (a node cut off has no coordinator
+/// worth asking: its committed state is all it knows).
+pub async fn live_ls(d: &Daemon) -> Option<FenceLs> {
+    if coordinating(d) {
+        return ask_coordinator(d, STATUS_FENCE_WAIT).await;
+    }
+    if !quorum_now(d).quorate {
+        return None;
+    }
+    let ask = super::api::leader_call::<_, FenceLs>(d, FENCE_LS_LOCAL, &Empty {});
+    tokio::time::timeout(STATUS_FENCE_WAIT, ask)
+        .await
+        .ok()?
+        .ok()
 }
 
 async fn node(State(d): D, Json(req): Json<NodeName>) -> ApiResult<Empty> {

@@ -530,7 +530,7 @@ fn dispatch(d: &Arc<Daemon>, cmd: CoordinatorCommand, reason: String) {
             let d = d.clone();
             tokio::spawn(async move {
                 let r: Result<super::protocol::Empty, _> =
-                    d.rpc.call(&addr, OP_PATH, &request).await;
+                    d.rpc.call_node(None, &addr, &node, OP_PATH, &request).await;
                 if let Err(e) = r {
                     // The coordinator times the operation out and decides what it means.
                     tracing::warn!(
@@ -759,8 +759,10 @@ async fn send_report(d: &Daemon, report: OpReport) {
             }
             Some((_, info)) if !d.lab.rpc_cut() => {
                 if let Some(addr) = d.peer_addr(&info) {
-                    let r: Result<super::protocol::Empty, _> =
-                        d.rpc.call(&addr, REPORT_PATH, &msg).await;
+                    let r: Result<super::protocol::Empty, _> = d
+                        .rpc
+                        .call_node(None, &addr, &info.name, REPORT_PATH, &msg)
+                        .await;
                     match r {
                         Ok(_) => return,
                         Err(e) => tracing::debug!("report to the leader: {e}"),

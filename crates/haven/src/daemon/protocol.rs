@@ -102,11 +102,17 @@ pub struct StatusReport {
 pub struct NodeStatus {
     pub name: String,
     pub id: u64,
-    /// online, offline, unclean (lost, not yet fenced), pending, standby or maintenance.
+    /// online, standby, maintenance, pending, unclean (in doubt: lost or being fenced,
+    /// and not yet confirmed down), fenced (confirmed down; kept out until `haven node
+    /// online`), or offline.
     pub state: String,
     /// voter, learner or witness.
     pub role: String,
     pub links: Vec<LinkStatus>,
+    /// Why the node is in that state, for every state but a plain one (online,
+    /// standby, maintenance, pending, offline): what it waits for, and who can end it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -120,7 +126,15 @@ pub struct LinkStatus {
 pub struct ResourceStatus {
     pub id: String,
     pub agent: String,
+    /// Nodes where it is known to run (nodes in doubt are in `in_doubt_on` instead).
     pub running_on: Vec<String>,
+    /// Nodes in doubt (lost or being fenced, not yet confirmed down) where it was
+    /// running: it may run there still, so nothing recovers it until fencing confirms.
+    #[serde(default)]
+    pub in_doubt_on: Vec<String>,
+    /// Why it is frozen (nothing is done for it) while `in_doubt_on` is not empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<String>,
     pub failcounts: BTreeMap<String, u32>,
     /// Why the resource may not be promoted on some nodes (a volume replica recorded
     /// outdated): node → reason.
