@@ -300,11 +300,15 @@ fn netns_lab_runs_each_node_in_its_own_namespace_and_down_leaves_nothing_behind(
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lab");
     let guard = Lab(&dir);
+    let guest = guest_dir();
     let out = haven(
         &[
             "lab",
             "up",
             "--netns",
+            "--vms",
+            "--guest-dir",
+            guest.to_str().unwrap(),
             "--nodes",
             "3",
             "--dir",
@@ -346,13 +350,14 @@ fn netns_lab_runs_each_node_in_its_own_namespace_and_down_leaves_nothing_behind(
             .as_array()
             .is_some_and(|ns| ns.len() == 3 && ns.iter().all(|n| n["state"] == "online"));
         online
-            && ["db", "web", "worker"]
+            && ["db", "web", "worker", "vm1"]
                 .iter()
                 .all(|r| placement(s, r).len() == 1)
     });
     let s = status_of(&dir).expect("status");
     let mut resource_pids = Vec::new();
-    for r in ["db", "web", "worker"] {
+    // The QEMU guest too: its process lives in its node's namespace.
+    for r in ["db", "web", "worker", "vm1"] {
         let node = placement(&s, r).remove(0);
         let pid: i32 = std::fs::read_to_string(dir.join(&node).join(format!("resources/{r}.pid")))
             .expect("pidfile")
