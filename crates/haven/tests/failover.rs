@@ -35,14 +35,6 @@ fn leader_seen_by(lab: &Lab, node: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-fn daemon_pid(dir: &Path, node: &str) -> i32 {
-    std::fs::read_to_string(dir.join(node).join("daemon.pid"))
-        .expect("daemon.pid")
-        .trim()
-        .parse()
-        .expect("pid")
-}
-
 /// Whether `pid` is a live process (not gone, not a zombie).
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -214,11 +206,7 @@ fn fence_node_escalates_from_a_failing_fence_dummy_to_the_lab_switch_which_kills
         let r = lab.running("svc");
         (r.len() == 1 && r[0] != "n1").then(|| r[0].clone())
     });
-    let daemon_pid: i32 = std::fs::read_to_string(lab.dir.join(&home).join("daemon.pid"))
-        .expect("daemon.pid")
-        .trim()
-        .parse()
-        .expect("pid");
+    let daemon_pid = common::daemon_pid(&lab.dir, &home);
     let checker = Checker::start(&lab.dir, "svc");
     ok(lab.run(&["fence", "node", &home]));
     let survivor = wait_for("svc to run on the last node", || {
@@ -306,25 +294,9 @@ fn a_partitioned_node_stops_its_resource_and_the_majority_recovers_it_after_the_
         (r.len() == 1 && r[0] != home).then(|| r[0].clone())
     });
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
-    let h = wait_for("the watchdog confirmation to be committed", || {
-        let h = lab.fence_history(&lab.client_of(&survivor));
-        (!h.is_empty()).then_some(h)
-    });
-    assert_eq!(
-        (&h[0]["victim"], &h[0]["device"], &h[0]["ok"]),
-        (
-            &serde_json::json!(home),
-            &serde_json::json!("wd"),
-            &serde_json::json!(true)
-        ),
-        "{h:?}"
-    );
+    lab.wait_fence_confirmed(&survivor, &home, "wd");
     // The minority's node still runs (it was cut off, not killed) but holds nothing.
-    let pid: i32 = std::fs::read_to_string(lab.dir.join(&home).join("daemon.pid"))
-        .expect("daemon.pid")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = daemon_pid(&lab.dir, &home);
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     let minority = haven(&["status", "--json"], Some(&lab.client_of(&home)));
     let s: serde_json::Value = serde_json::from_slice(&minority.stdout).expect("status JSON");
@@ -459,22 +431,7 @@ fn cutting_one_of_two_links_is_reported_but_fences_nothing() {
         "--dir",
         lab.dir_str(),
     ]));
-    let link_state = |name: &str| -> Option<(String, bool, bool)> {
-        let out = haven(&["status", "--json"], Some(&client));
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let n = s["nodes"]
-            .as_array()?
-            .iter()
-            .find(|n| n["name"] == name)?
-            .clone();
-        let up = |l: &str| {
-            n["links"]
-                .as_array()
-                .and_then(|ls| ls.iter().find(|x| x["name"] == l))
-                .is_some_and(|x| x["up"] == true)
-        };
-        Some((n["state"].as_str()?.to_string(), up("link0"), up("link1")))
-    };
+    let link_state = |name: &str| node_links(&client, name);
     let seen = wait_for("link1 of the node to be down", || {
         link_state(&home).filter(|(_, _, link1)| !link1)
     });

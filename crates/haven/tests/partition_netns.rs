@@ -118,21 +118,7 @@ fn cutting_only_link0_leaves_the_node_in_the_cluster_managed_over_link1() {
         "--dir",
         lab.dir_str(),
     ]));
-    let node_view = |name: &str| -> Option<(String, bool, bool)> {
-        let s = status_via(&client)?;
-        let n = s["nodes"]
-            .as_array()?
-            .iter()
-            .find(|n| n["name"] == name)?
-            .clone();
-        let up = |l: &str| {
-            n["links"]
-                .as_array()
-                .and_then(|ls| ls.iter().find(|x| x["name"] == l))
-                .is_some_and(|x| x["up"] == true)
-        };
-        Some((n["state"].as_str()?.to_string(), up("link0"), up("link1")))
-    };
+    let node_view = |name: &str| node_links(&client, name);
     let seen = wait_for("link0 of the cut node to be down", || {
         node_view(&home).filter(|(_, link0, _)| !link0)
     });
@@ -180,26 +166,10 @@ fn with_watchdog_fencing_the_cut_off_node_stops_its_resource_before_the_majority
         let now = checker.now();
         (now.len() == 1 && now[0] != home).then(|| now[0].clone())
     });
-    let h = wait_for("the watchdog confirmation to be committed", || {
-        let h = lab.fence_history(&lab.client_of(&survivor));
-        (!h.is_empty()).then_some(h)
-    });
-    assert_eq!(
-        (&h[0]["victim"], &h[0]["device"], &h[0]["ok"]),
-        (
-            &serde_json::json!(home),
-            &serde_json::json!("wd"),
-            &serde_json::json!(true)
-        ),
-        "{h:?}"
-    );
+    lab.wait_fence_confirmed(&survivor, &home, "wd");
     // The cut-off node was not powered off: its daemon runs on, in its namespace,
     // without quorum, and holds nothing.
-    let pid: i32 = std::fs::read_to_string(lab.dir.join(&home).join("daemon.pid"))
-        .expect("daemon.pid")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = daemon_pid(&lab.dir, &home);
     assert!(
         common::netns::pids(&rec.node(&home).netns).contains(&pid),
         "the cut-off node's daemon is gone from its namespace"

@@ -198,6 +198,24 @@ impl Lab {
         serde_json::from_str::<Vec<serde_json::Value>>(&out).expect("history JSON")
     }
 
+    /// Waits until `survivor` has committed a fence confirmation, and checks it was
+    /// `victim`'s, by `device`, and succeeded.
+    pub fn wait_fence_confirmed(&self, survivor: &str, victim: &str, device: &str) {
+        let h = wait_for("the fence confirmation to be committed", || {
+            let h = self.fence_history(&self.client_of(survivor));
+            (!h.is_empty()).then_some(h)
+        });
+        assert_eq!(
+            (&h[0]["victim"], &h[0]["device"], &h[0]["ok"]),
+            (
+                &serde_json::json!(victim),
+                &serde_json::json!(device),
+                &serde_json::json!(true)
+            ),
+            "{h:?}"
+        );
+    }
+
     pub fn fence_ls(&self, client: &Path) -> Option<serde_json::Value> {
         let out = haven(&["fence", "ls", "--json"], Some(client));
         out.status
@@ -348,4 +366,28 @@ pub fn guest_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// A node's state and whether its link0 and link1 are up, as `status --json` from
+/// `client` reports them.
+pub fn node_links(client: &Path, name: &str) -> Option<(String, bool, bool)> {
+    let out = haven(&["status", "--json"], Some(client));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let n = s["nodes"].as_array()?.iter().find(|n| n["name"] == name)?;
+    let up = |l: &str| {
+        n["links"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|x| x["name"] == l))
+            .is_some_and(|x| x["up"] == true)
+    };
+    Some((n["state"].as_str()?.to_string(), up("link0"), up("link1")))
+}
+
+/// The pid in `node`'s daemon.pid under a lab directory.
+pub fn daemon_pid(dir: &Path, node: &str) -> i32 {
+    std::fs::read_to_string(dir.join(node).join("daemon.pid"))
+        .expect("daemon.pid")
+        .trim()
+        .parse()
+        .expect("pid")
 }
