@@ -45,6 +45,8 @@ enum Command {
     Resource(daemon::resource_cmd::Args),
     /// Fencing: members and victims, fence a node, acknowledge by hand, history
     Fence(cmd::fence::Args),
+    /// Serve the REST API and web dashboard on loopback, with this client's certificate
+    Dashboard(cmd::dashboard::Args),
 }
 
 /// Rust ignores SIGPIPE, so `haven simulate ... | head` would panic on the closed pipe
@@ -82,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Node(a) => daemon::node_cmd::run(a),
         Command::Resource(a) => daemon::resource_cmd::run(a),
         Command::Fence(a) => cmd::fence::run(a),
+        Command::Dashboard(a) => cmd::dashboard::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

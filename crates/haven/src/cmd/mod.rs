@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod config;
 pub mod conformance;
 pub mod daemon;
+pub mod dashboard;
 pub mod fence;
 pub mod import;
 pub mod lab;

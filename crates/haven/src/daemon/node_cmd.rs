@@ -27,43 +27,49 @@ pub enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let online = matches!(args.command, Command::Online { .. });
-    let (name, standby, maintenance) = match args.command {
+    let rt = tokio::runtime::Runtime::new()?;
+    let (name, version) = rt.block_on(async {
+        let client = Client::from_arg(args.config)?;
+        apply(&client, args.command).await
+    })?;
+    println!("{name}: done (configuration version {version})");
+    Ok(())
+}
+
+/// Carries out `cmd` (the CLI's and the dashboard's shared path); returns the node and
+/// the configuration version that holds the change.
+pub async fn apply(client: &Client, cmd: Command) -> anyhow::Result<(String, u64)> {
+    let online = matches!(cmd, Command::Online { .. });
+    let (name, standby, maintenance) = match cmd {
         Command::Standby { node } => (node, Some(true), None),
         Command::Online { node } => (node, Some(false), Some(false)),
         Command::Maintenance { node } => (node, None, Some(true)),
     };
-    let rt = tokio::runtime::Runtime::new()?;
-    let version = rt.block_on(async {
-        let client = Client::from_arg(args.config)?;
-        let version = super::client::edit_config(&client, |config| {
-            let node = config
-                .nodes
-                .iter_mut()
-                .find(|n| n.name == name)
-                .ok_or_else(|| {
-                    anyhow::anyhow!("no node named {name:?} in the configuration's [[nodes]]")
-                })?;
-            if let Some(s) = standby {
-                node.standby = s;
-            }
-            if let Some(m) = maintenance {
-                node.maintenance = m;
-            }
-            Ok(())
-        })
-        .await?;
-        if online {
-            // A node fenced for a fault comes back only when an operator allows it.
-            let _: super::protocol::Empty = client
-                .call(
-                    super::fence::NODE_REJOIN,
-                    &super::fence::NodeName { node: name.clone() },
-                )
-                .await?;
+    let version = super::client::edit_config(client, |config| {
+        let node = config
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!("no node named {name:?} in the configuration's [[nodes]]")
+            })?;
+        if let Some(s) = standby {
+            node.standby = s;
         }
-        anyhow::Ok(version)
-    })?;
-    println!("{name}: done (configuration version {version})");
-    Ok(())
+        if let Some(m) = maintenance {
+            node.maintenance = m;
+        }
+        Ok(())
+    })
+    .await?;
+    if online {
+        // A node fenced for a fault comes back only when an operator allows it.
+        let _: super::protocol::Empty = client
+            .call(
+                super::fence::NODE_REJOIN,
+                &super::fence::NodeName { node: name.clone() },
+            )
+            .await?;
+    }
+    Ok((name, version))
 }

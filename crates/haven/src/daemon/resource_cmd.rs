@@ -117,23 +117,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let client = Client::from_arg(args.config)?;
-        if let Command::Cleanup { id } = &args.command {
-            let _: Empty = client
-                .call(
-                    api::CLEANUP,
-                    &Cleanup {
-                        resource: id.clone(),
-                    },
-                )
-                .await?;
-            println!("{id}: failures cleared, re-probing");
-            return Ok(());
+        match apply(&client, args.command).await? {
+            Applied::CleanedUp(id) => println!("{id}: failures cleared, re-probing"),
+            Applied::Version(version) => println!("done: configuration version {version}"),
         }
-        let cmd = args.command;
-        let version = super::client::edit_config(&client, |c| edit(c, &cmd)).await?;
-        println!("done: configuration version {version}");
         Ok(())
     })
+}
+
+/// What [`apply`] did.
+pub enum Applied {
+    /// Failures of this resource cleared; it is being re-probed.
+    CleanedUp(String),
+    /// The configuration version that holds the change.
+    Version(u64),
+}
+
+/// Carries out `cmd` (the CLI's and the dashboard's shared path).
+pub async fn apply(client: &Client, cmd: Command) -> anyhow::Result<Applied> {
+    if let Command::Cleanup { id } = cmd {
+        let _: Empty = client
+            .call(
+                api::CLEANUP,
+                &Cleanup {
+                    resource: id.clone(),
+                },
+            )
+            .await?;
+        return Ok(Applied::CleanedUp(id));
+    }
+    let version = super::client::edit_config(client, |c| edit(c, &cmd)).await?;
+    Ok(Applied::Version(version))
 }
 
 #[cfg(test)]
