@@ -1271,6 +1271,8 @@ impl<P: Planner> World<P> {
             if c.view().nodes.get(&v) == Some(&NodeState::Online) {
                 self.report.operator_allows += 1;
                 self.kept_out.remove(&v);
+                // The daemon removes the mark before it lets the node in, never after.
+                self.committed_marks.remove(&v);
                 for node in self.nodes.values_mut() {
                     node.local_marks.remove(&v);
                 }
