@@ -21,8 +21,9 @@ pub enum Violation {
         running_on: Vec<String>,
         at: Time,
     },
-    /// A resource started on `node` while `peer`, out of touch with `node` and not
-    /// fenced since, had run it meanwhile: recovery did not wait for the fence.
+    /// A resource started on `node` while `peer`, out of touch with the coordinator
+    /// that ordered the start and not fenced since, had run it meanwhile: recovery
+    /// did not wait for the fence.
     NotFencedFirst {
         resource: String,
         node: String,
@@ -98,7 +99,7 @@ impl fmt::Display for Violation {
                 at,
             } => write!(
                 f,
-                "{at}: {resource} started on {node} while {peer}, out of touch and not fenced, had run it"
+                "{at}: {resource} started on {node} while {peer}, out of touch with the coordinator that ordered it and not fenced since, had run it"
             ),
             Violation::FencedNodeBack {
                 node,
@@ -191,6 +192,57 @@ mod tests {
         let healed = truth(&[("vm1", &["n1"])]);
         assert!(check_at_most_once(&healed, Time(7), &mut seen).is_empty());
         assert_eq!(check_at_most_once(&t, Time(8), &mut seen).len(), 1);
+    }
+
+    #[test]
+    fn each_breach_has_a_key_of_its_own() {
+        let at = Time(1);
+        let all = [
+            Violation::RunningTwice {
+                resource: "r1".into(),
+                nodes: vec!["n1".into(), "n2".into()],
+                at,
+            },
+            Violation::NotRecovered {
+                resource: "r1".into(),
+                running_on: vec![],
+                at,
+            },
+            Violation::NotFencedFirst {
+                resource: "r1".into(),
+                node: "n1".into(),
+                peer: "n2".into(),
+                at,
+            },
+            Violation::NotFencedFirst {
+                resource: "r1".into(),
+                node: "n2".into(),
+                peer: "n1".into(),
+                at,
+            },
+            Violation::FencedNodeBack {
+                node: "n1".into(),
+                running: vec![],
+                let_in_by: vec!["n2".into()],
+                at,
+            },
+            Violation::StoppedUnprobed {
+                resource: "r1".into(),
+                node: "n1".into(),
+                at,
+            },
+            Violation::BothFenced { at },
+        ];
+        let keys: BTreeSet<String> = all.iter().map(Violation::key).collect();
+        assert_eq!(keys.len(), all.len());
+        // The same breach seen later is the same breach.
+        let later = Violation::StoppedUnprobed {
+            resource: "r1".into(),
+            node: "n1".into(),
+            at: Time(9),
+        };
+        assert!(keys.contains(&later.key()));
+        assert!(later.to_string().contains("without probing"));
     }
 
     #[test]

@@ -209,6 +209,9 @@ pub struct SimReport {
     /// Two-node worlds: a node running a coordinator alone fenced its peer.
     pub lone_fences: u32,
     pub operator_allows: u32,
+    /// Two-node worlds: both nodes ran a coordinator alone at once (a cut both ways:
+    /// each races to fence the other).
+    pub fencing_races: u32,
 }
 
 const TICK: Duration = Duration::from_millis(50);
@@ -259,6 +262,8 @@ struct Node {
     unprobed: BTreeSet<String>,
     /// The restarted daemon still owes its start-up probe of every resource.
     probe_due: bool,
+    /// resource → the node whose coordinator last ordered an operation on it here.
+    ordered_by: BTreeMap<String, String>,
 }
 
 impl Node {
@@ -308,9 +313,10 @@ struct World<P> {
     fenced_down: BTreeSet<String>,
     /// With auto-rejoin off: nodes fenced and not yet allowed back by the operator.
     kept_out: BTreeSet<String>,
-    /// (n, m) → resources that ran on n while n was out of touch with m: m must not
-    /// start them before n is fenced (or back in touch).
+    /// (n, m) → resources that ran on n while n was out of touch with m: a
+    /// coordinator on m must not start them before n is fenced (or back in touch).
     unseen_runs: BTreeMap<(String, String), BTreeSet<String>>,
+    racing: bool,
 }
 
 /// The cluster every run simulates: `nodes` hosts with two heartbeat links each and a
@@ -416,6 +422,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                         local_marks: BTreeMap::new(),
                         unprobed: BTreeSet::new(),
                         probe_due: false,
+                        ordered_by: BTreeMap::new(),
                     },
                 )
             })
@@ -438,6 +445,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
         fenced_down: BTreeSet::new(),
         kept_out: BTreeSet::new(),
         unseen_runs: BTreeMap::new(),
+        racing: false,
         opts,
     };
     w.log(format!("world: {}", w.opts.describe()));
@@ -609,6 +617,7 @@ impl<P: Planner> World<P> {
             node.agent = NodeAgent::new();
             node.pending_ops.clear();
             node.probe_due = false;
+            node.ordered_by.clear();
         }
         if self.coordinators.remove(n).is_some() {
             self.log(format!("{n}'s coordinator is gone with its daemon"));
@@ -850,6 +859,13 @@ impl<P: Planner> World<P> {
             c.handle_fence_marks(marks, self.now);
             self.coordinators.insert(n, c);
         }
+        let racing = self.opts.two_node
+            && self.coordinators.len() == self.nodes.len()
+            && self.leader.is_none();
+        if racing && !self.racing {
+            self.report.fencing_races += 1;
+        }
+        self.racing = racing;
     }
 
     fn send(&mut self, from: &str, to: &str, payload: Payload) {
@@ -952,6 +968,8 @@ impl<P: Planner> World<P> {
                     // Only a coordinator with quorum sends operations: hearing one is
                     // hearing a quorate leader, which gives the node its lease.
                     node.quorum.handle_quorum(true, now);
+                    node.ordered_by
+                        .insert(req.resource.clone(), msg.from.clone());
                     node.agent.handle_request(req, now);
                 }
             }
@@ -1170,13 +1188,17 @@ impl<P: Planner> World<P> {
         }
     }
 
-    /// Nothing starts on `m` while a node out of touch with it, and not fenced since,
-    /// may still run it: whatever that node did meanwhile, `m` cannot know it.
+    /// Nothing starts on `m` while a node out of touch with the coordinator that
+    /// ordered the start, and not fenced since, may still run it: whatever that node
+    /// did meanwhile, the coordinator cannot know it.
     fn check_fenced_first(&mut self, r: &str, m: &str) {
+        let Some(c) = self.nodes.get(m).and_then(|x| x.ordered_by.get(r)).cloned() else {
+            return;
+        };
         let holders: Vec<String> = self
             .unseen_runs
             .iter()
-            .filter(|((_, to), runs)| to == m && runs.contains(r))
+            .filter(|((n, to), runs)| *to == c && n != m && runs.contains(r))
             .map(|((n, _), _)| n.clone())
             .collect();
         for n in holders {

@@ -26,6 +26,7 @@ fn many_seeds_never_run_twice_and_always_recover() {
     let mut lone_fences = 0;
     let mut restarts = 0;
     let mut allows = 0;
+    let mut races = 0;
     for seed in 0..seeds() {
         let opts = SimOptions::for_seed(seed);
         two_node_worlds += u32::from(opts.two_node);
@@ -36,6 +37,7 @@ fn many_seeds_never_run_twice_and_always_recover() {
         lone_fences += report.lone_fences;
         restarts += report.daemon_restarts;
         allows += report.operator_allows;
+        races += report.fencing_races;
         if !report.violations.is_empty() {
             failed.push((seed, world, report));
         }
@@ -49,6 +51,10 @@ fn many_seeds_never_run_twice_and_always_recover() {
     assert!(
         lone_fences > 0,
         "two-node survivors must have fenced their peers alone"
+    );
+    assert!(
+        races > 0,
+        "two-node worlds must be cut both ways, both nodes racing to fence"
     );
     assert!(restarts > 0, "the runs must restart daemons");
     assert!(allows > 0, "operators must have let fenced nodes back in");
