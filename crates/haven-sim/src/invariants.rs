@@ -21,6 +21,54 @@ pub enum Violation {
         running_on: Vec<String>,
         at: Time,
     },
+    /// A resource started on `node` while `peer`, out of touch with the coordinator
+    /// that ordered the start and not fenced since, had run it meanwhile: recovery
+    /// did not wait for the fence.
+    NotFencedFirst {
+        resource: String,
+        node: String,
+        peer: String,
+        at: Time,
+    },
+    /// A node fenced and not yet allowed back by the operator ran resources, or a
+    /// coordinator counted it in.
+    FencedNodeBack {
+        node: String,
+        running: Vec<String>,
+        let_in_by: Vec<String>,
+        at: Time,
+    },
+    /// A restarted daemon told the cluster a resource was not running on its node
+    /// without having probed it.
+    StoppedUnprobed {
+        resource: String,
+        node: String,
+        at: Time,
+    },
+    /// Both nodes of a two-node cluster were fenced at once: the fence delays did not
+    /// decide the race.
+    BothFenced { at: Time },
+}
+
+impl Violation {
+    /// What makes two reports the same breach (reported once per run).
+    pub fn key(&self) -> String {
+        match self {
+            Violation::RunningTwice { resource, .. } => format!("twice {resource}"),
+            Violation::NotRecovered { resource, .. } => format!("unrecovered {resource}"),
+            Violation::NotFencedFirst {
+                resource,
+                node,
+                peer,
+                ..
+            } => format!("unfenced {resource} {node} {peer}"),
+            Violation::FencedNodeBack { node, .. } => format!("back {node}"),
+            Violation::StoppedUnprobed { resource, node, .. } => {
+                format!("unprobed {resource} {node}")
+            }
+            Violation::BothFenced { .. } => "both fenced".to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Violation {
@@ -44,6 +92,33 @@ impl fmt::Display for Violation {
                 "{at}: {resource} not running exactly once after healing (running on [{}])",
                 running_on.join(", ")
             ),
+            Violation::NotFencedFirst {
+                resource,
+                node,
+                peer,
+                at,
+            } => write!(
+                f,
+                "{at}: {resource} started on {node} while {peer}, out of touch with the coordinator that ordered it and not fenced since, had run it"
+            ),
+            Violation::FencedNodeBack {
+                node,
+                running,
+                let_in_by,
+                at,
+            } => write!(
+                f,
+                "{at}: {node} was fenced and not allowed back, yet runs [{}] and is counted in by [{}]",
+                running.join(", "),
+                let_in_by.join(", ")
+            ),
+            Violation::StoppedUnprobed { resource, node, at } => write!(
+                f,
+                "{at}: {node}'s restarted daemon reported {resource} not running without probing it"
+            ),
+            Violation::BothFenced { at } => {
+                write!(f, "{at}: both nodes of the two-node cluster were fenced")
+            }
         }
     }
 }
@@ -120,6 +195,57 @@ mod tests {
     }
 
     #[test]
+    fn each_breach_has_a_key_of_its_own() {
+        let at = Time(1);
+        let all = [
+            Violation::RunningTwice {
+                resource: "r1".into(),
+                nodes: vec!["n1".into(), "n2".into()],
+                at,
+            },
+            Violation::NotRecovered {
+                resource: "r1".into(),
+                running_on: vec![],
+                at,
+            },
+            Violation::NotFencedFirst {
+                resource: "r1".into(),
+                node: "n1".into(),
+                peer: "n2".into(),
+                at,
+            },
+            Violation::NotFencedFirst {
+                resource: "r1".into(),
+                node: "n2".into(),
+                peer: "n1".into(),
+                at,
+            },
+            Violation::FencedNodeBack {
+                node: "n1".into(),
+                running: vec![],
+                let_in_by: vec!["n2".into()],
+                at,
+            },
+            Violation::StoppedUnprobed {
+                resource: "r1".into(),
+                node: "n1".into(),
+                at,
+            },
+            Violation::BothFenced { at },
+        ];
+        let keys: BTreeSet<String> = all.iter().map(Violation::key).collect();
+        assert_eq!(keys.len(), all.len());
+        // The same breach seen later is the same breach.
+        let later = Violation::StoppedUnprobed {
+            resource: "r1".into(),
+            node: "n1".into(),
+            at: Time(9),
+        };
+        assert!(keys.contains(&later.key()));
+        assert!(later.to_string().contains("without probing"));
+    }
+
+    #[test]
     fn missing_and_doubled_resources_are_not_recovered() {
         let t = truth(&[("vm1", &["n1"]), ("vm2", &["n1", "n2"])]);
         let all = ["vm1".to_string(), "vm2".to_string(), "vm3".to_string()];
@@ -128,7 +254,7 @@ mod tests {
             .iter()
             .map(|v| match v {
                 Violation::NotRecovered { resource, .. } => resource.as_str(),
-                Violation::RunningTwice { .. } => "",
+                _ => "",
             })
             .collect();
         assert_eq!(names, vec!["vm2", "vm3"]);

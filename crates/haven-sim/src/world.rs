@@ -1,4 +1,5 @@
-//! The simulated world: nodes, their processes, the network, the power switches.
+//! The simulated world: nodes, their daemons and processes, the network, the power
+//! switches.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -7,8 +8,8 @@ use std::time::Duration;
 use haven_ha::adapter::coordinator_config;
 use haven_ha::{
     AgentCommand, Coordinator, CoordinatorCommand, CoordinatorConfig, NoQuorumPolicy, NodeAgent,
-    OpKind, OpOutcome, OpReport, OpRequest, Planner, QuorumAction, QuorumWatch, SchedPlanner, Time,
-    Timeouts,
+    NodeState, OpKind, OpOutcome, OpReport, OpRequest, Planner, QuorumAction, QuorumWatch,
+    SchedPlanner, Time, Timeouts,
 };
 use haven_model::Config;
 use rand::{Rng, SeedableRng};
@@ -36,6 +37,12 @@ pub struct FaultOptions {
     /// The leader steps down (a Raft election without a failure) and another node of
     /// the majority takes over with a fresh coordinator.
     pub leader_change_per_s: f64,
+    /// A node's daemon restarts (its agent's and coordinator's memory is lost) while
+    /// the resources it started keep running.
+    pub daemon_restart_per_s: f64,
+    /// With `auto_rejoin` off: an operator lets a fenced node that is back in
+    /// (`haven node online`).
+    pub operator_allow_per_s: f64,
 }
 
 impl Default for FaultOptions {
@@ -49,8 +56,34 @@ impl Default for FaultOptions {
             max_delay: Duration::from_millis(20),
             start_failure: 0.02,
             leader_change_per_s: 0.03,
+            daemon_restart_per_s: 0.04,
+            operator_allow_per_s: 0.1,
         }
     }
+}
+
+/// A deliberately broken variant of the cluster's rules; the checkers must catch each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Broken {
+    /// A two-node survivor recovers its peer's resources as soon as it starts fencing,
+    /// without waiting for the fence to be confirmed.
+    SurvivorSkipsFenceWait,
+    /// A restarted daemon answers for its resources from its empty memory ("not
+    /// running") instead of probing them.
+    RestartAssumesStopped,
+    /// A two-node survivor gives its Raft vote to the peer it fenced before it has
+    /// committed the fence mark.
+    VoteForFencedPeer,
+}
+
+/// Pacemaker's fence delays on the power switch of a two-node world: fencing
+/// `favoured` waits `base` more, so when both shoot, `favoured` shoots first.
+#[derive(Clone, Debug)]
+pub struct FenceDelays {
+    pub favoured: String,
+    pub base: Duration,
+    /// `pcmk_delay_max`: a random part, up to this, on every fence.
+    pub max: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -64,8 +97,17 @@ pub struct SimOptions {
     /// Fencing on: lost nodes are powered off before recovery. Off reproduces the
     /// classic mistake (recovery without fencing), which the checkers must catch.
     pub stonith_enabled: bool,
-    /// A node without quorum stops its resources after this long (its lease).
+    /// A node without quorum acts on its no-quorum-policy after this long (its lease).
     pub quorum_lease: Duration,
+    pub no_quorum_policy: NoQuorumPolicy,
+    /// Two nodes, no witness, `options.two-node`: a lone node keeps quorum if it has
+    /// seen its peer since its daemon started, and races to fence the peer.
+    pub two_node: bool,
+    pub fence_delays: Option<FenceDelays>,
+    /// A fenced node comes back in by itself once heard. Off (the daemon's default),
+    /// it stays out until an operator allows it.
+    pub auto_rejoin: bool,
+    pub broken: Option<Broken>,
 }
 
 impl Default for SimOptions {
@@ -79,7 +121,76 @@ impl Default for SimOptions {
             faults: FaultOptions::default(),
             stonith_enabled: true,
             quorum_lease: Duration::from_secs(2),
+            no_quorum_policy: NoQuorumPolicy::Stop,
+            two_node: false,
+            fence_delays: None,
+            auto_rejoin: true,
+            broken: None,
         }
+    }
+}
+
+impl SimOptions {
+    /// The world a seed draws: one in four is a two-node cluster without a witness
+    /// (fence delays favouring one node, fenced nodes kept out until allowed), the rest
+    /// three nodes; a third of either freeze instead of stop without quorum, so a
+    /// restarted daemon keeps its resources running. Drawn from its own stream, so the
+    /// run's own randomness is the same whatever the world.
+    pub fn for_seed(seed: u64) -> SimOptions {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0005_eed0_fa11_d0e5);
+        let no_quorum_policy = if rng.random_bool(1.0 / 3.0) {
+            NoQuorumPolicy::Freeze
+        } else {
+            NoQuorumPolicy::Stop
+        };
+        let mut opts = SimOptions {
+            seed,
+            no_quorum_policy,
+            ..SimOptions::default()
+        };
+        if rng.random_bool(0.25) {
+            let favoured = format!("n{}", rng.random_range(1..=2));
+            let base = Duration::from_millis(rng.random_range(1_500..=3_000));
+            // The random part stays well under the base, so the favoured node always
+            // shoots first, as the operator configured it to.
+            let max = if rng.random_bool(0.5) {
+                Duration::from_millis(500)
+            } else {
+                Duration::ZERO
+            };
+            opts.nodes = 2;
+            opts.two_node = true;
+            opts.auto_rejoin = false;
+            opts.fence_delays = Some(FenceDelays {
+                favoured,
+                base,
+                max,
+            });
+        }
+        opts
+    }
+
+    /// One line naming the world, for logs and failure reports.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} nodes{}, {} resources, no-quorum-policy {:?}, stonith {}, auto-rejoin {}",
+            self.nodes,
+            if self.two_node { " (two-node)" } else { "" },
+            self.resources,
+            self.no_quorum_policy,
+            self.stonith_enabled,
+            self.auto_rejoin,
+        );
+        if let Some(d) = &self.fence_delays {
+            s.push_str(&format!(
+                ", fencing {} delayed {:?} (+ up to {:?})",
+                d.favoured, d.base, d.max
+            ));
+        }
+        if let Some(b) = self.broken {
+            s.push_str(&format!(", broken: {b:?}"));
+        }
+        s
     }
 }
 
@@ -88,12 +199,19 @@ impl Default for SimOptions {
 pub struct SimReport {
     pub seed: u64,
     pub violations: Vec<Violation>,
-    /// One line per notable event (faults, and the coordinator's own log).
+    /// One line per notable event (faults, and the coordinators' own logs).
     pub log: Vec<String>,
     pub crashes: u32,
     pub partitions: u32,
     pub fences: u32,
     pub leader_changes: u32,
+    pub daemon_restarts: u32,
+    /// Two-node worlds: a node running a coordinator alone fenced its peer.
+    pub lone_fences: u32,
+    pub operator_allows: u32,
+    /// Two-node worlds: both nodes ran a coordinator alone at once (a cut both ways:
+    /// each races to fence the other).
+    pub fencing_races: u32,
 }
 
 const TICK: Duration = Duration::from_millis(50);
@@ -122,12 +240,46 @@ struct Msg {
 struct Node {
     powered: bool,
     boot_at: Option<Time>,
+    /// The daemon runs (a powered node's daemon may be restarting).
+    daemon_up: bool,
+    daemon_back_at: Option<Time>,
+    /// When the daemon last started: its detector hears the others a heartbeat later.
+    daemon_started: Time,
     agent: NodeAgent,
     /// Partition group: nodes talk only within their group.
     group: u32,
     quorum: QuorumWatch,
     /// Operations started by the agent and their completion time.
     pending_ops: Vec<(Time, u64, String, OpKind)>,
+    /// Two-node: this daemon has been part of the whole cluster since it started
+    /// (corosync's wait_for_all).
+    seen_quorate: bool,
+    /// Fences this node's lone coordinator confirmed but could not commit: kept on its
+    /// disk (so across daemon restarts and power cycles) until committed.
+    local_marks: BTreeMap<String, (bool, String)>,
+    /// After a daemon-only restart: the resources the new daemon has run no operation
+    /// on yet, so knows nothing of.
+    unprobed: BTreeSet<String>,
+    /// The restarted daemon still owes its start-up probe of every resource.
+    probe_due: bool,
+    /// resource → the node whose coordinator last ordered an operation on it here.
+    ordered_by: BTreeMap<String, String>,
+}
+
+impl Node {
+    fn alive(&self) -> bool {
+        self.powered && self.daemon_up
+    }
+}
+
+/// A fence the power switch has been told to carry out: it happens whatever becomes of
+/// the node that ordered it.
+struct SwitchAction {
+    at: Time,
+    token: u64,
+    victim: String,
+    executor: String,
+    coordinator: String,
 }
 
 struct World<P> {
@@ -139,28 +291,65 @@ struct World<P> {
     queue: BinaryHeap<Reverse<(Time, u64)>>,
     in_queue: BTreeMap<u64, Msg>,
     next_msg: u64,
-    leader: Option<(String, Coordinator<P>)>,
+    /// The Raft leader: the only node that can commit.
+    leader: Option<String>,
     leader_gone_at: Option<Time>,
     /// A leader that stepped down, passed over at the next election.
     deposed: Option<String>,
+    /// Running coordinators by node: the leader's, and in a two-node world a lone
+    /// node's.
+    coordinators: BTreeMap<String, Coordinator<P>>,
     /// The fence marks committed to the replicated state: what a new leader reads.
     committed_marks: BTreeMap<String, (bool, String)>,
     resources: Vec<String>,
     config: CoordinatorConfig,
     report: SimReport,
     seen_twice: BTreeSet<String>,
+    /// Breaches of the other invariants already reported (one line each).
+    seen_breach: BTreeSet<String>,
     faults_on: bool,
+    switch: Vec<SwitchAction>,
+    /// Nodes powered off by a fence and not booted since.
+    fenced_down: BTreeSet<String>,
+    /// With auto-rejoin off: nodes fenced and not yet allowed back by the operator.
+    kept_out: BTreeSet<String>,
+    /// (n, m) → resources that ran on n while n was out of touch with m: a
+    /// coordinator on m must not start them before n is fenced (or back in touch).
+    unseen_runs: BTreeMap<(String, String), BTreeSet<String>>,
+    racing: bool,
 }
 
 /// The cluster every run simulates: `nodes` hosts with two heartbeat links each and a
 /// power switch, `resources` supervised processes, stickiness 100, with a group and an
 /// ordered colocation among them.
 pub fn cluster_config(opts: &SimOptions) -> Config {
+    let policy = match opts.no_quorum_policy {
+        NoQuorumPolicy::Stop => "stop",
+        NoQuorumPolicy::Freeze => "freeze",
+        NoQuorumPolicy::Ignore => "ignore",
+        NoQuorumPolicy::Suicide => "suicide",
+    };
+    let mut params = "pcmk_reboot_timeout = \"5\"".to_string();
+    if let Some(d) = &opts.fence_delays {
+        params.push_str(&format!(
+            ", pcmk_delay_base = \"{}:{}ms\"",
+            d.favoured,
+            d.base.as_millis()
+        ));
+        if !d.max.is_zero() {
+            params.push_str(&format!(", pcmk_delay_max = \"{}ms\"", d.max.as_millis()));
+        }
+    }
     let mut text = format!(
-        "[options]\nstonith-enabled = {}\nresource-stickiness = 100\n\n\
-         [[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\n\
-         params = {{ pcmk_reboot_timeout = \"5\" }}\n",
-        opts.stonith_enabled
+        "[options]\nstonith-enabled = {}\nresource-stickiness = 100\n\
+         no-quorum-policy = \"{policy}\"\n{}\n\
+         [[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\nparams = {{ {params} }}\n",
+        opts.stonith_enabled,
+        if opts.two_node {
+            "two-node = true\n"
+        } else {
+            ""
+        },
     );
     for i in 1..=opts.nodes {
         text.push_str(&format!(
@@ -204,8 +393,7 @@ pub fn run_scheduler(opts: SimOptions) -> SimReport {
 pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimReport {
     let model = cluster_config(&opts);
     let mut config = coordinator_config(&model);
-    // Booted nodes come back by themselves, so the liveness phase can converge.
-    config.auto_rejoin = true;
+    config.auto_rejoin = opts.auto_rejoin;
     let names: Vec<String> = model.nodes.iter().map(|n| n.name.clone()).collect();
     let resources: Vec<String> = model.resources.iter().map(|r| r.id.clone()).collect();
     let mut w = World {
@@ -223,10 +411,18 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                     Node {
                         powered: true,
                         boot_at: None,
+                        daemon_up: true,
+                        daemon_back_at: None,
+                        daemon_started: Time(0),
                         agent: NodeAgent::new(),
                         group: 0,
-                        quorum: QuorumWatch::new(NoQuorumPolicy::Stop, opts.quorum_lease),
+                        quorum: QuorumWatch::new(opts.no_quorum_policy, opts.quorum_lease),
                         pending_ops: Vec::new(),
+                        seen_quorate: false,
+                        local_marks: BTreeMap::new(),
+                        unprobed: BTreeSet::new(),
+                        probe_due: false,
+                        ordered_by: BTreeMap::new(),
                     },
                 )
             })
@@ -238,13 +434,21 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
         leader: None,
         leader_gone_at: Some(Time(0)),
         deposed: None,
+        coordinators: BTreeMap::new(),
         committed_marks: BTreeMap::new(),
         resources,
         config,
         seen_twice: BTreeSet::new(),
+        seen_breach: BTreeSet::new(),
         faults_on: true,
+        switch: Vec::new(),
+        fenced_down: BTreeSet::new(),
+        kept_out: BTreeSet::new(),
+        unseen_runs: BTreeMap::new(),
+        racing: false,
         opts,
     };
+    w.log(format!("world: {}", w.opts.describe()));
     let safety_end = Time(0) + w.opts.safety_phase;
     let end = safety_end + w.opts.liveness_phase;
     let mut heartbeat_due = Time(0);
@@ -263,17 +467,21 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
             w.inject_faults();
         }
         w.boot_nodes();
-        w.elect(&mut planner);
+        w.restart_daemons();
+        w.elect();
+        w.sync_coordinators(&mut planner);
         if w.now >= heartbeat_due {
             w.send_heartbeats();
             heartbeat_due = w.now + Timeouts::default().heartbeat_interval;
         }
         w.deliver();
+        w.run_switch();
         w.run_agents();
-        w.run_coordinator();
+        w.startup_probes();
+        w.run_coordinators();
+        w.operator();
         w.quorum_watch();
-        let v = check_at_most_once(&w.truth, w.now, &mut w.seen_twice);
-        w.report.violations.extend(v);
+        w.check();
         w.now = w.now + TICK;
     }
     let v = check_exactly_once(&w.truth, &w.resources, w.now);
@@ -295,6 +503,10 @@ impl<P: Planner> World<P> {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         let i = self.rng.random_range(0..names.len());
         names[i].clone()
+    }
+
+    fn alive(&self, n: &str) -> bool {
+        self.nodes.get(n).is_some_and(Node::alive)
     }
 
     fn inject_faults(&mut self) {
@@ -322,7 +534,7 @@ impl<P: Planner> World<P> {
             self.heal();
         }
         if self.chance_per_tick(self.opts.faults.leader_change_per_s)
-            && let Some((l, _)) = self.leader.take()
+            && let Some(l) = self.leader.take()
         {
             self.report.leader_changes += 1;
             self.log(format!("fault: {l} steps down"));
@@ -339,6 +551,21 @@ impl<P: Planner> World<P> {
             if let Some(r) = victim {
                 self.log(format!("fault: {r} dies on {n}"));
                 self.stop_process(&r, &n);
+            }
+        }
+        if self.chance_per_tick(self.opts.faults.daemon_restart_per_s) {
+            let n = self.pick_node();
+            if self.alive(&n) {
+                // Some restarts are quicker than failure detection, some slower.
+                let down = self.rng.random_range(200..3_000);
+                self.report.daemon_restarts += 1;
+                self.log(format!(
+                    "fault: {n}'s daemon restarts ({down} ms down; its resources keep running)"
+                ));
+                self.daemon_down(&n);
+                if let Some(node) = self.nodes.get_mut(&n) {
+                    node.daemon_back_at = Some(Time(self.now.0 + down));
+                }
             }
         }
     }
@@ -370,10 +597,58 @@ impl<P: Planner> World<P> {
 
     fn cleanup_all(&mut self) {
         let now = self.now;
-        if let Some((_, c)) = self.leader.as_mut() {
+        if let Some(c) = self
+            .leader
+            .as_ref()
+            .and_then(|l| self.coordinators.get_mut(l))
+        {
             for r in &self.resources {
                 c.handle_cleanup(r, now);
             }
+        }
+    }
+
+    /// The daemon process ends (a restart, or with the whole node): what it knew is
+    /// gone; the processes it started are not.
+    fn daemon_down(&mut self, n: &str) {
+        if let Some(node) = self.nodes.get_mut(n) {
+            node.daemon_up = false;
+            node.daemon_back_at = None;
+            node.agent = NodeAgent::new();
+            node.pending_ops.clear();
+            node.probe_due = false;
+            node.ordered_by.clear();
+        }
+        if self.coordinators.remove(n).is_some() {
+            self.log(format!("{n}'s coordinator is gone with its daemon"));
+        }
+        if self.leader.as_deref() == Some(n) {
+            self.leader = None;
+            self.leader_gone_at = Some(self.now);
+        }
+    }
+
+    /// A daemon starts: no lease, no quorum seen, an empty agent.
+    fn daemon_up(&mut self, n: &str, restarted: bool) {
+        let now = self.now;
+        let resources = self.resources.clone();
+        let (policy, lease) = (self.opts.no_quorum_policy, self.opts.quorum_lease);
+        if let Some(node) = self.nodes.get_mut(n) {
+            node.daemon_up = true;
+            node.daemon_back_at = None;
+            node.daemon_started = now;
+            node.agent = NodeAgent::new();
+            node.pending_ops.clear();
+            node.quorum = QuorumWatch::new(policy, lease);
+            node.seen_quorate = false;
+            // After a power cycle nothing runs; after a daemon-only restart anything
+            // may, and the new daemon knows nothing until it probes.
+            node.unprobed = if restarted {
+                resources.into_iter().collect()
+            } else {
+                BTreeSet::new()
+            };
+            node.probe_due = restarted;
         }
     }
 
@@ -381,15 +656,12 @@ impl<P: Planner> World<P> {
         for nodes in self.truth.values_mut() {
             nodes.remove(n);
         }
+        self.daemon_down(n);
         if let Some(node) = self.nodes.get_mut(n) {
             node.powered = false;
-            node.agent = NodeAgent::new();
-            node.pending_ops.clear();
+            node.unprobed.clear();
         }
-        if self.leader.as_ref().is_some_and(|(l, _)| l == n) {
-            self.leader = None;
-            self.leader_gone_at = Some(self.now);
-        }
+        self.unseen_runs.retain(|(a, _), _| a != n);
     }
 
     fn stop_process(&mut self, r: &str, n: &str) {
@@ -408,53 +680,164 @@ impl<P: Planner> World<P> {
             .collect();
         for n in booting {
             self.log(format!("{n} boots"));
-            let lease = self.opts.quorum_lease;
             if let Some(node) = self.nodes.get_mut(&n) {
                 node.powered = true;
                 node.boot_at = None;
-                // A node that boots has no lease until it is part of a quorate partition.
-                node.quorum = QuorumWatch::new(NoQuorumPolicy::Stop, lease);
             }
+            self.fenced_down.remove(&n);
+            self.daemon_up(&n, false);
         }
     }
 
-    /// The lowest-named powered node of a group holding a majority leads (Raft's
-    /// outcome, without its messages). A new leader starts a fresh coordinator after
-    /// an election delay, knowing nothing, as a real new leader would.
-    fn elect(&mut self, planner: &mut impl FnMut() -> P) {
+    fn restart_daemons(&mut self) {
+        let now = self.now;
+        let back: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| {
+                node.powered && !node.daemon_up && node.daemon_back_at.is_some_and(|t| t <= now)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in back {
+            self.log(format!("{n}'s daemon is back"));
+            self.daemon_up(&n, true);
+        }
+    }
+
+    /// Whether `voter` would vote for `candidate`: not if it holds an uncommitted
+    /// confirmed fence of the candidate (the two-node rejoin rule).
+    fn grants_vote(&self, voter: &str, candidate: &str) -> bool {
+        if voter == candidate || self.opts.broken == Some(Broken::VoteForFencedPeer) {
+            return true;
+        }
+        !self
+            .nodes
+            .get(voter)
+            .and_then(|v| v.local_marks.get(candidate))
+            .is_some_and(|(confirmed, _)| *confirmed)
+    }
+
+    /// Raft's outcome, without its messages: the lowest-named node of a group holding
+    /// a majority of the voters, that a majority of them votes for (and, after a
+    /// step-down, not the one that stepped down if another can win) leads.
+    fn elect(&mut self) {
         let total = self.nodes.len();
         let mut groups: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for (n, node) in &self.nodes {
-            if node.powered {
+            if node.alive() {
                 groups.entry(node.group).or_default().push(n.clone());
             }
         }
-        let deposed = self.deposed.clone();
-        let majority = groups
-            .values()
-            .find(|members| members.len() * 2 > total)
-            .and_then(|m| {
-                m.iter()
-                    .find(|n| Some(*n) != deposed.as_ref())
-                    .or(m.first())
-                    .cloned()
-            });
-        let current = self.leader.as_ref().map(|(l, _)| l.clone());
+        let majority: Option<Vec<String>> = groups
+            .into_values()
+            .find(|members| members.len() * 2 > total);
+        let current = self.leader.clone();
         let still_valid = current
             .as_ref()
-            .is_some_and(|l| majority.as_ref().is_some_and(|_| self.in_majority(l)));
-        if current.is_some() && !still_valid {
-            self.log(format!("{} loses leadership", current.unwrap_or_default()));
+            .is_some_and(|l| majority.as_ref().is_some_and(|m| m.iter().any(|x| x == l)));
+        if let Some(l) = current
+            && !still_valid
+        {
+            self.log(format!("{l} loses leadership"));
             self.leader = None;
             self.leader_gone_at = Some(self.now);
         }
-        if self.leader.is_none()
-            && let Some(l) = majority
-            && self
+        let Some(members) = majority else {
+            return;
+        };
+        let now = self.now;
+        if self.leader.is_some()
+            || self
                 .leader_gone_at
-                .is_some_and(|t| self.now.saturating_since(t) >= ELECTION_DELAY)
+                .is_none_or(|t| now.saturating_since(t) < ELECTION_DELAY)
         {
-            self.log(format!("{l} becomes leader"));
+            return;
+        }
+        let electable: Vec<String> = members
+            .iter()
+            .filter(|c| {
+                let votes = members.iter().filter(|v| self.grants_vote(v, c)).count();
+                votes * 2 > total
+            })
+            .cloned()
+            .collect();
+        let deposed = self.deposed.clone();
+        let Some(l) = electable
+            .iter()
+            .find(|n| Some(*n) != deposed.as_ref())
+            .or(electable.first())
+            .cloned()
+        else {
+            return;
+        };
+        self.log(format!("{l} becomes leader"));
+        self.leader = Some(l);
+        self.leader_gone_at = None;
+        self.deposed = None;
+    }
+
+    /// Quorum as `n`'s daemon knows it: `(quorate, alone)`. Together: a majority of
+    /// the voters, heard once a heartbeat has gone round since the daemon started.
+    /// Two-node: a node that lost its peer stays quorate alone if it has seen the
+    /// whole cluster since its daemon started.
+    fn quorum_of(&self, n: &str) -> (bool, bool) {
+        let Some(node) = self.nodes.get(n) else {
+            return (false, false);
+        };
+        if !node.alive() {
+            return (false, false);
+        }
+        if self.together(n) {
+            return (true, false);
+        }
+        if self.opts.two_node {
+            return (node.seen_quorate, true);
+        }
+        (false, false)
+    }
+
+    fn together(&self, n: &str) -> bool {
+        let Some(node) = self.nodes.get(n) else {
+            return false;
+        };
+        if !node.alive()
+            || self.now.saturating_since(node.daemon_started)
+                < Timeouts::default().heartbeat_interval
+        {
+            return false;
+        }
+        let peers = self
+            .nodes
+            .values()
+            .filter(|o| o.alive() && o.group == node.group)
+            .count();
+        peers * 2 > self.nodes.len()
+    }
+
+    /// A coordinator runs on the Raft leader, and in a two-node world on a node that
+    /// lost its peer and is quorate alone (it races to fence the peer). A leader that
+    /// is left alone keeps its coordinator; a new one starts knowing nothing but the
+    /// committed fence marks and its own node's uncommitted ones.
+    fn sync_coordinators(&mut self, planner: &mut impl FnMut() -> P) {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for n in names {
+            let (quorate, alone) = self.quorum_of(&n);
+            let should = self.alive(&n)
+                && (self.leader.as_deref() == Some(n.as_str()) || (alone && quorate));
+            if !should {
+                if self.coordinators.remove(&n).is_some() {
+                    self.log(format!("{n}'s coordinator stops"));
+                }
+                continue;
+            }
+            if self.coordinators.contains_key(&n) {
+                continue;
+            }
+            self.log(format!(
+                "{n} starts a coordinator{}",
+                if alone { " alone" } else { "" }
+            ));
             let mut c = Coordinator::new(
                 planner(),
                 self.config.clone(),
@@ -462,33 +845,27 @@ impl<P: Planner> World<P> {
                 self.now,
             );
             c.seed_fencing(self.rng.random());
-            // What the earlier leaders committed: fences in doubt are resumed, fenced
-            // nodes stay fenced.
-            let marks: Vec<(String, bool, String)> = self
-                .committed_marks
-                .iter()
-                .map(|(n, (c, r))| (n.clone(), *c, r.clone()))
-                .collect();
+            // What the earlier leaders committed, and what this node decided alone:
+            // fences in doubt are resumed, fenced nodes stay fenced.
+            let mut marks = self.committed_marks.clone();
+            if let Some(node) = self.nodes.get(&n) {
+                for (v, (confirmed, reason)) in &node.local_marks {
+                    let e = marks.entry(v.clone()).or_insert((false, reason.clone()));
+                    e.0 |= *confirmed;
+                }
+            }
+            let marks: Vec<(String, bool, String)> =
+                marks.into_iter().map(|(v, (c, r))| (v, c, r)).collect();
             c.handle_fence_marks(marks, self.now);
-            self.leader = Some((l, c));
-            self.leader_gone_at = None;
-            self.deposed = None;
+            self.coordinators.insert(n, c);
         }
-    }
-
-    fn in_majority(&self, n: &str) -> bool {
-        let Some(node) = self.nodes.get(n) else {
-            return false;
-        };
-        if !node.powered {
-            return false;
+        let racing = self.opts.two_node
+            && self.coordinators.len() == self.nodes.len()
+            && self.leader.is_none();
+        if racing && !self.racing {
+            self.report.fencing_races += 1;
         }
-        let peers = self
-            .nodes
-            .values()
-            .filter(|o| o.powered && o.group == node.group)
-            .count();
-        peers * 2 > self.nodes.len()
+        self.racing = racing;
     }
 
     fn send(&mut self, from: &str, to: &str, payload: Payload) {
@@ -521,26 +898,32 @@ impl<P: Planner> World<P> {
         );
     }
 
+    /// Whether a message from `a` reaches `b`'s daemon.
     fn can_talk(&self, a: &str, b: &str) -> bool {
         match (self.nodes.get(a), self.nodes.get(b)) {
-            (Some(x), Some(y)) => x.powered && y.powered && x.group == y.group,
+            (Some(x), Some(y)) => x.powered && y.alive() && x.group == y.group,
             _ => false,
         }
     }
 
+    /// Whether `a` and `b` are in touch: both daemons run and can hear each other.
+    fn in_touch(&self, a: &str, b: &str) -> bool {
+        self.alive(a) && self.can_talk(a, b)
+    }
+
     fn send_heartbeats(&mut self) {
-        let Some(leader) = self.leader.as_ref().map(|(l, _)| l.clone()) else {
-            return;
-        };
+        let targets: Vec<String> = self.coordinators.keys().cloned().collect();
         let senders: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.powered)
+            .filter(|(_, n)| n.alive())
             .map(|(n, _)| n.clone())
             .collect();
-        for n in senders {
-            for link in LINKS {
-                self.send(&n, &leader, Payload::Heartbeat { link });
+        for to in &targets {
+            for n in &senders {
+                for link in LINKS {
+                    self.send(n, to, Payload::Heartbeat { link });
+                }
             }
         }
     }
@@ -561,7 +944,7 @@ impl<P: Planner> World<P> {
                 Payload::FenceRun { .. } | Payload::FenceDone { .. }
             );
             let reachable = if fencing {
-                self.nodes.get(&msg.from).is_some_and(|n| n.powered)
+                self.nodes.get(&msg.from).is_some_and(|n| n.powered) && self.alive(&msg.to)
             } else {
                 self.can_talk(&msg.from, &msg.to)
             };
@@ -576,44 +959,108 @@ impl<P: Planner> World<P> {
         let now = self.now;
         match msg.payload {
             Payload::Heartbeat { link } => {
-                if let Some((l, c)) = self.leader.as_mut()
-                    && *l == msg.to
-                {
+                if let Some(c) = self.coordinators.get_mut(&msg.to) {
                     c.handle_heartbeat(&msg.from, link, now);
                 }
             }
             Payload::Op(req) => {
-                if let Some(node) = self.nodes.get_mut(&msg.to)
-                    && node.powered
-                {
+                if let Some(node) = self.nodes.get_mut(&msg.to) {
+                    // Only a coordinator with quorum sends operations: hearing one is
+                    // hearing a quorate leader, which gives the node its lease.
+                    node.quorum.handle_quorum(true, now);
+                    node.ordered_by
+                        .insert(req.resource.clone(), msg.from.clone());
                     node.agent.handle_request(req, now);
                 }
             }
             Payload::Report(report) => {
-                if let Some((l, c)) = self.leader.as_mut()
-                    && *l == msg.to
-                {
+                let unprobed = self
+                    .nodes
+                    .get(&msg.from)
+                    .is_some_and(|n| n.unprobed.contains(&report.resource));
+                if unprobed && report.outcome == OpOutcome::NotRunning {
+                    let v = Violation::StoppedUnprobed {
+                        resource: report.resource.clone(),
+                        node: msg.from.clone(),
+                        at: now,
+                    };
+                    self.breach(v);
+                }
+                if let Some(c) = self.coordinators.get_mut(&msg.to) {
                     c.handle_report(&msg.from, report, now);
                 }
             }
             Payload::FenceRun { token, victim } => {
-                self.report.fences += 1;
-                self.log(format!("{} powers off {victim}", msg.to));
-                self.power_off(&victim);
-                let back = self.rng.random_range(3_000..8_000);
-                if let Some(node) = self.nodes.get_mut(&victim) {
-                    node.boot_at = Some(Time(now.0 + back));
-                }
-                self.send(&msg.to, &msg.from, Payload::FenceDone { token, ok: true });
+                // The switch takes a moment; once told, it acts whatever becomes of
+                // the node that told it, so two nodes shooting at once both die.
+                let took = self.rng.random_range(50..300);
+                self.switch.push(SwitchAction {
+                    at: Time(now.0 + took),
+                    token,
+                    victim,
+                    executor: msg.to.clone(),
+                    coordinator: msg.from.clone(),
+                });
             }
             Payload::FenceDone { token, ok } => {
-                if let Some((l, c)) = self.leader.as_mut()
-                    && *l == msg.to
-                {
-                    c.handle_fence_result(token, ok, now);
+                let Some(c) = self.coordinators.get_mut(&msg.to) else {
+                    return;
+                };
+                let doubt: Vec<String> = c.fencer().in_doubt().map(str::to_string).collect();
+                c.handle_fence_result(token, ok, now);
+                // From its confirmation on, the victim is fenced in the cluster's eyes
+                // and stays out until allowed (a fence whose answer is lost with the
+                // node that ordered it is, for the cluster, still in doubt).
+                if !self.opts.auto_rejoin {
+                    for v in doubt {
+                        if c.fencer().is_confirmed(&v) {
+                            self.kept_out.insert(v);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    fn run_switch(&mut self) {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.switch)
+            .into_iter()
+            .partition(|a| a.at <= now);
+        self.switch = later;
+        for a in due {
+            self.report.fences += 1;
+            if self.opts.two_node && a.coordinator != self.leader.clone().unwrap_or_default() {
+                self.report.lone_fences += 1;
+            }
+            self.log(format!("{} powers off {}", a.executor, a.victim));
+            self.power_off(&a.victim);
+            self.fenced_down.insert(a.victim.clone());
+            let back = self.rng.random_range(3_000..8_000);
+            if let Some(node) = self.nodes.get_mut(&a.victim) {
+                node.boot_at = Some(Time(now.0 + back));
+            }
+            if self.opts.two_node && self.fenced_down.len() == self.nodes.len() {
+                let v = Violation::BothFenced { at: now };
+                self.breach(v);
+            }
+            self.send(
+                &a.executor,
+                &a.coordinator,
+                Payload::FenceDone {
+                    token: a.token,
+                    ok: true,
+                },
+            );
+        }
+    }
+
+    /// Where `n`'s agent reports: its own coordinator if it runs one, else the leader.
+    fn report_target(&self, n: &str) -> Option<String> {
+        if self.coordinators.contains_key(n) {
+            return Some(n.to_string());
+        }
+        self.leader.clone()
     }
 
     fn run_agents(&mut self) {
@@ -623,7 +1070,7 @@ impl<P: Planner> World<P> {
             let Some(node) = self.nodes.get_mut(&n) else {
                 continue;
             };
-            if !node.powered {
+            if !node.alive() {
                 continue;
             }
             node.agent.handle_timeout(now);
@@ -655,17 +1102,56 @@ impl<P: Planner> World<P> {
                     }
                 }
             }
-            let leader = self.leader.as_ref().map(|(l, _)| l.clone());
-            for r in outgoing {
-                if let Some(l) = leader.as_ref() {
-                    self.send(&n, l, Payload::Report(r));
+            if let Some(to) = self.report_target(&n) {
+                for r in outgoing {
+                    self.send(&n, &to, Payload::Report(r));
                 }
+            }
+        }
+    }
+
+    /// A restarted daemon, once it hears a quorate coordinator, probes every resource
+    /// and reports what it found, so the coordinator learns what its old daemon's
+    /// death hid (a start that took effect, a resource stopped for want of a lease).
+    fn startup_probes(&mut self) {
+        let now = self.now;
+        let due: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.alive() && node.probe_due && node.quorum.has_lease(now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in due {
+            let Some(to) = self.report_target(&n) else {
+                continue;
+            };
+            if let Some(node) = self.nodes.get_mut(&n) {
+                node.probe_due = false;
+            }
+            for r in self.resources.clone() {
+                let outcome = self.execute(&n, &r, OpKind::Monitor);
+                let report = OpReport {
+                    seq: None,
+                    resource: r,
+                    op: OpKind::Monitor,
+                    outcome,
+                    at: now,
+                };
+                self.send(&n, &to, Payload::Report(report));
             }
         }
     }
 
     /// Applies an operation to the ground truth.
     fn execute(&mut self, n: &str, r: &str, op: OpKind) -> OpOutcome {
+        let assumes = self.opts.broken == Some(Broken::RestartAssumesStopped);
+        if let Some(node) = self.nodes.get_mut(n) {
+            if assumes && op == OpKind::Monitor && node.unprobed.contains(r) {
+                // The broken daemon answers from its memory, which is empty.
+                return OpOutcome::NotRunning;
+            }
+            node.unprobed.remove(r);
+        }
         let running = self.truth.get(r).is_some_and(|s| s.contains(n));
         match op {
             OpKind::Monitor => {
@@ -686,6 +1172,9 @@ impl<P: Planner> World<P> {
                         reason: "simulated start failure".into(),
                     };
                 }
+                if !running {
+                    self.check_fenced_first(r, n);
+                }
                 self.truth
                     .entry(r.to_string())
                     .or_default()
@@ -699,55 +1188,148 @@ impl<P: Planner> World<P> {
         }
     }
 
-    fn run_coordinator(&mut self) {
-        let now = self.now;
-        let Some((leader, c)) = self.leader.as_mut() else {
+    /// Nothing starts on `m` while a node out of touch with the coordinator that
+    /// ordered the start, and not fenced since, may still run it: whatever that node
+    /// did meanwhile, the coordinator cannot know it.
+    fn check_fenced_first(&mut self, r: &str, m: &str) {
+        let Some(c) = self.nodes.get(m).and_then(|x| x.ordered_by.get(r)).cloned() else {
             return;
         };
-        let leader = leader.clone();
-        c.handle_timeout(now);
-        let mut cmds = Vec::new();
-        while let Some(cmd) = c.poll_command() {
-            cmds.push(cmd);
+        let holders: Vec<String> = self
+            .unseen_runs
+            .iter()
+            .filter(|((n, to), runs)| *to == c && n != m && runs.contains(r))
+            .map(|((n, _), _)| n.clone())
+            .collect();
+        for n in holders {
+            let v = Violation::NotFencedFirst {
+                resource: r.to_string(),
+                node: m.to_string(),
+                peer: n,
+                at: self.now,
+            };
+            self.breach(v);
         }
-        // Marks are committed before any fence command leaves, as the daemon does.
-        let marks = c.fence_marks();
-        let lines = c.take_log();
-        for line in lines {
-            self.report.log.push(format!("[{leader}] {line}"));
-        }
-        self.committed_marks = marks;
-        for cmd in cmds {
-            match cmd {
-                CoordinatorCommand::Op { node, request } => {
-                    self.send(&leader, &node, Payload::Op(request));
+    }
+
+    fn run_coordinators(&mut self) {
+        let now = self.now;
+        let names: Vec<String> = self.coordinators.keys().cloned().collect();
+        for n in names {
+            let leading = self.leader.as_deref() == Some(n.as_str());
+            let skip_wait = self.opts.broken == Some(Broken::SurvivorSkipsFenceWait);
+            let Some(c) = self.coordinators.get_mut(&n) else {
+                continue;
+            };
+            c.handle_timeout(now);
+            if skip_wait && !leading {
+                let doubt: Vec<String> = c.fencer().in_doubt().map(str::to_string).collect();
+                for v in doubt {
+                    c.handle_fence_ack(&v, now);
                 }
-                CoordinatorCommand::Fence {
-                    token,
-                    victim,
-                    executor,
-                    ..
-                } => {
-                    self.send(&leader, &executor, Payload::FenceRun { token, victim });
+            }
+            let mut cmds = Vec::new();
+            while let Some(cmd) = c.poll_command() {
+                cmds.push(cmd);
+            }
+            let marks = c.fence_marks();
+            let lines = c.take_log();
+            for line in lines {
+                self.report.log.push(format!("[{n}] {line}"));
+            }
+            // Marks are committed before any fence command leaves, as the daemon does.
+            // A lone two-node survivor cannot commit: it keeps its confirmed fences on
+            // its own disk, for the rejoin rule. (Not the ones in doubt: a node that
+            // lost the race would otherwise come back and shoot the winner again.)
+            if leading {
+                self.committed_marks = marks;
+                if let Some(node) = self.nodes.get_mut(&n) {
+                    node.local_marks.clear();
                 }
-                CoordinatorCommand::Alert { message } => self.log(format!("alert: {message}")),
+            } else if let Some(node) = self.nodes.get_mut(&n) {
+                node.local_marks = marks.into_iter().filter(|(_, (c, _))| *c).collect();
+            }
+            for cmd in cmds {
+                match cmd {
+                    CoordinatorCommand::Op { node, request } => {
+                        self.send(&n, &node, Payload::Op(request));
+                    }
+                    CoordinatorCommand::Fence {
+                        token,
+                        victim,
+                        executor,
+                        ..
+                    } => {
+                        self.send(&n, &executor, Payload::FenceRun { token, victim });
+                    }
+                    CoordinatorCommand::Alert { message } => {
+                        self.log(format!("alert from {n}: {message}"))
+                    }
+                }
             }
         }
     }
 
-    /// no-quorum-policy=stop, decided by the real `QuorumWatch`: a node cut off from
-    /// the majority stops its resources once its lease is over, before the majority can
-    /// have declared it dead and fenced it. Quorum itself is read off the partition
-    /// groups (what Raft would tell each node, without its messages).
+    /// With auto-rejoin off, an operator lets fenced nodes back in (`haven node
+    /// online`) now and then, and always once the faults are over: through the
+    /// leader, which drops the fence mark before the node joins.
+    fn operator(&mut self) {
+        if self.opts.auto_rejoin || self.kept_out.is_empty() {
+            return;
+        }
+        if self.faults_on && !self.chance_per_tick(self.opts.faults.operator_allow_per_s) {
+            return;
+        }
+        let Some(l) = self.leader.clone() else {
+            return;
+        };
+        let now = self.now;
+        let waiting: Vec<String> = self.kept_out.iter().cloned().collect();
+        for v in waiting {
+            let Some(c) = self.coordinators.get_mut(&l) else {
+                return;
+            };
+            c.handle_allow_rejoin(&v, now);
+            if c.view().nodes.get(&v) == Some(&NodeState::Online) {
+                self.report.operator_allows += 1;
+                self.kept_out.remove(&v);
+                // The daemon removes the mark before it lets the node in, never after.
+                self.committed_marks.remove(&v);
+                for node in self.nodes.values_mut() {
+                    node.local_marks.remove(&v);
+                }
+                self.log(format!("operator: {v} allowed back in"));
+            }
+        }
+    }
+
+    /// no-quorum-policy, decided by the real `QuorumWatch`: a node cut off from the
+    /// majority stops its resources (or freezes) once its lease is over, before the
+    /// majority can have declared it dead and fenced it; a daemon that (re)starts has
+    /// no lease until it hears a quorate partition. Quorum itself is read off the
+    /// partition groups (what Raft would tell each node, without its messages).
     fn quorum_watch(&mut self) {
         let now = self.now;
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for n in names {
-            let quorate = self.in_majority(&n);
+            // A node fenced and kept out does not count as having seen the cluster: it
+            // must never take the lone survivor's part.
+            let fenced = self
+                .committed_marks
+                .get(&n)
+                .is_some_and(|(confirmed, _)| *confirmed);
+            if self.together(&n)
+                && self.leader.is_some()
+                && !fenced
+                && let Some(node) = self.nodes.get_mut(&n)
+            {
+                node.seen_quorate = true;
+            }
+            let (quorate, _) = self.quorum_of(&n);
             let Some(node) = self.nodes.get_mut(&n) else {
                 continue;
             };
-            if !node.powered {
+            if !node.alive() {
                 continue;
             }
             node.quorum.handle_quorum(quorate, now);
@@ -760,6 +1342,9 @@ impl<P: Planner> World<P> {
             }
             node.agent = NodeAgent::new();
             node.pending_ops.clear();
+            // The daemon stops every configured resource, whatever it believed: it
+            // knows the outcome of each.
+            node.unprobed.clear();
             let had: Vec<String> = self
                 .truth
                 .iter()
@@ -767,10 +1352,78 @@ impl<P: Planner> World<P> {
                 .map(|(r, _)| r.clone())
                 .collect();
             if !had.is_empty() {
-                self.log(format!("{n} lost quorum: stops {}", had.join(", ")));
+                self.log(format!("{n} has no quorum lease: stops {}", had.join(", ")));
             }
             for r in had {
                 self.stop_process(&r, &n);
+            }
+        }
+    }
+
+    fn breach(&mut self, v: Violation) {
+        if self.seen_breach.insert(v.key()) {
+            self.log(format!("VIOLATION: {v}"));
+            self.report.violations.push(v);
+        }
+    }
+
+    /// The invariants checked on every tick against the ground truth.
+    fn check(&mut self) {
+        let v = check_at_most_once(&self.truth, self.now, &mut self.seen_twice);
+        for x in &v {
+            self.report
+                .log
+                .push(format!("{}: VIOLATION: {x}", self.now));
+        }
+        self.report.violations.extend(v);
+        // Who is out of touch with whom, and what ran there meanwhile.
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for n in &names {
+            let powered = self.nodes.get(n).is_some_and(|x| x.powered);
+            for m in &names {
+                if n == m {
+                    continue;
+                }
+                let key = (n.clone(), m.clone());
+                if !powered || self.in_touch(n, m) {
+                    self.unseen_runs.remove(&key);
+                    continue;
+                }
+                let runs: Vec<String> = self
+                    .truth
+                    .iter()
+                    .filter(|(_, on)| on.contains(n))
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                if !runs.is_empty() {
+                    self.unseen_runs.entry(key).or_default().extend(runs);
+                }
+            }
+        }
+        // A fenced node stays out until allowed: no coordinator counts it in, and it
+        // runs nothing.
+        let kept: Vec<String> = self.kept_out.iter().cloned().collect();
+        for n in kept {
+            let running: Vec<String> = self
+                .truth
+                .iter()
+                .filter(|(_, on)| on.contains(&n))
+                .map(|(r, _)| r.clone())
+                .collect();
+            let let_in: Vec<String> = self
+                .coordinators
+                .iter()
+                .filter(|(_, c)| c.view().nodes.get(&n) == Some(&NodeState::Online))
+                .map(|(by, _)| by.clone())
+                .collect();
+            if !running.is_empty() || !let_in.is_empty() {
+                let v = Violation::FencedNodeBack {
+                    node: n.clone(),
+                    running,
+                    let_in_by: let_in,
+                    at: self.now,
+                };
+                self.breach(v);
             }
         }
     }
