@@ -1512,7 +1512,7 @@ fn read_status(
     // last live migration begun there.
     let mut stopped_last: Vec<Stamp> = Vec::new();
     let mut migrations_at: Vec<Stamp> = Vec::new();
-    for ns in children(status, "node_state") {
+    for (seen, ns) in children(status, "node_state").enumerate() {
         // A node that never finished joining is recorded by id only.
         let by_id = || {
             let id = ns.attribute("id")?;
@@ -1661,6 +1661,7 @@ fn read_status(
                 };
                 let ops = read_ops(r);
                 let mut st = replay(&ops, uname);
+                st.seen = u32::try_from(seen).unwrap_or(u32::MAX);
                 if let Some(o) = ops
                     .iter()
                     .rev()

@@ -1223,8 +1223,9 @@ impl<'a> Sched<'a> {
         self.base = (0..self.units.len())
             .map(|u| Some(self.compute_base_weights(u)))
             .collect();
-        // Higher priority first; then resources that are well placed where they run
-        // (they keep their nodes) before ones that must find a new home.
+        // Higher priority first; then, under a utilization placement strategy, resources
+        // that are well placed where they run (they keep their nodes) before ones that
+        // must find a new home; then definition order.
         let keys: Vec<(i64, Score)> = (0..self.units.len())
             .map(|u| {
                 let w = self.base_weights(u);
@@ -1249,6 +1250,11 @@ impl<'a> Sched<'a> {
                         .map(|(_, s)| *s)
                         .max()
                         .unwrap_or(NEG),
+                };
+                let here = if self.cfg.options.placement_strategy == PlacementStrategy::Default {
+                    Score::ZERO
+                } else {
+                    here
                 };
                 (self.units[u].meta.priority.unwrap_or(0), here)
             })
@@ -1791,6 +1797,27 @@ impl<'a> Sched<'a> {
     /// "the" current copy: the one where it will run, if any.
     fn primary_cur(&self, pi: usize, node: Option<usize>) -> Option<&Cur<'a>> {
         let cur = &self.prims[pi].cur;
+        // Found active where it should run once, it is taken to run where it was
+        // reported first: the others are the unexpected copies. The target of an
+        // unfinished migration is reported with its source, ahead of it. Reported
+        // together, the copy where it is to run is the one kept.
+        if self.multi(pi).is_some() {
+            let rank = |c: &Cur<'_>| {
+                cur.iter()
+                    .filter(|d| {
+                        d.status.migration.as_ref().is_some_and(|m| {
+                            !m.completed && m.target == self.nodes[c.node].name && d.node != c.node
+                        })
+                    })
+                    .map(|d| (d.status.seen, 0))
+                    .min()
+                    .unwrap_or((c.status.seen, 1))
+            };
+            return cur
+                .iter()
+                .filter(|c| self.nodes[c.node].fence.is_none())
+                .min_by_key(|c| (rank(c), Some(c.node) != node));
+        }
         cur.iter()
             .find(|c| Some(c.node) == node)
             .or_else(|| cur.first())
@@ -2331,6 +2358,33 @@ impl<'a> Sched<'a> {
                 for m in 0..self.units[u].prims.len() {
                     let pi = self.units[u].prims[m];
                     if !self.managed(pi) {
+                        // A failure left alone still has to go with its lost node: the
+                        // stop is due, and blocked until the node can be fenced.
+                        if self.units[u].kind != Kind::Clone
+                            && self.cfg.options.stonith_enabled
+                            && !self.cfg.options.maintenance_mode
+                            && self.prims[pi].meta.is_managed != Some(false)
+                        {
+                            for c in self.prims[pi]
+                                .cur
+                                .iter()
+                                .filter(|c| self.stuck_node(c.node) && self.blocked_failure(pi, c))
+                            {
+                                plan.changes.push(Change {
+                                    kind: ChangeKind::Stop,
+                                    resource: c.key.to_string(),
+                                    from: Some(Placement {
+                                        node: self.nodes[c.node].name.to_string(),
+                                        role: c.role,
+                                    }),
+                                    to: None,
+                                    show_roles: promotable,
+                                    reason: None,
+                                    blocked: true,
+                                    quiet: false,
+                                });
+                            }
+                        }
                         continue;
                     }
                     let (had, will) = self.member_transition(u, inst, m);
@@ -2409,7 +2463,12 @@ impl<'a> Sched<'a> {
                                 restart_rest = true;
                                 Some((ChangeKind::Recover, from, to))
                             } else if restart_rest
-                                || self.multi(pi) == Some(MultipleActive::StopStart)
+                                // Stopping the unexpected copies leaves the kept one
+                                // restarted, in name at least.
+                                || matches!(
+                                    self.multi(pi),
+                                    Some(MultipleActive::StopStart | MultipleActive::StopUnexpected)
+                                )
                                 || self.must_restart(u, inst, m)
                             {
                                 restart_rest = true;
