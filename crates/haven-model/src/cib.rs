@@ -489,13 +489,21 @@ fn read_rule(ctx: &mut Ctx<'_>, r: XNode<'_, '_>) -> Result<Option<Rule>, CibErr
     Ok(Some(rule))
 }
 
-fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>) -> Vec<ResourceSet> {
+/// The sets of a constraint. In a colocation set `ordering = "listed"` chains each
+/// member with the one after it rather than the one before: the list is read reversed.
+fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, colocation: bool) -> Vec<ResourceSet> {
     let mut sets = Vec::new();
     for s in children(n, "resource_set") {
-        let resources = children(s, "resource_ref")
+        let mut resources: Vec<String> = children(s, "resource_ref")
             .filter_map(|r| r.attribute("id").map(str::to_string))
             .collect();
-        if s.attribute("ordering").is_some() {
+        if colocation {
+            match s.attribute("ordering") {
+                None | Some("group") => {}
+                Some("listed") => resources.reverse(),
+                Some(o) => ctx.skip(s, format!("unknown set ordering `{o}`; ignored")),
+            }
+        } else if s.attribute("ordering").is_some() {
             ctx.skip(
                 s,
                 "the `ordering` attribute of sets is not supported; ignored",
@@ -535,7 +543,7 @@ fn read_constraints(
                     .attribute("rsc")
                     .map(|r| vec![r.to_string()])
                     .unwrap_or_default();
-                for s in read_sets(ctx, n) {
+                for s in read_sets(ctx, n, false) {
                     rscs.extend(s.resources);
                 }
                 let mut rules = Vec::new();
@@ -597,7 +605,7 @@ fn read_constraints(
                         .attribute("node-attribute")
                         .filter(|a| *a != "#uname")
                         .map(str::to_string),
-                    sets: read_sets(ctx, n),
+                    sets: read_sets(ctx, n, true),
                 });
             }
             "rsc_order" => {
@@ -619,7 +627,7 @@ fn read_constraints(
                     kind,
                     symmetrical: n.attribute("symmetrical").and_then(parse_bool),
                     require_all: n.attribute("require-all").and_then(parse_bool),
-                    sets: read_sets(ctx, n),
+                    sets: read_sets(ctx, n, false),
                 });
             }
             "rsc_ticket" => ctx.skip(n, "tickets are not supported"),

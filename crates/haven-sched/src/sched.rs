@@ -149,6 +149,8 @@ struct Sched<'a> {
     /// Location, home and failcount scores per unit, computed once.
     base: Vec<Option<Vec<Score>>>,
     orphans: Vec<Cur<'a>>,
+    /// Units whose placement is under way (placing what they go with first).
+    busy: Vec<bool>,
 }
 
 /// Decide what the cluster should do: a pure, deterministic function of its inputs.
@@ -323,6 +325,7 @@ impl<'a> Sched<'a> {
             scores: Vec::new(),
             base: Vec::new(),
             orphans: Vec::new(),
+            busy: Vec::new(),
         };
         s.build_units();
         s.gather_current();
@@ -1147,6 +1150,8 @@ impl<'a> Sched<'a> {
             let c = &self.colocs[ci];
             if !c.score.is_pos_inf()
                 || self.placed[c.dep].is_some()
+                // One being placed checks its own room once this one has its node.
+                || self.busy.get(c.dep).copied().unwrap_or(false)
                 || self.units[c.dep].kind == Kind::Clone
                 || seen.contains(&c.dep)
             {
@@ -1267,17 +1272,17 @@ impl<'a> Sched<'a> {
                 self.units[u].doc_order,
             )
         });
-        let mut busy = vec![false; self.units.len()];
+        self.busy = vec![false; self.units.len()];
         for u in order {
-            self.place(u, &mut busy);
+            self.place(u);
         }
     }
 
-    fn place(&mut self, u: usize, busy: &mut [bool]) {
-        if self.placed[u].is_some() || busy[u] {
+    fn place(&mut self, u: usize) {
+        if self.placed[u].is_some() || self.busy[u] {
             return;
         }
-        busy[u] = true;
+        self.busy[u] = true;
         // What it is colocated with goes first, higher priority first.
         let mut primaries: Vec<usize> = self.dep_of[u]
             .iter()
@@ -1285,7 +1290,7 @@ impl<'a> Sched<'a> {
             .collect();
         primaries.sort_by_key(|&p| std::cmp::Reverse(self.units[p].meta.priority.unwrap_or(0)));
         for p in primaries {
-            self.place(p, busy);
+            self.place(p);
         }
         let insts = if self.units[u].kind == Kind::Clone {
             self.place_clone(u)
@@ -1293,7 +1298,7 @@ impl<'a> Sched<'a> {
             self.place_single(u)
         };
         self.placed[u] = Some(insts);
-        busy[u] = false;
+        self.busy[u] = false;
     }
 
     fn record_scores(&mut self, u: usize, w: &[Score]) {
@@ -1439,7 +1444,10 @@ impl<'a> Sched<'a> {
             None => vec![false; n_members],
         };
         if let Some(n) = node {
+            // Members that cannot run there take no share of it.
+            let idle = member_ok.iter().filter(|&&ok| !ok).count() as u32;
             self.take(n, u);
+            self.load[n] -= idle;
         }
         vec![Inst {
             number: None,
@@ -1570,11 +1578,26 @@ impl<'a> Sched<'a> {
         }
         if !unmanaged && !stopped {
             let need = self.unit_util(u);
+            // An instance needs room for an instance of what must run with it too (when
+            // some node has that much).
+            let mut need_all = need.clone();
+            for &ci in &self.prim_of[u] {
+                let c = &self.colocs[ci];
+                if c.score.is_pos_inf()
+                    && self.placed[c.dep].is_none()
+                    && !self.busy.get(c.dep).copied().unwrap_or(false)
+                {
+                    for (k, v) in self.unit_util(c.dep) {
+                        *need_all.entry(k).or_insert(0) += v;
+                    }
+                }
+            }
             while insts.len() < max {
-                // An instance on a node being fenced dies with it; it does not move.
+                // An anonymous instance on a node being fenced dies with it; it does not
+                // move. A globally unique one keeps its identity and moves on.
                 let mover_ix = leftovers
                     .iter()
-                    .position(|&(_, cn)| self.nodes[cn].fence.is_none());
+                    .position(|&(_, cn)| unique || self.nodes[cn].fence.is_none());
                 let mover = mover_ix.map(|i| leftovers[i].1);
                 let avail: Vec<Score> = (0..n_nodes)
                     .map(|n| {
@@ -1588,7 +1611,10 @@ impl<'a> Sched<'a> {
                     })
                     .collect();
                 let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
-                let Some(n) = self.choose(&avail, mover, &need, &spread) else {
+                let Some(n) = self
+                    .choose(&avail, mover, &need_all, &spread)
+                    .or_else(|| self.choose(&avail, mover, &need, &spread))
+                else {
                     break;
                 };
                 if !allowed(self, n) {
