@@ -1892,6 +1892,10 @@ impl<'a> Sched<'a> {
         let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
         if self.units[u].kind == Kind::Clone {
             self.member_cur(pi, inst.cur_node, inst.number, unique)
+        } else if inst.cur_node.is_none() {
+            // Nothing of it runs anywhere (or this is its blocked start beside the copy
+            // that stops).
+            None
         } else {
             self.primary_cur(pi, inst.node)
         }
@@ -1992,7 +1996,30 @@ impl<'a> Sched<'a> {
                             i.node = Some(c);
                             i.promoted = false;
                         }
-                        _ => i.node = None,
+                        _ => {
+                            // Its members that do not run yet would start where it is
+                            // placed: blocked, shown beside the stop of the others.
+                            if !is_clone && let Some(n) = i.node {
+                                let member_ok: Vec<bool> = self.units[u]
+                                    .prims
+                                    .iter()
+                                    .zip(&i.member_ok)
+                                    .map(|(&pi, &ok)| ok && self.prims[pi].cur.is_empty())
+                                    .collect();
+                                if member_ok.iter().any(|&ok| ok) {
+                                    extra.push(Inst {
+                                        number: None,
+                                        cur_node: None,
+                                        node: Some(n),
+                                        promoted: false,
+                                        member_ok,
+                                        restart: false,
+                                        blocked: true,
+                                    });
+                                }
+                            }
+                            i.node = None
+                        }
                     },
                     None => {
                         if i.node.is_some() {
