@@ -428,7 +428,15 @@ fn read_group(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, cfg: &mut Config) -> Result<G
     })
 }
 
-fn read_rule(ctx: &mut Ctx<'_>, r: XNode<'_, '_>) -> Result<Option<Rule>, CibError> {
+/// Where an expression's value comes from when it names a resource attribute
+/// (`value-source = "param"` or `"meta"`): the resource's own value of that name.
+type ValueLookup<'l> = &'l dyn Fn(&str, &str) -> Option<String>;
+
+fn read_rule(
+    ctx: &mut Ctx<'_>,
+    r: XNode<'_, '_>,
+    lookup: Option<ValueLookup<'_>>,
+) -> Result<Option<Rule>, CibError> {
     let mut rule = Rule {
         score: parse_score(ctx, r, "score")?,
         score_attribute: r.attribute("score-attribute").map(str::to_string),
@@ -443,10 +451,22 @@ fn read_rule(ctx: &mut Ctx<'_>, r: XNode<'_, '_>) -> Result<Option<Rule>, CibErr
     for e in r.children().filter(|c| c.is_element()) {
         match e.tag_name().name() {
             "expression" => {
-                if e.attribute("value-source").is_some_and(|v| v != "literal") {
-                    ctx.skip(r, "expressions whose value comes from a parameter are not supported; rule left out");
-                    return Ok(None);
-                }
+                let value = match e.attribute("value-source").unwrap_or("literal") {
+                    "literal" => e.attribute("value").map(str::to_string),
+                    source @ ("param" | "meta") => {
+                        let name = e.attribute("value").unwrap_or("");
+                        match lookup.and_then(|l| l(source, name)) {
+                            Some(v) => Some(v),
+                            // Without that attribute (or one that varies by node) the
+                            // rule cannot hold here.
+                            None => return Ok(None),
+                        }
+                    }
+                    other => {
+                        ctx.skip(r, format!("unknown value-source `{other}`; rule left out"));
+                        return Ok(None);
+                    }
+                };
                 let op = match e.attribute("operation").unwrap_or("") {
                     "eq" => ExprOp::Eq,
                     "ne" => ExprOp::Ne,
@@ -469,11 +489,11 @@ fn read_rule(ctx: &mut Ctx<'_>, r: XNode<'_, '_>) -> Result<Option<Rule>, CibErr
                 rule.expressions.push(Expr {
                     attribute: e.attribute("attribute").unwrap_or("").to_string(),
                     operation: op,
-                    value: e.attribute("value").map(str::to_string),
+                    value,
                     value_type,
                 });
             }
-            "rule" => match read_rule(ctx, e)? {
+            "rule" => match read_rule(ctx, e, lookup)? {
                 Some(sub) => rule.rules.push(sub),
                 None => return Ok(None),
             },
@@ -489,13 +509,21 @@ fn read_rule(ctx: &mut Ctx<'_>, r: XNode<'_, '_>) -> Result<Option<Rule>, CibErr
     Ok(Some(rule))
 }
 
-fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>) -> Vec<ResourceSet> {
+/// The sets of a constraint. In a colocation set `ordering = "listed"` chains each
+/// member with the one after it rather than the one before: the list is read reversed.
+fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, colocation: bool) -> Vec<ResourceSet> {
     let mut sets = Vec::new();
     for s in children(n, "resource_set") {
-        let resources = children(s, "resource_ref")
+        let mut resources: Vec<String> = children(s, "resource_ref")
             .filter_map(|r| r.attribute("id").map(str::to_string))
             .collect();
-        if s.attribute("ordering").is_some() {
+        if colocation {
+            match s.attribute("ordering") {
+                None | Some("group") => {}
+                Some("listed") => resources.reverse(),
+                Some(o) => ctx.skip(s, format!("unknown set ordering `{o}`; ignored")),
+            }
+        } else if s.attribute("ordering").is_some() {
             ctx.skip(
                 s,
                 "the `ordering` attribute of sets is not supported; ignored",
@@ -518,6 +546,164 @@ fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>) -> Vec<ResourceSet> {
     sets
 }
 
+/// A resource's own parameter (`param`) or meta attribute (`meta`) `name`, from its
+/// blocks that hold whatever the node; None when absent or set by rules.
+fn resource_attribute(cons: XNode<'_, '_>, rsc: &str, source: &str, name: &str) -> Option<String> {
+    let tag = if source == "meta" {
+        "meta_attributes"
+    } else {
+        "instance_attributes"
+    };
+    let r = cons.document().descendants().find(|d| {
+        d.attribute("id") == Some(rsc)
+            && matches!(
+                d.tag_name().name(),
+                "primitive" | "group" | "clone" | "master"
+            )
+    })?;
+    let mut found = None;
+    for block in children(r, tag) {
+        for p in children(block, "nvpair").filter(|p| p.attribute("name") == Some(name)) {
+            if child(block, "rule").is_some() {
+                // Its value depends on the node: not something one value can stand for.
+                return None;
+            }
+            if found.is_none() {
+                found = p.attribute("value").map(str::to_string);
+            }
+        }
+    }
+    found
+}
+
+/// The small part of regular expressions that resource patterns use: literals, `.`,
+/// bracket classes with ranges and negation, `*`, `+`, `?`, anchors and escapes.
+#[derive(Debug)]
+struct Pattern {
+    anchored_start: bool,
+    anchored_end: bool,
+    atoms: Vec<(Atom, Repeat)>,
+}
+
+#[derive(Debug)]
+enum Atom {
+    Any,
+    Char(char),
+    Class(bool, Vec<(char, char)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Repeat {
+    One,
+    Optional,
+    Star,
+    Plus,
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Option<Pattern> {
+        let mut chars: Vec<char> = p.chars().collect();
+        let anchored_start = chars.first() == Some(&'^');
+        if anchored_start {
+            chars.remove(0);
+        }
+        let n = chars.len();
+        let anchored_end = chars.last() == Some(&'$') && (n < 2 || chars[n - 2] != '\\');
+        if anchored_end {
+            chars.pop();
+        }
+        let mut atoms = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let atom = match chars[i] {
+                '.' => Atom::Any,
+                '\\' => {
+                    i += 1;
+                    Atom::Char(*chars.get(i)?)
+                }
+                '[' => {
+                    i += 1;
+                    let negate = chars.get(i) == Some(&'^');
+                    if negate {
+                        i += 1;
+                    }
+                    let mut ranges = Vec::new();
+                    let mut first = true;
+                    while chars.get(i) != Some(&']') || first {
+                        let lo = *chars.get(i)?;
+                        first = false;
+                        if chars.get(i + 1) == Some(&'-')
+                            && chars.get(i + 2).is_some_and(|c| *c != ']')
+                        {
+                            ranges.push((lo, *chars.get(i + 2)?));
+                            i += 3;
+                        } else {
+                            ranges.push((lo, lo));
+                            i += 1;
+                        }
+                    }
+                    Atom::Class(negate, ranges)
+                }
+                '(' | ')' | '|' | '{' | '}' | '*' | '+' | '?' | '^' | '$' => return None,
+                c => Atom::Char(c),
+            };
+            i += 1;
+            let repeat = match chars.get(i) {
+                Some('*') => Repeat::Star,
+                Some('+') => Repeat::Plus,
+                Some('?') => Repeat::Optional,
+                _ => Repeat::One,
+            };
+            if repeat != Repeat::One {
+                i += 1;
+            }
+            atoms.push((atom, repeat));
+        }
+        Some(Pattern {
+            anchored_start,
+            anchored_end,
+            atoms,
+        })
+    }
+
+    fn is_match(&self, text: &str) -> bool {
+        let t: Vec<char> = text.chars().collect();
+        let starts: Vec<usize> = if self.anchored_start {
+            vec![0]
+        } else {
+            (0..=t.len()).collect()
+        };
+        starts.into_iter().any(|s| self.match_at(&t, s, 0))
+    }
+
+    fn match_at(&self, t: &[char], pos: usize, ai: usize) -> bool {
+        let Some((atom, repeat)) = self.atoms.get(ai) else {
+            return !self.anchored_end || pos == t.len();
+        };
+        let hit = |p: usize| {
+            t.get(p).is_some_and(|&c| match atom {
+                Atom::Any => true,
+                Atom::Char(x) => c == *x,
+                Atom::Class(neg, ranges) => {
+                    ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *neg
+                }
+            })
+        };
+        let (min, max) = match repeat {
+            Repeat::One => (1, 1),
+            Repeat::Optional => (0, 1),
+            Repeat::Star => (0, usize::MAX),
+            Repeat::Plus => (1, usize::MAX),
+        };
+        let mut n = 0;
+        while n < max && hit(pos + n) {
+            n += 1;
+        }
+        // Greedy, giving back one at a time.
+        (min..=n).rev().any(|k| self.match_at(t, pos + k, ai + 1))
+    }
+}
+
 fn read_constraints(
     ctx: &mut Ctx<'_>,
     cons: XNode<'_, '_>,
@@ -527,22 +713,65 @@ fn read_constraints(
         let id = n.attribute("id").unwrap_or("").to_string();
         match n.tag_name().name() {
             "rsc_location" => {
-                if n.attribute("rsc-pattern").is_some() {
-                    ctx.skip(n, "rsc-pattern locations are not supported");
-                    continue;
-                }
                 let mut rscs: Vec<String> = n
                     .attribute("rsc")
                     .map(|r| vec![r.to_string()])
                     .unwrap_or_default();
-                for s in read_sets(ctx, n) {
+                if let Some(pattern) = n.attribute("rsc-pattern") {
+                    // A leading `!` selects the resources the expression does not match.
+                    let (invert, expr) = match pattern.strip_prefix('!') {
+                        Some(rest) => (true, rest),
+                        None => (false, pattern),
+                    };
+                    let Some(re) = Pattern::parse(expr) else {
+                        ctx.skip(
+                            n,
+                            format!("rsc-pattern `{pattern}` uses unsupported syntax; left out"),
+                        );
+                        continue;
+                    };
+                    let resources = cons
+                        .document()
+                        .descendants()
+                        .find(|d| d.has_tag_name("resources"));
+                    for r in resources.into_iter().flat_map(|r| r.children()) {
+                        if let Some(rid) = r.attribute("id")
+                            && r.is_element()
+                            && re.is_match(rid) != invert
+                        {
+                            rscs.push(rid.to_string());
+                        }
+                    }
+                }
+                for s in read_sets(ctx, n, false) {
                     rscs.extend(s.resources);
                 }
                 let mut rules = Vec::new();
                 for r in children(n, "rule") {
-                    if let Some(rule) = read_rule(ctx, r)? {
+                    if let Some(rule) = read_rule(ctx, r, None)? {
                         rules.push(rule);
                     }
+                }
+                // Rules that compare with a resource's own attributes are read once per
+                // resource.
+                let per_rsc = children(n, "rule").any(|r| {
+                    r.descendants()
+                        .any(|e| e.attribute("value-source").is_some_and(|v| v != "literal"))
+                });
+                let mut rules_of: Vec<Vec<Rule>> = Vec::new();
+                if per_rsc {
+                    for rsc in &rscs {
+                        let lookup =
+                            |source: &str, name: &str| resource_attribute(cons, rsc, source, name);
+                        let mut own = Vec::new();
+                        for r in children(n, "rule") {
+                            if let Some(rule) = read_rule(ctx, r, Some(&lookup))? {
+                                own.push(rule);
+                            }
+                        }
+                        rules_of.push(own);
+                    }
+                    rules = rules_of.iter().flatten().cloned().collect();
                 }
                 let node = n.attribute("node").map(str::to_string);
                 let score = parse_score(ctx, n, "score")?;
@@ -559,6 +788,10 @@ fn read_constraints(
                     None
                 };
                 for (k, rsc) in rscs.iter().enumerate() {
+                    // No rule of it can hold for this resource.
+                    if per_rsc && node.is_none() && rules_of.get(k).is_none_or(|r| r.is_empty()) {
+                        continue;
+                    }
                     let cid = if k == 0 {
                         id.clone()
                     } else {
@@ -572,6 +805,8 @@ fn read_constraints(
                         role,
                         rules: if node.is_some() {
                             Vec::new()
+                        } else if per_rsc {
+                            rules_of.get(k).cloned().unwrap_or_default()
                         } else {
                             rules.clone()
                         },
@@ -597,7 +832,7 @@ fn read_constraints(
                         .attribute("node-attribute")
                         .filter(|a| *a != "#uname")
                         .map(str::to_string),
-                    sets: read_sets(ctx, n),
+                    sets: read_sets(ctx, n, true),
                 });
             }
             "rsc_order" => {
@@ -619,7 +854,7 @@ fn read_constraints(
                     kind,
                     symmetrical: n.attribute("symmetrical").and_then(parse_bool),
                     require_all: n.attribute("require-all").and_then(parse_bool),
-                    sets: read_sets(ctx, n),
+                    sets: read_sets(ctx, n, false),
                 });
             }
             "rsc_ticket" => ctx.skip(n, "tickets are not supported"),
@@ -1512,7 +1747,7 @@ fn read_status(
     // last live migration begun there.
     let mut stopped_last: Vec<Stamp> = Vec::new();
     let mut migrations_at: Vec<Stamp> = Vec::new();
-    for ns in children(status, "node_state") {
+    for (seen, ns) in children(status, "node_state").enumerate() {
         // A node that never finished joining is recorded by id only.
         let by_id = || {
             let id = ns.attribute("id")?;
@@ -1661,6 +1896,7 @@ fn read_status(
                 };
                 let ops = read_ops(r);
                 let mut st = replay(&ops, uname);
+                st.seen = u32::try_from(seen).unwrap_or(u32::MAX);
                 if let Some(o) = ops
                     .iter()
                     .rev()
@@ -1852,6 +2088,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn resource_patterns_match_like_regular_expressions() {
+        let m = |p: &str, t: &str| Pattern::parse(p).is_some_and(|re| re.is_match(t));
+        assert!(m("^rsc[0-9]$", "rsc1"));
+        assert!(!m("^rsc[0-9]$", "rsc12"));
+        assert!(!m("^rsc[0-9]$", "set-rsc1"));
+        assert!(m("rsc", "set-rsc1"));
+        assert!(m("meta-", "meta-rsc"));
+        assert!(!m("meta-", "rsc"));
+        assert!(m("^a.*z$", "abcz"));
+        assert!(m("^ab+c?$", "abbb"));
+        assert!(!m("^ab+c?$", "ac"));
+        assert!(m("[^0-9]x", "ax"));
+        assert!(!m("[^0-9]x", "1x"));
+        assert!(m("a\\.b", "a.b"));
+        assert!(!m("a\\.b", "axb"));
+        // Groups and alternation are not supported: no pattern rather than a wrong one.
+        assert!(Pattern::parse("(a|b)").is_none());
+    }
+
+    #[test]
     fn md5_matches_the_rfc_vectors() {
         assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
         assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
@@ -1915,6 +2171,35 @@ mod tests {
         assert_eq!(
             changed(&cib(two, &d, &reloadable)),
             Some(DefinitionChange::Reload)
+        );
+    }
+    #[test]
+    fn pattern_locations_compare_with_each_resources_own_parameter() {
+        let xml = r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources>
+<primitive id="rsc1" class="ocf" provider="heartbeat" type="Dummy">
+<instance_attributes id="i1"><nvpair id="f1" name="fake" value="300"/></instance_attributes></primitive>
+<primitive id="rsc2" class="ocf" provider="heartbeat" type="Dummy">
+<instance_attributes id="i2"><nvpair id="f2" name="fake" value="400"/></instance_attributes></primitive>
+<primitive id="other" class="ocf" provider="heartbeat" type="Dummy"/>
+</resources>
+<constraints><rsc_location id="l" rsc-pattern="^rsc[0-9]$"><rule id="r" score="INFINITY">
+<expression id="e" attribute="fake" operation="gt" value="fake" value-source="param"/>
+</rule></rsc_location></constraints></configuration><status/></cib>"#;
+        let imp = import("t.xml", xml).expect("imports");
+        let values: Vec<(String, Option<String>)> = imp
+            .config
+            .constraints
+            .location
+            .iter()
+            .map(|l| (l.rsc.clone(), l.rules[0].expressions[0].value.clone()))
+            .collect();
+        assert_eq!(
+            values,
+            vec![
+                ("rsc1".to_string(), Some("300".to_string())),
+                ("rsc2".to_string(), Some("400".to_string())),
+            ]
         );
     }
 }

@@ -133,6 +133,10 @@ pub struct ResourceStatus {
     /// Its parameters changed since it started here (it stays where it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition_changed: Option<DefinitionChange>,
+    /// The order in which the nodes reported it: of several copies where one is
+    /// expected, the first reported is the one taken as current.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seen: u32,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -154,6 +158,7 @@ impl Default for ResourceStatus {
             hard_error: false,
             shutdown_locked: false,
             definition_changed: None,
+            seen: 0,
         }
     }
 }

@@ -149,6 +149,8 @@ struct Sched<'a> {
     /// Location, home and failcount scores per unit, computed once.
     base: Vec<Option<Vec<Score>>>,
     orphans: Vec<Cur<'a>>,
+    /// Units whose placement is under way (placing what they go with first).
+    busy: Vec<bool>,
 }
 
 /// Decide what the cluster should do: a pure, deterministic function of its inputs.
@@ -323,6 +325,7 @@ impl<'a> Sched<'a> {
             scores: Vec::new(),
             base: Vec::new(),
             orphans: Vec::new(),
+            busy: Vec::new(),
         };
         s.build_units();
         s.gather_current();
@@ -1147,6 +1150,8 @@ impl<'a> Sched<'a> {
             let c = &self.colocs[ci];
             if !c.score.is_pos_inf()
                 || self.placed[c.dep].is_some()
+                // One being placed checks its own room once this one has its node.
+                || self.busy.get(c.dep).copied().unwrap_or(false)
                 || self.units[c.dep].kind == Kind::Clone
                 || seen.contains(&c.dep)
             {
@@ -1223,8 +1228,9 @@ impl<'a> Sched<'a> {
         self.base = (0..self.units.len())
             .map(|u| Some(self.compute_base_weights(u)))
             .collect();
-        // Higher priority first; then resources that are well placed where they run
-        // (they keep their nodes) before ones that must find a new home.
+        // Higher priority first; then, under a utilization placement strategy, resources
+        // that are well placed where they run (they keep their nodes) before ones that
+        // must find a new home; then definition order.
         let keys: Vec<(i64, Score)> = (0..self.units.len())
             .map(|u| {
                 let w = self.base_weights(u);
@@ -1250,6 +1256,11 @@ impl<'a> Sched<'a> {
                         .max()
                         .unwrap_or(NEG),
                 };
+                let here = if self.cfg.options.placement_strategy == PlacementStrategy::Default {
+                    Score::ZERO
+                } else {
+                    here
+                };
                 (self.units[u].meta.priority.unwrap_or(0), here)
             })
             .collect();
@@ -1261,17 +1272,17 @@ impl<'a> Sched<'a> {
                 self.units[u].doc_order,
             )
         });
-        let mut busy = vec![false; self.units.len()];
+        self.busy = vec![false; self.units.len()];
         for u in order {
-            self.place(u, &mut busy);
+            self.place(u);
         }
     }
 
-    fn place(&mut self, u: usize, busy: &mut [bool]) {
-        if self.placed[u].is_some() || busy[u] {
+    fn place(&mut self, u: usize) {
+        if self.placed[u].is_some() || self.busy[u] {
             return;
         }
-        busy[u] = true;
+        self.busy[u] = true;
         // What it is colocated with goes first, higher priority first.
         let mut primaries: Vec<usize> = self.dep_of[u]
             .iter()
@@ -1279,7 +1290,7 @@ impl<'a> Sched<'a> {
             .collect();
         primaries.sort_by_key(|&p| std::cmp::Reverse(self.units[p].meta.priority.unwrap_or(0)));
         for p in primaries {
-            self.place(p, busy);
+            self.place(p);
         }
         let insts = if self.units[u].kind == Kind::Clone {
             self.place_clone(u)
@@ -1287,7 +1298,7 @@ impl<'a> Sched<'a> {
             self.place_single(u)
         };
         self.placed[u] = Some(insts);
-        busy[u] = false;
+        self.busy[u] = false;
     }
 
     fn record_scores(&mut self, u: usize, w: &[Score]) {
@@ -1433,7 +1444,10 @@ impl<'a> Sched<'a> {
             None => vec![false; n_members],
         };
         if let Some(n) = node {
+            // Members that cannot run there take no share of it.
+            let idle = member_ok.iter().filter(|&&ok| !ok).count() as u32;
             self.take(n, u);
+            self.load[n] -= idle;
         }
         vec![Inst {
             number: None,
@@ -1564,11 +1578,26 @@ impl<'a> Sched<'a> {
         }
         if !unmanaged && !stopped {
             let need = self.unit_util(u);
+            // An instance needs room for an instance of what must run with it too (when
+            // some node has that much).
+            let mut need_all = need.clone();
+            for &ci in &self.prim_of[u] {
+                let c = &self.colocs[ci];
+                if c.score.is_pos_inf()
+                    && self.placed[c.dep].is_none()
+                    && !self.busy.get(c.dep).copied().unwrap_or(false)
+                {
+                    for (k, v) in self.unit_util(c.dep) {
+                        *need_all.entry(k).or_insert(0) += v;
+                    }
+                }
+            }
             while insts.len() < max {
-                // An instance on a node being fenced dies with it; it does not move.
+                // An anonymous instance on a node being fenced dies with it; it does not
+                // move. A globally unique one keeps its identity and moves on.
                 let mover_ix = leftovers
                     .iter()
-                    .position(|&(_, cn)| self.nodes[cn].fence.is_none());
+                    .position(|&(_, cn)| unique || self.nodes[cn].fence.is_none());
                 let mover = mover_ix.map(|i| leftovers[i].1);
                 let avail: Vec<Score> = (0..n_nodes)
                     .map(|n| {
@@ -1582,7 +1611,10 @@ impl<'a> Sched<'a> {
                     })
                     .collect();
                 let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
-                let Some(n) = self.choose(&avail, mover, &need, &spread) else {
+                let Some(n) = self
+                    .choose(&avail, mover, &need_all, &spread)
+                    .or_else(|| self.choose(&avail, mover, &need, &spread))
+                else {
                     break;
                 };
                 if !allowed(self, n) {
@@ -1791,6 +1823,27 @@ impl<'a> Sched<'a> {
     /// "the" current copy: the one where it will run, if any.
     fn primary_cur(&self, pi: usize, node: Option<usize>) -> Option<&Cur<'a>> {
         let cur = &self.prims[pi].cur;
+        // Found active where it should run once, it is taken to run where it was
+        // reported first: the others are the unexpected copies. The target of an
+        // unfinished migration is reported with its source, ahead of it. Reported
+        // together, the copy where it is to run is the one kept.
+        if self.multi(pi).is_some() {
+            let rank = |c: &Cur<'_>| {
+                cur.iter()
+                    .filter(|d| {
+                        d.status.migration.as_ref().is_some_and(|m| {
+                            !m.completed && m.target == self.nodes[c.node].name && d.node != c.node
+                        })
+                    })
+                    .map(|d| (d.status.seen, 0))
+                    .min()
+                    .unwrap_or((c.status.seen, 1))
+            };
+            return cur
+                .iter()
+                .filter(|c| self.nodes[c.node].fence.is_none())
+                .min_by_key(|c| (rank(c), Some(c.node) != node));
+        }
         cur.iter()
             .find(|c| Some(c.node) == node)
             .or_else(|| cur.first())
@@ -1839,6 +1892,10 @@ impl<'a> Sched<'a> {
         let unique = self.units[u].clone.as_ref().is_some_and(|s| s.unique);
         if self.units[u].kind == Kind::Clone {
             self.member_cur(pi, inst.cur_node, inst.number, unique)
+        } else if inst.cur_node.is_none() {
+            // Nothing of it runs anywhere (or this is its blocked start beside the copy
+            // that stops).
+            None
         } else {
             self.primary_cur(pi, inst.node)
         }
@@ -1939,7 +1996,30 @@ impl<'a> Sched<'a> {
                             i.node = Some(c);
                             i.promoted = false;
                         }
-                        _ => i.node = None,
+                        _ => {
+                            // Its members that do not run yet would start where it is
+                            // placed: blocked, shown beside the stop of the others.
+                            if !is_clone && let Some(n) = i.node {
+                                let member_ok: Vec<bool> = self.units[u]
+                                    .prims
+                                    .iter()
+                                    .zip(&i.member_ok)
+                                    .map(|(&pi, &ok)| ok && self.prims[pi].cur.is_empty())
+                                    .collect();
+                                if member_ok.iter().any(|&ok| ok) {
+                                    extra.push(Inst {
+                                        number: None,
+                                        cur_node: None,
+                                        node: Some(n),
+                                        promoted: false,
+                                        member_ok,
+                                        restart: false,
+                                        blocked: true,
+                                    });
+                                }
+                            }
+                            i.node = None
+                        }
                     },
                     None => {
                         if i.node.is_some() {
@@ -2331,6 +2411,33 @@ impl<'a> Sched<'a> {
                 for m in 0..self.units[u].prims.len() {
                     let pi = self.units[u].prims[m];
                     if !self.managed(pi) {
+                        // A failure left alone still has to go with its lost node: the
+                        // stop is due, and blocked until the node can be fenced.
+                        if self.units[u].kind != Kind::Clone
+                            && self.cfg.options.stonith_enabled
+                            && !self.cfg.options.maintenance_mode
+                            && self.prims[pi].meta.is_managed != Some(false)
+                        {
+                            for c in self.prims[pi]
+                                .cur
+                                .iter()
+                                .filter(|c| self.stuck_node(c.node) && self.blocked_failure(pi, c))
+                            {
+                                plan.changes.push(Change {
+                                    kind: ChangeKind::Stop,
+                                    resource: c.key.to_string(),
+                                    from: Some(Placement {
+                                        node: self.nodes[c.node].name.to_string(),
+                                        role: c.role,
+                                    }),
+                                    to: None,
+                                    show_roles: promotable,
+                                    reason: None,
+                                    blocked: true,
+                                    quiet: false,
+                                });
+                            }
+                        }
                         continue;
                     }
                     let (had, will) = self.member_transition(u, inst, m);
@@ -2409,7 +2516,12 @@ impl<'a> Sched<'a> {
                                 restart_rest = true;
                                 Some((ChangeKind::Recover, from, to))
                             } else if restart_rest
-                                || self.multi(pi) == Some(MultipleActive::StopStart)
+                                // Stopping the unexpected copies leaves the kept one
+                                // restarted, in name at least.
+                                || matches!(
+                                    self.multi(pi),
+                                    Some(MultipleActive::StopStart | MultipleActive::StopUnexpected)
+                                )
                                 || self.must_restart(u, inst, m)
                             {
                                 restart_rest = true;
