@@ -1298,6 +1298,48 @@ fn volume_replication_refuses_a_plaintext_peer_and_a_foreign_ca() {
 }
 
 #[test]
+fn volume_replica_refuses_another_members_valid_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    // Node c's certificate: same cluster, same CA, valid, but it is c's.
+    let c_cert = tls_args(tmp.path(), "lab", "c");
+    let c_refs: Vec<&str> = c_cert.iter().map(String::as_str).collect();
+
+    // b's replica holds c's certificate: `a` dials b and finds c there.
+    a.start(&[b.peer()], &[]);
+    b.start(&[a.peer()], &c_refs);
+    let st = a.wait_for("a refusing c's certificate where b should be", |s| {
+        Node::peer_status(s, "b")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("`c`") && e.contains("`b`"))
+    });
+    assert_ne!(Node::peer_status(&st, "b")["connection"], "Connected");
+    b.kill();
+    a.kill();
+
+    // Now `a` holds c's certificate and dials b: b, accepting, sees a hello from `a`
+    // over c's certificate and refuses; `a` is told why.
+    b.start(&[a.peer()], &[]);
+    a.start(&[b.peer()], &c_refs);
+    let st = a.wait_for("b refusing a hello from `a` over c's certificate", |s| {
+        Node::peer_status(s, "b")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("claims node `a`") && e.contains("`c`"))
+    });
+    assert_ne!(Node::peer_status(&st, "b")["connection"], "Connected");
+    let sb = b.status().expect("b's status");
+    assert_ne!(Node::peer_status(&sb, "a")["connection"], "Connected");
+    assert_eq!(sb["disk"], "Inconsistent", "b took data from an impostor");
+    a.kill();
+
+    // With their own certificates the same pair connects and syncs.
+    a.start(&[b.peer()], &[]);
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+}
+
+#[test]
 fn volume_serve_listens_on_loopback_only_and_replicates_only_under_tls() {
     let tmp = tempfile::tempdir().unwrap();
     let a = Node::create(tmp.path(), "a", true);
