@@ -1,5 +1,5 @@
-//! The NBD wire protocol (fixed newstyle handshake, simple replies): constants and
-//! decoders. Decoders take bytes and return values or a [`ProtoError`]; they never
+//! The NBD wire protocol (fixed newstyle handshake; simple and structured replies;
+//! the `base:allocation` metadata context): constants, decoders and encoders. Decoders take bytes and return values or a [`ProtoError`]; they never
 //! index past what they were given, so malformed traffic cannot panic the server.
 
 use thiserror::Error;
@@ -9,6 +9,7 @@ pub const OPTS_MAGIC: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 pub const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -22,11 +23,15 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option replies.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 pub const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
@@ -44,11 +49,28 @@ pub const TF_SEND_FLUSH: u16 = 1 << 2;
 pub const TF_SEND_FUA: u16 = 1 << 3;
 pub const TF_SEND_TRIM: u16 = 1 << 5;
 pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TF_SEND_DF: u16 = 1 << 7;
 pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+// Structured replies: chunk flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+pub const CHUNK_HEADER_LEN: usize = 20;
+
+/// The one metadata context served, and its flags in a block status descriptor.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
 
 // Error values carried in replies (Linux errno numbering, as the protocol requires).
 pub const EPERM: u32 = 1;
@@ -96,6 +118,7 @@ pub enum Cmd {
     Flush,
     Trim,
     WriteZeroes,
+    BlockStatus,
     Other(u16),
 }
 
@@ -108,6 +131,7 @@ impl Cmd {
             3 => Cmd::Flush,
             4 => Cmd::Trim,
             6 => Cmd::WriteZeroes,
+            7 => Cmd::BlockStatus,
             o => Cmd::Other(o),
         }
     }
@@ -206,6 +230,45 @@ pub fn decode_info_request(b: &[u8]) -> Result<InfoRequest, ProtoError> {
     Ok(InfoRequest { name, infos })
 }
 
+/// The payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: an export name
+/// and the queries (context names, or namespaces such as `base:` when listing).
+#[derive(Debug, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub name: String,
+    pub queries: Vec<String>,
+}
+
+/// A length-prefixed (32-bit) UTF-8 string at `at`; returns it and where it ends.
+fn string_at(b: &[u8], at: usize, what: &'static str) -> Result<(String, usize), ProtoError> {
+    let len = be_u32(b, at).ok_or_else(|| truncated(what, at + 4, b.len()))? as usize;
+    let end = (at + 4)
+        .checked_add(len)
+        .ok_or_else(|| truncated(what, usize::MAX, b.len()))?;
+    let s = b
+        .get(at + 4..end)
+        .ok_or_else(|| truncated(what, end, b.len()))?;
+    let s = std::str::from_utf8(s).map_err(|_| ProtoError::NameNotUtf8)?;
+    Ok((s.to_owned(), end))
+}
+
+pub fn decode_meta_context_request(b: &[u8]) -> Result<MetaContextRequest, ProtoError> {
+    let (name, mut at) = string_at(b, 0, "meta context export name")?;
+    let count = be_u32(b, at).ok_or_else(|| truncated("meta context count", at + 4, b.len()))?;
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        // Each query takes at least its 4-byte length, so a huge count runs out of
+        // payload (an error) long before it could allocate much.
+        let (q, end) = string_at(b, at, "meta context query")?;
+        queries.push(q);
+        at = end;
+    }
+    if at != b.len() {
+        return Err(truncated("meta context request", at, b.len()));
+    }
+    Ok(MetaContextRequest { name, queries })
+}
+
 /// Encodes an option reply header followed by `data`.
 pub fn encode_option_reply(out: &mut Vec<u8>, opt: u32, reply: u32, data: &[u8]) {
     out.extend_from_slice(&REP_MAGIC.to_be_bytes());
@@ -221,6 +284,52 @@ pub fn encode_simple_reply(out: &mut [u8; 16], error: u32, cookie: u64) {
     out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out[4..8].copy_from_slice(&error.to_be_bytes());
     out[8..16].copy_from_slice(&cookie.to_be_bytes());
+}
+
+/// Encodes a structured reply chunk header for a payload of `len` bytes.
+pub fn encode_chunk_header(out: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, len: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&typ.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Encodes a final NBD_REPLY_TYPE_ERROR chunk carrying `error` and a message for people.
+pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
+    // Messages are ours and short; cut at a character boundary all the same.
+    let mut m = message;
+    while m.len() > 1024 {
+        let mut cut = 1024;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m = &m[..cut];
+    }
+    let len = 6 + m.len() as u32;
+    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len);
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(m.len() as u16).to_be_bytes());
+    out.extend_from_slice(m.as_bytes());
+}
+
+/// Encodes an NBD_REPLY_TYPE_OFFSET_HOLE chunk.
+pub fn encode_hole_chunk(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, len: u32) {
+    encode_chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Encodes the header of an NBD_REPLY_TYPE_OFFSET_DATA chunk; `len` data bytes follow.
+pub fn encode_data_chunk_head(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, len: u32) {
+    encode_chunk_header(
+        out,
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        len.saturating_add(8),
+    );
+    out.extend_from_slice(&offset.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -296,12 +405,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn meta_context_requests_decode_and_refuse_short_payloads() {
+        let mut b = 3u32.to_be_bytes().to_vec();
+        b.extend_from_slice(b"vol");
+        b.extend_from_slice(&2u32.to_be_bytes());
+        for q in ["base:allocation", "qemu:dirty-bitmap:x"] {
+            b.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            b.extend_from_slice(q.as_bytes());
+        }
+        let r = decode_meta_context_request(&b).unwrap();
+        assert_eq!(r.name, "vol");
+        assert_eq!(r.queries, ["base:allocation", "qemu:dirty-bitmap:x"]);
+        assert!(decode_meta_context_request(&b[..b.len() - 1]).is_err());
+        b.push(0);
+        assert!(decode_meta_context_request(&b).is_err());
+        // A count far beyond the payload is an error, not an allocation.
+        let mut huge = 0u32.to_be_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_meta_context_request(&huge).is_err());
+    }
+
+    #[test]
+    fn error_chunks_carry_the_errno_and_a_bounded_message() {
+        let mut out = Vec::new();
+        encode_error_chunk(&mut out, 9, EPERM, "not primary");
+        assert_eq!(&out[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&out[6..8], &REPLY_TYPE_ERROR.to_be_bytes());
+        assert_eq!(&out[8..16], &9u64.to_be_bytes());
+        assert_eq!(&out[16..20], &(6 + 11u32).to_be_bytes());
+        assert_eq!(&out[20..24], &EPERM.to_be_bytes());
+        assert_eq!(&out[26..], b"not primary");
+        out.clear();
+        encode_error_chunk(&mut out, 1, EIO, &"é".repeat(2000));
+        assert!(out.len() <= CHUNK_HEADER_LEN + 6 + 1024);
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic_decoders(b in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = decode_request(&b);
             let _ = decode_option_header(&b);
             let _ = decode_info_request(&b);
+            let _ = decode_meta_context_request(&b);
         }
 
         #[test]

@@ -4,8 +4,11 @@
 //! haven-net's `TlsIdentity`, from the node's cluster certificate), so a replica trusts
 //! exactly what the cluster's RPC trusts. Both ends present a certificate; the dialer
 //! checks the listener's against the cluster CA and the node server name, the listener
-//! checks the dialer's against the CA and then asks `peer_is_node`, so an operator's
-//! client certificate (same CA, client-only) cannot feed writes into a replica.
+//! checks the dialer's against the CA; then each asks `node_name` which node the
+//! other's certificate names (`haven://CLUSTER/node/NAME`). An operator's client
+//! certificate (same CA, client-only) names no node and cannot feed writes into a
+//! replica; a node's names that node only, so it cannot pass for another replica (the
+//! dialer compares it with the peer it dialled, the listener with the hello's name).
 //! The ALPN is replaced by [`ALPN`]: an RPC client that reached this port by mistake
 //! (or a replica that reached an RPC port) fails the handshake instead of talking.
 
@@ -23,8 +26,9 @@ pub const ALPN: &[u8] = b"haven-volume/1";
 pub type PeerRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type PeerWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// Whether a verified client chain belongs to a cluster node (not an operator).
-pub type PeerCheck = Arc<dyn Fn(&[CertificateDer<'_>]) -> bool + Send + Sync>;
+/// The node of this cluster a verified chain names; `None` for anything else (an
+/// operator's certificate, a witness's, one that names no node).
+pub type PeerCheck = Arc<dyn Fn(&[CertificateDer<'_>]) -> Option<String> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -38,7 +42,7 @@ pub struct ReplicationTls {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
     server_name: ServerName<'static>,
-    peer_is_node: PeerCheck,
+    node_name: PeerCheck,
 }
 
 impl fmt::Debug for ReplicationTls {
@@ -56,7 +60,7 @@ impl ReplicationTls {
         server: &ServerConfig,
         client: &ClientConfig,
         server_name: &str,
-        peer_is_node: PeerCheck,
+        node_name: PeerCheck,
     ) -> Result<Self, TlsSetupError> {
         let mut server = server.clone();
         server.alpn_protocols = vec![ALPN.to_vec()];
@@ -68,7 +72,7 @@ impl ReplicationTls {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
             server_name,
-            peer_is_node,
+            node_name,
         })
     }
 }
@@ -78,37 +82,41 @@ fn plain(s: TcpStream) -> (PeerRead, PeerWrite) {
     (Box::new(r), Box::new(w))
 }
 
-/// The accepting side of a replication connection. Without `tls` the stream is used
-/// as it is (`haven volume serve --plaintext`).
+/// The accepting side of a replication connection: the streams, and the node the
+/// dialer's certificate names, which its hello must claim (`None` without TLS: `haven
+/// volume serve --plaintext` takes the stream as it is).
 pub(crate) async fn accept(
     tls: Option<&ReplicationTls>,
     s: TcpStream,
-) -> Result<(PeerRead, PeerWrite), String> {
+) -> Result<(PeerRead, PeerWrite, Option<String>), String> {
     let _ = s.set_nodelay(true);
     let Some(tls) = tls else {
-        return Ok(plain(s));
+        let (r, w) = plain(s);
+        return Ok((r, w, None));
     };
     let stream = tls
         .acceptor
         .accept(s)
         .await
         .map_err(|e| format!("TLS handshake refused: {e}"))?;
-    let is_node = stream
+    let node = stream
         .get_ref()
         .1
         .peer_certificates()
-        .is_some_and(|chain| (tls.peer_is_node)(chain));
-    if !is_node {
+        .and_then(|chain| (tls.node_name)(chain));
+    let Some(node) = node else {
         return Err("TLS: the peer's certificate is not a cluster node's".into());
-    }
+    };
     let (r, w) = tokio::io::split(stream);
-    Ok((Box::new(r), Box::new(w)))
+    Ok((Box::new(r), Box::new(w), Some(node)))
 }
 
-/// The dialing side of a replication connection.
+/// The dialing side of a replication connection to the replica of node `peer`: the
+/// listener's certificate must name that node.
 pub(crate) async fn connect(
     tls: Option<&ReplicationTls>,
     s: TcpStream,
+    peer: &str,
 ) -> Result<(PeerRead, PeerWrite), String> {
     let _ = s.set_nodelay(true);
     let Some(tls) = tls else {
@@ -119,8 +127,33 @@ pub(crate) async fn connect(
         .connect(tls.server_name.clone(), s)
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let node = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| (tls.node_name)(chain));
+    match node {
+        Some(n) if n == peer => {}
+        Some(n) => {
+            return Err(format!(
+                "TLS: the replica dialled as `{peer}` holds node `{n}`'s certificate; refused"
+            ));
+        }
+        None => return Err("TLS: the peer's certificate is not a cluster node's".into()),
+    }
     let (r, w) = tokio::io::split(stream);
     Ok((Box::new(r), Box::new(w)))
+}
+
+/// Whether an accepted connection's hello names the node its certificate names; the
+/// refusal says both.
+pub(crate) fn check_claim(verified: Option<&str>, claimed: &str) -> Result<(), String> {
+    match verified {
+        Some(n) if n != claimed => Err(format!(
+            "the hello claims node `{claimed}` but the TLS certificate is node `{n}`'s; refused"
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -140,7 +173,13 @@ mod tests {
             &id.server_config(false).unwrap(),
             &id.client_config().unwrap(),
             haven_net::SERVER_NAME,
-            Arc::new(move |chain| check.is_node(chain)),
+            Arc::new(move |chain| {
+                if !check.is_node(chain) {
+                    return None;
+                }
+                let id = haven_net::PeerIdentity::of_cert(chain.first()?)?;
+                (id.role == CertRole::Node).then_some(id.name)
+            }),
         )
         .unwrap()
     }
@@ -150,17 +189,30 @@ mod tests {
         server: Option<ReplicationTls>,
         client: Option<ReplicationTls>,
     ) -> (Result<(), String>, Result<(), String>) {
+        let (a, d, _) = handshake_as(server, client, "b").await;
+        (a, d)
+    }
+
+    /// Dials `server` as `client`, which expects node `expect` there; also returns the
+    /// node the listener found in the dialer's certificate.
+    async fn handshake_as(
+        server: Option<ReplicationTls>,
+        client: Option<ReplicationTls>,
+        expect: &str,
+    ) -> (Result<(), String>, Result<(), String>, Option<String>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let (name_tx, name_rx) = tokio::sync::oneshot::channel();
         let accepting = tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            let (mut rd, _wr) = accept(server.as_ref(), s).await?;
+            let (mut rd, _wr, name) = accept(server.as_ref(), s).await?;
+            let _ = name_tx.send(name);
             let mut b = [0u8; 5];
             rd.read_exact(&mut b).await.map_err(|e| e.to_string())?;
             (b == *b"hello").then_some(()).ok_or("garbled".to_string())
         });
         let s = TcpStream::connect(addr).await.unwrap();
-        let dialed = match connect(client.as_ref(), s).await {
+        let dialed = match connect(client.as_ref(), s, expect).await {
             Ok((_rd, mut wr)) => {
                 let _ = wr.write_all(b"hello").await;
                 let _ = wr.flush().await;
@@ -172,7 +224,7 @@ mod tests {
             .await
             .expect("the listener decides in time")
             .unwrap();
-        (accepted, dialed)
+        (accepted, dialed, name_rx.await.ok().flatten())
     }
 
     #[tokio::test]
@@ -195,5 +247,25 @@ mod tests {
         // A plaintext dialer never looks like a hello to a TLS listener.
         let (a, _) = handshake(Some(node("b")), None).await;
         assert!(a.unwrap_err().contains("TLS"));
+    }
+
+    #[tokio::test]
+    async fn each_side_learns_which_node_the_other_is() {
+        let ca = ClusterCa::generate("lab").unwrap();
+        let node = |n: &str| identity(&ca, n, CertRole::Node);
+        // The listener learns the dialer's node from its certificate.
+        let (a, d, name) = handshake_as(Some(node("b")), Some(node("a")), "b").await;
+        assert_eq!((a, d, name.as_deref()), (Ok(()), Ok(()), Some("a")));
+        assert!(check_claim(name.as_deref(), "a").is_ok());
+        let e = check_claim(name.as_deref(), "c").unwrap_err();
+        assert!(e.contains("`c`") && e.contains("`a`"), "{e}");
+        assert!(
+            check_claim(None, "c").is_ok(),
+            "plaintext has nothing to check"
+        );
+        // The dialer refuses a listener whose certificate is another member's.
+        let (_, d, _) = handshake_as(Some(node("c")), Some(node("a")), "b").await;
+        let e = d.unwrap_err();
+        assert!(e.contains("`b`") && e.contains("`c`"), "{e}");
     }
 }

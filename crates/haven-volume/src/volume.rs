@@ -451,7 +451,7 @@ impl Volume {
                                 )
                                 .await
                                 {
-                                    Ok(Ok((rd, wr))) => me.run_conn(rd, wr, None).await,
+                                    Ok(Ok((rd, wr, node))) => me.run_conn(rd, wr, None, node).await,
                                     Ok(Err(why)) => {
                                         tracing::warn!("replication connection from {from}: {why}")
                                     }
@@ -491,11 +491,15 @@ impl Volume {
                     let s = TcpStream::connect(addr)
                         .await
                         .map_err(|e| format!("connecting to {addr}: {e}"))?;
-                    crate::tls::connect(self.cfg.tls.as_ref(), s).await
+                    crate::tls::connect(self.cfg.tls.as_ref(), s, &peer).await
                 })
                 .await;
                 match dial {
-                    Ok(Ok((rd, wr))) => self.clone().run_conn(rd, wr, Some(peer.clone())).await,
+                    Ok(Ok((rd, wr))) => {
+                        self.clone()
+                            .run_conn(rd, wr, Some(peer.clone()), None)
+                            .await
+                    }
                     Ok(Err(why)) => self.note_error(&peer, why),
                     Err(_) => self.note_error(
                         &peer,
@@ -549,8 +553,15 @@ impl Volume {
     }
 
     /// Runs one replication connection from handshake to teardown. `dialed` names the
-    /// peer we called; an accepted connection learns its peer from the hello.
-    async fn run_conn(self: Arc<Self>, mut rd: PeerRead, wr: PeerWrite, dialed: Option<String>) {
+    /// peer we called; an accepted connection learns its peer from the hello, which
+    /// must name the node its TLS certificate names (`verified`).
+    async fn run_conn(
+        self: Arc<Self>,
+        mut rd: PeerRead,
+        wr: PeerWrite,
+        dialed: Option<String>,
+        verified: Option<String>,
+    ) {
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
         let mut buf = Vec::new();
 
@@ -591,6 +602,14 @@ impl Volume {
             };
         let peer = theirs.view.node.clone();
         if dialed.as_ref().is_some_and(|d| *d != peer) {
+            return;
+        }
+        if let Err(why) = crate::tls::check_claim(verified.as_deref(), &peer) {
+            tracing::warn!("replication connection: {why}");
+            let mut f = Vec::new();
+            wire::encode_json(&mut f, wire::K_REJECT, &why);
+            let _ = wr.write_all(&f).await;
+            let _ = wr.flush().await;
             return;
         }
         // Everything from here to registering the connection happens under the state

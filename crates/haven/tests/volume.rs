@@ -408,6 +408,153 @@ fn volume_real_clients_read_back_what_they_wrote() {
     );
 }
 
+/// Runs a Python snippet in `nbdsh` (libnbd's shell, Debian's python3-libnbd) with `h`
+/// a fresh handle; Debian's own Python, where the `nbd` module lives.
+fn nbdsh(script: &str) -> Output {
+    run_bounded(
+        Command::new("nbdsh")
+            .env("PATH", "/usr/bin:/bin")
+            .args(["-c", script]),
+        WAIT,
+    )
+}
+
+fn nbdsh_ok(script: &str) -> String {
+    let o = nbdsh(script);
+    assert!(o.status.success(), "nbdsh: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn volume_structured_replies_with_real_clients_and_old_style_ones_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    a.start(&[], &[]);
+    let uri = a.uri();
+    // A secondary's refusal reaches a structured client as an error, with its errno.
+    let o = nbdsh(&format!(
+        "import nbd\nh.connect_uri({uri:?})\n\
+         assert h.get_structured_replies_negotiated()\n\
+         try:\n    h.pread(4096, 0)\n    raise SystemExit('a secondary served a read')\n\
+         except nbd.Error as e:\n    print('errno', e.errno)\n"
+    ));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("errno EPERM"),
+        "{}",
+        text(&o)
+    );
+    a.ok(&["promote"]);
+
+    let o = run_bounded(Command::new("nbdinfo").args(["--json", &uri]), WAIT);
+    let info: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(info["structured"], true, "{}", text(&o));
+    assert_eq!(info["exports"][0]["can_df"], true, "{}", text(&o));
+
+    // qemu negotiates structured replies: its reads of zeroes come back as holes.
+    qemu_io_ok(
+        &uri,
+        &[
+            s("write -P 0xab 1M 64k"),
+            s("write -z 4M 64k"),
+            s("read -P 0xab 1M 64k"),
+            s("read -P 0 0 1M"),
+            s("read -P 0 4M 64k"),
+        ],
+    );
+    // base:allocation: qemu-img map sees the written extent as data, the rest as zero.
+    let o = run_bounded(
+        Command::new("qemu-img").args(["map", "--output=json", &uri]),
+        WAIT,
+    );
+    let map: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let extents = map.as_array().cloned().unwrap_or_default();
+    assert!(!extents.is_empty(), "{}", text(&o));
+    let covering = |at: u64| {
+        extents
+            .iter()
+            .find(|e| {
+                let (st, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                (st..st + len).contains(&at)
+            })
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(covering(1 << 20)["data"], true, "{map:#}");
+    assert_eq!(covering(8 << 20)["zero"], true, "{map:#}");
+    assert_eq!(
+        extents
+            .iter()
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum::<u64>(),
+        SIZE
+    );
+
+    // libnbd: fragmented reads (data and hole chunks), DF (one chunk), block status.
+    let out = nbdsh_ok(&format!(
+        r#"import nbd
+h.add_meta_context("base:allocation")
+h.connect_uri({uri:?})
+assert h.get_structured_replies_negotiated() and h.can_df()
+assert h.can_meta_context("base:allocation")
+chunks = []
+def cb(buf, off, status, err):
+    chunks.append((off, len(buf), status))
+    return 0
+buf = h.pread_structured(2 << 20, 0, cb)
+assert buf[:1 << 20] == bytes(1 << 20) and buf[1 << 20:(1 << 20) + 65536] == b"\xab" * 65536
+kinds = sorted(set(st for _, _, st in chunks))
+assert kinds == [nbd.READ_DATA, nbd.READ_HOLE], chunks
+assert sum(n for _, n, _ in chunks) == 2 << 20, chunks
+chunks.clear()
+assert h.pread_structured(2 << 20, 0, cb, nbd.CMD_FLAG_DF) == buf
+assert chunks == [(0, 2 << 20, nbd.READ_DATA)], chunks
+ents = []
+h.block_status(2 << 20, 0, lambda ctx, off, e, err: ents.extend(e) or 0)
+print("extents", ents)
+h.pwrite(b"\x22" * 8192, 8 << 20, nbd.CMD_FLAG_FUA)
+assert h.pread_structured(8192, 8 << 20, cb, nbd.CMD_FLAG_DF) == b"\x22" * 8192
+print("structured ok")
+"#
+    ));
+    assert!(out.contains("structured ok"), "{out}");
+    assert!(out.contains("extents [1048576, 3, 65536, 0"), "{out}");
+
+    // An old-style client (no structured replies) reads and writes as before.
+    let out = nbdsh_ok(&format!(
+        r#"import nbd
+h.set_request_structured_replies(False)
+h.connect_uri({uri:?})
+assert not h.get_structured_replies_negotiated() and not h.can_df()
+assert h.pread(65536, 1 << 20) == b"\xab" * 65536
+assert h.pread(8192, 8 << 20) == b"\x22" * 8192
+h.pwrite(b"\x33" * 4096, 12 << 20, nbd.CMD_FLAG_FUA)
+assert h.pread(4096, 12 << 20) == b"\x33" * 4096
+print("simple ok")
+"#
+    ));
+    assert!(out.contains("simple ok"), "{out}");
+
+    // nbdcopy (structured, sparse-aware) out and back in, byte for byte.
+    let back = tmp.path().join("back.bin");
+    let o = run_bounded(Command::new("nbdcopy").arg(&uri).arg(&back), WAIT);
+    assert!(o.status.success(), "nbdcopy out: {}", text(&o));
+    let copy = std::fs::read(&back).unwrap();
+    assert!(copy == a.data()[..SIZE as usize], "nbdcopy read differs");
+    // qemu-img convert through the structured path into a local file, and compare.
+    let conv = tmp.path().join("conv.raw");
+    let o = run_bounded(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
+            .arg(&conv),
+        WAIT,
+    );
+    assert!(o.status.success(), "qemu-img convert: {}", text(&o));
+    assert!(
+        std::fs::read(&conv).unwrap() == copy,
+        "qemu-img convert differs"
+    );
+}
+
 #[test]
 fn volume_writes_reach_every_replica_and_new_replicas_get_a_full_sync() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1146,6 +1293,48 @@ fn volume_replication_refuses_a_plaintext_peer_and_a_foreign_ca() {
 
     // Under the cluster's CA the same pair connects and syncs: the refusals were TLS's.
     b.start(&[a.peer()], &[]);
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+}
+
+#[test]
+fn volume_replica_refuses_another_members_valid_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Node::create(tmp.path(), "a", true);
+    let mut b = Node::create(tmp.path(), "b", false);
+    // Node c's certificate: same cluster, same CA, valid, but it is c's.
+    let c_cert = tls_args(tmp.path(), "lab", "c");
+    let c_refs: Vec<&str> = c_cert.iter().map(String::as_str).collect();
+
+    // b's replica holds c's certificate: `a` dials b and finds c there.
+    a.start(&[b.peer()], &[]);
+    b.start(&[a.peer()], &c_refs);
+    let st = a.wait_for("a refusing c's certificate where b should be", |s| {
+        Node::peer_status(s, "b")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("`c`") && e.contains("`b`"))
+    });
+    assert_ne!(Node::peer_status(&st, "b")["connection"], "Connected");
+    b.kill();
+    a.kill();
+
+    // Now `a` holds c's certificate and dials b: b, accepting, sees a hello from `a`
+    // over c's certificate and refuses; `a` is told why.
+    b.start(&[a.peer()], &[]);
+    a.start(&[b.peer()], &c_refs);
+    let st = a.wait_for("b refusing a hello from `a` over c's certificate", |s| {
+        Node::peer_status(s, "b")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("claims node `a`") && e.contains("`c`"))
+    });
+    assert_ne!(Node::peer_status(&st, "b")["connection"], "Connected");
+    let sb = b.status().expect("b's status");
+    assert_ne!(Node::peer_status(&sb, "a")["connection"], "Connected");
+    assert_eq!(sb["disk"], "Inconsistent", "b took data from an impostor");
+    a.kill();
+
+    // With their own certificates the same pair connects and syncs.
+    a.start(&[b.peer()], &[]);
     a.wait_in_sync("b");
     assert_identical(&a, &b);
 }

@@ -390,11 +390,21 @@ fn replication_tls(a: &ServeArgs) -> anyhow::Result<Option<haven_volume::tls::Re
         &cert.display().to_string(),
     )?;
     let check = std::sync::Arc::new(id.node_check()?);
+    // The CA already pins the cluster; comparing the name's cluster too costs nothing
+    // and keeps a misissued certificate from another cluster's namespace out.
+    let cluster = id.identity().map(|i| i.cluster);
     let tls = haven_volume::tls::ReplicationTls::new(
         &*id.server_config(false)?,
         &*id.client_config()?,
         haven_net::SERVER_NAME,
-        std::sync::Arc::new(move |chain| check.is_node(chain)),
+        std::sync::Arc::new(move |chain| {
+            if !check.is_node(chain) {
+                return None;
+            }
+            let peer = haven_net::PeerIdentity::of_cert(chain.first()?)?;
+            let same_cluster = cluster.as_ref().is_none_or(|c| *c == peer.cluster);
+            (peer.role == haven_net::CertRole::Node && same_cluster).then_some(peer.name)
+        }),
     )?;
     Ok(Some(tls))
 }
