@@ -145,18 +145,9 @@ fn fence_step(d: &FenceDevice, victim: &str) -> FenceStep {
     }
 }
 
-/// `5`, `5s` or `500ms`.
+/// `5`, `5s`, `500ms`, `1min`: the forms configuration validation accepts.
 pub fn seconds(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Some(ms) = v.strip_suffix("ms") {
-        return ms.trim().parse().ok().map(Duration::from_millis);
-    }
-    v.strip_suffix('s')
-        .unwrap_or(v)
-        .trim()
-        .parse()
-        .ok()
-        .map(Duration::from_secs)
+    haven_model::config::parse_duration(v)
 }
 
 /// Pacemaker's `pcmk_delay_base`: one delay for every victim (`5s`), or one per victim
