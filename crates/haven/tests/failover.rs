@@ -986,3 +986,113 @@ fn the_lab_switch_powers_off_everything_in_a_netns_nodes_namespace() {
         "processes survived in {ns}"
     );
 }
+
+#[test]
+fn two_nodes_a_fenced_peer_that_comes_back_stays_out_until_node_online() {
+    let _one = lock();
+    let lab = TwoNodes::up();
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run", || {
+            (running(&lab.dir, r).len() == 1).then_some(())
+        });
+    }
+    // The victim is the Raft leader: the survivor then fences it as a follower, so
+    // its fence mark lives only on the survivor, and the victim may win the next
+    // election when it comes back.
+    let victim = wait_for("a leader", || {
+        let out = haven(&["status", "--json"], Some(&lab.client_of("n1")));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        s["leader"].as_str().map(str::to_string)
+    });
+    let survivor = if victim == "n1" { "n2" } else { "n1" }.to_string();
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(haven(
+        &["lab", "kill", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run on the survivor", || {
+            (running(&lab.dir, r) == [survivor.clone()]).then_some(())
+        });
+    }
+    let marks = lab.dir.join(&survivor).join("fence-marks.json");
+    wait_for("the survivor to keep its fence mark on disk", || {
+        std::fs::read_to_string(&marks)
+            .ok()?
+            .contains(&format!("\"{victim}\""))
+            .then_some(())
+    });
+    ok(haven(
+        &["lab", "start", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    // Both nodes agree on a leader again, and it is the survivor: the fenced node
+    // could not get its vote.
+    for n in [&survivor, &victim] {
+        wait_for("both nodes to see the survivor lead", || {
+            let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (s["leader"] == survivor.as_str()).then_some(())
+        });
+    }
+    // Kept out, whichever node answers, and the mark is now committed (the survivor's
+    // file has served its purpose).
+    for n in [&survivor, &victim] {
+        let s = wait_for("status to show the returned node fenced", || {
+            let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (node_of(&s, &victim)?["state"] == "fenced").then_some(s)
+        });
+        let detail = node_of(&s, &victim).expect("the node")["detail"].clone();
+        assert!(
+            detail
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("haven node online {victim}"))),
+            "{s}"
+        );
+    }
+    wait_for("the survivor to drop its local mark once committed", || {
+        (!std::fs::read_to_string(&marks)
+            .unwrap_or_default()
+            .contains(&format!("\"{victim}\"")))
+        .then_some(())
+    });
+    wait_for(
+        "the leader to hear the returned node and keep it fenced",
+        || {
+            let ls = lab_fence_ls(&lab, &survivor);
+            (member_state(&ls, &victim)? == ("fenced".to_string(), true)).then_some(())
+        },
+    );
+    for r in ["svc", "db", "web", "worker"] {
+        assert_eq!(running(&lab.dir, r), vec![survivor.clone()], "{r}");
+    }
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+    // Allowed back, it takes resources again: with the survivor in standby, all of
+    // them.
+    ok(haven(
+        &["node", "online", &victim],
+        Some(&lab.client_of(&survivor)),
+    ));
+    wait_for("the returned node to be online", || {
+        let ls = lab_fence_ls(&lab, &survivor);
+        (member_state(&ls, &victim)?.0 == "online").then_some(())
+    });
+    ok(haven(
+        &["node", "standby", &survivor],
+        Some(&lab.client_of(&survivor)),
+    ));
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to move to the returned node", || {
+            (running(&lab.dir, r) == [victim.clone()]).then_some(())
+        });
+    }
+}
+
+/// `fence ls --json` through `node`.
+fn lab_fence_ls(lab: &TwoNodes, node: &str) -> serde_json::Value {
+    wait_for("fence ls to answer", || {
+        let out = haven(&["fence", "ls", "--json"], Some(&lab.client_of(node)));
+        serde_json::from_slice(&out.stdout).ok()
+    })
+}

@@ -165,6 +165,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         // majority): the coordinator runs only while this node sees quorum (or, in a
         // two-node cluster, has lost its peer and must fence it).
         if !super::fence::coordinating(&d) {
+            super::fence::sync_local_marks::<LivePlanner>(&d, None);
             if leading.take().is_some() {
                 tracing::info!("no longer a leader with quorum: coordinator stopped");
             }
@@ -185,9 +186,10 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                 let mut coordinator =
                     Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
                 coordinator.seed_fencing(d.node.id ^ super::wall_ms());
-                // First what earlier leaders were fencing or had fenced: a node in
-                // doubt must not pass for clean because it is heard.
-                coordinator.handle_fence_marks(super::fence::committed_marks(&d), now);
+                // First what this node fenced without being able to commit it, and
+                // what earlier leaders were fencing or had fenced: a node in doubt or
+                // fenced must not pass for clean because it is heard.
+                coordinator.handle_fence_marks(super::fence::starting_marks(&d), now);
                 super::fence::seed_heartbeats(&d, &mut coordinator, now);
                 coordinator.handle_failcounts(committed_failcounts(&d), now);
                 tracing::info!("leader: coordinator started on configuration version {v}");
@@ -221,6 +223,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
             Some(CoordInput::Fence(super::fence::FenceInput::AllowRejoin(node))) => {
                 l.rejoining.insert(node.clone());
+                d.local_marks.forget(&node);
                 super::fence::remove_mark_then_rejoin(&d, node);
             }
             Some(CoordInput::Fence(f)) => {
@@ -276,6 +279,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             tracing::info!("coordinator: {line}");
         }
         publish_placement(&d, &c.view(), &placement_in_flight);
+        super::fence::sync_local_marks(&d, Some((&*c, &l.rejoining)));
         super::fence::publish_marks(&d, c, &l.rejoining, &l.marks_in_flight);
         while let Some(cmd) = c.poll_command() {
             if let CoordinatorCommand::Fence { victim, .. } = &cmd {
