@@ -1096,3 +1096,44 @@ fn lab_fence_ls(lab: &TwoNodes, node: &str) -> serde_json::Value {
         serde_json::from_slice(&out.stdout).ok()
     })
 }
+
+#[test]
+fn a_stopping_daemon_stops_what_starts_later_first() {
+    let _one = lock();
+    let lab = Lab::up();
+    let stops = lab.dir.join("stops");
+    // `guest` is ordered after `vol`, as a guest after the volume it runs on. Each
+    // writes its name when told to stop; the guest takes a second over it, so stopping
+    // both at once would show vol first.
+    let resource = |id: &str, pause: &str| {
+        format!(
+            "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\n\
+             params = {{ command = \"sh -c 'trap \\\"{pause}echo {id} >> {} ; exit 0\\\" TERM; while true; do sleep 1 & wait; done'\" }}\n\
+             [[constraints.location]]\nid = \"{id}-on-n1\"\nrsc = \"{id}\"\nnode = \"n1\"\nscore = \"INFINITY\"\n",
+            stops.display()
+        )
+    };
+    let resources = format!(
+        "{}{}\n[[constraints.order]]\nid = \"vol-then-guest\"\nfirst = \"vol\"\nthen = \"guest\"\n",
+        resource("vol", ""),
+        resource("guest", "sleep 1; ")
+    );
+    lab.configure_with(&resources, &lab_device()(&lab));
+    for r in ["vol", "guest"] {
+        wait_for("both resources to run on n1", || {
+            (lab.running(r) == ["n1"]).then_some(())
+        });
+    }
+    let pid = daemon_pid(&lab.dir, "n1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    wait_for("the daemon to stop", || (!alive(pid)).then_some(()));
+    assert_eq!(
+        std::fs::read_to_string(&stops).unwrap_or_default(),
+        "guest\nvol\n",
+        "the guest must stop before the volume it runs on"
+    );
+}
