@@ -39,6 +39,8 @@ pub fn coordinator_config(config: &Config) -> CoordinatorConfig {
             .collect(),
         stonith_enabled: config.options.stonith_enabled,
         auto_rejoin: false,
+        // Which nodes were never seen is the daemon's knowledge, not the configuration's.
+        unseen_clean: Default::default(),
     }
 }
 

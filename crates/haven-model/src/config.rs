@@ -118,6 +118,15 @@ pub struct Options {
     /// shoots first) and, once that is confirmed, runs everything alone.
     #[serde(default, skip_serializing_if = "is_false")]
     pub two_node: bool,
+    /// Pacemaker's `startup-fencing`. True (the default): a configured node whose
+    /// daemon has not been heard within the detection time is in doubt and fenced
+    /// before anything is planned, since it may be running anything. False: a node
+    /// that has never joined the cluster, and is not heard, counts as down and clean
+    /// (nothing could run there). Unsafe, as Pacemaker warns: a machine listed here
+    /// that runs the resources outside the cluster's knowledge would run them twice.
+    /// A node that was ever a member is fenced as before.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub startup_fencing: bool,
     #[serde(default)]
     pub resource_stickiness: Score,
     #[serde(default)]
@@ -154,6 +163,7 @@ impl Default for Options {
             symmetric_cluster: true,
             no_quorum_policy: NoQuorumPolicy::Stop,
             two_node: false,
+            startup_fencing: true,
             resource_stickiness: Score::ZERO,
             placement_strategy: PlacementStrategy::Default,
             maintenance_mode: false,

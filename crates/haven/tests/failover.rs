@@ -1137,3 +1137,109 @@ fn a_stopping_daemon_stops_what_starts_later_first() {
         "the guest must stop before the volume it runs on"
     );
 }
+
+/// The committed configuration as `config show` prints it, and its version.
+fn shown_config(lab: &Lab) -> (String, String) {
+    let show = ok(lab.run(&["config", "show"]));
+    let version = show
+        .lines()
+        .find_map(|l| l.strip_prefix("# haven-config-version: "))
+        .expect("version line")
+        .trim()
+        .to_string();
+    (show, version)
+}
+
+fn apply_text(lab: &Lab, text: &str, version: &str) {
+    let path = lab.dir.join("cluster-edit.toml");
+    std::fs::write(&path, text).expect("write config");
+    ok(lab.run(&[
+        "config",
+        "apply",
+        path.to_str().expect("utf-8"),
+        "--based-on",
+        version,
+    ]));
+}
+
+#[test]
+fn startup_fencing_off_takes_a_never_seen_node_as_down_and_on_fences_it_first() {
+    let _one = lock();
+    let lab = Lab::up();
+    let status_file = lab.dir.join("dummy.status");
+    std::fs::write(&status_file, "on").expect("status file");
+    // The lab's switch for the real nodes; fence_dummy for configured machines whose
+    // daemons never run here.
+    lab.configure(&format!(
+        "\n[[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\nhosts = [\"n1\", \"n2\", \"n3\"]\n\
+         params = {{ lab-dir = \"{}\" }}\n",
+        lab.dir_str(),
+    ));
+    let dummy = format!(
+        "\n[[fencing.devices]]\nid = \"dummy\"\nagent = \"fence_dummy\"\nhosts = [\"n4\"]\n\
+         params = {{ type = \"file\", status_file = \"{}\" }}\n",
+        status_file.display()
+    );
+    svc_home(&lab);
+    let late = |id: &str| {
+        format!(
+            "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000003\" }}\n"
+        )
+    };
+    // Off: n4 is listed but never joined. Once the detection time has passed without
+    // a word from it, it counts as down and clean: the new resource runs, nothing is
+    // fenced.
+    let (text, version) = shown_config(&lab);
+    let off = text.replacen("[options]\n", "[options]\nstartup-fencing = false\n", 1)
+        + "\n[[nodes]]\nname = \"n4\"\n"
+        + &late("late4")
+        + &dummy;
+    apply_text(&lab, &off, &version);
+    wait_for("late4 to run", || {
+        (lab.running("late4").len() == 1).then_some(())
+    });
+    let client = lab.client_of("n1");
+    let ls = wait_for("fence ls to show n4", || {
+        let ls = lab.fence_ls(&client)?;
+        member_state(&ls, "n4").map(|_| ls)
+    });
+    assert_eq!(
+        member_state(&ls, "n4"),
+        Some(("offline".into(), false)),
+        "{ls}"
+    );
+    assert!(
+        lab.fence_history(&client).is_empty(),
+        "something was fenced: {:?}",
+        lab.fence_history(&client)
+    );
+    // On (the default): n5, also never seen, is in doubt and fenced before anything
+    // new is planned.
+    let (text, version) = shown_config(&lab);
+    assert!(text.contains("hosts = [\"n4\"]"), "{text}");
+    let on = text.replacen("startup-fencing = false\n", "", 1).replacen(
+        "hosts = [\"n4\"]",
+        "hosts = [\"n4\", \"n5\"]",
+        1,
+    ) + "\n[[nodes]]\nname = \"n5\"\n"
+        + &late("late5");
+    apply_text(&lab, &on, &version);
+    wait_for("late5 to run", || {
+        (lab.running("late5").len() == 1).then_some(())
+    });
+    let h = wait_for("the fence of n5 to be committed", || {
+        let h = lab.fence_history(&client);
+        (!h.is_empty()).then_some(h)
+    });
+    assert_eq!(
+        h.iter()
+            .map(|r| (
+                r["victim"].as_str(),
+                r["device"].as_str(),
+                r["ok"].as_bool()
+            ))
+            .collect::<Vec<_>>(),
+        vec![(Some("n5"), Some("dummy"), Some(true))],
+        "{h:?}"
+    );
+}

@@ -130,6 +130,29 @@ fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
     }
 }
 
+/// The coordinator's configuration, with what only the cluster's state knows: with
+/// `startup-fencing = false`, the configured nodes that never joined (neither a Raft
+/// member nor registered), which are taken as down and clean if not heard. A node that
+/// was ever a member may have run something, and is fenced as ever.
+fn coordinator_config_here(
+    d: &Daemon,
+    config: &haven_model::Config,
+) -> haven_ha::CoordinatorConfig {
+    let mut c = coordinator_config(config);
+    if !config.options.startup_fencing {
+        let registered = d.view.state().nodes;
+        let members: std::collections::BTreeSet<String> =
+            d.members().into_iter().map(|(n, _)| n).collect();
+        c.unseen_clean = config
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| !members.contains(n) && !registered.contains_key(n))
+            .collect();
+    }
+    c
+}
+
 /// Failure counts committed by earlier coordinators: a new leader keeps the bans.
 fn committed_failcounts(d: &Daemon) -> BTreeMap<String, BTreeMap<String, u32>> {
     d.view
@@ -183,8 +206,12 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                 // other node gets a whole detection time from the takeover: a node that
                 // just joined, or whose heartbeats have not reached the new leader yet,
                 // must not be declared lost (and fenced) on the spot.
-                let mut coordinator =
-                    Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
+                let mut coordinator = Coordinator::new(
+                    planner.clone(),
+                    coordinator_config_here(&d, &config),
+                    timeouts,
+                    now,
+                );
                 coordinator.seed_fencing(d.node.id ^ super::wall_ms());
                 // First what this node fenced without being able to commit it, and
                 // what earlier leaders were fencing or had fenced: a node in doubt or
@@ -208,7 +235,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                         *p = SchedPlanner::new(config.clone());
                     }
                     l.coordinator
-                        .handle_config(coordinator_config(&config), now);
+                        .handle_config(coordinator_config_here(&d, &config), now);
                     l.config_version = v;
                     tracing::info!("coordinator: configuration version {v}");
                 }
