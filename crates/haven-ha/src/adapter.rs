@@ -39,6 +39,8 @@ pub fn coordinator_config(config: &Config) -> CoordinatorConfig {
             .collect(),
         stonith_enabled: config.options.stonith_enabled,
         auto_rejoin: false,
+        // Which nodes were never seen is the daemon's knowledge, not the configuration's.
+        unseen_clean: Default::default(),
     }
 }
 
@@ -145,18 +147,9 @@ fn fence_step(d: &FenceDevice, victim: &str) -> FenceStep {
     }
 }
 
-/// `5`, `5s` or `500ms`.
+/// `5`, `5s`, `500ms`, `1min`: the forms configuration validation accepts.
 pub fn seconds(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Some(ms) = v.strip_suffix("ms") {
-        return ms.trim().parse().ok().map(Duration::from_millis);
-    }
-    v.strip_suffix('s')
-        .unwrap_or(v)
-        .trim()
-        .parse()
-        .ok()
-        .map(Duration::from_secs)
+    haven_model::config::parse_duration(v)
 }
 
 /// Pacemaker's `pcmk_delay_base`: one delay for every victim (`5s`), or one per victim

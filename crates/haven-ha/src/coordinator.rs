@@ -78,6 +78,10 @@ pub struct CoordinatorConfig {
     /// May a node that was fenced rejoin by itself once heard again? (RHCS practice is
     /// no: an operator allows it with `haven node online`.)
     pub auto_rejoin: bool,
+    /// Nodes that, lost before this coordinator ever heard them, count as down and
+    /// clean rather than in doubt (`startup-fencing = false`, for nodes never seen).
+    #[serde(default)]
+    pub unseen_clean: std::collections::BTreeSet<String>,
 }
 
 /// What the coordinator wants done.
@@ -581,6 +585,13 @@ impl<P: Planner> Coordinator<P> {
                 MembershipEvent::NodeAlive { node } => match self.nodes.get(&node) {
                     Some(NodeState::Pending) => self.join(&node, now),
                     Some(NodeState::Offline) if self.config.auto_rejoin => self.join(&node, now),
+                    // Taken as down without a fence when never seen: nothing to allow.
+                    Some(NodeState::Offline)
+                        if self.config.unseen_clean.contains(&node)
+                            && !self.fencer.marks().any(|(v, ..)| v == node) =>
+                    {
+                        self.join(&node, now)
+                    }
                     Some(NodeState::Offline) => self.log(format!(
                         "{now}: {node} is back but was fenced; it stays out until allowed"
                     )),
@@ -590,7 +601,14 @@ impl<P: Planner> Coordinator<P> {
                 },
                 MembershipEvent::NodeLost { node } => {
                     let was = self.nodes.get(&node).copied();
-                    if matches!(was, Some(NodeState::Online) | Some(NodeState::Pending)) {
+                    if was == Some(NodeState::Pending) && self.config.unseen_clean.contains(&node) {
+                        self.log(format!(
+                            "{now}: {node} never seen; down and clean (startup-fencing off)"
+                        ));
+                        self.nodes.insert(node.clone(), NodeState::Offline);
+                        self.forget_node_resources(&node);
+                        self.dirty = true;
+                    } else if matches!(was, Some(NodeState::Online) | Some(NodeState::Pending)) {
                         self.declare_unclean(&node, "it stopped heartbeating", now);
                     }
                 }
@@ -1142,6 +1160,7 @@ mod tests {
             resources: [("vm1".to_string(), ResourceOps::default())].into(),
             stonith_enabled: true,
             auto_rejoin: false,
+            unseen_clean: Default::default(),
         }
     }
 

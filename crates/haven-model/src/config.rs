@@ -118,6 +118,15 @@ pub struct Options {
     /// shoots first) and, once that is confirmed, runs everything alone.
     #[serde(default, skip_serializing_if = "is_false")]
     pub two_node: bool,
+    /// Pacemaker's `startup-fencing`. True (the default): a configured node whose
+    /// daemon has not been heard within the detection time is in doubt and fenced
+    /// before anything is planned, since it may be running anything. False: a node
+    /// that has never joined the cluster, and is not heard, counts as down and clean
+    /// (nothing could run there). Unsafe, as Pacemaker warns: a machine listed here
+    /// that runs the resources outside the cluster's knowledge would run them twice.
+    /// A node that was ever a member is fenced as before.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub startup_fencing: bool,
     #[serde(default)]
     pub resource_stickiness: Score,
     #[serde(default)]
@@ -154,6 +163,7 @@ impl Default for Options {
             symmetric_cluster: true,
             no_quorum_policy: NoQuorumPolicy::Stop,
             two_node: false,
+            startup_fencing: true,
             resource_stickiness: Score::ZERO,
             placement_strategy: PlacementStrategy::Default,
             maintenance_mode: false,
@@ -924,6 +934,9 @@ impl Config {
                     "a watchdog device needs options.no-quorum-policy = \"stop\" or \"suicide\": with freeze or ignore a cut-off node keeps running what the others recover".into(),
                 ));
             }
+            check_fence_durations(d, &node_known).map_err(|(k, reason)| {
+                bad(format!("fencing.devices[{}].params.{k}", d.id), reason)
+            })?;
             for (j, h) in d.hosts.iter().enumerate() {
                 if !node_known(h) {
                     return Err(bad(
@@ -1096,4 +1109,97 @@ fn check_pair_or_sets(
             format!("give either `{an}` and `{bn}`, or `sets` (not both)"),
         )),
     }
+}
+
+/// The forms a duration may take, for error messages.
+const DURATION_FORMS: &str = "seconds, or with s/ms/min/h, e.g. 5, 5s, 500ms, 1min";
+
+/// A duration as Pacemaker writes one: whole seconds (`5`), or a whole number with a
+/// unit: `s`/`sec`, `ms`/`msec`, `m`/`min`, `h`/`hr` (`5s`, `500ms`, `1min`).
+pub fn parse_duration(v: &str) -> Option<std::time::Duration> {
+    let t = v.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "s" | "sec" => n.checked_mul(1000)?,
+        "ms" | "msec" => n,
+        "m" | "min" => n.checked_mul(60_000)?,
+        "h" | "hr" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// The durations Haven reads from a fence device's params (delays, timeouts, a
+/// watchdog's wait), and the agent's own `delay` (whole seconds, as fence-agents take
+/// it). A malformed one is an error, never "no delay": a silently lost delay lets both
+/// nodes of a split shoot at once. Err: (param, reason).
+fn check_fence_durations(
+    d: &FenceDevice,
+    node_known: &dyn Fn(&str) -> bool,
+) -> Result<(), (String, String)> {
+    let not_a_duration = |k: &str, v: &str| {
+        (
+            k.to_string(),
+            format!("'{v}' is not a duration ({DURATION_FORMS})"),
+        )
+    };
+    let mut durations = vec!["pcmk_delay_max", "pcmk_reboot_timeout", "pcmk_off_timeout"];
+    if d.agent == "watchdog" {
+        durations.extend(["wait", "timeout"]);
+    }
+    for k in durations {
+        if let Some(v) = d.params.get(k)
+            && parse_duration(v).is_none()
+        {
+            return Err(not_a_duration(k, v));
+        }
+    }
+    if let Some(v) = d.params.get("pcmk_delay_base") {
+        let k = "pcmk_delay_base";
+        if !v.contains(':') {
+            if parse_duration(v).is_none() {
+                return Err(not_a_duration(k, v));
+            }
+        } else {
+            for pair in v.split([';', ',', ' ']).filter(|p| !p.trim().is_empty()) {
+                let Some((node, delay)) = pair.split_once(':') else {
+                    return Err((
+                        k.to_string(),
+                        format!("'{pair}' in '{v}' is not NODE:DELAY (e.g. n1:5s;n2:0)"),
+                    ));
+                };
+                if !node_known(node.trim()) {
+                    return Err((
+                        k.to_string(),
+                        format!(
+                            "'{pair}' names `{}`, which is not in [[nodes]]",
+                            node.trim()
+                        ),
+                    ));
+                }
+                if parse_duration(delay).is_none() {
+                    return Err((
+                        k.to_string(),
+                        format!(
+                            "'{delay}' (for node {}) is not a duration ({DURATION_FORMS})",
+                            node.trim()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(v) = d.params.get("delay")
+        && (v.trim().is_empty() || !v.trim().chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err((
+            "delay".to_string(),
+            format!(
+                "'{v}' is not a whole number of seconds (the fence agent's own delay; pcmk_delay_base takes units)"
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -162,3 +162,61 @@ fn two_node_needs_two_nodes_and_fencing() {
     ));
     assert_eq!(f, "options.two-node");
 }
+
+#[test]
+fn fence_delays_and_timeouts_must_be_durations_in_pacemakers_forms() {
+    let dev = |params: &str| {
+        format!(
+            "{BASE}[[fencing.devices]]\nid = \"fence-n1\"\nagent = \"fence_ipmilan\"\nparams = {{ {params} }}\n"
+        )
+    };
+    for good in [
+        "pcmk_delay_max = \"5\"",
+        "pcmk_delay_max = \"5s\"",
+        "pcmk_delay_max = \"500ms\"",
+        "pcmk_delay_max = \"1min\"",
+        "pcmk_delay_base = \"2s\"",
+        "pcmk_delay_base = \"n1:5s;n2:0\"",
+        "pcmk_delay_base = \"n1:5s, n2:1min\"",
+        "pcmk_reboot_timeout = \"40s\"",
+        "delay = \"4\"",
+    ] {
+        Config::from_toml("c.toml", &dev(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let (f, r) = refuse(&dev("pcmk_delay_max = \"5x\""));
+    assert_eq!(f, "fencing.devices[fence-n1].params.pcmk_delay_max");
+    assert!(r.contains("'5x' is not a duration"), "{r}");
+    assert!(r.contains("500ms") && r.contains("min"), "{r}");
+    let (f, r) = refuse(&dev("pcmk_delay_base = \"n1:5s;n2:soon\""));
+    assert_eq!(f, "fencing.devices[fence-n1].params.pcmk_delay_base");
+    assert!(r.contains("'soon' (for node n2) is not a duration"), "{r}");
+    let (_, r) = refuse(&dev("pcmk_delay_base = \"n1:5s;n3:0\""));
+    assert!(r.contains("`n3`") && r.contains("[[nodes]]"), "{r}");
+    let (_, r) = refuse(&dev("pcmk_delay_base = \"n1:5s;n2\""));
+    assert!(r.contains("NODE:DELAY"), "{r}");
+    let (f, _) = refuse(&dev("pcmk_delay_base = \"-1\""));
+    assert_eq!(f, "fencing.devices[fence-n1].params.pcmk_delay_base");
+    let (f, _) = refuse(&dev("pcmk_reboot_timeout = \"\""));
+    assert_eq!(f, "fencing.devices[fence-n1].params.pcmk_reboot_timeout");
+    let (f, r) = refuse(&dev("delay = \"4s\""));
+    assert_eq!(f, "fencing.devices[fence-n1].params.delay");
+    assert!(r.contains("whole number of seconds"), "{r}");
+    let (f, _) = refuse(&format!(
+        "{BASE}[[fencing.devices]]\nid = \"wd\"\nagent = \"watchdog\"\nparams = {{ wait = \"ten\" }}\n"
+    ));
+    assert_eq!(f, "fencing.devices[wd].params.wait");
+}
+
+#[test]
+fn durations_parse_to_the_millisecond() {
+    use haven_model::config::parse_duration;
+    use std::time::Duration;
+    assert_eq!(parse_duration("5"), Some(Duration::from_secs(5)));
+    assert_eq!(parse_duration(" 5s "), Some(Duration::from_secs(5)));
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
+    assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+    for bad in ["", "s", "5x", "-1", "1.5s", "99999999999999999999h"] {
+        assert_eq!(parse_duration(bad), None, "{bad}");
+    }
+}

@@ -986,3 +986,260 @@ fn the_lab_switch_powers_off_everything_in_a_netns_nodes_namespace() {
         "processes survived in {ns}"
     );
 }
+
+#[test]
+fn two_nodes_a_fenced_peer_that_comes_back_stays_out_until_node_online() {
+    let _one = lock();
+    let lab = TwoNodes::up();
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run", || {
+            (running(&lab.dir, r).len() == 1).then_some(())
+        });
+    }
+    // The victim is the Raft leader: the survivor then fences it as a follower, so
+    // its fence mark lives only on the survivor, and the victim may win the next
+    // election when it comes back.
+    let victim = wait_for("a leader", || {
+        let out = haven(&["status", "--json"], Some(&lab.client_of("n1")));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        s["leader"].as_str().map(str::to_string)
+    });
+    let survivor = if victim == "n1" { "n2" } else { "n1" }.to_string();
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(haven(
+        &["lab", "kill", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run on the survivor", || {
+            (running(&lab.dir, r) == [survivor.clone()]).then_some(())
+        });
+    }
+    let marks = lab.dir.join(&survivor).join("fence-marks.json");
+    wait_for("the survivor to keep its fence mark on disk", || {
+        std::fs::read_to_string(&marks)
+            .ok()?
+            .contains(&format!("\"{victim}\""))
+            .then_some(())
+    });
+    ok(haven(
+        &["lab", "start", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    // Both nodes agree on a leader again, and it is the survivor: the fenced node
+    // could not get its vote.
+    for n in [&survivor, &victim] {
+        wait_for("both nodes to see the survivor lead", || {
+            let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (s["leader"] == survivor.as_str()).then_some(())
+        });
+    }
+    // Kept out, whichever node answers, and the mark is now committed (the survivor's
+    // file has served its purpose).
+    for n in [&survivor, &victim] {
+        let s = wait_for("status to show the returned node fenced", || {
+            let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (node_of(&s, &victim)?["state"] == "fenced").then_some(s)
+        });
+        let detail = node_of(&s, &victim).expect("the node")["detail"].clone();
+        assert!(
+            detail
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("haven node online {victim}"))),
+            "{s}"
+        );
+    }
+    wait_for("the survivor to drop its local mark once committed", || {
+        (!std::fs::read_to_string(&marks)
+            .unwrap_or_default()
+            .contains(&format!("\"{victim}\"")))
+        .then_some(())
+    });
+    wait_for(
+        "the leader to hear the returned node and keep it fenced",
+        || {
+            let ls = lab_fence_ls(&lab, &survivor);
+            (member_state(&ls, &victim)? == ("fenced".to_string(), true)).then_some(())
+        },
+    );
+    for r in ["svc", "db", "web", "worker"] {
+        assert_eq!(running(&lab.dir, r), vec![survivor.clone()], "{r}");
+    }
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+    // Allowed back, it takes resources again: with the survivor in standby, all of
+    // them.
+    ok(haven(
+        &["node", "online", &victim],
+        Some(&lab.client_of(&survivor)),
+    ));
+    wait_for("the returned node to be online", || {
+        let ls = lab_fence_ls(&lab, &survivor);
+        (member_state(&ls, &victim)?.0 == "online").then_some(())
+    });
+    ok(haven(
+        &["node", "standby", &survivor],
+        Some(&lab.client_of(&survivor)),
+    ));
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to move to the returned node", || {
+            (running(&lab.dir, r) == [victim.clone()]).then_some(())
+        });
+    }
+}
+
+/// `fence ls --json` through `node`.
+fn lab_fence_ls(lab: &TwoNodes, node: &str) -> serde_json::Value {
+    wait_for("fence ls to answer", || {
+        let out = haven(&["fence", "ls", "--json"], Some(&lab.client_of(node)));
+        serde_json::from_slice(&out.stdout).ok()
+    })
+}
+
+#[test]
+fn a_stopping_daemon_stops_what_starts_later_first() {
+    let _one = lock();
+    let lab = Lab::up();
+    let stops = lab.dir.join("stops");
+    // `guest` is ordered after `vol`, as a guest after the volume it runs on. Each
+    // writes its name when told to stop; the guest takes a second over it, so stopping
+    // both at once would show vol first.
+    let resource = |id: &str, pause: &str| {
+        format!(
+            "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\n\
+             params = {{ command = \"sh -c 'trap \\\"{pause}echo {id} >> {} ; exit 0\\\" TERM; while true; do sleep 1 & wait; done'\" }}\n\
+             [[constraints.location]]\nid = \"{id}-on-n1\"\nrsc = \"{id}\"\nnode = \"n1\"\nscore = \"INFINITY\"\n",
+            stops.display()
+        )
+    };
+    let resources = format!(
+        "{}{}\n[[constraints.order]]\nid = \"vol-then-guest\"\nfirst = \"vol\"\nthen = \"guest\"\n",
+        resource("vol", ""),
+        resource("guest", "sleep 1; ")
+    );
+    lab.configure_with(&resources, &lab_device()(&lab));
+    for r in ["vol", "guest"] {
+        wait_for("both resources to run on n1", || {
+            (lab.running(r) == ["n1"]).then_some(())
+        });
+    }
+    let pid = daemon_pid(&lab.dir, "n1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    wait_for("the daemon to stop", || (!alive(pid)).then_some(()));
+    assert_eq!(
+        std::fs::read_to_string(&stops).unwrap_or_default(),
+        "guest\nvol\n",
+        "the guest must stop before the volume it runs on"
+    );
+}
+
+/// The committed configuration as `config show` prints it, and its version.
+fn shown_config(lab: &Lab) -> (String, String) {
+    let show = ok(lab.run(&["config", "show"]));
+    let version = show
+        .lines()
+        .find_map(|l| l.strip_prefix("# haven-config-version: "))
+        .expect("version line")
+        .trim()
+        .to_string();
+    (show, version)
+}
+
+fn apply_text(lab: &Lab, text: &str, version: &str) {
+    let path = lab.dir.join("cluster-edit.toml");
+    std::fs::write(&path, text).expect("write config");
+    ok(lab.run(&[
+        "config",
+        "apply",
+        path.to_str().expect("utf-8"),
+        "--based-on",
+        version,
+    ]));
+}
+
+#[test]
+fn startup_fencing_off_takes_a_never_seen_node_as_down_and_on_fences_it_first() {
+    let _one = lock();
+    let lab = Lab::up();
+    let status_file = lab.dir.join("dummy.status");
+    std::fs::write(&status_file, "on").expect("status file");
+    // The lab's switch for the real nodes; fence_dummy for configured machines whose
+    // daemons never run here.
+    lab.configure(&format!(
+        "\n[[fencing.devices]]\nid = \"power\"\nagent = \"lab\"\nhosts = [\"n1\", \"n2\", \"n3\"]\n\
+         params = {{ lab-dir = \"{}\" }}\n",
+        lab.dir_str(),
+    ));
+    let dummy = format!(
+        "\n[[fencing.devices]]\nid = \"dummy\"\nagent = \"fence_dummy\"\nhosts = [\"n4\"]\n\
+         params = {{ type = \"file\", status_file = \"{}\" }}\n",
+        status_file.display()
+    );
+    svc_home(&lab);
+    let late = |id: &str| {
+        format!(
+            "\n[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\nparams = {{ command = \"sleep 1000003\" }}\n"
+        )
+    };
+    // Off: n4 is listed but never joined. Once the detection time has passed without
+    // a word from it, it counts as down and clean: the new resource runs, nothing is
+    // fenced.
+    let (text, version) = shown_config(&lab);
+    let off = text.replacen("[options]\n", "[options]\nstartup-fencing = false\n", 1)
+        + "\n[[nodes]]\nname = \"n4\"\n"
+        + &late("late4")
+        + &dummy;
+    apply_text(&lab, &off, &version);
+    wait_for("late4 to run", || {
+        (lab.running("late4").len() == 1).then_some(())
+    });
+    let client = lab.client_of("n1");
+    let ls = wait_for("fence ls to show n4", || {
+        let ls = lab.fence_ls(&client)?;
+        member_state(&ls, "n4").map(|_| ls)
+    });
+    assert_eq!(
+        member_state(&ls, "n4"),
+        Some(("offline".into(), false)),
+        "{ls}"
+    );
+    assert!(
+        lab.fence_history(&client).is_empty(),
+        "something was fenced: {:?}",
+        lab.fence_history(&client)
+    );
+    // On (the default): n5, also never seen, is in doubt and fenced before anything
+    // new is planned.
+    let (text, version) = shown_config(&lab);
+    assert!(text.contains("hosts = [\"n4\"]"), "{text}");
+    let on = text.replacen("startup-fencing = false\n", "", 1).replacen(
+        "hosts = [\"n4\"]",
+        "hosts = [\"n4\", \"n5\"]",
+        1,
+    ) + "\n[[nodes]]\nname = \"n5\"\n"
+        + &late("late5");
+    apply_text(&lab, &on, &version);
+    wait_for("late5 to run", || {
+        (lab.running("late5").len() == 1).then_some(())
+    });
+    let h = wait_for("the fence of n5 to be committed", || {
+        let h = lab.fence_history(&client);
+        (!h.is_empty()).then_some(h)
+    });
+    assert_eq!(
+        h.iter()
+            .map(|r| (
+                r["victim"].as_str(),
+                r["device"].as_str(),
+                r["ok"].as_bool()
+            ))
+            .collect::<Vec<_>>(),
+        vec![(Some("n5"), Some("dummy"), Some(true))],
+        "{h:?}"
+    );
+}

@@ -293,6 +293,12 @@ async fn raft_vote(
         raft_net::VOTE,
         req.vote.leader_id().voted_for(),
     )?;
+    // A peer this node fenced must not lead before its mark is committed: as leader it
+    // would know nothing of it and let itself back in.
+    if let Some(why) = super::fence::vote_refusal(&d, caller.name()) {
+        tracing::info!("vote refused: {why}");
+        return Err(ApiFailure::refused(why));
+    }
     Ok(Json(to_json(&d.raft.vote(req).await)))
 }
 

@@ -375,6 +375,170 @@ impl WatchdogFeeder {
     }
 }
 
+// ---- fence marks this node keeps itself ----
+
+/// Where a node keeps the peers it fenced whose marks are not committed yet.
+pub const LOCAL_MARKS_FILE: &str = "fence-marks.json";
+
+/// Peers this node has fenced (confirmed) while the replicated state could not take
+/// the mark: a two-node survivor alone cannot commit. Without this, the mark would
+/// die with the survivor's coordinator the moment the peer is heard again (the
+/// survivor is then quorate but not the leader), and the peer would rejoin unasked.
+/// While a peer is here this node refuses it its Raft vote, so it cannot lead and let
+/// itself in; a coordinator this node runs starts from these marks and commits them.
+/// On disk (NODE_DIR/fence-marks.json, node → reason) so a restart keeps them; a mark
+/// goes once the replicated state holds it, or when an operator lets the peer back.
+#[derive(Debug)]
+pub struct LocalMarks {
+    path: PathBuf,
+    marks: Mutex<BTreeMap<String, String>>,
+}
+
+impl LocalMarks {
+    pub fn load(dir: &Path) -> anyhow::Result<LocalMarks> {
+        use anyhow::Context;
+        let path = dir.join(LOCAL_MARKS_FILE);
+        let marks = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: not a JSON object of fenced node to reason; it lists peers this node fenced, so it is not ignored: repair it, or remove it to let them rejoin",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+        };
+        Ok(LocalMarks {
+            path,
+            marks: Mutex::new(marks),
+        })
+    }
+
+    /// Why `node` was fenced, if this node holds its mark.
+    pub fn get(&self, node: &str) -> Option<String> {
+        self.marks.lock().ok()?.get(node).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<String, String> {
+        self.marks.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn keep(&self, node: &str, reason: &str) {
+        self.change(|m| m.insert(node.to_string(), reason.to_string()).as_deref() != Some(reason));
+    }
+
+    pub fn forget(&self, node: &str) {
+        self.change(|m| m.remove(node).is_some());
+    }
+
+    /// Applies `edit`, and writes the file if it changed something (a new file, then a
+    /// rename: a crash leaves the old marks or the new, never half of them).
+    fn change(&self, edit: impl FnOnce(&mut BTreeMap<String, String>) -> bool) {
+        let Ok(mut marks) = self.marks.lock() else {
+            return;
+        };
+        if !edit(&mut marks) {
+            return;
+        }
+        let text = serde_json::to_string_pretty(&*marks).unwrap_or_default();
+        let tmp = self.path.with_extension("json.new");
+        let written = std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            tracing::error!(
+                "{}: cannot write this node's fence marks: {e} (a restart would forget them)",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Keeps the local marks in step: a peer this node's coordinator holds fenced goes in
+/// while the replicated state lacks its confirmed mark; a mark the replicated state
+/// holds confirmed comes out (the committed one keeps the peer out from then on).
+/// `coordinator` is None when this node does not coordinate.
+pub fn sync_local_marks<P: Planner>(
+    d: &Daemon,
+    coordinator: Option<(&Coordinator<P>, &BTreeSet<String>)>,
+) {
+    let committed = d.view.state().fencing;
+    let committed_confirmed = |n: &str| committed.get(n).is_some_and(|m| m.confirmed);
+    if let Some((c, rejoining)) = coordinator {
+        for (node, (confirmed, reason)) in c.fence_marks() {
+            if confirmed && !rejoining.contains(&node) && !committed_confirmed(&node) {
+                d.local_marks.keep(&node, &reason);
+            }
+        }
+    }
+    for node in d.local_marks.all().keys() {
+        if committed_confirmed(node) {
+            d.local_marks.forget(node);
+        }
+    }
+}
+
+/// In every refusal of a vote to a node this node fenced; the candidate recognises it.
+pub const FENCED_NO_VOTE: &str = "no vote for a node this node fenced";
+
+/// How long a node refused a vote as fenced stays out of elections.
+const ELECTION_PAUSE: Duration = Duration::from_secs(5);
+
+/// A node its peer refuses as fenced stops campaigning for a while: each of its
+/// elections would raise the term past the peer's, and the peer, which must win to
+/// commit the mark, would keep losing to the higher term (a livelock seen in tests).
+/// It campaigns again afterwards, in case it is the only one left.
+pub async fn pause_elections(d: Arc<Daemon>, refused: Arc<AtomicBool>) {
+    loop {
+        tokio::time::sleep(TICK).await;
+        if !refused.swap(false, Ordering::Relaxed) {
+            continue;
+        }
+        tracing::warn!(
+            "a peer refuses this node its vote because it fenced it: not campaigning for {ELECTION_PAUSE:?} (it lets this node in once its mark is committed and `haven node online {}` is run)",
+            d.node.name
+        );
+        d.raft.runtime_config().elect(false);
+        tokio::time::sleep(ELECTION_PAUSE).await;
+        d.raft.runtime_config().elect(true);
+        refused.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Why this node refuses `candidate` its vote: it fenced it, and the mark is only here.
+pub fn vote_refusal(d: &Daemon, candidate: &str) -> Option<String> {
+    let reason = d.local_marks.get(candidate)?;
+    if d.view
+        .state()
+        .fencing
+        .get(candidate)
+        .is_some_and(|m| m.confirmed)
+    {
+        return None;
+    }
+    Some(format!(
+        "{FENCED_NO_VOTE}: {} fenced {candidate} ({reason}) and the mark is not committed yet; no vote for it until this node has committed it as leader, or an operator runs `haven node online {candidate}`",
+        d.node.name
+    ))
+}
+
+/// Fence marks a new coordinator starts from: this node's own (confirmed) first, then
+/// what earlier leaders committed.
+pub fn starting_marks(d: &Daemon) -> Vec<(String, bool, String)> {
+    let mut marks: Vec<(String, bool, String)> = d
+        .local_marks
+        .all()
+        .into_iter()
+        .map(|(n, r)| (n, true, r))
+        .collect();
+    for m in committed_marks(d) {
+        if !marks.iter().any(|(n, ..)| *n == m.0) {
+            marks.push(m);
+        }
+    }
+    marks
+}
+
 // ---- fence marks in the replicated state ----
 
 /// Serialises writes of fence marks, so one that removes a mark (a rejoin) is never

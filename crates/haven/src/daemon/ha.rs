@@ -130,6 +130,29 @@ fn parse_config(d: &Daemon) -> Option<(u64, haven_model::Config)> {
     }
 }
 
+/// The coordinator's configuration, with what only the cluster's state knows: with
+/// `startup-fencing = false`, the configured nodes that never joined (neither a Raft
+/// member nor registered), which are taken as down and clean if not heard. A node that
+/// was ever a member may have run something, and is fenced as ever.
+fn coordinator_config_here(
+    d: &Daemon,
+    config: &haven_model::Config,
+) -> haven_ha::CoordinatorConfig {
+    let mut c = coordinator_config(config);
+    if !config.options.startup_fencing {
+        let registered = d.view.state().nodes;
+        let members: std::collections::BTreeSet<String> =
+            d.members().into_iter().map(|(n, _)| n).collect();
+        c.unseen_clean = config
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .filter(|n| !members.contains(n) && !registered.contains_key(n))
+            .collect();
+    }
+    c
+}
+
 /// Failure counts committed by earlier coordinators: a new leader keeps the bans.
 fn committed_failcounts(d: &Daemon) -> BTreeMap<String, BTreeMap<String, u32>> {
     d.view
@@ -165,6 +188,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         // majority): the coordinator runs only while this node sees quorum (or, in a
         // two-node cluster, has lost its peer and must fence it).
         if !super::fence::coordinating(&d) {
+            super::fence::sync_local_marks::<LivePlanner>(&d, None);
             if leading.take().is_some() {
                 tracing::info!("no longer a leader with quorum: coordinator stopped");
             }
@@ -182,12 +206,17 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                 // other node gets a whole detection time from the takeover: a node that
                 // just joined, or whose heartbeats have not reached the new leader yet,
                 // must not be declared lost (and fenced) on the spot.
-                let mut coordinator =
-                    Coordinator::new(planner.clone(), coordinator_config(&config), timeouts, now);
+                let mut coordinator = Coordinator::new(
+                    planner.clone(),
+                    coordinator_config_here(&d, &config),
+                    timeouts,
+                    now,
+                );
                 coordinator.seed_fencing(d.node.id ^ super::wall_ms());
-                // First what earlier leaders were fencing or had fenced: a node in
-                // doubt must not pass for clean because it is heard.
-                coordinator.handle_fence_marks(super::fence::committed_marks(&d), now);
+                // First what this node fenced without being able to commit it, and
+                // what earlier leaders were fencing or had fenced: a node in doubt or
+                // fenced must not pass for clean because it is heard.
+                coordinator.handle_fence_marks(super::fence::starting_marks(&d), now);
                 super::fence::seed_heartbeats(&d, &mut coordinator, now);
                 coordinator.handle_failcounts(committed_failcounts(&d), now);
                 tracing::info!("leader: coordinator started on configuration version {v}");
@@ -206,7 +235,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                         *p = SchedPlanner::new(config.clone());
                     }
                     l.coordinator
-                        .handle_config(coordinator_config(&config), now);
+                        .handle_config(coordinator_config_here(&d, &config), now);
                     l.config_version = v;
                     tracing::info!("coordinator: configuration version {v}");
                 }
@@ -221,6 +250,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
             Some(CoordInput::Fence(super::fence::FenceInput::AllowRejoin(node))) => {
                 l.rejoining.insert(node.clone());
+                d.local_marks.forget(&node);
                 super::fence::remove_mark_then_rejoin(&d, node);
             }
             Some(CoordInput::Fence(f)) => {
@@ -276,6 +306,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             tracing::info!("coordinator: {line}");
         }
         publish_placement(&d, &c.view(), &placement_in_flight);
+        super::fence::sync_local_marks(&d, Some((&*c, &l.rejoining)));
         super::fence::publish_marks(&d, c, &l.rejoining, &l.marks_in_flight);
         while let Some(cmd) = c.poll_command() {
             if let CoordinatorCommand::Fence { victim, .. } = &cmd {
@@ -574,28 +605,137 @@ fn policy(config: &haven_model::Config) -> NoQuorumPolicy {
 
 /// Stops every configured resource on this node, whatever the agent believed: stop is
 /// idempotent, and an operation in flight may have started something the agent has
-/// not heard of yet.
+/// not heard of yet. In [`stop_waves`] order: a guest stops before the volume under it.
 fn stop_everything(d: &Arc<Daemon>, why: &'static str) -> Vec<tokio::task::JoinHandle<()>> {
     let Some((_, config)) = parse_config(d) else {
         return Vec::new();
     };
     let ops = coordinator_config(&config).resources;
-    let mut tasks = Vec::new();
-    for p in &config.resources {
-        let d = d.clone();
-        let id = p.id.clone();
-        let timeout = ops
-            .get(&id)
-            .map(|o| o.stop_timeout)
-            .unwrap_or(Duration::from_secs(20));
-        tasks.push(tokio::spawn(async move {
-            let o = execute(&d, &id, OpKind::Stop, timeout, None, Vec::new(), None).await;
-            if o != OpOutcome::Ok {
-                tracing::error!("{why}: stopping {id} failed: {o:?}");
+    let waves = stop_waves(&config);
+    let d = d.clone();
+    vec![tokio::spawn(async move {
+        for wave in waves {
+            let mut tasks = Vec::new();
+            for id in wave {
+                let d = d.clone();
+                let timeout = ops
+                    .get(&id)
+                    .map(|o| o.stop_timeout)
+                    .unwrap_or(Duration::from_secs(20));
+                tasks.push(tokio::spawn(async move {
+                    let o = execute(&d, &id, OpKind::Stop, timeout, None, Vec::new(), None).await;
+                    if o != OpOutcome::Ok {
+                        tracing::error!("{why}: stopping {id} failed: {o:?}");
+                    }
+                }));
             }
-        }));
+            // A failed stop does not hold the rest back: each is bounded by its own
+            // timeout, and what it was ordered before is better stopped than left.
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    })]
+}
+
+/// The order a node stops its resources in when it stops them itself (shutdown, lost
+/// quorum): waves, each stopped in parallel after the one before. It is the reverse of
+/// the start order the configuration implies, as Pacemaker stops a node: for an order
+/// constraint `first` then `then` (unless `symmetrical = false`; serialize ones are
+/// not), `then` stops before `first`; a group's members stop last to first; a group or
+/// clone in a constraint stands for the primitives in it. Whatever no order ties stops
+/// in the first wave. A cycle (only optional orders can make one) stops together last.
+fn stop_waves(config: &haven_model::Config) -> Vec<Vec<String>> {
+    use haven_model::config::{IdKind, OrderKind};
+    use std::collections::BTreeSet;
+    let index = config.id_index();
+    fn expand(
+        config: &haven_model::Config,
+        index: &std::collections::HashMap<&str, IdKind>,
+        id: &str,
+        depth: usize,
+    ) -> Vec<String> {
+        match index.get(id) {
+            Some(IdKind::Primitive(_)) => vec![id.to_string()],
+            Some(IdKind::Group(i)) => config.groups[*i].members.clone(),
+            Some(IdKind::Clone(i)) if depth < 2 => {
+                expand(config, index, &config.clones[*i].child, depth + 1)
+            }
+            _ => Vec::new(),
+        }
     }
-    tasks
+    let prims = |id: &str| expand(config, &index, id, 0);
+    // stops_first[x]: what must be stopped before x is.
+    let mut stops_first: BTreeMap<String, BTreeSet<String>> = config
+        .resources
+        .iter()
+        .map(|p| (p.id.clone(), BTreeSet::new()))
+        .collect();
+    let mut started_before = |first: &[String], then: &[String]| {
+        for f in first {
+            for t in then {
+                if f != t
+                    && let Some(s) = stops_first.get_mut(f)
+                {
+                    s.insert(t.clone());
+                }
+            }
+        }
+    };
+    for g in &config.groups {
+        for pair in g.members.windows(2) {
+            started_before(&pair[..1], &pair[1..]);
+        }
+    }
+    for o in &config.constraints.order {
+        let symmetrical = o.symmetrical.unwrap_or(o.kind != OrderKind::Serialize);
+        if !symmetrical {
+            continue;
+        }
+        if let (Some(first), Some(then)) = (&o.first, &o.then) {
+            started_before(&prims(first), &prims(then));
+        }
+        let sets: Vec<Vec<Vec<String>>> = o
+            .sets
+            .iter()
+            .map(|set| {
+                let members: Vec<Vec<String>> = set.resources.iter().map(|r| prims(r)).collect();
+                if set.sequential {
+                    for pair in members.windows(2) {
+                        started_before(&pair[0], &pair[1]);
+                    }
+                }
+                members
+            })
+            .collect();
+        for pair in sets.windows(2) {
+            let all = |s: &Vec<Vec<String>>| s.iter().flatten().cloned().collect::<Vec<_>>();
+            started_before(&all(&pair[0]), &all(&pair[1]));
+        }
+    }
+    let mut stopped: BTreeSet<String> = BTreeSet::new();
+    let mut waves = Vec::new();
+    while stopped.len() < stops_first.len() {
+        let wave: Vec<String> = stops_first
+            .iter()
+            .filter(|(r, before)| {
+                !stopped.contains(*r) && before.iter().all(|b| stopped.contains(b))
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        let wave = if wave.is_empty() {
+            stops_first
+                .keys()
+                .filter(|r| !stopped.contains(*r))
+                .cloned()
+                .collect()
+        } else {
+            wave
+        };
+        stopped.extend(wave.iter().cloned());
+        waves.push(wave);
+    }
+    waves
 }
 
 async fn agent_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<AgentInput>) {
@@ -977,6 +1117,56 @@ mod tests {
             stderr: String::new(),
             notes: vec![],
         }
+    }
+
+    fn config(text: &str) -> haven_model::Config {
+        let mut t = String::from("[[nodes]]\nname = \"n1\"\n");
+        for id in ["vol", "guest", "ip", "web", "lone", "c1", "c2"] {
+            t.push_str(&format!(
+                "[[resources]]\nid = \"{id}\"\nclass = \"process\"\ntype = \"{id}\"\n"
+            ));
+        }
+        t.push_str(text);
+        haven_model::Config::from_toml("c.toml", &t).expect("valid")
+    }
+
+    fn wave_of(waves: &[Vec<String>], id: &str) -> usize {
+        waves
+            .iter()
+            .position(|w| w.iter().any(|r| r == id))
+            .expect("stopped")
+    }
+
+    #[test]
+    fn what_starts_after_something_stops_before_it_and_the_rest_at_once() {
+        let waves = stop_waves(&config(
+            "[[groups]]\nid = \"g\"\nmembers = [\"ip\", \"web\"]\n\
+             [[clones]]\nid = \"cl\"\nchild = \"c1\"\n\
+             [[constraints.order]]\nid = \"o1\"\nfirst = \"vol\"\nthen = \"guest\"\n\
+             [[constraints.order]]\nid = \"o2\"\nfirst = \"cl\"\nthen = \"g\"\n\
+             [[constraints.order]]\nid = \"o3\"\nfirst = \"lone\"\nthen = \"c2\"\nsymmetrical = false\n",
+        ));
+        assert!(
+            wave_of(&waves, "guest") < wave_of(&waves, "vol"),
+            "{waves:?}"
+        );
+        assert!(wave_of(&waves, "web") < wave_of(&waves, "ip"), "{waves:?}");
+        assert!(wave_of(&waves, "ip") < wave_of(&waves, "c1"), "{waves:?}");
+        // Unordered (or ordered only one way) resources stop together, first.
+        for r in ["guest", "web", "lone", "c2"] {
+            assert_eq!(wave_of(&waves, r), 0, "{r}: {waves:?}");
+        }
+        assert_eq!(waves.iter().map(Vec::len).sum::<usize>(), 7);
+    }
+
+    #[test]
+    fn an_optional_order_cycle_still_stops_everything() {
+        let waves = stop_waves(&config(
+            "[[constraints.order]]\nid = \"o1\"\nfirst = \"vol\"\nthen = \"guest\"\nkind = \"Optional\"\n\
+             [[constraints.order]]\nid = \"o2\"\nfirst = \"guest\"\nthen = \"vol\"\nkind = \"Optional\"\n",
+        ));
+        assert_eq!(waves.iter().map(Vec::len).sum::<usize>(), 7, "{waves:?}");
+        assert_eq!(wave_of(&waves, "vol"), wave_of(&waves, "guest"));
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct Daemon {
     pub state_dir: std::path::PathBuf,
     /// The lab's fault switch (inert unless started with `--lab`).
     pub lab: Arc<fence::LabSwitch>,
+    /// Peers this node fenced whose marks the replicated state does not hold yet.
+    pub local_marks: fence::LocalMarks,
     started: std::time::Instant,
 }
 
@@ -266,6 +268,7 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
     .validate()
     .context("Raft timers")?;
     let lab = Arc::new(fence::LabSwitch::new(lab));
+    let refused_as_fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timeouts = Timeouts {
         heartbeat_interval: Duration::from_millis(node.timers.heartbeat_ms),
         dead_after: Duration::from_millis(node.timers.dead_after_ms),
@@ -278,6 +281,7 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
             rpc: rpc.clone(),
             lab: lab.clone(),
             membership: membership.clone(),
+            refused_as_fenced: refused_as_fenced.clone(),
         },
         log,
         sm,
@@ -300,9 +304,16 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
         tracing::info!("founded cluster {} as node {}", node.cluster, node.name);
     }
 
+    let local_marks = fence::LocalMarks::load(&nd.dir)?;
+    for (peer, reason) in local_marks.all() {
+        tracing::warn!(
+            "{peer} was fenced by this node ({reason}) and its mark is not committed yet: it stays out"
+        );
+    }
     let (ha_handles, ha_receivers) = ha::channels();
     let daemon = Arc::new(Daemon {
         ha: ha_handles,
+        local_marks,
         state_dir: nd.dir.clone(),
         lab,
         membership,
@@ -340,6 +351,7 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
     tokio::spawn(heartbeat::run(daemon.clone()));
     ha::spawn(daemon.clone(), ha_receivers);
     fence::spawn(daemon.clone());
+    tokio::spawn(fence::pause_elections(daemon.clone(), refused_as_fenced));
     if daemon.node.bootstrap {
         tokio::spawn(bootstrap_records(daemon.clone()));
     }

@@ -23,12 +23,16 @@ pub struct Network {
     pub lab: std::sync::Arc<super::fence::LabSwitch>,
     /// The failure detector's view of each peer's links, to route by.
     pub membership: std::sync::Arc<std::sync::Mutex<haven_ha::membership::Membership>>,
+    /// Set when a peer refuses this node its vote because it fenced it (see
+    /// `fence::pause_elections`).
+    pub refused_as_fenced: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Conn {
     rpc: RpcClient,
     lab: std::sync::Arc<super::fence::LabSwitch>,
     membership: std::sync::Arc<std::sync::Mutex<haven_ha::membership::Membership>>,
+    refused_as_fenced: std::sync::Arc<std::sync::atomic::AtomicBool>,
     target: NodeId,
     /// The target; only a server whose certificate names `node.name` is talked to.
     node: NodeInfo,
@@ -42,6 +46,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             rpc: self.rpc.clone(),
             lab: self.lab.clone(),
             membership: self.membership.clone(),
+            refused_as_fenced: self.refused_as_fenced.clone(),
             target,
             node: node.clone(),
         }
@@ -77,6 +82,12 @@ impl Conn {
             .rpc
             .call_node(None, addr, &self.node.name, path, req)
             .await;
+        if let Err(RpcError::Remote { message, .. }) = &answer
+            && message.contains(super::fence::FENCED_NO_VOTE)
+        {
+            self.refused_as_fenced
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         match answer {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
