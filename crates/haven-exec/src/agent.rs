@@ -165,8 +165,11 @@ pub enum Op {
     /// `fenced`: the nodes the cluster confirmed fenced (or knows are down). A
     /// replicated volume may be promoted without reaching these peers, and only these
     /// (DRBD's resource-and-stonith); other classes ignore it.
+    /// `migration_source`: promote beside that node's primary for a live migration
+    /// (a volume's dual-primary window); `None` for an ordinary promote.
     Promote {
         fenced: Vec<String>,
+        migration_source: Option<String>,
     },
     Demote,
     /// Run on the source. For `qemu` this may start before the destination listens: the

@@ -332,8 +332,11 @@ pub(crate) async fn run(spec: &AgentSpec, op: &Op, timeout: Duration) -> OpResul
             Ok(c) => start(spec, &c, &p, deadline).await,
             Err(r) => r,
         },
-        Op::Promote { fenced } => match config(spec) {
-            Ok(c) => promote(&c, &p, fenced, deadline).await,
+        Op::Promote {
+            fenced,
+            migration_source,
+        } => match config(spec) {
+            Ok(c) => promote(&c, &p, fenced, migration_source.as_deref(), deadline).await,
             Err(r) => r,
         },
         Op::Demote => demote(&p, deadline).await,
@@ -458,7 +461,13 @@ async fn start(spec: &AgentSpec, c: &Config, p: &Paths, deadline: Instant) -> Op
     }
 }
 
-async fn promote(c: &Config, p: &Paths, fenced: &[String], deadline: Instant) -> OpResult {
+async fn promote(
+    c: &Config,
+    p: &Paths,
+    fenced: &[String],
+    migration_source: Option<&str>,
+    deadline: Instant,
+) -> OpResult {
     match running(p) {
         Ok(Some(_)) => {}
         Ok(None) => {
@@ -472,7 +481,13 @@ async fn promote(c: &Config, p: &Paths, fenced: &[String], deadline: Instant) ->
         .map(|(n, _)| n.clone())
         .filter(|n| fenced.contains(n))
         .collect();
-    let req = ControlRequest::Promote { peer_fenced };
+    let req = match migration_source {
+        Some(s) => ControlRequest::PromoteWindow {
+            peer_fenced,
+            migration_source: s.to_string(),
+        },
+        None => ControlRequest::Promote { peer_fenced },
+    };
     // Leave room to report before the caller's deadline.
     let give_up = deadline - (deadline - Instant::now()) / 10;
     loop {
@@ -678,7 +693,15 @@ mod tests {
             OpCode::NotRunning
         );
         assert_eq!(crate::run_op(&s, Op::Stop, t).await.code, OpCode::Success);
-        let r = crate::run_op(&s, Op::Promote { fenced: vec![] }, t).await;
+        let r = crate::run_op(
+            &s,
+            Op::Promote {
+                fenced: vec![],
+                migration_source: None,
+            },
+            t,
+        )
+        .await;
         assert_eq!(r.code, OpCode::NotRunning);
         let e = primary_socket(tmp.path(), "vol1", Instant::now() + t)
             .await

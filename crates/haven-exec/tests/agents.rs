@@ -128,7 +128,16 @@ async fn lsb_script_lifecycle() {
     assert_eq!(run_op(&spec, Op::Stop, T).await.code, OpCode::Success);
     assert_eq!(run_op(&spec, PROBE, T).await.code, OpCode::NotRunning);
     assert_eq!(
-        run_op(&spec, Op::Promote { fenced: vec![] }, T).await.code,
+        run_op(
+            &spec,
+            Op::Promote {
+                fenced: vec![],
+                migration_source: None
+            },
+            T
+        )
+        .await
+        .code,
         OpCode::Unimplemented
     );
 }

@@ -166,6 +166,9 @@ pub struct Coordinator<P> {
     dirty: bool,
     commands: VecDeque<CoordinatorCommand>,
     log: Vec<String>,
+    /// Demotes that close migration windows whose migration failed, run before the
+    /// next plan so the volume is back to one primary (the source's) first.
+    closing: Vec<Step>,
 }
 
 impl<P: Planner> Coordinator<P> {
@@ -193,6 +196,7 @@ impl<P: Planner> Coordinator<P> {
             dirty: true,
             commands: VecDeque::new(),
             log: Vec::new(),
+            closing: Vec::new(),
         };
         c.handle_config(config, now);
         c
@@ -287,6 +291,17 @@ impl<P: Planner> Coordinator<P> {
             observed = Observed::Failed;
         }
         let failed = observed == Observed::Failed;
+        let step = expected.as_ref().and_then(|f| f.step);
+        let window = if failed {
+            step.and_then(|i| self.failed_window(i))
+        } else {
+            None
+        };
+        // The driver cancels a failed migration and the guest keeps running on its
+        // source, as far as it knows: look (probe) rather than assume it failed there.
+        if window.is_some() && report.op == OpKind::MigrateTo {
+            observed = Observed::Unknown;
+        }
         let prev = self
             .observed
             .entry(report.resource.clone())
@@ -314,7 +329,15 @@ impl<P: Planner> Coordinator<P> {
                 self.declare_unclean(node, "a stop operation failed", now);
             }
         }
-        match expected.and_then(|f| f.step) {
+        if let Some(demote) = window
+            && !self.closing.contains(&demote)
+        {
+            self.log(format!(
+                "{now}: the migration failed; closing its window: {demote:?}"
+            ));
+            self.closing.push(demote);
+        }
+        match step {
             Some(step) => {
                 if let Some(t) = self.transition.as_mut() {
                     t.status[step] = if failed {
@@ -770,6 +793,19 @@ impl<P: Planner> Coordinator<P> {
             // Like Pacemaker's dc-deadtime: no plan until every node has been heard from
             // or declared lost, since a node not heard yet may be running anything.
             let waiting = self.nodes.values().any(|s| *s == NodeState::Pending);
+            if self.transition.is_none() && !self.closing.is_empty() && !waiting {
+                let steps = std::mem::take(&mut self.closing);
+                let n = steps.len();
+                self.transition = Some(Transition {
+                    plan: Plan {
+                        steps,
+                        edges: Vec::new(),
+                    },
+                    status: vec![StepStatus::Pending; n],
+                    aborted: false,
+                });
+                self.dirty = true;
+            }
             if self.transition.is_none() {
                 if !self.dirty || probing || waiting {
                     return;
@@ -863,16 +899,13 @@ impl<P: Planner> Coordinator<P> {
             if *s != StepStatus::Pending {
                 continue;
             }
-            let deps_done = t
-                .plan
-                .edges
-                .iter()
-                .filter(|(_, after)| *after == i)
-                .all(|(before, _)| t.status.get(*before) == Some(&StepStatus::Done));
-            if deps_done {
+            if migration_ready(t, i) {
                 ready.push(i);
             }
         }
+        let sends_migration = ready
+            .iter()
+            .any(|&i| matches!(t.plan.steps[i], Step::MigrateTo { .. }));
         for i in ready {
             let Some(step) = self.transition.as_ref().map(|t| t.plan.steps[i].clone()) else {
                 return;
@@ -911,7 +944,13 @@ impl<P: Planner> Coordinator<P> {
                     let (op, timeout, peer) = match &step {
                         Step::Start { .. } => (OpKind::Start, ops.start_timeout, None),
                         Step::Stop { .. } => (OpKind::Stop, ops.stop_timeout, None),
-                        Step::Promote { .. } => (OpKind::Promote, ops.promote_timeout, None),
+                        Step::Promote {
+                            migration_source, ..
+                        } => (
+                            OpKind::Promote,
+                            ops.promote_timeout,
+                            migration_source.clone(),
+                        ),
                         Step::Demote { .. } => (OpKind::Demote, ops.demote_timeout, None),
                         Step::MigrateTo { to, .. } => {
                             (OpKind::MigrateTo, ops.migrate_timeout, Some(to.clone()))
@@ -926,14 +965,46 @@ impl<P: Planner> Coordinator<P> {
                 }
             }
         }
+        // Its migrate_from may start now that the migrate_to is under way.
+        if sends_migration {
+            self.dispatch(now);
+        }
+    }
+
+    /// For a migration step `i` that failed inside a migration window whose promote has
+    /// run: the demote that closes the window on the target.
+    fn failed_window(&self, i: usize) -> Option<Step> {
+        let t = self.transition.as_ref()?;
+        let (from, to) = match t.plan.steps.get(i)? {
+            Step::MigrateTo { from, to, .. } | Step::MigrateFrom { from, to, .. } => (from, to),
+            _ => return None,
+        };
+        t.plan.steps.iter().enumerate().find_map(|(j, s)| match s {
+            Step::Promote {
+                resource,
+                node,
+                migration_source: Some(src),
+            } if src == from && node == to && t.status[j] == StepStatus::Done => {
+                Some(Step::Demote {
+                    resource: resource.clone(),
+                    node: node.clone(),
+                })
+            }
+            _ => None,
+        })
     }
 
     /// The dispatcher's own check of the safety invariant, independent of the planner.
     fn check_safe(&self, step: &Step) -> Result<(), String> {
         let (resource, target, migrating_from) = match step {
-            Step::Start { resource, node } | Step::Promote { resource, node } => {
-                (resource, node, None)
-            }
+            Step::Start { resource, node } => (resource, node, None),
+            // A window promote leaves the source's primary up; that node must be live
+            // (and is checked like any other below, only its promoted copy is allowed).
+            Step::Promote {
+                resource,
+                node,
+                migration_source,
+            } => (resource, node, migration_source.as_ref()),
             Step::MigrateFrom { resource, from, to } => (resource, to, Some(from)),
             _ => return Ok(()),
         };
@@ -948,7 +1019,15 @@ impl<P: Planner> Coordinator<P> {
             .is_some_and(|o| o.clone);
         let promoting = matches!(step, Step::Promote { .. });
         for (n, o) in per_node {
-            if n == target || Some(n) == migrating_from || !o.maybe_active() {
+            if n == target || !o.maybe_active() {
+                continue;
+            }
+            if Some(n) == migrating_from {
+                if promoting && self.nodes.get(n) != Some(&NodeState::Online) {
+                    return Err(format!(
+                        "{resource}'s migration window needs its source {n} online"
+                    ));
+                }
                 continue;
             }
             // Copies of a clone may run anywhere at once; only a promoted copy (a
@@ -1054,6 +1133,44 @@ impl<P: Planner> Coordinator<P> {
             },
         });
     }
+}
+
+/// May step `i` start now? When its dependencies are done; except that the two halves
+/// of a live migration run together (the destination listens while the source sends),
+/// so `migrate_from` needs its `migrate_to` only under way, and `migrate_to` waits for
+/// whatever `migrate_from` waits for besides it (e.g. the volume's promote there).
+fn migration_ready(t: &Transition, i: usize) -> bool {
+    let pair = pair_of(&t.plan, i);
+    let done = |b: usize| t.status.get(b) == Some(&StepStatus::Done);
+    let deps_of = |x: usize| {
+        t.plan
+            .edges
+            .iter()
+            .filter(move |(_, a)| *a == x)
+            .map(|e| e.0)
+    };
+    match (&t.plan.steps[i], pair) {
+        (Step::MigrateFrom { .. }, Some(to)) => deps_of(i)
+            .all(|b| done(b) || (b == to && t.status.get(to) == Some(&StepStatus::InFlight))),
+        (Step::MigrateTo { .. }, Some(from)) => {
+            deps_of(i).all(done) && deps_of(from).filter(|b| *b != i).all(done)
+        }
+        _ => deps_of(i).all(done),
+    }
+}
+
+/// The other half of a live migration step.
+fn pair_of(plan: &Plan, i: usize) -> Option<usize> {
+    let (r, f, t, to_half) = match plan.steps.get(i)? {
+        Step::MigrateTo { resource, from, to } => (resource, from, to, false),
+        Step::MigrateFrom { resource, from, to } => (resource, from, to, true),
+        _ => return None,
+    };
+    plan.steps.iter().position(|s| match s {
+        Step::MigrateTo { resource, from, to } if to_half => (resource, from, to) == (r, f, t),
+        Step::MigrateFrom { resource, from, to } if !to_half => (resource, from, to) == (r, f, t),
+        _ => false,
+    })
 }
 
 /// What an operation's outcome tells about the resource on that node.
@@ -1276,6 +1393,148 @@ mod tests {
             self.c.handle_fence_result(token, ok, self.now);
             self.execute();
         }
+    }
+
+    /// Hands out one fixed plan, then nothing.
+    struct Fixed(Option<Plan>);
+
+    impl Planner for Fixed {
+        fn plan(&mut self, _: &ClusterView) -> Plan {
+            self.0.take().unwrap_or_default()
+        }
+    }
+
+    fn drain_ops(c: &mut Coordinator<Fixed>) -> Vec<(String, OpRequest)> {
+        std::iter::from_fn(|| c.poll_command())
+            .filter_map(|cmd| match cmd {
+                CoordinatorCommand::Op { node, request } => Some((node, request)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answer(c: &mut Coordinator<Fixed>, node: &str, r: &OpRequest, outcome: OpOutcome) {
+        let report = OpReport {
+            seq: Some(r.seq),
+            resource: r.resource.clone(),
+            op: r.op,
+            outcome,
+            at: Time(0),
+        };
+        c.handle_report(node, report, Time(0));
+    }
+
+    /// A window plan as the scheduler makes it: promote vol on n2 (source n1), migrate
+    /// vm1 n1 -> n2, stop its source, demote vol on n1. Returns the coordinator with
+    /// the probes answered and the ops it sent next.
+    fn window_plan() -> (Coordinator<Fixed>, Vec<(String, OpRequest)>) {
+        let steps = vec![
+            Step::Promote {
+                resource: "vol:1".into(),
+                node: "n2".into(),
+                migration_source: Some("n1".into()),
+            },
+            Step::MigrateTo {
+                resource: "vm1".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+            },
+            Step::MigrateFrom {
+                resource: "vm1".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+            },
+            Step::Stop {
+                resource: "vm1".into(),
+                node: "n1".into(),
+            },
+            Step::Demote {
+                resource: "vol:0".into(),
+                node: "n1".into(),
+            },
+        ];
+        let plan = Plan {
+            steps,
+            edges: vec![(0, 1), (0, 2), (1, 2), (2, 3), (3, 4)],
+        };
+        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2")]);
+        let vol = ResourceOps {
+            clone: true,
+            ..ResourceOps::default()
+        };
+        cfg.resources.insert("vol".into(), vol);
+        let mut c = Coordinator::new(Fixed(Some(plan)), cfg, Timeouts::default(), Time(0));
+        for n in ["n1", "n2"] {
+            c.handle_heartbeat(n, "ring0", Time(0));
+        }
+        c.handle_timeout(Time(0));
+        let probes = drain_ops(&mut c);
+        assert!(probes.iter().all(|(_, r)| r.op == OpKind::Monitor));
+        for (n, r) in &probes {
+            let outcome = match (r.resource.as_str(), n.as_str()) {
+                ("vol", "n1") => OpOutcome::RunningPromoted,
+                ("vol", _) | ("vm1", "n1") => OpOutcome::Ok,
+                _ => OpOutcome::NotRunning,
+            };
+            answer(&mut c, n, r, outcome);
+        }
+        let next = drain_ops(&mut c);
+        (c, next)
+    }
+
+    #[test]
+    fn a_window_promote_runs_beside_the_source_primary_and_both_halves_of_the_migration_run_together()
+     {
+        let (mut c, first) = window_plan();
+        assert_eq!(first.len(), 1, "{first:?}");
+        let (node, promote) = &first[0];
+        assert_eq!((node.as_str(), promote.op), ("n2", OpKind::Promote));
+        assert_eq!(promote.peer.as_deref(), Some("n1"), "the window's source");
+        answer(&mut c, "n2", promote, OpOutcome::Ok);
+        let migration = drain_ops(&mut c);
+        let ops: Vec<(&str, OpKind)> = migration.iter().map(|(n, r)| (n.as_str(), r.op)).collect();
+        assert_eq!(
+            ops,
+            vec![("n1", OpKind::MigrateTo), ("n2", OpKind::MigrateFrom)],
+            "the destination listens while the source sends"
+        );
+        for (n, r) in &migration {
+            answer(&mut c, n, r, OpOutcome::Ok);
+        }
+        let stop = drain_ops(&mut c);
+        assert_eq!(stop.len(), 1);
+        assert_eq!((stop[0].0.as_str(), stop[0].1.op), ("n1", OpKind::Stop));
+        answer(&mut c, "n1", &stop[0].1, OpOutcome::Ok);
+        let demote = drain_ops(&mut c);
+        assert_eq!(
+            (demote[0].0.as_str(), demote[0].1.op),
+            ("n1", OpKind::Demote)
+        );
+    }
+
+    #[test]
+    fn a_failed_window_migration_closes_the_window_and_looks_at_the_source_again() {
+        let (mut c, first) = window_plan();
+        answer(&mut c, "n2", &first[0].1, OpOutcome::Ok);
+        let migration = drain_ops(&mut c);
+        for (n, r) in &migration {
+            let failed = OpOutcome::Failed {
+                rc: 1,
+                reason: "cancelled".into(),
+            };
+            answer(&mut c, n, r, failed);
+        }
+        let next = drain_ops(&mut c);
+        let ops: Vec<(&str, &str, OpKind)> = next
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.resource.as_str(), r.op))
+            .collect();
+        assert!(ops.contains(&("n2", "vol", OpKind::Demote)), "{ops:?}");
+        assert!(ops.contains(&("n1", "vm1", OpKind::Monitor)), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| o.2 == OpKind::Demote && o.0 == "n1"),
+            "{ops:?}"
+        );
     }
 
     #[test]

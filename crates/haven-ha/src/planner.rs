@@ -57,8 +57,18 @@ impl Planner for SchedPlanner {
             }
         }
         let plan = haven_sched::schedule(&self.config, &state);
+        let windows = haven_sched::window::windows(&self.config, &plan);
+        let mut steps: Vec<Step> = plan.actions.into_iter().map(step).collect();
+        for w in windows {
+            if let Some(Step::Promote {
+                migration_source, ..
+            }) = steps.get_mut(w.promote)
+            {
+                *migration_source = Some(w.source);
+            }
+        }
         Plan {
-            steps: plan.actions.into_iter().map(step).collect(),
+            steps,
             edges: plan.edges,
         }
     }
@@ -156,7 +166,11 @@ fn step(a: PlanAction) -> Step {
         PlanAction::Stop { resource, node } => Step::Stop { resource, node },
         PlanAction::Demote { resource, node } => Step::Demote { resource, node },
         PlanAction::Start { resource, node } => Step::Start { resource, node },
-        PlanAction::Promote { resource, node } => Step::Promote { resource, node },
+        PlanAction::Promote { resource, node } => Step::Promote {
+            resource,
+            node,
+            migration_source: None,
+        },
         PlanAction::MigrateTo {
             resource,
             source,

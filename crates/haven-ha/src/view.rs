@@ -97,6 +97,10 @@ pub enum Step {
     Promote {
         resource: String,
         node: String,
+        /// A dual-primary migration window's promote: the node whose primary stays up
+        /// until the guests on the volume have migrated here (then it is demoted).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migration_source: Option<String>,
     },
 }
 

@@ -35,6 +35,7 @@
 pub mod conformance;
 mod plan;
 mod sched;
+pub mod window;
 
 pub use plan::Action as PlanAction;
 pub use plan::{AllocationScore, Change, ChangeKind, Fence, Placement, Plan};

@@ -159,7 +159,9 @@ pub fn schedule(cfg: &Config, st: &State) -> Plan {
     s.place_all();
     s.apply_quorum();
     s.apply_orders();
-    s.into_plan()
+    let mut plan = s.into_plan();
+    crate::window::open_windows(cfg, &mut plan);
+    plan
 }
 
 /// The score node health attributes (`#health-*`) give every resource on a node.

@@ -21,6 +21,12 @@ pub enum ControlRequest {
         #[serde(default)]
         peer_fenced: Vec<String>,
     },
+    /// Promote beside the primary `migration_source` for a live migration (a window).
+    PromoteWindow {
+        #[serde(default)]
+        peer_fenced: Vec<String>,
+        migration_source: String,
+    },
     Demote,
     Connect {
         peer: String,
@@ -68,6 +74,10 @@ async fn execute(vol: &Volume, req: ControlRequest) -> ControlReply {
     let r = match req {
         ControlRequest::Status => Ok(()),
         ControlRequest::Promote { peer_fenced } => vol.promote(&peer_fenced).await,
+        ControlRequest::PromoteWindow {
+            peer_fenced,
+            migration_source,
+        } => vol.promote_window(&peer_fenced, &migration_source).await,
         ControlRequest::Demote => vol.demote().await,
         ControlRequest::Connect { peer } => vol.connect(&peer),
         ControlRequest::Disconnect { peer } => vol.disconnect(&peer),

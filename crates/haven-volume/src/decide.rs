@@ -29,6 +29,20 @@ pub struct SideView {
     /// it holds exactly the primary's data, whatever its bitmaps say.
     #[serde(default)]
     pub in_sync_with_primary: bool,
+    /// A migration window message; only in a hello sent on an established connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowMsg>,
+}
+
+/// The two replicas' handshake that opens a dual-primary migration window. The target
+/// asks (the cluster told it to promote with the source named); the source checks it
+/// is the one primary, both are UpToDate and connected, and grants or refuses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowMsg {
+    Ask { source: String, target: String },
+    Grant { source: String, target: String },
+    Refuse { reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +321,79 @@ pub enum PromoteError {
          on both sides (a live-migration window)"
     )]
     PeerIsPrimary(String),
+    #[error("refusing to open a migration window from {source_node}: {reason}")]
+    Window { source_node: String, reason: String },
+}
+
+/// One peer as a migration window's check sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowPeer {
+    pub node: String,
+    pub connected: bool,
+    pub established: bool,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+}
+
+/// Whether a replica may be promoted beside `source`'s primary for a live migration:
+/// it is UpToDate and replicating from `source`, the one primary, itself UpToDate and
+/// connected; any other peer is connected or confirmed fenced (as for any promote).
+pub fn check_window_promote(
+    disk: DiskState,
+    peers: &[WindowPeer],
+    source: &str,
+    fenced: &[String],
+) -> Result<(), PromoteError> {
+    if disk != DiskState::UpToDate {
+        return Err(PromoteError::NotUpToDate(disk));
+    }
+    let refuse = |reason: &str| PromoteError::Window {
+        source_node: source.to_string(),
+        reason: reason.to_string(),
+    };
+    let Some(src) = peers.iter().find(|p| p.node == source) else {
+        return Err(refuse("it is not a peer of this volume"));
+    };
+    if !src.connected || !src.established {
+        return Err(refuse("it is not connected and replicating"));
+    }
+    if src.role != Some(Role::Primary) {
+        return Err(refuse("it is not primary"));
+    }
+    if src.disk != Some(DiskState::UpToDate) {
+        return Err(refuse("its disk is not UpToDate"));
+    }
+    for p in peers.iter().filter(|p| p.node != source) {
+        if !p.connected && !fenced.contains(&p.node) {
+            return Err(PromoteError::PeerNotFenced(p.node.clone()));
+        }
+        if p.role == Some(Role::Primary) {
+            return Err(refuse(&format!("{} is primary too", p.node)));
+        }
+    }
+    Ok(())
+}
+
+/// The source's side of the handshake: may `target` become a second primary now?
+pub fn grant_window(
+    role: Role,
+    disk: DiskState,
+    target: &WindowPeer,
+    open_window: Option<&str>,
+) -> Result<(), String> {
+    if role != Role::Primary {
+        return Err("the source is not primary".into());
+    }
+    if disk != DiskState::UpToDate {
+        return Err("the source's disk is not UpToDate".into());
+    }
+    if let Some(other) = open_window.filter(|w| *w != target.node) {
+        return Err(format!("a window with {other} is already open"));
+    }
+    if !target.established || target.disk != Some(DiskState::UpToDate) {
+        return Err(format!("{} is not UpToDate and replicating", target.node));
+    }
+    Ok(())
 }
 
 /// Whether this replica may become primary. `fenced` names the peers the cluster has
@@ -351,7 +438,67 @@ mod tests {
             discard_peer: false,
             allow_two_primaries: false,
             in_sync_with_primary: false,
+            window: None,
         }
+    }
+
+    fn wpeer(node: &str, role: Role, disk: DiskState) -> WindowPeer {
+        WindowPeer {
+            node: node.into(),
+            connected: true,
+            established: true,
+            role: Some(role),
+            disk: Some(disk),
+        }
+    }
+
+    #[test]
+    fn a_window_opens_only_beside_one_up_to_date_connected_primary() {
+        use DiskState::*;
+        let src = wpeer("a", Role::Primary, UpToDate);
+        assert_eq!(
+            check_window_promote(UpToDate, std::slice::from_ref(&src), "a", &[]),
+            Ok(())
+        );
+        assert!(check_window_promote(Outdated, std::slice::from_ref(&src), "a", &[]).is_err());
+        let secondary = wpeer("a", Role::Secondary, UpToDate);
+        assert!(check_window_promote(UpToDate, &[secondary], "a", &[]).is_err());
+        let stale = wpeer("a", Role::Primary, Outdated);
+        assert!(check_window_promote(UpToDate, &[stale], "a", &[]).is_err());
+        let away = WindowPeer {
+            connected: false,
+            established: false,
+            ..src.clone()
+        };
+        assert!(check_window_promote(UpToDate, &[away], "a", &["a".into()]).is_err());
+        let third = wpeer("c", Role::Primary, UpToDate);
+        assert!(check_window_promote(UpToDate, &[src.clone(), third], "a", &[]).is_err());
+        let gone = WindowPeer {
+            connected: false,
+            ..wpeer("c", Role::Secondary, UpToDate)
+        };
+        assert!(check_window_promote(UpToDate, &[src.clone(), gone.clone()], "a", &[]).is_err());
+        assert_eq!(
+            check_window_promote(UpToDate, &[src, gone], "a", &["c".into()]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_source_grants_one_window_to_an_up_to_date_target() {
+        use DiskState::*;
+        let b = wpeer("b", Role::Secondary, UpToDate);
+        assert_eq!(grant_window(Role::Primary, UpToDate, &b, None), Ok(()));
+        assert_eq!(grant_window(Role::Primary, UpToDate, &b, Some("b")), Ok(()));
+        assert!(grant_window(Role::Primary, UpToDate, &b, Some("c")).is_err());
+        assert!(grant_window(Role::Secondary, UpToDate, &b, None).is_err());
+        let syncing = WindowPeer {
+            established: false,
+            ..b.clone()
+        };
+        assert!(grant_window(Role::Primary, UpToDate, &syncing, None).is_err());
+        let stale = wpeer("b", Role::Secondary, Inconsistent);
+        assert!(grant_window(Role::Primary, UpToDate, &stale, None).is_err());
     }
 
     fn plan(l: &SideView, p: &SideView, pol: SplitBrainPolicy) -> Plan {
@@ -547,6 +694,7 @@ mod tests {
                     discard_peer: flags.2,
                     allow_two_primaries: flags.3,
                     in_sync_with_primary: flags.4,
+                    window: None,
                 },
             )
     }

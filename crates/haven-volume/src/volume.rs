@@ -10,7 +10,9 @@
 //! peer that drops mid-write gets its unacknowledged regions marked, so a later resync
 //! brings it up to date without copying everything.
 
-use crate::decide::{self, PeerLink, Plan, PromoteError, Refusal, SideView, SplitBrainPolicy};
+use crate::decide::{
+    self, PeerLink, Plan, PromoteError, Refusal, SideView, SplitBrainPolicy, WindowMsg, WindowPeer,
+};
 use crate::meta::{DATA_FILE, DiskState, Meta, MetaError, Role};
 use crate::tls::{PeerRead, PeerWrite, ReplicationTls};
 use crate::wire::{self, GenUpdate, Hello, Msg, StateUpdate};
@@ -30,6 +32,13 @@ use tokio::sync::{Notify, watch};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a migration window stays open on the target without the source demoting.
+/// The source holds its side open twice as long, so the target always stops writing
+/// first. Migrations that take longer fail safe: the target freezes.
+pub const WINDOW_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the target waits for the source to grant a window (within one control
+/// call; the agent asks again until its promote times out).
+const WINDOW_ASK_TIMEOUT: Duration = Duration::from_secs(4);
 static ZEROES: [u8; 65536] = [0; 65536];
 
 #[derive(Debug, Error)]
@@ -189,6 +198,9 @@ pub struct Status {
     /// Client requests waiting on the freeze.
     #[serde(default)]
     pub frozen_requests: u64,
+    /// An open dual-primary migration window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowStatus>,
 }
 
 struct Inflight {
@@ -321,6 +333,34 @@ struct State {
     peers: BTreeMap<String, Peer>,
     /// Lost peers awaiting the cluster's word that they are outdated.
     frozen: BTreeMap<String, FreezeEntry>,
+    /// The dual-primary migration window this replica is part of.
+    window: Option<WindowState>,
+    /// The source's answer to this replica's request for a window.
+    window_answer: Option<(String, Result<(), String>)>,
+}
+
+/// One side of a migration window. The target (promoted beside the source) writes only
+/// until `until`; the window closes when the source is seen secondary or either side
+/// demotes. A target whose window ran out or whose source was lost with both still
+/// primary freezes its I/O (it cannot know whether the source still writes) until the
+/// source is seen secondary or it is demoted itself: the cluster's fence-peer record
+/// cannot lift that, because the source may have recorded it in turn.
+struct WindowState {
+    peer: String,
+    target: bool,
+    opened_ms: u64,
+    until: Instant,
+}
+
+/// A migration window as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowStatus {
+    pub peer: String,
+    /// `source` (primary before the window) or `target` (promoted for it).
+    pub side: String,
+    pub opened_ms: u64,
+    /// The target is past its window (or lost the source) and holds I/O.
+    pub closed: bool,
 }
 
 pub struct Volume {
@@ -408,6 +448,8 @@ impl Volume {
                 meta,
                 peers,
                 frozen: BTreeMap::new(),
+                window: None,
+                window_answer: None,
             }),
             order: tokio::sync::Mutex::new(()),
             conn_ids: AtomicU64::new(1),
@@ -534,6 +576,7 @@ impl Volume {
                             && *lock(&c.repl) == Replication::Established
                     })
                 }),
+            window: None,
         }
     }
 
@@ -889,6 +932,15 @@ impl Volume {
         if let Some(p) = st.peers.get_mut(&conn.peer) {
             p.conn = None;
         }
+        // Losing the other primary ends the window: the target stops writing (see
+        // `WindowState`), the source goes on under the usual fence-peer rule.
+        if let Some(w) = st.window.as_mut().filter(|w| w.peer == conn.peer) {
+            if w.target {
+                w.until = w.until.min(Instant::now());
+            } else {
+                st.window = None;
+            }
+        }
         let inflight = lock(&conn.inflight).take();
         let mut changed = false;
         if let Some(inf) = inflight {
@@ -1105,11 +1157,17 @@ impl Volume {
                 *lock(&conn.peer_role) = s.role;
                 *lock(&conn.peer_disk) = s.disk;
                 conn.peer_epoch.fetch_max(s.epoch, Ordering::SeqCst);
+                if s.role == Role::Secondary {
+                    self.close_window_with(&conn.peer);
+                }
                 self.close_stale_primaries();
             }
             Msg::Reject(r) => return Err(format!("peer refused: {r}")),
             Msg::Ping => {}
-            Msg::Hello(_) => return Err("unexpected second hello".into()),
+            Msg::Hello(h) => match h.view.window {
+                Some(w) => self.handle_window(conn, w).await,
+                None => return Err("unexpected second hello".into()),
+            },
         }
         Ok(())
     }
@@ -1129,7 +1187,11 @@ impl Volume {
         if *lock(&conn.peer_role) != Role::Primary {
             return Err("write from a peer that is not primary".into());
         }
-        if st.meta.role == Role::Primary && !self.cfg.allow_two_primaries {
+        let in_window = st
+            .window
+            .as_ref()
+            .is_some_and(|w| w.peer == conn.peer && (w.target || Instant::now() < w.until));
+        if st.meta.role == Role::Primary && !self.cfg.allow_two_primaries && !in_window {
             return Err("this replica is primary; two primaries are not allowed".into());
         }
         Ok(())
@@ -1267,6 +1329,7 @@ impl Volume {
         fua: bool,
     ) -> Result<(), IoFail> {
         self.check_range(offset, u64::from(len))?;
+        self.wait_window().await?;
         self.wait_unfrozen().await?;
         let mut waits: Vec<(Arc<Conn>, u64)> = Vec::new();
         {
@@ -1473,6 +1536,215 @@ impl Volume {
         Ok(())
     }
 
+    fn window_peers(&self, st: &State) -> Vec<WindowPeer> {
+        st.peers
+            .iter()
+            .map(|(n, p)| WindowPeer {
+                node: n.clone(),
+                connected: p.conn.is_some(),
+                established: p
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| *lock(&c.repl) == Replication::Established),
+                role: p.conn.as_ref().map(|c| *lock(&c.peer_role)),
+                disk: p.conn.as_ref().map(|c| *lock(&c.peer_disk)),
+            })
+            .collect()
+    }
+
+    fn window_frame(&self, st: &State, peer: &str, msg: WindowMsg) -> Vec<u8> {
+        let mut h = self.hello(st, peer);
+        h.view.window = Some(msg);
+        let mut f = Vec::new();
+        wire::encode_json(&mut f, wire::K_HELLO, &h);
+        f
+    }
+
+    /// Becomes a second primary beside `source` for a live migration, once `source`
+    /// agrees (see [`WindowState`]).
+    pub async fn promote_window(&self, fenced: &[String], source: &str) -> Result<(), VolumeError> {
+        let refused = |reason: String| {
+            VolumeError::Promote(PromoteError::Window {
+                source_node: source.to_string(),
+                reason,
+            })
+        };
+        let mut rx = self.thaw.subscribe();
+        let (conn, frame) = {
+            let mut st = lock(&self.state);
+            if st.meta.role == Role::Primary {
+                return Ok(());
+            }
+            decide::check_window_promote(st.meta.disk, &self.window_peers(&st), source, fenced)?;
+            st.window_answer = None;
+            let ask = WindowMsg::Ask {
+                source: source.to_string(),
+                target: self.node.clone(),
+            };
+            let frame = self.window_frame(&st, source, ask);
+            let conn = st.peers.get(source).and_then(|p| p.conn.clone());
+            (conn, frame)
+        };
+        let Some(conn) = conn else {
+            return Err(refused("not connected".into()));
+        };
+        if !conn.send(Out::Frame(frame)).await {
+            return Err(refused("the request could not be sent".into()));
+        }
+        let give_up = tokio::time::Instant::now() + WINDOW_ASK_TIMEOUT;
+        let answer = loop {
+            rx.borrow_and_update();
+            if let Some((from, a)) = lock(&self.state).window_answer.take()
+                && from == source
+            {
+                break a;
+            }
+            if tokio::time::timeout_at(give_up, rx.changed())
+                .await
+                .is_err()
+            {
+                break Err(format!("no answer within {WINDOW_ASK_TIMEOUT:?}"));
+            }
+        };
+        answer.map_err(refused)?;
+        let _o = self.order.lock().await;
+        {
+            let mut st = lock(&self.state);
+            // Checked again: the source may have changed while it answered.
+            decide::check_window_promote(st.meta.disk, &self.window_peers(&st), source, fenced)?;
+            st.window = Some(WindowState {
+                peer: source.to_string(),
+                target: true,
+                opened_ms: now_ms(),
+                until: Instant::now() + WINDOW_TIMEOUT,
+            });
+            st.meta.role = Role::Primary;
+            st.meta.promoted_at_ms = now_ms();
+            st.meta.save(&self.cfg.dir)?;
+        }
+        tracing::info!("migration window with {source} open: primary beside it");
+        self.announce().await;
+        Ok(())
+    }
+
+    /// A window message from `conn`'s peer: the source's side of the handshake, or the
+    /// source's answer to this replica's request.
+    async fn handle_window(&self, conn: &Arc<Conn>, msg: WindowMsg) {
+        let reply = {
+            let mut st = lock(&self.state);
+            match msg {
+                WindowMsg::Ask { source, target } => {
+                    let me = self
+                        .window_peers(&st)
+                        .into_iter()
+                        .find(|p| p.node == target);
+                    let open = st.window.as_ref().map(|w| w.peer.clone());
+                    let verdict = match me {
+                        _ if source != self.node || target != conn.peer => {
+                            Err(format!("the request names {source} -> {target}"))
+                        }
+                        Some(t) => {
+                            decide::grant_window(st.meta.role, st.meta.disk, &t, open.as_deref())
+                        }
+                        None => Err(format!("{target} is not a peer")),
+                    };
+                    let answer = match verdict {
+                        Ok(()) => {
+                            st.window = Some(WindowState {
+                                peer: target.clone(),
+                                target: false,
+                                opened_ms: now_ms(),
+                                until: Instant::now() + 2 * WINDOW_TIMEOUT,
+                            });
+                            tracing::info!("migration window for {target} granted");
+                            WindowMsg::Grant { source, target }
+                        }
+                        Err(reason) => {
+                            tracing::warn!("migration window for {target} refused: {reason}");
+                            WindowMsg::Refuse { reason }
+                        }
+                    };
+                    Some(self.window_frame(&st, &conn.peer, answer))
+                }
+                WindowMsg::Grant { source, target } => {
+                    st.window_answer = Some(if source == conn.peer && target == self.node {
+                        (source, Ok(()))
+                    } else {
+                        (conn.peer.clone(), Err("a grant for another pair".into()))
+                    });
+                    None
+                }
+                WindowMsg::Refuse { reason } => {
+                    st.window_answer = Some((conn.peer.clone(), Err(reason)));
+                    None
+                }
+            }
+        };
+        match reply {
+            Some(f) => {
+                conn.send(Out::Frame(f)).await;
+            }
+            None => {
+                self.thaw.send_modify(|n| *n += 1);
+            }
+        }
+    }
+
+    /// The window with `peer` ends because `peer` is secondary now.
+    fn close_window_with(&self, peer: &str) {
+        let mut st = lock(&self.state);
+        if st.window.as_ref().is_some_and(|w| w.peer == peer) {
+            st.window = None;
+            drop(st);
+            tracing::info!("migration window with {peer} closed: it is secondary");
+            self.thaw.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// A window target past its window holds writes until the window closes (the source
+    /// is seen secondary, or this replica is demoted); past the freeze timeout the
+    /// request fails rather than be acknowledged.
+    async fn wait_window(&self) -> Result<(), IoFail> {
+        let mut rx = self.thaw.subscribe();
+        let mut counted = false;
+        let r = loop {
+            rx.borrow_and_update();
+            let held_since = {
+                let mut st = lock(&self.state);
+                let source_secondary = st.window.as_ref().is_some_and(|w| {
+                    st.peers
+                        .get(&w.peer)
+                        .and_then(|p| p.conn.as_ref())
+                        .is_some_and(|c| *lock(&c.peer_role) == Role::Secondary)
+                });
+                if source_secondary {
+                    st.window = None;
+                }
+                st.window
+                    .as_ref()
+                    .filter(|w| w.target && Instant::now() >= w.until)
+                    .map(|w| w.until)
+            };
+            let Some(since) = held_since else {
+                break Ok(());
+            };
+            let until = since + self.cfg.freeze_timeout;
+            if Instant::now() >= until {
+                break Err(IoFail::Io);
+            }
+            if !counted {
+                counted = true;
+                self.frozen_requests.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ =
+                tokio::time::timeout_at(tokio::time::Instant::from_std(until), rx.changed()).await;
+        };
+        if counted {
+            self.frozen_requests.fetch_sub(1, Ordering::SeqCst);
+        }
+        r
+    }
+
     fn promote_locked(&self, fenced: &[String]) -> Result<(), VolumeError> {
         let mut st = lock(&self.state);
         if st.meta.role == Role::Primary {
@@ -1545,6 +1817,7 @@ impl Volume {
             // A secondary writes nothing, so nothing waits on a peer being outdated;
             // the next promotion freezes again for peers still away.
             st.frozen.clear();
+            st.window = None;
         }
         self.thaw.send_modify(|n| *n += 1);
         self.announce().await;
@@ -1673,6 +1946,12 @@ impl Volume {
                 })
                 .collect(),
             frozen_requests: self.frozen_requests.load(Ordering::SeqCst),
+            window: st.window.as_ref().map(|w| WindowStatus {
+                peer: w.peer.clone(),
+                side: if w.target { "target" } else { "source" }.into(),
+                opened_ms: w.opened_ms,
+                closed: w.target && Instant::now() >= w.until,
+            }),
         }
     }
 

@@ -1032,7 +1032,11 @@ async fn execute(
         OpKind::Monitor => Op::Monitor {
             interval: interval.unwrap_or(Duration::ZERO),
         },
-        OpKind::Promote => Op::Promote { fenced },
+        // A promote's peer is a migration window's source.
+        OpKind::Promote => Op::Promote {
+            fenced,
+            migration_source: (!peer.is_empty()).then(|| peer.clone()),
+        },
         OpKind::Demote => Op::Demote,
         OpKind::MigrateTo | OpKind::MigrateFrom => {
             let dest = if op == OpKind::MigrateTo {
