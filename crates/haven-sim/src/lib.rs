@@ -32,5 +32,6 @@ mod world;
 
 pub use invariants::Violation;
 pub use world::{
-    Broken, FaultOptions, FenceDelays, SimOptions, SimReport, cluster_config, run, run_scheduler,
+    Broken, Fault, FaultOptions, FenceDelays, SimOptions, SimReport, cluster_config, run,
+    run_scheduler,
 };

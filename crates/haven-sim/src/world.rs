@@ -76,6 +76,19 @@ pub enum Broken {
     VoteForFencedPeer,
 }
 
+/// A fault at a fixed time, for scripted scenarios.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The node loses power and stays off until `PowerOn` (or the liveness phase).
+    PowerOff(String),
+    PowerOn(String),
+    /// The node is cut off from the others, both ways.
+    Cut(String),
+    Heal,
+    /// The node's daemon restarts, down this long; its processes keep running.
+    RestartDaemon(String, Duration),
+}
+
 /// Pacemaker's fence delays on the power switch of a two-node world: fencing
 /// `favoured` waits `base` more, so when both shoot, `favoured` shoots first.
 #[derive(Clone, Debug)]
@@ -108,6 +121,8 @@ pub struct SimOptions {
     /// it stays out until an operator allows it.
     pub auto_rejoin: bool,
     pub broken: Option<Broken>,
+    /// Faults at fixed times of the safety phase, besides the random ones.
+    pub script: Vec<(Duration, Fault)>,
 }
 
 impl Default for SimOptions {
@@ -126,6 +141,7 @@ impl Default for SimOptions {
             fence_delays: None,
             auto_rejoin: true,
             broken: None,
+            script: Vec::new(),
         }
     }
 }
@@ -209,6 +225,8 @@ pub struct SimReport {
     /// Two-node worlds: a node running a coordinator alone fenced its peer.
     pub lone_fences: u32,
     pub operator_allows: u32,
+    /// Where each resource runs at the end: resource → nodes.
+    pub final_placement: BTreeMap<String, Vec<String>>,
     /// Two-node worlds: both nodes ran a coordinator alone at once (a cut both ways:
     /// each races to fence the other).
     pub fencing_races: u32,
@@ -464,6 +482,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
             w.cleanup_all();
         }
         if w.faults_on {
+            w.scripted_faults();
             w.inject_faults();
         }
         w.boot_nodes();
@@ -486,6 +505,11 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
     }
     let v = check_exactly_once(&w.truth, &w.resources, w.now);
     w.report.violations.extend(v);
+    w.report.final_placement = w
+        .truth
+        .iter()
+        .map(|(r, on)| (r.clone(), on.iter().cloned().collect()))
+        .collect();
     w.report
 }
 
@@ -507,6 +531,51 @@ impl<P: Planner> World<P> {
 
     fn alive(&self, n: &str) -> bool {
         self.nodes.get(n).is_some_and(Node::alive)
+    }
+
+    fn scripted_faults(&mut self) {
+        let now = self.now;
+        let due: Vec<Fault> = self
+            .opts
+            .script
+            .iter()
+            .filter(|(at, _)| Time(0) + *at <= now && now < Time(0) + *at + TICK)
+            .map(|(_, f)| f.clone())
+            .collect();
+        for f in due {
+            self.log(format!("script: {f:?}"));
+            match f {
+                Fault::PowerOff(n) => {
+                    if self.nodes.get(&n).is_some_and(|x| x.powered) {
+                        self.report.crashes += 1;
+                        self.power_off(&n);
+                    }
+                }
+                Fault::PowerOn(n) => {
+                    if let Some(node) = self.nodes.get_mut(&n)
+                        && !node.powered
+                    {
+                        node.boot_at = Some(now);
+                    }
+                }
+                Fault::Cut(n) => {
+                    self.report.partitions += 1;
+                    if let Some(node) = self.nodes.get_mut(&n) {
+                        node.group = 1;
+                    }
+                }
+                Fault::Heal => self.heal(),
+                Fault::RestartDaemon(n, down) => {
+                    if self.alive(&n) {
+                        self.report.daemon_restarts += 1;
+                        self.daemon_down(&n);
+                        if let Some(node) = self.nodes.get_mut(&n) {
+                            node.daemon_back_at = Some(now + down);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn inject_faults(&mut self) {
@@ -1313,7 +1382,9 @@ impl<P: Planner> World<P> {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for n in names {
             // A node fenced and kept out does not count as having seen the cluster: it
-            // must never take the lone survivor's part.
+            // must never take the lone survivor's part. It learns it is fenced from the
+            // leader, which only the survivor can be (the rejoin rule) and which
+            // commits the mark first, so it waits for a leader.
             let fenced = self
                 .committed_marks
                 .get(&n)
