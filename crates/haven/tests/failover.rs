@@ -1026,15 +1026,17 @@ fn two_nodes_a_fenced_peer_that_comes_back_stays_out_until_node_online() {
         &["lab", "start", &victim, "--dir", lab.dir_str()],
         None,
     ));
-    // Both nodes agree on a leader again, and it is the survivor: the fenced node
-    // could not get its vote.
-    for n in [&survivor, &victim] {
-        wait_for("both nodes to see the survivor lead", || {
+    // Both nodes agree on a leader again: the survivor, or the returned node once it
+    // has acknowledged that it was fenced.
+    wait_for("both nodes to agree on a leader", || {
+        let leader = |n: &str| {
             let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
             let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            (s["leader"] == survivor.as_str()).then_some(())
-        });
-    }
+            s["leader"].as_str().map(str::to_string)
+        };
+        let l = leader(&survivor)?;
+        (leader(&victim)? == l).then_some(())
+    });
     // Kept out, whichever node answers, and the mark is now committed (the survivor's
     // file has served its purpose).
     for n in [&survivor, &victim] {

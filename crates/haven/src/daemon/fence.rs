@@ -209,8 +209,10 @@ impl LabSwitch {
     }
 }
 
-/// Starts the lab switch's file watcher when the daemon runs in a lab.
+/// Starts the fenced-peer notifier, and the lab switch's file watcher when the daemon
+/// runs in a lab.
 pub fn spawn(d: Arc<Daemon>) {
+    tokio::spawn(tell_fenced_peers(d.clone()));
     if d.lab.enabled {
         let d2 = d.clone();
         // Read at once, not on the watcher's first turn: a node restarted inside a
@@ -384,14 +386,19 @@ pub const LOCAL_MARKS_FILE: &str = "fence-marks.json";
 /// the mark: a two-node survivor alone cannot commit. Without this, the mark would
 /// die with the survivor's coordinator the moment the peer is heard again (the
 /// survivor is then quorate but not the leader), and the peer would rejoin unasked.
-/// While a peer is here this node refuses it its Raft vote, so it cannot lead and let
-/// itself in; a coordinator this node runs starts from these marks and commits them.
-/// On disk (NODE_DIR/fence-marks.json, node → reason) so a restart keeps them; a mark
-/// goes once the replicated state holds it, or when an operator lets the peer back.
+/// While a peer is here this node refuses it its Raft vote until the peer has
+/// acknowledged being fenced, so it cannot lead and let itself in; a coordinator this
+/// node runs starts from these marks and commits them. A node told it was fenced keeps
+/// its own name here. On disk (NODE_DIR/fence-marks.json, node → reason) so a restart
+/// keeps them; a mark goes once the replicated state holds it, or when an operator lets
+/// the node back.
 #[derive(Debug)]
 pub struct LocalMarks {
     path: PathBuf,
     marks: Mutex<BTreeMap<String, String>>,
+    /// Peers that have acknowledged being fenced (`/ha/fenced`): they keep themselves
+    /// out, so they may have this node's vote again.
+    told: Mutex<BTreeSet<String>>,
 }
 
 impl LocalMarks {
@@ -411,6 +418,7 @@ impl LocalMarks {
         Ok(LocalMarks {
             path,
             marks: Mutex::new(marks),
+            told: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -429,6 +437,19 @@ impl LocalMarks {
 
     pub fn forget(&self, node: &str) {
         self.change(|m| m.remove(node).is_some());
+        if let Ok(mut t) = self.told.lock() {
+            t.remove(node);
+        }
+    }
+
+    fn told(&self, node: &str) -> bool {
+        self.told.lock().is_ok_and(|t| t.contains(node))
+    }
+
+    fn mark_told(&self, node: &str) {
+        if let Ok(mut t) = self.told.lock() {
+            t.insert(node.to_string());
+        }
     }
 
     /// Applies `edit`, and writes the file if it changed something (a new file, then a
@@ -505,9 +526,13 @@ pub async fn pause_elections(d: Arc<Daemon>, refused: Arc<AtomicBool>) {
     }
 }
 
-/// Why this node refuses `candidate` its vote: it fenced it, and the mark is only here.
+/// Why this node refuses `candidate` its vote: it fenced it, the mark is only here,
+/// and the candidate has not acknowledged it (see [`tell_fenced_peers`]).
 pub fn vote_refusal(d: &Daemon, candidate: &str) -> Option<String> {
     let reason = d.local_marks.get(candidate)?;
+    if d.local_marks.told(candidate) {
+        return None;
+    }
     if d.view
         .state()
         .fencing
@@ -520,6 +545,91 @@ pub fn vote_refusal(d: &Daemon, candidate: &str) -> Option<String> {
         "{FENCED_NO_VOTE}: {} fenced {candidate} ({reason}) and the mark is not committed yet; no vote for it until this node has committed it as leader, or an operator runs `haven node online {candidate}`",
         d.node.name
     ))
+}
+
+/// A node fenced by its peer while the mark could not be committed learns it here.
+pub const FENCED_NOTICE: &str = "/ha/fenced";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FencedNotice {
+    /// Who fenced it.
+    pub by: String,
+    pub victim: String,
+    pub reason: String,
+}
+
+/// Tells each peer this node holds fenced (uncommitted) and hears again that it is
+/// fenced, until it acknowledges. Refusing it the vote alone is not enough: a peer
+/// whose Raft log is ahead (it led, and appended what this node never got) refuses this
+/// node's vote too, and neither could lead. A peer that acknowledged keeps the mark on
+/// itself — the coordinator it runs if it leads starts with its own node fenced — and
+/// may have this node's vote again, so one of them leads and commits the mark.
+pub async fn tell_fenced_peers(d: Arc<Daemon>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let committed = d.view.state().fencing;
+        for (peer, reason) in d.local_marks.all() {
+            let done = peer == d.node.name
+                || d.local_marks.told(&peer)
+                || committed.get(&peer).is_some_and(|m| m.confirmed)
+                || d.liveness(&peer) != Some(haven_ha::Liveness::Alive)
+                || d.lab.rpc_cut();
+            if done {
+                continue;
+            }
+            let Some(addr) = d
+                .members()
+                .into_iter()
+                .find(|(n, _)| *n == peer)
+                .and_then(|(_, info)| d.peer_addr(&info))
+            else {
+                continue;
+            };
+            let notice = FencedNotice {
+                by: d.node.name.clone(),
+                victim: peer.clone(),
+                reason,
+            };
+            let r: Result<Empty, _> = d
+                .rpc
+                .call_node(None, &addr, &peer, FENCED_NOTICE, &notice)
+                .await;
+            match r {
+                Ok(_) => {
+                    tracing::info!(
+                        "{peer} acknowledged that it was fenced: it may have this node's vote again"
+                    );
+                    d.local_marks.mark_told(&peer);
+                }
+                Err(e) => tracing::debug!("telling {peer} it was fenced: {e}"),
+            }
+        }
+    }
+}
+
+async fn fenced_notice(
+    State(d): D,
+    axum::Extension(caller): axum::Extension<super::api::Caller>,
+    Json(n): Json<FencedNotice>,
+) -> ApiResult<Empty> {
+    caller.must_be(FENCED_NOTICE, "by", &n.by)?;
+    if n.victim != d.node.name {
+        return Err(ApiFailure::bad_request(format!(
+            "{FENCED_NOTICE}: the notice is for {}, and this is {}",
+            n.victim, d.node.name
+        )));
+    }
+    if d.local_marks.get(&d.node.name).is_none() {
+        tracing::warn!(
+            "{} fenced this node ({}): it stays out until `haven node online {}`",
+            n.by,
+            n.reason,
+            d.node.name
+        );
+    }
+    d.local_marks
+        .keep(&d.node.name, &format!("fenced by {}: {}", n.by, n.reason));
+    Ok(Json(Empty {}))
 }
 
 /// Fence marks a new coordinator starts from: this node's own (confirmed) first, then
@@ -1254,6 +1364,7 @@ pub fn routes() -> Router<Arc<Daemon>> {
         .route(NODE_REJOIN, post(rejoin))
         .route(NODE_REJOIN_LOCAL, post(rejoin_local))
         .route(FENCE_HISTORY, post(history))
+        .route(FENCED_NOTICE, post(fenced_notice))
 }
 
 /// Paths only peers use; the lab's partition switch drops them.

@@ -306,9 +306,15 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
 
     let local_marks = fence::LocalMarks::load(&nd.dir)?;
     for (peer, reason) in local_marks.all() {
-        tracing::warn!(
-            "{peer} was fenced by this node ({reason}) and its mark is not committed yet: it stays out"
-        );
+        if peer == node.name {
+            tracing::warn!(
+                "this node was fenced ({reason}) and the mark is not committed yet: it stays out until `haven node online {peer}`"
+            );
+        } else {
+            tracing::warn!(
+                "{peer} was fenced by this node ({reason}) and its mark is not committed yet: it stays out"
+            );
+        }
     }
     let (ha_handles, ha_receivers) = ha::channels();
     let daemon = Arc::new(Daemon {
