@@ -33,8 +33,10 @@
 //! `Success`. Promote asks the replica with the peers the cluster confirmed fenced
 //! ([`Op::Promote`]); the replica refuses while another peer is unreachable or itself
 //! is not UpToDate, and promote retries until its timeout (a peer may still be
-//! connecting, a resync finishing). Demote and stop are the replica's own (stop is
-//! SIGTERM: the replica flushes and leaves itself secondary).
+//! connecting, a resync finishing). A promote naming a migration source (a live
+//! migration's window) asks the replica to become primary beside that peer, which must
+//! agree; the source's demote closes the window. Demote and stop are the replica's own
+//! (stop is SIGTERM: the replica flushes and leaves itself secondary).
 //!
 //! Resource-level fencing (DRBD's `fence-peer`) is driven by the daemon around the
 //! monitor: [`replica_status`] shows a frozen primary's lost peers, the daemon commits

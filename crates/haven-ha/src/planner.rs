@@ -311,6 +311,86 @@ agent = "lab"
     }
 
     #[test]
+    fn a_volume_primary_moving_with_its_guest_is_promoted_with_the_migration_source() {
+        let text = r#"
+[[nodes]]
+name = "n1"
+
+[[nodes]]
+name = "n2"
+
+[[resources]]
+id = "vol"
+class = "volume"
+type = "volume"
+
+[[clones]]
+id = "vol-clone"
+child = "vol"
+promotable = true
+promoted-max = 1
+
+[[constraints.location]]
+id = "p1"
+rsc = "vol-clone"
+role = "Promoted"
+node = "n1"
+score = "10"
+
+[[constraints.location]]
+id = "p2"
+rsc = "vol-clone"
+role = "Promoted"
+node = "n2"
+score = "10"
+
+[[resources]]
+id = "vm1"
+class = "qemu"
+type = "vm"
+meta = { allow-migrate = true }
+
+[[constraints.location]]
+id = "cli-prefer-vm1"
+rsc = "vm1"
+node = "n2"
+score = "INFINITY"
+
+[[constraints.colocation]]
+id = "vm1-with-primary"
+rsc = "vm1"
+with = "vol-clone"
+with-role = "Promoted"
+score = "INFINITY"
+"#;
+        let config = Config::from_toml("test.toml", text).expect("valid config");
+        let mut p = SchedPlanner::new(config);
+        let mut view = ClusterView::default();
+        for n in ["n1", "n2"] {
+            view.nodes.insert(n.to_string(), NodeState::Online);
+        }
+        let vol = view.resources.entry("vol".into()).or_default();
+        vol.insert("n1".into(), Observed::Promoted);
+        vol.insert("n2".into(), Observed::Started);
+        view.resources
+            .entry("vm1".into())
+            .or_default()
+            .insert("n1".into(), Observed::Started);
+        let plan = p.plan(&view);
+        let promotes: Vec<&Step> = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Promote { .. }))
+            .collect();
+        assert_eq!(promotes.len(), 1, "{plan:?}");
+        assert!(
+            matches!(promotes[0], Step::Promote { node, migration_source: Some(src), .. }
+                if node == "n2" && src == "n1"),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
     fn standby_override_moves_resources_away() {
         let config = Config::from_toml("test.toml", CONFIG).expect("valid config");
         let mut p = SchedPlanner::new(config);

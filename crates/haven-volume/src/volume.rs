@@ -1711,11 +1711,15 @@ impl Volume {
             rx.borrow_and_update();
             let held_since = {
                 let mut st = lock(&self.state);
+                // Only the target watches its peer: the source may not have heard yet
+                // that its target is primary.
                 let source_secondary = st.window.as_ref().is_some_and(|w| {
-                    st.peers
-                        .get(&w.peer)
-                        .and_then(|p| p.conn.as_ref())
-                        .is_some_and(|c| *lock(&c.peer_role) == Role::Secondary)
+                    w.target
+                        && st
+                            .peers
+                            .get(&w.peer)
+                            .and_then(|p| p.conn.as_ref())
+                            .is_some_and(|c| *lock(&c.peer_role) == Role::Secondary)
                 });
                 if source_secondary {
                     st.window = None;
@@ -2035,5 +2039,157 @@ async fn write_out(
             wr.write_all(data).await
         }
         Out::Frame(f) => wr.write_all(f).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+    }
+
+    /// Two plaintext replicas `a` (UpToDate, primary) and `b`, in sync.
+    async fn pair(dir: &Path) -> (Arc<Volume>, Arc<Volume>) {
+        let (aa, ba) = (free_addr(), free_addr());
+        let open = |node: &str, me: SocketAddr, peer: (&str, SocketAddr), initial: bool| {
+            let d = dir.join(node);
+            std::fs::create_dir_all(&d).expect("replica dir");
+            crate::meta::create(&d, "vol", node, 1 << 20, 65536, initial).expect("meta");
+            Volume::open(VolumeConfig {
+                dir: d,
+                listen: Some(me),
+                peers: vec![(peer.0.to_string(), peer.1)],
+                policy: SplitBrainPolicy::Disconnect,
+                allow_two_primaries: false,
+                resync_rate: None,
+                peer_timeout: Duration::from_secs(5),
+                tls: None,
+                fence_peers: false,
+                freeze_timeout: Duration::from_secs(1),
+            })
+            .expect("open")
+        };
+        let a = open("a", aa, ("b", ba), true);
+        let b = open("b", ba, ("a", aa), false);
+        a.start().await.expect("start a");
+        b.start().await.expect("start b");
+        settle(&a, |s| s.peers[0].connection == Connection::Connected).await;
+        a.promote(&[]).await.expect("promote a");
+        settle(&b, |s| {
+            s.disk == DiskState::UpToDate
+                && s.peers[0].role == Some(Role::Primary)
+                && s.peers[0].replication == Some(Replication::Established)
+        })
+        .await;
+        (a, b)
+    }
+
+    async fn settle(v: &Volume, want: impl Fn(&Status) -> bool) -> Status {
+        for _ in 0..600 {
+            let s = v.status();
+            if want(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{:#?}", v.status());
+    }
+
+    fn data(v: &Volume) -> Vec<u8> {
+        std::fs::read(v.data_path()).expect("data file")
+    }
+
+    /// The first byte of each 4 KiB block, for readable comparisons.
+    fn blocks(v: &Volume) -> Vec<u8> {
+        data(v).chunks(4096).take(4).map(|c| c[0]).collect()
+    }
+
+    #[tokio::test]
+    async fn a_second_primary_only_inside_a_window_the_source_granted_which_its_demote_closes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair(tmp.path()).await;
+        assert!(
+            matches!(
+                b.promote(&[]).await,
+                Err(VolumeError::Promote(PromoteError::PeerIsPrimary(_)))
+            ),
+            "outside a window two primaries stay impossible"
+        );
+        assert!(b.promote_window(&[], "c").await.is_err(), "not a peer");
+
+        b.promote_window(&[], "a").await.expect("the window opens");
+        assert_eq!(b.status().role, Role::Primary);
+        let w = b.status().window.expect("the target's window");
+        assert_eq!((w.peer.as_str(), w.side.as_str()), ("a", "target"));
+        settle(&a, |s| {
+            s.window.as_ref().is_some_and(|w| w.side == "source")
+        })
+        .await;
+        // Both write, each write reaches the other (protocol C both ways).
+        let buf = |x: u8| Some(Arc::new(vec![x; 4096]));
+        a.write(0, 4096, buf(0x11), true).await.expect("a writes");
+        b.write(4096, 4096, buf(0x22), true)
+            .await
+            .expect("b writes");
+        assert_eq!(blocks(&a), blocks(&b));
+        assert!(data(&a) == data(&b), "the replicas differ");
+
+        // The source's demote closes the window on both sides; the old primary can no
+        // longer write, the new one goes on alone.
+        a.demote().await.expect("demote a");
+        settle(&b, |s| {
+            s.window.is_none() && s.peers[0].role == Some(Role::Secondary)
+        })
+        .await;
+        assert!(matches!(
+            a.write(0, 4096, buf(0x33), true).await,
+            Err(IoFail::NotPrimary)
+        ));
+        b.write(8192, 4096, buf(0x44), true)
+            .await
+            .expect("b writes on");
+        settle(&a, |s| s.peers[0].out_of_sync_bytes == 0).await;
+        assert_eq!(blocks(&a), blocks(&b));
+        assert!(data(&a) == data(&b), "the replicas differ");
+    }
+
+    #[tokio::test]
+    async fn a_window_target_that_loses_its_source_holds_writes_until_demoted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair(tmp.path()).await;
+        b.promote_window(&[], "a").await.expect("the window opens");
+        b.disconnect("a").expect("disconnect");
+        settle(&b, |s| s.window.as_ref().is_some_and(|w| w.closed)).await;
+        let buf = Some(Arc::new(vec![0x55u8; 4096]));
+        assert!(
+            matches!(b.write(0, 4096, buf.clone(), true).await, Err(IoFail::Io)),
+            "a target cut off from its source must not acknowledge a write"
+        );
+        // The source knows nothing of b's attempt: it never reached the disk there.
+        assert_eq!(a.status().role, Role::Primary);
+        b.demote().await.expect("demote b");
+        assert!(b.status().window.is_none());
+        assert!(matches!(
+            b.write(0, 4096, buf, true).await,
+            Err(IoFail::NotPrimary)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_source_that_is_not_primary_refuses_the_window() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair(tmp.path()).await;
+        a.demote().await.expect("demote a");
+        settle(&b, |s| s.peers[0].role == Some(Role::Secondary)).await;
+        let e = b
+            .promote_window(&[], "a")
+            .await
+            .expect_err("no primary to migrate from");
+        assert!(e.to_string().contains("not primary"), "{e}");
+        assert_eq!(b.status().role, Role::Secondary);
     }
 }

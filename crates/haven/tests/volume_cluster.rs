@@ -8,6 +8,9 @@ mod common;
 
 use common::*;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 /// Every `HAVEN-<what> N` the guest printed on its console on `node`.
 fn console_numbers(lab: &Lab, node: &str, what: &str) -> Vec<u64> {
@@ -88,7 +91,8 @@ id = "vm1"
 class = "qemu"
 type = "vm"
 params = {{ kernel = "{kernel}", initrd = "{initrd}", append = "console=ttyS0 panic=-1 quiet", accel = "tcg", memory = "128", ready_marker = "HAVEN-GUEST-UP", volume = "vol1" }}
-ops = [{{ name = "start", timeout = 120 }}, {{ name = "stop", timeout = 30 }}, {{ name = "monitor", interval = 2, timeout = 10 }}]
+meta = {{ allow-migrate = true }}
+ops = [{{ name = "start", timeout = 120 }}, {{ name = "stop", timeout = 30 }}, {{ name = "monitor", interval = 2, timeout = 10 }}, {{ name = "migrate_to", timeout = 120 }}, {{ name = "migrate_from", timeout = 120 }}]
 
 [[constraints.colocation]]
 id = "vm1-with-primary"
@@ -370,4 +374,192 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
         "the guest never ran on the stale replica"
     );
     assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+}
+
+/// Like `wait_for`, with room for a live migration under TCG on a loaded machine.
+fn wait_long<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One look at both replicas: (role, window peer) on each of the two nodes, in the
+/// order given to the poller.
+type Sample = [(String, Option<String>); 2];
+
+/// Polls both replicas' roles and windows until finished.
+struct RolePoller {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Sample>>>,
+}
+
+impl RolePoller {
+    fn start(dir: &Path, nodes: [&str; 2]) -> RolePoller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, dir, nodes) = (
+            stop.clone(),
+            dir.to_path_buf(),
+            nodes.map(|n| n.to_string()),
+        );
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let look = |n: &str| {
+                    let ctl = dir.join(n).join("resources").join("vol1.ctl");
+                    let out = haven(
+                        &["volume", "status", "--json", "--control", ctl.to_str()?],
+                        None,
+                    );
+                    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                    let role = v["role"].as_str()?.to_string();
+                    let window = v["window"]["peer"].as_str().map(str::to_string);
+                    Some((role, window))
+                };
+                if let (Some(a), Some(b)) = (look(&nodes[0]), look(&nodes[1])) {
+                    seen.push([a, b]);
+                }
+            }
+            seen
+        });
+        RolePoller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RolePoller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn replica_data(lab: &Lab, node: &str) -> Vec<u8> {
+    let p = lab
+        .dir
+        .join(node)
+        .join("resources")
+        .join("vol1.volume")
+        .join("data.img");
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn a_guest_moves_live_to_the_other_replica_with_two_primaries_only_inside_the_window() {
+    let _one = lock();
+    let guest = guest_dir();
+    let lab = Lab::up();
+    lab.configure_with(&resources(&guest, free_port()), &lab_device()(&lab));
+
+    let home = wait_long("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    let other = if home == "n1" { "n2" } else { "n1" };
+    wait_long("the secondary to be in sync", || {
+        let s = volume_status(&lab, other)?;
+        (s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && s["peers"][0]["replication"] == "Established")
+            .then_some(())
+    });
+    wait_long("the guest to count on its disk", || {
+        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
+    });
+
+    // The target is read first in each sample: a target seen primary without a window
+    // while the source, read after it, is still primary would be two primaries outside
+    // a window (the other order can tear: the source read before the window opened).
+    let poller = RolePoller::start(&lab.dir, [other, home.as_str()]);
+    ok(lab.run(&["resource", "move", "vm1", other]));
+    wait_long("vm1 to run on the other node only", || {
+        (lab.running("vm1") == vec![other.to_string()]).then_some(())
+    });
+    wait_long("the primary to have moved", || {
+        let (h, o) = (volume_status(&lab, &home)?, volume_status(&lab, other)?);
+        (h["role"] == "Secondary" && o["role"] == "Primary" && o.get("window").is_none())
+            .then_some(())
+    });
+    let moved_at = console_numbers(&lab, &home, "COUNTER")
+        .last()
+        .copied()
+        .expect("counters before the move");
+    wait_long("the guest to count on after the move", || {
+        (console_numbers(&lab, other, "COUNTER").last() > Some(&moved_at)).then_some(())
+    });
+    let samples = poller.finish();
+
+    // Live, not a cold boot: the guest never booted on the target (a boot prints
+    // RESUME), its counter went on from where it was, and its QEMU came in migrating.
+    assert!(
+        console_numbers(&lab, other, "RESUME").is_empty(),
+        "the guest booted again on {other}"
+    );
+    let first = console_numbers(&lab, other, "COUNTER")[0];
+    assert!(
+        first > moved_at.saturating_sub(2) && first <= moved_at + 2,
+        "counter {moved_at} on {home}, then {first} on {other}"
+    );
+    let pidfile = lab.dir.join(other).join("resources").join("vm1.pid");
+    let pid = std::fs::read_to_string(&pidfile).expect("the guest's pidfile");
+    let pid = pid.split_whitespace().next().expect("a pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the guest's cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("-incoming"),
+        "QEMU on {other} was not started for an incoming migration"
+    );
+
+    // Two primaries only inside the window: whenever both were primary, the target
+    // held a window with the source; and the window was seen.
+    for [t, s] in &samples {
+        if t.0 == "Primary" && s.0 == "Primary" {
+            assert_eq!(t.1.as_deref(), Some(home.as_str()), "{t:?} {s:?}");
+        }
+    }
+    assert!(
+        samples.iter().any(|[t, _]| t.1.is_some()),
+        "the target's window was never seen in {} samples",
+        samples.len()
+    );
+    let last = samples.last().expect("samples");
+    assert_eq!(
+        (last[0].0.as_str(), last[1].0.as_str()),
+        ("Primary", "Secondary")
+    );
+
+    // Every acknowledged write is on both replicas: stop the guest, let them settle,
+    // and compare; the disk holds at least the last counter the guest printed.
+    let printed = *console_numbers(&lab, other, "COUNTER")
+        .last()
+        .expect("counters");
+    ok(lab.run(&["resource", "stop", "vm1"]));
+    wait_long("the guest to stop", || {
+        lab.running("vm1").is_empty().then_some(())
+    });
+    wait_long("both replicas to hold the same data", || {
+        let s = volume_status(&lab, &home)?;
+        let in_sync = s["disk"] == "UpToDate" && s["peers"][0]["out_of_sync_bytes"] == 0;
+        (in_sync && replica_data(&lab, &home) == replica_data(&lab, other)).then_some(())
+    });
+    let disk = replica_data(&lab, other);
+    let on_disk: u64 = String::from_utf8_lossy(&disk[..512])
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("HAVEN-COUNTER "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a counter in sector 0");
+    assert!(on_disk >= printed, "printed {printed}, on disk {on_disk}");
 }
