@@ -194,6 +194,17 @@ impl NodeAgent {
                 slot.monitor = None;
                 None
             }
+            // A probe that finds the resource active (after a restart of this daemon,
+            // a new coordinator, a node joining) keeps watching it as a start would:
+            // otherwise a later failure there would go unseen.
+            OpKind::Monitor => match outcome {
+                OpOutcome::Ok | OpOutcome::RunningPromoted => Some(outcome.clone()),
+                OpOutcome::NotRunning => {
+                    slot.monitor = None;
+                    None
+                }
+                _ => None,
+            },
             _ => None,
         };
         if let (Some(expect), Some(interval)) = (expect, req.monitor_interval) {
@@ -366,6 +377,32 @@ mod tests {
             interval(&drain(&mut a)),
             Some((OpKind::Monitor, Some(Duration::from_secs(10))))
         );
+    }
+
+    #[test]
+    fn a_probe_that_finds_it_running_keeps_watching_it() {
+        let mut a = NodeAgent::new();
+        a.handle_request(req(1, "vm1", OpKind::Monitor), Time(0));
+        let t = token_of(&drain(&mut a));
+        a.handle_op_done(t, OpOutcome::RunningPromoted, Time(1));
+        drain(&mut a);
+        assert_eq!(a.monitored().collect::<Vec<_>>(), ["vm1"]);
+        a.handle_timeout(Time(10_001));
+        let t = token_of(&drain(&mut a));
+        // Still promoted: quiet. Gone: reported without being asked.
+        a.handle_op_done(t, OpOutcome::RunningPromoted, Time(10_002));
+        assert!(drain(&mut a).is_empty());
+        a.handle_timeout(Time(20_002));
+        let t = token_of(&drain(&mut a));
+        a.handle_op_done(t, OpOutcome::NotRunning, Time(20_003));
+        assert!(matches!(&drain(&mut a)[..], [AgentCommand::Report(r)]
+            if r.seq.is_none() && r.outcome == OpOutcome::NotRunning));
+        // A probe that finds nothing watches nothing.
+        a.handle_request(req(2, "vm1", OpKind::Monitor), Time(30_000));
+        let t = token_of(&drain(&mut a));
+        a.handle_op_done(t, OpOutcome::NotRunning, Time(30_001));
+        drain(&mut a);
+        assert_eq!(a.monitored().count(), 0);
     }
 
     #[test]

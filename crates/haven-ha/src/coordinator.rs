@@ -161,6 +161,8 @@ pub struct Coordinator<P> {
     /// Fences an earlier leader began, to issue again once a node that can run a device
     /// is heard (a coordinator that has just taken over hears nobody yet).
     resumed: BTreeMap<String, String>,
+    /// Each node's daemon incarnation as last announced (see `handle_incarnation`).
+    incarnations: BTreeMap<String, u64>,
     in_flight: BTreeMap<u64, InFlight>,
     next_seq: u64,
     dirty: bool,
@@ -191,6 +193,7 @@ impl<P: Planner> Coordinator<P> {
             failcounts: BTreeMap::new(),
             transition: None,
             resumed: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             next_seq: 1,
             dirty: true,
@@ -260,6 +263,45 @@ impl<P: Planner> Coordinator<P> {
     pub fn handle_heartbeat(&mut self, node: &str, link: &str, now: Time) {
         self.membership.handle_heartbeat(node, link, now);
         self.process_membership(now);
+    }
+
+    /// The incarnation a node's daemon announced (random at each daemon start; 0 =
+    /// not told). A new one from an online node means its daemon restarted without the
+    /// node being lost: the new daemon stopped what it found (it had no lease) and runs
+    /// no monitors, so what this coordinator believed runs there is probed again.
+    /// Operations in flight there are left to their deadlines.
+    pub fn handle_incarnation(&mut self, node: &str, incarnation: u64, now: Time) {
+        if incarnation == 0 {
+            return;
+        }
+        let before = self.incarnations.insert(node.to_string(), incarnation);
+        if before.is_none_or(|b| b == incarnation)
+            || self.nodes.get(node) != Some(&NodeState::Online)
+        {
+            return;
+        }
+        self.log(format!(
+            "{now}: {node}'s daemon restarted: re-probing what runs there"
+        ));
+        let busy: BTreeSet<String> = self
+            .in_flight
+            .values()
+            .filter(|f| f.node == node)
+            .map(|f| f.resource.clone())
+            .collect();
+        for (r, per_node) in self.observed.iter_mut() {
+            if busy.contains(r) {
+                continue;
+            }
+            if let Some(o) = per_node.get_mut(node) {
+                *o = Observed::Unknown;
+            }
+        }
+        self.dirty = true;
+        if let Some(t) = self.transition.as_mut() {
+            t.aborted = true;
+        }
+        self.progress(now);
     }
 
     /// A node agent's report.
@@ -1543,6 +1585,33 @@ mod tests {
         h.run_for(2_000);
         assert_eq!(h.running_on("vm1"), vec!["n1"]);
         assert_eq!(h.c.view().resources["vm1"]["n1"], Observed::Started);
+    }
+
+    #[test]
+    fn a_daemon_restart_seen_in_its_incarnation_reprobes_and_restarts_what_it_stopped() {
+        let mut h = Harness::new(three_nodes());
+        for n in ["n1", "n2", "n3"] {
+            h.c.handle_incarnation(n, 7, h.now);
+        }
+        h.run_for(2_000);
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        // n1's daemon restarts between two heartbeats: with no lease it stops vm1.
+        h.running.insert(("vm1".into(), "n1".into()), false);
+        h.c.handle_incarnation("n1", 7, h.now);
+        h.run_for(1_000);
+        assert!(
+            h.running_on("vm1").is_empty(),
+            "same incarnation: nothing noticed"
+        );
+        h.c.handle_incarnation("n1", 8, h.now);
+        h.run_for(2_000);
+        assert_eq!(h.running_on("vm1"), vec!["n1"]);
+        assert!(
+            h.fences.is_empty(),
+            "a daemon restart is not a node failure"
+        );
+        let log = h.c.take_log().join("\n");
+        assert!(log.contains("n1's daemon restarted"), "{log}");
     }
 
     #[test]

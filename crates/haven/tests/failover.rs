@@ -1245,3 +1245,55 @@ fn startup_fencing_off_takes_a_never_seen_node_as_down_and_on_fences_it_first() 
         "{h:?}"
     );
 }
+
+/// A daemon that restarts alone (its node stays up; it is killed and started again
+/// before anyone counts it lost) has no lease, so it stops what it ran and watches
+/// nothing. The coordinator sees the new incarnation in its heartbeats and probes it
+/// again: svc runs again, in a new process, and status says where. (Without that, svc
+/// stayed stopped while status said "Started". If a loaded machine makes the restart
+/// slower than detection, the node is fenced instead and svc is recovered that way.)
+#[test]
+fn a_daemon_restarted_alone_gets_its_resources_back_and_status_tells_the_truth() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    let home = svc_home(&lab);
+    // Settled first: an operation still in flight to the restarting daemon would time
+    // out and bring recovery by another path than the one under test.
+    wait_for("every resource to be started in status", || {
+        let out = lab.run(&["status", "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let all = s["resources"].as_array()?;
+        all.iter()
+            .all(|r| r["running_on"].as_array().is_some_and(|on| on.len() == 1))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let pidfile = lab.dir.join(&home).join("resources").join("svc.pid");
+    let before = std::fs::read_to_string(&pidfile).expect("svc.pid");
+    let checker = Checker::start(&lab.dir, "svc");
+    let pid = daemon_pid(&lab.dir, &home);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    ok(lab.run(&["lab", "start", &home, "--dir", lab.dir_str()]));
+    let now_on = wait_for("svc to run again in a new process", || {
+        let on = lab.running("svc");
+        let again = on.len() == 1
+            && std::fs::read_to_string(lab.dir.join(&on[0]).join("resources").join("svc.pid"))
+                .is_ok_and(|p| p != before);
+        again.then(|| on[0].clone())
+    });
+    wait_for("status to show svc where it runs", || {
+        let out = lab.run(&["status", "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let svc = s["resources"]
+            .as_array()?
+            .iter()
+            .find(|r| r["id"] == "svc")?;
+        (svc["running_on"] == serde_json::json!([now_on])).then_some(())
+    });
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}

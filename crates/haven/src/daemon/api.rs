@@ -331,9 +331,10 @@ async fn heartbeat_in(
     }
     // The sender's certificate names it; its heartbeat shows that this link carries
     // traffic in its direction too.
-    d.heard(&hb.from, &hb.link);
+    d.heard(&hb.from, &hb.link, hb.incarnation);
     Ok(Json(HeartbeatAck {
         name: d.node.name.clone(),
+        incarnation: d.incarnation,
     }))
 }
 

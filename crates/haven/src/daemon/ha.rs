@@ -40,9 +40,18 @@ pub struct ReportMsg {
 }
 
 pub enum CoordInput {
-    Heartbeat { node: String, link: String },
-    Cleanup { resource: String },
-    Report { node: String, report: OpReport },
+    Heartbeat {
+        node: String,
+        link: String,
+        incarnation: u64,
+    },
+    Cleanup {
+        resource: String,
+    },
+    Report {
+        node: String,
+        report: OpReport,
+    },
     Fence(super::fence::FenceInput),
 }
 
@@ -246,7 +255,14 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         outdated_replicas_unpromotable(&d, l, now);
         let c = &mut l.coordinator;
         match input {
-            Some(CoordInput::Heartbeat { node, link }) => c.handle_heartbeat(&node, &link, now),
+            Some(CoordInput::Heartbeat {
+                node,
+                link,
+                incarnation,
+            }) => {
+                c.handle_heartbeat(&node, &link, now);
+                c.handle_incarnation(&node, incarnation, now);
+            }
             Some(CoordInput::Cleanup { resource }) => c.handle_cleanup(&resource, now),
             Some(CoordInput::Fence(super::fence::FenceInput::AllowRejoin(node))) => {
                 l.rejoining.insert(node.clone());

@@ -67,6 +67,7 @@ pub async fn run(daemon: Arc<Daemon>) {
                     let hb = Heartbeat {
                         from: d.node.name.clone(),
                         link: link_name(i),
+                        incarnation: d.incarnation,
                     };
                     // Only an answer from the daemon whose certificate names `name`
                     // counts as hearing it.
@@ -75,7 +76,9 @@ pub async fn run(daemon: Arc<Daemon>) {
                         .call_node(Some(local), &peer_addr, &name, PATH, &hb)
                         .await;
                     match ack {
-                        Ok(ack) if ack.name == name => d.heard(&name, &link_name(i)),
+                        Ok(ack) if ack.name == name => {
+                            d.heard(&name, &link_name(i), ack.incarnation)
+                        }
                         Ok(ack) => tracing::warn!(
                             "{peer_addr} answered as {:?}, but the membership says {name:?} is there",
                             ack.name

@@ -79,6 +79,8 @@ pub struct Daemon {
     pub lab: Arc<fence::LabSwitch>,
     /// Peers this node fenced whose marks the replicated state does not hold yet.
     pub local_marks: fence::LocalMarks,
+    /// Random at each start (never 0, which means "not told"); sent with heartbeats.
+    pub incarnation: u64,
     started: std::time::Instant,
 }
 
@@ -95,7 +97,7 @@ impl Daemon {
         Time::from_millis(self.started.elapsed().as_millis() as u64)
     }
 
-    pub fn heard(&self, node: &str, link: &str) {
+    pub fn heard(&self, node: &str, link: &str, incarnation: u64) {
         // An answer that crossed a link the lab has cut since (or before this daemon
         // read its switch) proves nothing about the link now.
         if self.lab.link_cut(link) {
@@ -109,6 +111,7 @@ impl Daemon {
         let _ = self.ha.coord.send(ha::CoordInput::Heartbeat {
             node: node.to_string(),
             link: link.to_string(),
+            incarnation,
         });
     }
 
@@ -329,6 +332,7 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
         rpc,
         hb_rpc,
         ca,
+        incarnation: rand::random::<u64>().max(1),
         started: std::time::Instant::now(),
     });
 

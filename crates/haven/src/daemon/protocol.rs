@@ -9,11 +9,18 @@ use serde::{Deserialize, Serialize};
 pub struct Heartbeat {
     pub from: String,
     pub link: String,
+    /// The sender daemon's incarnation: random at each start, so a peer can tell that
+    /// it restarted (and forgot its monitors) even when no heartbeat went missing.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeartbeatAck {
     pub name: String,
+    /// The answering daemon's incarnation (see [`Heartbeat::incarnation`]).
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
