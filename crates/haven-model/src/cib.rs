@@ -548,7 +548,13 @@ fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, colocation: bool) -> Vec<Resou
 
 /// A resource's own parameter (`param`) or meta attribute (`meta`) `name`, from its
 /// blocks that hold whatever the node; None when absent or set by rules.
-fn resource_attribute(cons: XNode<'_, '_>, rsc: &str, source: &str, name: &str) -> Option<String> {
+fn resource_attribute(
+    cons: XNode<'_, '_>,
+    rsc: &str,
+    source: &str,
+    name: &str,
+    node: Option<&Node>,
+) -> Option<String> {
     let tag = if source == "meta" {
         "meta_attributes"
     } else {
@@ -561,19 +567,59 @@ fn resource_attribute(cons: XNode<'_, '_>, rsc: &str, source: &str, name: &str) 
                 "primitive" | "group" | "clone" | "master"
             )
     })?;
-    let mut found = None;
-    for block in children(r, tag) {
-        for p in children(block, "nvpair").filter(|p| p.attribute("name") == Some(name)) {
-            if child(block, "rule").is_some() {
-                // Its value depends on the node: not something one value can stand for.
-                return None;
-            }
-            if found.is_none() {
-                found = p.attribute("value").map(str::to_string);
+    // Blocks are tried highest score first; the first that applies gives the value.
+    let mut blocks: Vec<XNode<'_, '_>> = children(r, tag).collect();
+    blocks.sort_by_key(|b| {
+        std::cmp::Reverse(
+            b.attribute("score")
+                .and_then(|v| v.parse::<Score>().ok())
+                .unwrap_or(Score::ZERO),
+        )
+    });
+    for block in blocks {
+        let Some(p) = children(block, "nvpair").find(|p| p.attribute("name") == Some(name)) else {
+            continue;
+        };
+        if let Some(rule) = child(block, "rule") {
+            // Its value depends on the node: only a given node can say.
+            if !node_rule_holds(rule, node?)? {
+                continue;
             }
         }
+        return p.attribute("value").map(str::to_string);
     }
-    found
+    None
+}
+
+/// Does a block's rule hold on `node`? Only equality tests of node names and
+/// configured node attributes are understood (None otherwise).
+fn node_rule_holds(rule: XNode<'_, '_>, node: &Node) -> Option<bool> {
+    let mut results = Vec::new();
+    for e in rule.children().filter(|c| c.is_element()) {
+        if e.tag_name().name() != "expression" {
+            return None;
+        }
+        let attr = e.attribute("attribute")?;
+        let have = match attr {
+            "#uname" => Some(node.name.clone()),
+            "#id" => Some(node.id.clone().unwrap_or_else(|| node.name.clone())),
+            a if a.starts_with('#') => return None,
+            a => node.attributes.get(a).cloned(),
+        };
+        let want = e.attribute("value");
+        results.push(match e.attribute("operation")? {
+            "eq" => have.as_deref() == want,
+            "ne" => have.as_deref() != want,
+            "defined" => have.is_some(),
+            "not_defined" => have.is_none(),
+            _ => return None,
+        });
+    }
+    Some(if rule.attribute("boolean-op") == Some("or") {
+        results.iter().any(|&x| x)
+    } else {
+        results.iter().all(|&x| x)
+    })
 }
 
 /// The small part of regular expressions that resource patterns use: literals, `.`,
@@ -761,12 +807,54 @@ fn read_constraints(
                 let mut rules_of: Vec<Vec<Rule>> = Vec::new();
                 if per_rsc {
                     for rsc in &rscs {
-                        let lookup =
-                            |source: &str, name: &str| resource_attribute(cons, rsc, source, name);
+                        // A value that varies by node is read on each node, for that
+                        // node only.
+                        let varies = std::cell::Cell::new(false);
+                        let lookup = |source: &str, name: &str| {
+                            let v = resource_attribute(cons, rsc, source, name, None);
+                            if v.is_none()
+                                && cfg.nodes.iter().any(|nd| {
+                                    resource_attribute(cons, rsc, source, name, Some(nd)).is_some()
+                                })
+                            {
+                                varies.set(true);
+                            }
+                            v
+                        };
                         let mut own = Vec::new();
                         for r in children(n, "rule") {
                             if let Some(rule) = read_rule(ctx, r, Some(&lookup))? {
                                 own.push(rule);
+                            }
+                        }
+                        if varies.get() {
+                            own.clear();
+                            for nd in &cfg.nodes {
+                                let on_node = |source: &str, name: &str| {
+                                    resource_attribute(cons, rsc, source, name, Some(nd))
+                                };
+                                for r in children(n, "rule") {
+                                    if let Some(rule) = read_rule(ctx, r, Some(&on_node))? {
+                                        own.push(Rule {
+                                            score: rule.score,
+                                            score_attribute: rule.score_attribute.clone(),
+                                            boolean_op: BoolOp::And,
+                                            role: rule.role,
+                                            expressions: vec![Expr {
+                                                attribute: "#uname".into(),
+                                                operation: ExprOp::Eq,
+                                                value: Some(nd.name.clone()),
+                                                value_type: None,
+                                            }],
+                                            rules: vec![Rule {
+                                                score: None,
+                                                score_attribute: None,
+                                                role: None,
+                                                ..rule
+                                            }],
+                                        });
+                                    }
+                                }
                             }
                         }
                         rules_of.push(own);
@@ -2199,6 +2287,38 @@ mod tests {
             vec![
                 ("rsc1".to_string(), Some("300".to_string())),
                 ("rsc2".to_string(), Some("400".to_string())),
+            ]
+        );
+    }
+    #[test]
+    fn a_parameter_set_per_node_gives_a_rule_per_node() {
+        let xml = r##"<cib><configuration><crm_config/><nodes>
+<node id="1" uname="n1"/><node id="2" uname="n2"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy">
+<instance_attributes id="i1" score="10"><nvpair id="f1" name="fake" value="100"/></instance_attributes>
+<instance_attributes id="i2" score="20"><rule id="ir" score="INFINITY">
+<expression id="ie" attribute="#uname" operation="eq" value="n2"/></rule>
+<nvpair id="f2" name="fake" value="200"/></instance_attributes>
+</primitive></resources>
+<constraints><rsc_location id="l" rsc="r"><rule id="lr" score="INFINITY">
+<expression id="e" attribute="fake" operation="eq" value="fake" value-source="param"/>
+</rule></rsc_location></constraints></configuration><status/></cib>"##;
+        let imp = import("t.xml", xml).expect("imports");
+        let rules = &imp.config.constraints.location[0].rules;
+        let per_node: Vec<(Option<String>, Option<String>)> = rules
+            .iter()
+            .map(|r| {
+                (
+                    r.expressions[0].value.clone(),
+                    r.rules[0].expressions[0].value.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            per_node,
+            vec![
+                (Some("n1".to_string()), Some("100".to_string())),
+                (Some("n2".to_string()), Some("200".to_string())),
             ]
         );
     }
