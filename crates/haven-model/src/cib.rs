@@ -1835,6 +1835,8 @@ fn read_status(
     // last live migration begun there.
     let mut stopped_last: Vec<Stamp> = Vec::new();
     let mut migrations_at: Vec<Stamp> = Vec::new();
+    // (node, resource) in the order the history lists them.
+    let mut histories: Vec<(String, String)> = Vec::new();
     for (seen, ns) in children(status, "node_state").enumerate() {
         // A node that never finished joining is recorded by id only.
         let by_id = || {
@@ -1982,6 +1984,7 @@ fn read_status(
                 let Some(rid) = r.attribute("id") else {
                     continue;
                 };
+                histories.push((uname.to_string(), rid.to_string()));
                 let ops = read_ops(r);
                 let mut st = replay(&ops, uname);
                 st.seen = u32::try_from(seen).unwrap_or(u32::MAX);
@@ -2051,6 +2054,39 @@ fn read_status(
         state.nodes.insert(uname.to_string(), node);
     }
     settle_migrations(state, &stopped_last, &migrations_at);
+    // A node that left while its history says a managed resource still runs there
+    // may still be running it: it is unclean until fenced.
+    if fencing && !cfg.options.maintenance_mode {
+        for (node, rid) in &histories {
+            let Some(ns) = state.nodes.get(node) else {
+                continue;
+            };
+            if ns.state != NodeState::Offline || ns.maintenance == Some(true) {
+                continue;
+            }
+            let active = state
+                .resources
+                .get(rid)
+                .and_then(|p| p.get(node))
+                .is_some_and(|st| st.role != Role::Stopped);
+            let base = rid
+                .rsplit_once(':')
+                .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+                .map_or(rid.as_str(), |(b, _)| b);
+            let managed = cfg
+                .resources
+                .iter()
+                .find(|p| p.id == base)
+                .is_some_and(|p| p.meta.is_managed != Some(false));
+            if active
+                && managed
+                && let Some(ns) = state.nodes.get_mut(node)
+            {
+                ns.state = NodeState::Unclean;
+                ns.unclean_reason = Some(format!("{base} is thought to be active there"));
+            }
+        }
+    }
     // A node never seen may be running anything: with startup fencing (the default)
     // it is unclean until fenced; without, it is taken as down.
     for n in &cfg.nodes {
@@ -2321,5 +2357,28 @@ mod tests {
                 (Some("n2".to_string()), Some("200".to_string())),
             ]
         );
+    }
+    #[test]
+    fn a_node_gone_with_a_resource_still_running_is_unclean() {
+        let xml = |op: &str| {
+            format!(
+                r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy"/></resources>
+<constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="false" crmd="offline" join="down" expected="down">
+<lrm id="1"><lrm_resources><lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_last_0" operation="{op}" call-id="3" rc-code="0" op-status="0" interval="0"/>
+</lrm_resource></lrm_resources></lrm></node_state></status></cib>"#
+            )
+        };
+        let running = import("t.xml", &xml("start")).expect("imports");
+        let n1 = &running.state.nodes["n1"];
+        assert_eq!(n1.state, NodeState::Unclean);
+        assert_eq!(
+            n1.unclean_reason.as_deref(),
+            Some("r is thought to be active there")
+        );
+        let stopped = import("t.xml", &xml("stop")).expect("imports");
+        assert_eq!(stopped.state.nodes["n1"].state, NodeState::Offline);
     }
 }
