@@ -1895,7 +1895,14 @@ fn read_status(
                 (pending_since, pending_timeout, state.now),
                 (Some(since), Some(t), Some(now)) if t > 0 && since + t as i64 <= now
             );
-        node.state = if in_ccm && crmd && join == "member" {
+        // The node asked to be fenced (the `terminate` attribute).
+        let terminate = attrs
+            .get("terminate")
+            .is_some_and(|v| parse_bool(v) == Some(true) || v.parse::<i64>().is_ok_and(|t| t > 0));
+        node.state = if fencing && terminate {
+            node.unclean_reason = Some("fencing was requested".to_string());
+            NodeState::Unclean
+        } else if in_ccm && crmd && join == "member" {
             NodeState::Online
         } else if in_ccm && crmd {
             NodeState::Pending
@@ -2380,5 +2387,18 @@ mod tests {
         );
         let stopped = import("t.xml", &xml("stop")).expect("imports");
         assert_eq!(stopped.state.nodes["n1"].state, NodeState::Offline);
+    }
+    #[test]
+    fn a_node_asking_to_be_fenced_is_unclean() {
+        let xml = r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources/><constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="true" crmd="online" join="member" expected="member">
+<transient_attributes id="1"><instance_attributes id="s1">
+<nvpair id="t" name="terminate" value="1"/></instance_attributes></transient_attributes>
+</node_state></status></cib>"#;
+        let imp = import("t.xml", xml).expect("imports");
+        let n1 = &imp.state.nodes["n1"];
+        assert_eq!(n1.state, NodeState::Unclean);
+        assert_eq!(n1.unclean_reason.as_deref(), Some("fencing was requested"));
     }
 }
