@@ -548,7 +548,13 @@ fn read_sets(ctx: &mut Ctx<'_>, n: XNode<'_, '_>, colocation: bool) -> Vec<Resou
 
 /// A resource's own parameter (`param`) or meta attribute (`meta`) `name`, from its
 /// blocks that hold whatever the node; None when absent or set by rules.
-fn resource_attribute(cons: XNode<'_, '_>, rsc: &str, source: &str, name: &str) -> Option<String> {
+fn resource_attribute(
+    cons: XNode<'_, '_>,
+    rsc: &str,
+    source: &str,
+    name: &str,
+    node: Option<&Node>,
+) -> Option<String> {
     let tag = if source == "meta" {
         "meta_attributes"
     } else {
@@ -561,19 +567,59 @@ fn resource_attribute(cons: XNode<'_, '_>, rsc: &str, source: &str, name: &str) 
                 "primitive" | "group" | "clone" | "master"
             )
     })?;
-    let mut found = None;
-    for block in children(r, tag) {
-        for p in children(block, "nvpair").filter(|p| p.attribute("name") == Some(name)) {
-            if child(block, "rule").is_some() {
-                // Its value depends on the node: not something one value can stand for.
-                return None;
-            }
-            if found.is_none() {
-                found = p.attribute("value").map(str::to_string);
+    // Blocks are tried highest score first; the first that applies gives the value.
+    let mut blocks: Vec<XNode<'_, '_>> = children(r, tag).collect();
+    blocks.sort_by_key(|b| {
+        std::cmp::Reverse(
+            b.attribute("score")
+                .and_then(|v| v.parse::<Score>().ok())
+                .unwrap_or(Score::ZERO),
+        )
+    });
+    for block in blocks {
+        let Some(p) = children(block, "nvpair").find(|p| p.attribute("name") == Some(name)) else {
+            continue;
+        };
+        if let Some(rule) = child(block, "rule") {
+            // Its value depends on the node: only a given node can say.
+            if !node_rule_holds(rule, node?)? {
+                continue;
             }
         }
+        return p.attribute("value").map(str::to_string);
     }
-    found
+    None
+}
+
+/// Does a block's rule hold on `node`? Only equality tests of node names and
+/// configured node attributes are understood (None otherwise).
+fn node_rule_holds(rule: XNode<'_, '_>, node: &Node) -> Option<bool> {
+    let mut results = Vec::new();
+    for e in rule.children().filter(|c| c.is_element()) {
+        if e.tag_name().name() != "expression" {
+            return None;
+        }
+        let attr = e.attribute("attribute")?;
+        let have = match attr {
+            "#uname" => Some(node.name.clone()),
+            "#id" => Some(node.id.clone().unwrap_or_else(|| node.name.clone())),
+            a if a.starts_with('#') => return None,
+            a => node.attributes.get(a).cloned(),
+        };
+        let want = e.attribute("value");
+        results.push(match e.attribute("operation")? {
+            "eq" => have.as_deref() == want,
+            "ne" => have.as_deref() != want,
+            "defined" => have.is_some(),
+            "not_defined" => have.is_none(),
+            _ => return None,
+        });
+    }
+    Some(if rule.attribute("boolean-op") == Some("or") {
+        results.iter().any(|&x| x)
+    } else {
+        results.iter().all(|&x| x)
+    })
 }
 
 /// The small part of regular expressions that resource patterns use: literals, `.`,
@@ -761,12 +807,54 @@ fn read_constraints(
                 let mut rules_of: Vec<Vec<Rule>> = Vec::new();
                 if per_rsc {
                     for rsc in &rscs {
-                        let lookup =
-                            |source: &str, name: &str| resource_attribute(cons, rsc, source, name);
+                        // A value that varies by node is read on each node, for that
+                        // node only.
+                        let varies = std::cell::Cell::new(false);
+                        let lookup = |source: &str, name: &str| {
+                            let v = resource_attribute(cons, rsc, source, name, None);
+                            if v.is_none()
+                                && cfg.nodes.iter().any(|nd| {
+                                    resource_attribute(cons, rsc, source, name, Some(nd)).is_some()
+                                })
+                            {
+                                varies.set(true);
+                            }
+                            v
+                        };
                         let mut own = Vec::new();
                         for r in children(n, "rule") {
                             if let Some(rule) = read_rule(ctx, r, Some(&lookup))? {
                                 own.push(rule);
+                            }
+                        }
+                        if varies.get() {
+                            own.clear();
+                            for nd in &cfg.nodes {
+                                let on_node = |source: &str, name: &str| {
+                                    resource_attribute(cons, rsc, source, name, Some(nd))
+                                };
+                                for r in children(n, "rule") {
+                                    if let Some(rule) = read_rule(ctx, r, Some(&on_node))? {
+                                        own.push(Rule {
+                                            score: rule.score,
+                                            score_attribute: rule.score_attribute.clone(),
+                                            boolean_op: BoolOp::And,
+                                            role: rule.role,
+                                            expressions: vec![Expr {
+                                                attribute: "#uname".into(),
+                                                operation: ExprOp::Eq,
+                                                value: Some(nd.name.clone()),
+                                                value_type: None,
+                                            }],
+                                            rules: vec![Rule {
+                                                score: None,
+                                                score_attribute: None,
+                                                role: None,
+                                                ..rule
+                                            }],
+                                        });
+                                    }
+                                }
                             }
                         }
                         rules_of.push(own);
@@ -1747,6 +1835,8 @@ fn read_status(
     // last live migration begun there.
     let mut stopped_last: Vec<Stamp> = Vec::new();
     let mut migrations_at: Vec<Stamp> = Vec::new();
+    // (node, resource) in the order the history lists them.
+    let mut histories: Vec<(String, String)> = Vec::new();
     for (seen, ns) in children(status, "node_state").enumerate() {
         // A node that never finished joining is recorded by id only.
         let by_id = || {
@@ -1805,7 +1895,14 @@ fn read_status(
                 (pending_since, pending_timeout, state.now),
                 (Some(since), Some(t), Some(now)) if t > 0 && since + t as i64 <= now
             );
-        node.state = if in_ccm && crmd && join == "member" {
+        // The node asked to be fenced (the `terminate` attribute).
+        let terminate = attrs
+            .get("terminate")
+            .is_some_and(|v| parse_bool(v) == Some(true) || v.parse::<i64>().is_ok_and(|t| t > 0));
+        node.state = if fencing && terminate {
+            node.unclean_reason = Some("fencing was requested".to_string());
+            NodeState::Unclean
+        } else if in_ccm && crmd && join == "member" {
             NodeState::Online
         } else if in_ccm && crmd {
             NodeState::Pending
@@ -1894,6 +1991,7 @@ fn read_status(
                 let Some(rid) = r.attribute("id") else {
                     continue;
                 };
+                histories.push((uname.to_string(), rid.to_string()));
                 let ops = read_ops(r);
                 let mut st = replay(&ops, uname);
                 st.seen = u32::try_from(seen).unwrap_or(u32::MAX);
@@ -1963,6 +2061,39 @@ fn read_status(
         state.nodes.insert(uname.to_string(), node);
     }
     settle_migrations(state, &stopped_last, &migrations_at);
+    // A node that left while its history says a managed resource still runs there
+    // may still be running it: it is unclean until fenced.
+    if fencing && !cfg.options.maintenance_mode {
+        for (node, rid) in &histories {
+            let Some(ns) = state.nodes.get(node) else {
+                continue;
+            };
+            if ns.state != NodeState::Offline || ns.maintenance == Some(true) {
+                continue;
+            }
+            let active = state
+                .resources
+                .get(rid)
+                .and_then(|p| p.get(node))
+                .is_some_and(|st| st.role != Role::Stopped);
+            let base = rid
+                .rsplit_once(':')
+                .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+                .map_or(rid.as_str(), |(b, _)| b);
+            let managed = cfg
+                .resources
+                .iter()
+                .find(|p| p.id == base)
+                .is_some_and(|p| p.meta.is_managed != Some(false));
+            if active
+                && managed
+                && let Some(ns) = state.nodes.get_mut(node)
+            {
+                ns.state = NodeState::Unclean;
+                ns.unclean_reason = Some(format!("{base} is thought to be active there"));
+            }
+        }
+    }
     // A node never seen may be running anything: with startup fencing (the default)
     // it is unclean until fenced; without, it is taken as down.
     for n in &cfg.nodes {
@@ -2201,5 +2332,73 @@ mod tests {
                 ("rsc2".to_string(), Some("400".to_string())),
             ]
         );
+    }
+    #[test]
+    fn a_parameter_set_per_node_gives_a_rule_per_node() {
+        let xml = r##"<cib><configuration><crm_config/><nodes>
+<node id="1" uname="n1"/><node id="2" uname="n2"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy">
+<instance_attributes id="i1" score="10"><nvpair id="f1" name="fake" value="100"/></instance_attributes>
+<instance_attributes id="i2" score="20"><rule id="ir" score="INFINITY">
+<expression id="ie" attribute="#uname" operation="eq" value="n2"/></rule>
+<nvpair id="f2" name="fake" value="200"/></instance_attributes>
+</primitive></resources>
+<constraints><rsc_location id="l" rsc="r"><rule id="lr" score="INFINITY">
+<expression id="e" attribute="fake" operation="eq" value="fake" value-source="param"/>
+</rule></rsc_location></constraints></configuration><status/></cib>"##;
+        let imp = import("t.xml", xml).expect("imports");
+        let rules = &imp.config.constraints.location[0].rules;
+        let per_node: Vec<(Option<String>, Option<String>)> = rules
+            .iter()
+            .map(|r| {
+                (
+                    r.expressions[0].value.clone(),
+                    r.rules[0].expressions[0].value.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            per_node,
+            vec![
+                (Some("n1".to_string()), Some("100".to_string())),
+                (Some("n2".to_string()), Some("200".to_string())),
+            ]
+        );
+    }
+    #[test]
+    fn a_node_gone_with_a_resource_still_running_is_unclean() {
+        let xml = |op: &str| {
+            format!(
+                r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy"/></resources>
+<constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="false" crmd="offline" join="down" expected="down">
+<lrm id="1"><lrm_resources><lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_last_0" operation="{op}" call-id="3" rc-code="0" op-status="0" interval="0"/>
+</lrm_resource></lrm_resources></lrm></node_state></status></cib>"#
+            )
+        };
+        let running = import("t.xml", &xml("start")).expect("imports");
+        let n1 = &running.state.nodes["n1"];
+        assert_eq!(n1.state, NodeState::Unclean);
+        assert_eq!(
+            n1.unclean_reason.as_deref(),
+            Some("r is thought to be active there")
+        );
+        let stopped = import("t.xml", &xml("stop")).expect("imports");
+        assert_eq!(stopped.state.nodes["n1"].state, NodeState::Offline);
+    }
+    #[test]
+    fn a_node_asking_to_be_fenced_is_unclean() {
+        let xml = r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources/><constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="true" crmd="online" join="member" expected="member">
+<transient_attributes id="1"><instance_attributes id="s1">
+<nvpair id="t" name="terminate" value="1"/></instance_attributes></transient_attributes>
+</node_state></status></cib>"#;
+        let imp = import("t.xml", xml).expect("imports");
+        let n1 = &imp.state.nodes["n1"];
+        assert_eq!(n1.state, NodeState::Unclean);
+        assert_eq!(n1.unclean_reason.as_deref(), Some("fencing was requested"));
     }
 }

@@ -623,14 +623,20 @@ impl<'a> Sched<'a> {
     /// else (when fencing is possible); until then it runs nothing.
     fn fence_failed_stops(&mut self) {
         let opts = &self.cfg.options;
-        // Unlike lost nodes, a failed stop is fenced even without quorum.
+        // Unlike lost nodes, a failed stop is fenced even without quorum (but a lost
+        // node still is not).
         if !opts.stonith_enabled {
             return;
         }
+        let quorum_ok = self.st.have_quorum || opts.no_quorum_policy == NoQuorumPolicy::Ignore;
         let mut marks: Vec<(usize, String)> = Vec::new();
         for (pi, p) in self.prims.iter().enumerate() {
             for c in &p.cur {
-                if c.failed && c.status.stop_failed && !self.blocked_failure(pi, c) {
+                if c.failed
+                    && c.status.stop_failed
+                    && !self.blocked_failure(pi, c)
+                    && (quorum_ok || !self.nodes[c.node].unclean)
+                {
                     marks.push((c.node, c.key.to_string()));
                 }
             }
@@ -1802,7 +1808,19 @@ impl<'a> Sched<'a> {
                 .then(a.3.cmp(&b.3))
         });
         let mut per_node: HashMap<usize, usize> = HashMap::new();
-        let mut count = 0;
+        // A copy promoted on a lost node that cannot be fenced may still be promoted
+        // there: it holds its promotion slot.
+        let mut count = if self.cfg.options.stonith_enabled {
+            self.units[u].prims.first().map_or(0, |&pi| {
+                self.prims[pi]
+                    .cur
+                    .iter()
+                    .filter(|c| c.role == Role::Promoted && self.stuck_node(c.node))
+                    .count()
+            })
+        } else {
+            0
+        };
         for (_, _, _, n, i) in cands {
             if count >= pmax {
                 break;
@@ -2541,6 +2559,16 @@ impl<'a> Sched<'a> {
                             }
                         }
                     };
+                    // A stop that already failed on a lost node that cannot be fenced
+                    // is not tried again: it waits there, blocked.
+                    let stop_failed_stuck = self.units[u].kind == Kind::Clone
+                        && had.is_some_and(|h| self.stuck_node(h.0))
+                        && self
+                            .inst_member_cur(u, inst, m)
+                            .is_some_and(|c| c.failed && c.status.stop_failed);
+                    if stop_failed_stuck {
+                        continue;
+                    }
                     if let Some((mut kind, from, mut to)) = change {
                         // A member must stop before the ones after it may restart; one of
                         // those stuck after a failure it cannot recover from leaves this one
@@ -2568,7 +2596,15 @@ impl<'a> Sched<'a> {
                             from,
                             to,
                             show_roles: promotable,
-                            reason: (blocked && !on_stuck).then(|| "unrunnable start".to_string()),
+                            reason: if on_stuck {
+                                // Stuck there, and with nowhere else to go either.
+                                let w = self.base_weights(u);
+                                let nowhere = !(0..self.nodes.len())
+                                    .any(|n| self.nodes[n].can_run && !w[n].is_neg_inf());
+                                nowhere.then(|| "node availability".to_string())
+                            } else {
+                                blocked.then(|| "unrunnable start".to_string())
+                            },
                             blocked,
                             quiet: false,
                         });
