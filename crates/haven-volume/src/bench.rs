@@ -1,5 +1,8 @@
 //! `haven bench volume`: Haven volumes beside unreplicated `qemu-nbd` in one run.
 //!
+//! Replicas replicate over mutual TLS with cluster certificates, as the daemon runs
+//! them (`--plaintext` measures the replication protocol alone).
+//!
 //! Sequential write throughput is measured with `nbdcopy` (libnbd-bin) from a tmpfs file;
 //! 4 KiB writes at queue depth 1 (plain and FUA) with a small NBD client here, so each
 //! request's latency is known. Two replicas on one machine compete for the same two
@@ -13,6 +16,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -39,7 +43,11 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     move |source| BenchError::Io { what, source }
 }
 
-#[derive(Debug, Clone)]
+/// Writes a cluster CA (`ca.pem`) and a node certificate and key (`NAME.pem`,
+/// `NAME-key.pem`) for each name into the directory: the caller owns the PKI code.
+pub type IssueCerts = Arc<dyn Fn(&Path, &[String]) -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
 pub struct BenchOpts {
     /// The `haven` executable that serves replicas.
     pub haven: PathBuf,
@@ -50,6 +58,8 @@ pub struct BenchOpts {
     pub small_writes: u32,
     /// Scratch directory (tmpfs recommended); a fresh subdirectory is used and removed.
     pub scratch: PathBuf,
+    /// Replicate over mutual TLS with certificates from this; `None` is plaintext.
+    pub tls: Option<IssueCerts>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +83,8 @@ pub struct Target {
 pub struct BenchReport {
     pub size: u64,
     pub rounds: u32,
+    /// Whether the replicas replicated over mutual TLS.
+    pub tls: bool,
     pub loopback_rtt_p50_us: f64,
     pub qemu_nbd: Target,
     pub haven_1_replica: Target,
@@ -84,6 +96,11 @@ pub struct BenchReport {
     pub ratio_1_replica_vs_qemu_nbd_4conn: f64,
     pub ratio_2_replicas_vs_ceiling_1conn: f64,
     pub ratio_2_replicas_vs_ceiling_4conn: f64,
+    /// Two replicas against one unreplicated qemu-nbd export: sequential write
+    /// throughput (1 connection), and 4 KiB FUA writes at queue depth 1 (IOPS, p50).
+    pub ratio_2_replicas_vs_qemu_nbd_1conn: f64,
+    pub ratio_2_replicas_vs_qemu_nbd_fua_iops: f64,
+    pub ratio_2_replicas_vs_qemu_nbd_fua_p50: f64,
     /// Goal: 2-replica FUA p50 ≤ (qemu-nbd FUA p50 + loopback RTT) × 1.1.
     pub fua_latency_budget_us: f64,
     pub fua_latency_within_budget: bool,
@@ -383,6 +400,14 @@ fn haven(
     let ports: Vec<u16> = (0..replicas)
         .map(|_| free_port())
         .collect::<Result<_, _>>()?;
+    let tls_dir = dir.join(format!("{tag}-tls"));
+    if let Some(issue) = &opts.tls {
+        std::fs::create_dir_all(&tls_dir).map_err(io(format!("creating {}", tls_dir.display())))?;
+        issue(&tls_dir, &names).map_err(|detail| BenchError::Tool {
+            what: "issuing the replicas' certificates".into(),
+            detail,
+        })?;
+    }
     let mut procs = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let d = dir.join(n);
@@ -402,10 +427,17 @@ fn haven(
             .arg(dir.join(format!("{n}.nbd")))
             .arg("--control")
             .arg(dir.join(format!("{n}.ctl")))
-            .args(["--listen", &format!("127.0.0.1:{}", ports[i])])
-            // Measures the replication protocol itself, as the published figures do;
-            // a cluster's replicas add TLS.
-            .arg("--plaintext");
+            .args(["--listen", &format!("127.0.0.1:{}", ports[i])]);
+        if opts.tls.is_some() {
+            c.arg("--tls-ca")
+                .arg(tls_dir.join("ca.pem"))
+                .arg("--tls-cert")
+                .arg(tls_dir.join(format!("{n}.pem")))
+                .arg("--tls-key")
+                .arg(tls_dir.join(format!("{n}-key.pem")));
+        } else {
+            c.arg("--plaintext");
+        }
         for (j, m) in names.iter().enumerate() {
             if j != i {
                 c.args(["--peer", &format!("{m}=127.0.0.1:{}", ports[j])]);
@@ -534,6 +566,19 @@ pub fn bench_volume(opts: &BenchOpts) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         size: opts.size,
         rounds: opts.rounds,
+        tls: opts.tls.is_some(),
+        ratio_2_replicas_vs_qemu_nbd_1conn: ratio(
+            two.seq_write_1conn_mb_s,
+            qemu.seq_write_1conn_mb_s,
+        ),
+        ratio_2_replicas_vs_qemu_nbd_fua_iops: ratio(
+            two.write_4k_qd1_fua.iops,
+            qemu.write_4k_qd1_fua.iops,
+        ),
+        ratio_2_replicas_vs_qemu_nbd_fua_p50: ratio(
+            two.write_4k_qd1_fua.p50_us,
+            qemu.write_4k_qd1_fua.p50_us,
+        ),
         loopback_rtt_p50_us: rtt,
         ratio_1_replica_vs_qemu_nbd_1conn: ratio(
             one.seq_write_1conn_mb_s,

@@ -40,6 +40,53 @@ pub enum NbdError {
     },
 }
 
+/// Buffers a connection keeps for reuse, and the largest kept: enough for a deep queue
+/// of typical requests without holding on to a client's rare huge one.
+const POOL_BUFFERS: usize = 64;
+const POOL_MAX_BUFFER: usize = 4 << 20;
+
+/// Request and reply buffers reused across one connection's requests: no allocation,
+/// page faults or zeroing per request once the sizes a client uses are in the pool.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    /// A buffer of exactly `len` bytes; contents unspecified (callers overwrite it).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let got = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut p| {
+                // Prefer one already as long, so nothing needs zeroing.
+                let i = p
+                    .iter()
+                    .position(|b| b.len() >= len)
+                    .or(p.len().checked_sub(1))?;
+                Some(p.swap_remove(i))
+            })
+            .unwrap_or_default();
+        let mut b = got;
+        if b.len() >= len {
+            b.truncate(len);
+        } else {
+            b.resize(len, 0);
+        }
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() > POOL_MAX_BUFFER {
+            return;
+        }
+        if let Ok(mut p) = self.0.lock()
+            && p.len() < POOL_BUFFERS
+        {
+            p.push(b);
+        }
+    }
+}
+
 /// What the handshake settled for the transmission phase.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Session {
@@ -410,6 +457,7 @@ async fn structured_read<W: AsyncWrite + Unpin>(
     wr: &Mutex<W>,
     req: &Request,
     df: bool,
+    pool: &Pool,
 ) -> std::io::Result<()> {
     let s = Session {
         structured: true,
@@ -445,7 +493,32 @@ async fn structured_read<W: AsyncWrite + Unpin>(
         return reply_error(wr, s, req.cookie, read_errno(e), read_message(e)).await;
     }
     let mut parts = extents(file, req.offset, len);
-    let mut buf = vec![0u8; req.length as usize];
+    let mut buf = pool.take(req.length as usize);
+    let r = structured_read_into(vol, wr, req, df, &mut parts, &mut buf).await;
+    pool.give(buf);
+    r
+}
+
+async fn structured_read_into<W: AsyncWrite + Unpin>(
+    vol: &Volume,
+    wr: &Mutex<W>,
+    req: &Request,
+    df: bool,
+    parts: &mut Vec<Extent>,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let s = Session {
+        structured: true,
+        base_allocation: false,
+    };
+    let len = u64::from(req.length);
+    // Pooled buffers hold old data: holes must read as zeroes.
+    for x in parts.iter().filter(|x| x.hole) {
+        let at = (x.offset - req.offset) as usize;
+        if let Some(dst) = buf.get_mut(at..at + x.len as usize) {
+            dst.fill(0);
+        }
+    }
     for x in parts.iter().filter(|x| !x.hole) {
         let at = (x.offset - req.offset) as usize;
         let Some(dst) = buf.get_mut(at..at + x.len as usize) else {
@@ -461,7 +534,7 @@ async fn structured_read<W: AsyncWrite + Unpin>(
     }
     if df {
         let hole = parts.iter().all(|x| x.hole);
-        parts = vec![Extent {
+        *parts = vec![Extent {
             offset: req.offset,
             len,
             hole,
@@ -469,7 +542,7 @@ async fn structured_read<W: AsyncWrite + Unpin>(
     }
     // Neighbours of the same kind are one chunk.
     let mut merged: Vec<Extent> = Vec::with_capacity(parts.len());
-    for x in parts {
+    for x in parts.iter().copied() {
         match merged.last_mut() {
             Some(m) if m.hole == x.hole && m.offset + m.len == x.offset => m.len += x.len,
             _ => merged.push(x),
@@ -577,6 +650,7 @@ where
     } else {
         None
     };
+    let pool = Arc::new(Pool::default());
     let mut header = [0u8; proto::REQUEST_LEN];
     loop {
         rd.read_exact(&mut header).await?;
@@ -619,7 +693,7 @@ where
             Err(_) => return Ok(()),
         };
         let payload = if req.cmd == Cmd::Write {
-            let mut d = vec![0u8; req.length as usize];
+            let mut d = pool.take(req.length as usize);
             rd.read_exact(&mut d).await?;
             Some(Arc::new(d))
         } else {
@@ -628,23 +702,33 @@ where
         let vol = vol.clone();
         let wr = wr.clone();
         let holes = holes.clone();
+        let pool = pool.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let res = match req.cmd {
                 Cmd::Read if session.structured => {
                     let df = req.flags & proto::CMD_FLAG_DF != 0;
-                    structured_read(&vol, holes.as_deref(), &wr, &req, df).await
+                    structured_read(&vol, holes.as_deref(), &wr, &req, df, &pool).await
                 }
                 Cmd::Read => {
-                    let mut buf = vec![0u8; req.length as usize];
-                    match vol.read(req.offset, &mut buf) {
+                    let mut buf = pool.take(req.length as usize);
+                    let r = match vol.read(req.offset, &mut buf) {
                         Ok(()) => reply(&wr, 0, req.cookie, Some(&buf)).await,
                         Err(e) => reply(&wr, read_errno(e), req.cookie, None).await,
-                    }
+                    };
+                    pool.give(buf);
+                    r
                 }
                 Cmd::BlockStatus => block_status(&vol, holes.as_deref(), &wr, &req, session).await,
                 Cmd::Write => {
-                    let r = vol.write(req.offset, req.length, payload, fua).await;
+                    let r = vol
+                        .write(req.offset, req.length, payload.clone(), fua)
+                        .await;
+                    // Every replication frame holding the payload is sent by now; if
+                    // one is somehow still held, the buffer is simply not reused.
+                    if let Some(b) = payload.and_then(|p| Arc::try_unwrap(p).ok()) {
+                        pool.give(b);
+                    }
                     done(&wr, session, req.cookie, r).await
                 }
                 Cmd::Trim | Cmd::WriteZeroes => {
@@ -703,11 +787,15 @@ mod tests {
     use tokio::io::DuplexStream;
 
     fn volume(dir: &Path) -> Arc<Volume> {
+        volume_with_peers(dir, vec![])
+    }
+
+    fn volume_with_peers(dir: &Path, peers: Vec<(String, std::net::SocketAddr)>) -> Arc<Volume> {
         crate::meta::create(dir, "vol", "a", 1 << 20, 65536, true).unwrap();
         Volume::open(VolumeConfig {
             dir: dir.to_owned(),
             listen: None,
-            peers: vec![],
+            peers,
             policy: SplitBrainPolicy::Disconnect,
             allow_two_primaries: false,
             resync_rate: None,
@@ -1033,6 +1121,15 @@ mod tests {
         assert_eq!(&whole[8192..8196], b"abcd");
         assert!(whole[..8192].iter().all(|b| *b == 0));
         assert!(content.iter().any(|(_, _, hole)| *hole));
+        // Fill the connection's buffers with something other than zeroes first: reused
+        // buffers must not leak old data into holes.
+        let mut w = request(1, 0, 31, 32768, 16384);
+        w.extend(std::iter::repeat_n(0xee, 16384));
+        c.write_all(&w).await.unwrap();
+        assert_eq!(simple_reply(&mut c).await, (0, 31));
+        c.write_all(&request(0, 0, 32, 32768, 16384)).await.unwrap();
+        let (content, _) = structured(&mut c, 32).await;
+        assert!(content.iter().all(|(_, b, _)| b.iter().all(|x| *x == 0xee)));
         // DF: one content chunk, data with its zeroes.
         c.write_all(&request(0, proto::CMD_FLAG_DF, 4, 0, 16384))
             .await
@@ -1043,6 +1140,8 @@ mod tests {
         assert_eq!(content[0].0, 0);
         assert!(!content[0].2);
         assert_eq!(&content[0].1[8192..8196], b"abcd");
+        assert!(content[0].1[..8192].iter().all(|x| *x == 0));
+        assert!(content[0].1[8196..].iter().all(|x| *x == 0));
         // Nothing but zeroes: a single hole, even with DF.
         c.write_all(&request(0, proto::CMD_FLAG_DF, 5, 65536, 65536))
             .await
@@ -1097,6 +1196,67 @@ mod tests {
         c.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
         assert!(server.await.unwrap().is_ok());
+    }
+
+    /// Writes while a peer is away mark its dirty bitmap; the bits reach the disk in one
+    /// save per batch of concurrent writes, and every write is acknowledged only after
+    /// the save that covers it.
+    #[tokio::test]
+    async fn dirty_bits_are_saved_once_per_batch_and_before_the_ack() {
+        let d = tempfile::tempdir().unwrap();
+        // `b` is configured but never reachable (the replica is not started).
+        let vol = volume_with_peers(d.path(), vec![("b".into(), "127.0.0.1:9".parse().unwrap())]);
+        vol.promote(&["b".into()]).await.unwrap();
+        let writes: Vec<_> = (0..16u64)
+            .map(|i| {
+                let v = vol.clone();
+                tokio::spawn(async move {
+                    v.write(i * 65536, 4096, Some(Arc::new(vec![7u8; 4096])), false)
+                        .await
+                        .map(|()| {
+                            // Acknowledged: this write's region must be on disk already.
+                            let m = crate::meta::Meta::load(v.dir()).unwrap();
+                            assert!(m.dirty["b"].contains(&i), "region {i} acked before saved");
+                        })
+                })
+            })
+            .collect();
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        let m = crate::meta::Meta::load(vol.dir()).unwrap();
+        assert_eq!(m.dirty_count("b"), 16);
+        let saves = vol.bitmap_saves();
+        assert!(
+            (1..16).contains(&saves),
+            "{saves} saves for 16 concurrent writes"
+        );
+        // Writing a region already saved dirty saves nothing.
+        vol.write(0, 4096, Some(Arc::new(vec![8u8; 4096])), false)
+            .await
+            .unwrap();
+        assert_eq!(vol.bitmap_saves(), saves);
+    }
+
+    #[test]
+    fn pooled_buffers_have_the_asked_length_and_are_reused() {
+        let p = Pool::default();
+        let a = p.take(4096);
+        assert_eq!(a.len(), 4096);
+        let addr = a.as_ptr();
+        p.give(a);
+        let b = p.take(1024);
+        assert_eq!((b.len(), b.as_ptr()), (1024, addr));
+        p.give(b);
+        assert_eq!(p.take(8192).len(), 8192);
+        // Huge buffers are not kept.
+        p.give(vec![0; POOL_MAX_BUFFER + 1]);
+        assert!(
+            p.0.lock()
+                .unwrap()
+                .iter()
+                .all(|b| b.capacity() <= POOL_MAX_BUFFER)
+        );
     }
 
     thread_local!(static FUZZING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });

@@ -337,6 +337,13 @@ struct State {
     window: Option<WindowState>,
     /// The source's answer to this replica's request for a window.
     window_answer: Option<(String, Result<(), String>)>,
+    /// Client writes that marked dirty bits for absent peers, and how many of those the
+    /// metadata on disk covers: the bits are saved once per batch of writes, and each
+    /// write is acknowledged only once its bits are on disk.
+    marks: u64,
+    saved_marks: u64,
+    /// Saves made for such batches (to show that they are batches).
+    mark_saves: u64,
 }
 
 /// One side of a migration window. The target (promoted beside the source) writes only
@@ -372,6 +379,8 @@ pub struct Volume {
     node: String,
     state: Mutex<State>,
     order: tokio::sync::Mutex<()>,
+    /// One batch save of dirty bits at a time; writers queued here find theirs saved.
+    persist: tokio::sync::Mutex<()>,
     conn_ids: AtomicU64,
     wake: Notify,
     /// Bumped whenever the freeze set shrinks.
@@ -450,8 +459,12 @@ impl Volume {
                 frozen: BTreeMap::new(),
                 window: None,
                 window_answer: None,
+                marks: 0,
+                saved_marks: 0,
+                mark_saves: 0,
             }),
             order: tokio::sync::Mutex::new(()),
+            persist: tokio::sync::Mutex::new(()),
             conn_ids: AtomicU64::new(1),
             wake: Notify::new(),
             thaw: watch::channel(0).0,
@@ -1332,6 +1345,7 @@ impl Volume {
         self.wait_window().await?;
         self.wait_unfrozen().await?;
         let mut waits: Vec<(Arc<Conn>, u64)> = Vec::new();
+        let mut marked = None;
         {
             let _o = self.order.lock().await;
             if !self.is_primary() {
@@ -1345,6 +1359,7 @@ impl Volume {
             {
                 let mut st = lock(&self.state);
                 let mut changed = false;
+                let mut any_absent = false;
                 let names: Vec<String> = st.peers.keys().cloned().collect();
                 for n in names {
                     let conn = st.peers.get(&n).and_then(|p| p.conn.clone());
@@ -1358,11 +1373,19 @@ impl Volume {
                     });
                     match (conn, seq) {
                         (Some(c), Some(s)) => waits.push((c, s)),
-                        _ => changed |= st.meta.mark_dirty(&n, offset, u64::from(len)),
+                        _ => {
+                            any_absent = true;
+                            changed |= st.meta.mark_dirty(&n, offset, u64::from(len));
+                        }
                     }
                 }
-                if changed && st.meta.save(&self.cfg.dir).is_err() {
-                    return Err(IoFail::Io);
+                if changed {
+                    st.marks += 1;
+                }
+                // A bit already set may be set by a write whose batch is not saved yet:
+                // this write waits for that save too.
+                if any_absent {
+                    marked = Some(st.marks);
                 }
             }
             let mut flags = if fua { wire::WF_FUA } else { 0 };
@@ -1382,6 +1405,9 @@ impl Volume {
                 c.send(out).await;
             }
         }
+        if let Some(m) = marked {
+            self.persist_marks(m).await?;
+        }
         if fua {
             self.sync_data().await.map_err(|_| IoFail::Io)?;
         }
@@ -1389,6 +1415,35 @@ impl Volume {
         // A peer lost while this write was on its way froze the volume before the
         // write counted as done: it is acknowledged only once that peer is outdated.
         self.wait_unfrozen().await
+    }
+
+    /// Makes the dirty bits of marks up to `upto` durable: group commit. Writers that
+    /// are ready get to mark first, then one save covers every mark made so far, and
+    /// writers queued behind it return at once. The save stays under the state lock, as
+    /// every other save, so an older picture never overwrites a newer one.
+    async fn persist_marks(&self, upto: u64) -> Result<(), IoFail> {
+        if lock(&self.state).saved_marks >= upto {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+        let _p = self.persist.lock().await;
+        let mut st = lock(&self.state);
+        if st.saved_marks >= upto {
+            return Ok(());
+        }
+        let now = st.marks;
+        if let Err(e) = st.meta.save(&self.cfg.dir) {
+            tracing::error!("saving the dirty bitmap: {e}");
+            return Err(IoFail::Io);
+        }
+        st.saved_marks = now;
+        st.mark_saves += 1;
+        Ok(())
+    }
+
+    /// How many batch saves of dirty bits client writes have caused.
+    pub fn bitmap_saves(&self) -> u64 {
+        lock(&self.state).mark_saves
     }
 
     /// Waits while a lost peer's being outdated is unconfirmed; past the freeze
