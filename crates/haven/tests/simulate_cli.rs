@@ -150,3 +150,52 @@ fn malformed_inputs_are_refused_with_the_file_named() {
         "{err}"
     );
 }
+
+/// Draining the example's m1 moves the VM live: the volume is promoted on m2 first
+/// (its dual-primary window), the VM migrates, the IP follows, m1's replica stops last.
+#[test]
+fn draining_the_examples_home_node_migrates_the_vm_live() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(repo().join("examples/two-node.toml")).expect("example");
+    let drained = text.replacen(
+        "name = \"m1\"\naddrs = [\"127.0.0.11\"]",
+        "name = \"m1\"\naddrs = [\"127.0.0.11\"]\nstandby = true",
+        1,
+    );
+    assert_ne!(drained, text, "the example's m1 entry changed shape");
+    let config = tmp.path().join("drained.toml");
+    std::fs::write(&config, drained).expect("write config");
+    let state = tmp.path().join("healthy.json");
+    std::fs::write(
+        &state,
+        r#"{ "have_quorum": true,
+  "nodes": { "m1": { "state": "online", "attributes": { "master-disk0": "10" } },
+             "m2": { "state": "online", "attributes": { "master-disk0": "10" } } },
+  "resources": { "disk0": { "m1": { "role": "Promoted" }, "m2": { "role": "Unpromoted" } },
+                 "ip": { "m1": { "role": "Started" } }, "vm1": { "m1": { "role": "Started" } } } }"#,
+    )
+    .expect("write state");
+    let out = haven(&[
+        "simulate",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--state",
+        state.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = summary(&out);
+    for want in [
+        "* Migrate vm1 ( m1 -> m2 )",
+        "* Promote disk0:1 ( Unpromoted -> Promoted m2 )",
+        "* Move ip ( m1 -> m2 )",
+    ] {
+        assert!(
+            lines.contains(&want.to_string()),
+            "{want} missing: {lines:?}"
+        );
+    }
+}
