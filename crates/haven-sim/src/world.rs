@@ -241,11 +241,20 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 enum Payload {
-    Heartbeat { link: &'static str },
+    Heartbeat {
+        link: &'static str,
+        incarnation: u64,
+    },
     Op(OpRequest),
     Report(OpReport),
-    FenceRun { token: u64, victim: String },
-    FenceDone { token: u64, ok: bool },
+    FenceRun {
+        token: u64,
+        victim: String,
+    },
+    FenceDone {
+        token: u64,
+        ok: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -278,8 +287,9 @@ struct Node {
     /// After a daemon-only restart: the resources the new daemon has run no operation
     /// on yet, so knows nothing of.
     unprobed: BTreeSet<String>,
-    /// The restarted daemon still owes its start-up probe of every resource.
-    probe_due: bool,
+    /// Counts this node's daemon starts; heartbeats carry it, as the daemon's random
+    /// incarnation, so a coordinator re-probes a node whose daemon restarted.
+    incarnation: u64,
     /// resource → the node whose coordinator last ordered an operation on it here.
     ordered_by: BTreeMap<String, String>,
 }
@@ -439,7 +449,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                         seen_quorate: false,
                         local_marks: BTreeMap::new(),
                         unprobed: BTreeSet::new(),
-                        probe_due: false,
+                        incarnation: 1,
                         ordered_by: BTreeMap::new(),
                     },
                 )
@@ -496,7 +506,6 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
         w.deliver();
         w.run_switch();
         w.run_agents();
-        w.startup_probes();
         w.run_coordinators();
         w.operator();
         w.quorum_watch();
@@ -685,7 +694,6 @@ impl<P: Planner> World<P> {
             node.daemon_back_at = None;
             node.agent = NodeAgent::new();
             node.pending_ops.clear();
-            node.probe_due = false;
             node.ordered_by.clear();
         }
         if self.coordinators.remove(n).is_some() {
@@ -717,7 +725,7 @@ impl<P: Planner> World<P> {
             } else {
                 BTreeSet::new()
             };
-            node.probe_due = restarted;
+            node.incarnation += 1;
         }
     }
 
@@ -982,16 +990,17 @@ impl<P: Planner> World<P> {
 
     fn send_heartbeats(&mut self) {
         let targets: Vec<String> = self.coordinators.keys().cloned().collect();
-        let senders: Vec<String> = self
+        let senders: Vec<(String, u64)> = self
             .nodes
             .iter()
             .filter(|(_, n)| n.alive())
-            .map(|(n, _)| n.clone())
+            .map(|(n, node)| (n.clone(), node.incarnation))
             .collect();
         for to in &targets {
-            for n in &senders {
+            for (n, incarnation) in &senders {
                 for link in LINKS {
-                    self.send(n, to, Payload::Heartbeat { link });
+                    let incarnation = *incarnation;
+                    self.send(n, to, Payload::Heartbeat { link, incarnation });
                 }
             }
         }
@@ -1027,9 +1036,10 @@ impl<P: Planner> World<P> {
     fn handle_msg(&mut self, msg: Msg) {
         let now = self.now;
         match msg.payload {
-            Payload::Heartbeat { link } => {
+            Payload::Heartbeat { link, incarnation } => {
                 if let Some(c) = self.coordinators.get_mut(&msg.to) {
                     c.handle_heartbeat(&msg.from, link, now);
+                    c.handle_incarnation(&msg.from, incarnation, now);
                 }
             }
             Payload::Op(req) => {
@@ -1175,38 +1185,6 @@ impl<P: Planner> World<P> {
                 for r in outgoing {
                     self.send(&n, &to, Payload::Report(r));
                 }
-            }
-        }
-    }
-
-    /// A restarted daemon, once it hears a quorate coordinator, probes every resource
-    /// and reports what it found, so the coordinator learns what its old daemon's
-    /// death hid (a start that took effect, a resource stopped for want of a lease).
-    fn startup_probes(&mut self) {
-        let now = self.now;
-        let due: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(_, node)| node.alive() && node.probe_due && node.quorum.has_lease(now))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in due {
-            let Some(to) = self.report_target(&n) else {
-                continue;
-            };
-            if let Some(node) = self.nodes.get_mut(&n) {
-                node.probe_due = false;
-            }
-            for r in self.resources.clone() {
-                let outcome = self.execute(&n, &r, OpKind::Monitor);
-                let report = OpReport {
-                    seq: None,
-                    resource: r,
-                    op: OpKind::Monitor,
-                    outcome,
-                    at: now,
-                };
-                self.send(&n, &to, Payload::Report(report));
             }
         }
     }
