@@ -62,6 +62,24 @@ impl Default for FaultOptions {
     }
 }
 
+impl FaultOptions {
+    /// No random faults (messages still take up to 20 ms): for scripted scenarios.
+    pub fn none() -> Self {
+        FaultOptions {
+            crash_per_s: 0.0,
+            partition_per_s: 0.0,
+            heal_per_s: 0.0,
+            resource_death_per_s: 0.0,
+            message_loss: 0.0,
+            max_delay: Duration::from_millis(20),
+            start_failure: 0.0,
+            leader_change_per_s: 0.0,
+            daemon_restart_per_s: 0.0,
+            operator_allow_per_s: 0.0,
+        }
+    }
+}
+
 /// A deliberately broken variant of the cluster's rules; the checkers must catch each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Broken {

@@ -12,18 +12,7 @@ fn a_daemon_restarted_alone_is_reprobed_and_its_resources_run_again() {
     for node in ["n2", "n3"] {
         let opts = SimOptions {
             seed: 11,
-            faults: FaultOptions {
-                crash_per_s: 0.0,
-                partition_per_s: 0.0,
-                heal_per_s: 0.0,
-                resource_death_per_s: 0.0,
-                message_loss: 0.0,
-                max_delay: Duration::from_millis(20),
-                start_failure: 0.0,
-                leader_change_per_s: 0.0,
-                daemon_restart_per_s: 0.0,
-                operator_allow_per_s: 0.0,
-            },
+            faults: FaultOptions::none(),
             safety_phase: Duration::from_secs(20),
             liveness_phase: Duration::from_secs(20),
             script: vec![(

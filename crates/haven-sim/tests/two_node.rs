@@ -9,21 +9,6 @@ use haven_sim::{
     Broken, Fault, FaultOptions, FenceDelays, SimOptions, SimReport, Violation, run_scheduler,
 };
 
-fn quiet() -> FaultOptions {
-    FaultOptions {
-        crash_per_s: 0.0,
-        partition_per_s: 0.0,
-        heal_per_s: 0.0,
-        resource_death_per_s: 0.0,
-        message_loss: 0.0,
-        max_delay: Duration::from_millis(20),
-        start_failure: 0.0,
-        leader_change_per_s: 0.0,
-        daemon_restart_per_s: 0.0,
-        operator_allow_per_s: 0.0,
-    }
-}
-
 /// Two nodes; fencing `favoured` waits 2 s, so `favoured` wins a race.
 fn two_nodes(favoured: &str, script: Vec<(u64, Fault)>) -> SimOptions {
     SimOptions {
@@ -36,7 +21,7 @@ fn two_nodes(favoured: &str, script: Vec<(u64, Fault)>) -> SimOptions {
             base: Duration::from_secs(2),
             max: Duration::ZERO,
         }),
-        faults: quiet(),
+        faults: FaultOptions::none(),
         safety_phase: Duration::from_secs(30),
         liveness_phase: Duration::from_secs(30),
         script: script

@@ -18,6 +18,16 @@ fn status(client: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// Where the cluster's status (asked through `client`) says `resource` runs.
+fn status_running_on(client: &Path, resource: &str) -> Option<serde_json::Value> {
+    let s = status(client)?;
+    let r = s["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["id"] == resource)?;
+    Some(r["running_on"].clone())
+}
+
 /// `node`'s entry in a status report.
 fn node_of<'a>(s: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
     s["nodes"].as_array()?.iter().find(|n| n["name"] == node)
@@ -397,13 +407,7 @@ fn a_powered_off_node_running_a_qemu_guest_is_fenced_and_the_guest_boots_once_on
     // Running as the cluster confirms it: the start (which waits for the guest's ready
     // line) was committed on the survivor.
     wait_for("status to show vm1 on the survivor", || {
-        let out = haven(&["status", "--json"], Some(&lab.client_of(&survivor)));
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let on = s["resources"]
-            .as_array()?
-            .iter()
-            .find(|r| r["id"] == "vm1")?["running_on"]
-            .clone();
+        let on = status_running_on(&lab.client_of(&survivor), "vm1")?;
         (on == serde_json::json!([survivor])).then_some(())
     });
     let h = lab.fence_history(&lab.client_of(&survivor));
@@ -599,12 +603,7 @@ fn config_apply_that_removes_a_node_running_resources_is_refused_naming_them() {
     lab.configure(&lab_device()(&lab));
     let home = svc_home(&lab);
     wait_for("status to show svc on its node", || {
-        let s = status(&lab.client)?;
-        let on = s["resources"]
-            .as_array()?
-            .iter()
-            .find(|r| r["id"] == "svc")?["running_on"]
-            .clone();
+        let on = status_running_on(&lab.client, "svc")?;
         (on == serde_json::json!([home])).then_some(())
     });
     let show = ok(lab.run(&["config", "show"]));
@@ -1261,8 +1260,7 @@ fn a_daemon_restarted_alone_gets_its_resources_back_and_status_tells_the_truth()
     // Settled first: an operation still in flight to the restarting daemon would time
     // out and bring recovery by another path than the one under test.
     wait_for("every resource to be started in status", || {
-        let out = lab.run(&["status", "--json"]);
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let s = status(&lab.client)?;
         let all = s["resources"].as_array()?;
         all.iter()
             .all(|r| r["running_on"].as_array().is_some_and(|on| on.len() == 1))
@@ -1287,13 +1285,8 @@ fn a_daemon_restarted_alone_gets_its_resources_back_and_status_tells_the_truth()
         again.then(|| on[0].clone())
     });
     wait_for("status to show svc where it runs", || {
-        let out = lab.run(&["status", "--json"]);
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let svc = s["resources"]
-            .as_array()?
-            .iter()
-            .find(|r| r["id"] == "svc")?;
-        (svc["running_on"] == serde_json::json!([now_on])).then_some(())
+        let on = status_running_on(&lab.client, "svc")?;
+        (on == serde_json::json!([now_on])).then_some(())
     });
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
 }
