@@ -285,11 +285,12 @@ pub fn quorum_now(d: &Daemon) -> Quorum {
     }
 }
 
-/// Whether the coordinator runs here: on the Raft leader with quorum, or on a two-node
-/// cluster's node that has lost its peer (it races to fence it).
+/// Whether the coordinator runs here: on the Raft leader with quorum whose leadership a
+/// majority has confirmed, or on a two-node cluster's node that has lost its peer (it
+/// races to fence it).
 pub fn coordinating(d: &Daemon) -> bool {
     let q = quorum_now(d);
-    q.quorate && (q.alone || d.is_leader())
+    q.quorate && (q.alone || d.is_confirmed_leader())
 }
 
 // ---- the node's own watchdog ----

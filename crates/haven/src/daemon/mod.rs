@@ -146,6 +146,15 @@ impl Daemon {
         self.leader().map(|(id, _)| id) == Some(self.node.id)
     }
 
+    /// The leader, and a majority has acknowledged this leadership since it began
+    /// (openraft's quorum-acked clock). openraft restores the vote of a daemon that
+    /// restarts, so a former leader may call itself leader again at once; until the
+    /// others confirm it (they would not if they have moved on) it must not coordinate.
+    pub fn is_confirmed_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(self.node.id) && m.millis_since_quorum_ack.is_some()
+    }
+
     /// Where to reach `info`'s node now (see [`peer_addr`]).
     pub fn peer_addr(&self, info: &NodeInfo) -> Option<String> {
         peer_addr(&self.membership, info)
