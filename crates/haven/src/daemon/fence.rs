@@ -262,7 +262,15 @@ pub struct Quorum {
 
 pub fn quorum_now(d: &Daemon) -> Quorum {
     if quorate_now(d) {
-        SEEN_QUORATE.store(true, Ordering::Relaxed);
+        // wait_for_all counts a whole cluster only: one with a leader, in which this
+        // node is not held fenced. Otherwise a fenced node that comes back, hears its
+        // peer once and is cut off again before the mark is committed could play the
+        // lone survivor and shoot the node that fenced it.
+        let me = &d.node.name;
+        let held = d.local_marks.get(me).is_some() || d.view.state().fencing.contains_key(me);
+        if d.leader().is_some() && !held {
+            SEEN_QUORATE.store(true, Ordering::Relaxed);
+        }
         return Quorum {
             quorate: true,
             alone: false,
