@@ -815,15 +815,7 @@ impl TwoNodes {
 impl Drop for TwoNodes {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for n in ["n1", "n2"] {
-                let log = std::fs::read_to_string(self.dir.join(n).join("daemon.log"))
-                    .unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                eprintln!("--- {n}/daemon.log (last 80 lines)");
-                for l in &lines[lines.len().saturating_sub(80)..] {
-                    eprintln!("{l}");
-                }
-            }
+            print_daemon_logs(&self.dir, &["n1", "n2"], 80);
         }
         let _ = haven(&["lab", "heal", "--dir", self.dir_str()], None);
         let _ = haven(&["lab", "down", "--dir", self.dir_str()], None);

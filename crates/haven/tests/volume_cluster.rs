@@ -266,21 +266,7 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
     let lab = Lab::up();
     lab.configure_with(&resources(&guest, free_port()), &lab_device()(&lab));
 
-    let home = wait_for("vm1 to run on one node", || {
-        let r = lab.running("vm1");
-        (r.len() == 1).then(|| r[0].clone())
-    });
-    let other = if home == "n1" { "n2" } else { "n1" };
-    wait_for("the secondary to be in sync", || {
-        let s = volume_status(&lab, other)?;
-        (s["role"] == "Secondary"
-            && s["disk"] == "UpToDate"
-            && s["peers"][0]["replication"] == "Established")
-            .then_some(())
-    });
-    wait_for("the guest to count on its disk", || {
-        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
-    });
+    let (home, other) = guest_counting_in_sync(&lab);
 
     // Replication is cut while the guest writes: the primary may not acknowledge another
     // write until the cluster has recorded the secondary as outdated.
@@ -377,6 +363,27 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
 }
 
 /// Like `wait_for`, with room for a live migration under TCG on a loaded machine.
+/// Waits until vm1 runs on one replica node, the other replica is in sync with it, and
+/// the guest counts on its disk; returns (the guest's node, the other replica node).
+fn guest_counting_in_sync(lab: &Lab) -> (String, &'static str) {
+    let home = wait_long("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    let other = if home == "n1" { "n2" } else { "n1" };
+    wait_long("the secondary to be in sync", || {
+        let s = volume_status(lab, other)?;
+        (s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && s["peers"][0]["replication"] == "Established")
+            .then_some(())
+    });
+    wait_long("the guest to count on its disk", || {
+        (console_numbers(lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
+    });
+    (home, other)
+}
+
 fn wait_long<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -464,21 +471,7 @@ fn a_guest_moves_live_to_the_other_replica_with_two_primaries_only_inside_the_wi
     let lab = Lab::up();
     lab.configure_with(&resources(&guest, free_port()), &lab_device()(&lab));
 
-    let home = wait_long("vm1 to run on one node", || {
-        let r = lab.running("vm1");
-        (r.len() == 1).then(|| r[0].clone())
-    });
-    let other = if home == "n1" { "n2" } else { "n1" };
-    wait_long("the secondary to be in sync", || {
-        let s = volume_status(&lab, other)?;
-        (s["role"] == "Secondary"
-            && s["disk"] == "UpToDate"
-            && s["peers"][0]["replication"] == "Established")
-            .then_some(())
-    });
-    wait_long("the guest to count on its disk", || {
-        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
-    });
+    let (home, other) = guest_counting_in_sync(&lab);
 
     // The target is read first in each sample: a target seen primary without a window
     // while the source, read after it, is still primary would be two primaries outside

@@ -228,16 +228,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // The daemons' own account of what went wrong, shown with the failure.
-            for n in NODES {
-                let log = std::fs::read_to_string(self.dir.join(n).join("daemon.log"))
-                    .unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                eprintln!("--- {n}/daemon.log (last 60 lines)");
-                for l in &lines[lines.len().saturating_sub(60)..] {
-                    eprintln!("{l}");
-                }
-            }
+            print_daemon_logs(&self.dir, &NODES, 60);
         }
         let _ = haven(&["lab", "heal", "--dir", self.dir_str()], None);
         let _ = haven(&["lab", "down", "--dir", self.dir_str()], None);
@@ -381,6 +372,19 @@ pub fn node_links(client: &Path, name: &str) -> Option<(String, bool, bool)> {
             .is_some_and(|x| x["up"] == true)
     };
     Some((n["state"].as_str()?.to_string(), up("link0"), up("link1")))
+}
+
+/// The daemons' own account of what went wrong, shown with a failing test: the last
+/// `last` lines of each node's daemon.log under a lab directory.
+pub fn print_daemon_logs(dir: &Path, nodes: &[&str], last: usize) {
+    for n in nodes {
+        let log = std::fs::read_to_string(dir.join(n).join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("--- {n}/daemon.log (last {last} lines)");
+        for l in &lines[lines.len().saturating_sub(last)..] {
+            eprintln!("{l}");
+        }
+    }
 }
 
 /// The pid in `node`'s daemon.pid under a lab directory.
