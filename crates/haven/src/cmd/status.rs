@@ -68,7 +68,18 @@ pub fn render(r: &StatusReport) -> String {
     for res in &r.resources {
         let mut place = Vec::new();
         if !res.running_on.is_empty() {
-            place.push(format!("Started {}", res.running_on.join(", ")));
+            // Between a node going silent and the leader marking it unclean, the last
+            // report still says the resource runs there: say the node is not answering
+            // rather than let the line read like a healthy placement.
+            let on: Vec<String> = res
+                .running_on
+                .iter()
+                .map(|node| match r.nodes.iter().find(|n| &n.name == node) {
+                    Some(n) if n.state == "offline" => format!("{node} (node offline)"),
+                    _ => node.clone(),
+                })
+                .collect();
+            place.push(format!("Started {}", on.join(", ")));
         }
         if !res.in_doubt_on.is_empty() {
             place.push(format!("IN DOUBT on {}", res.in_doubt_on.join(", ")));
@@ -134,11 +145,46 @@ mod tests {
         };
         let text = render(&r);
         assert!(text.contains("IN DOUBT on n2"), "{text}");
+        assert!(!text.contains("node offline"), "{text}");
         assert!(!text.contains("Stopped"), "{text}");
         assert!(text.contains("frozen until n2 is confirmed down"), "{text}");
         assert!(
             text.contains("in doubt (it stopped heartbeating)"),
             "{text}"
         );
+    }
+    #[test]
+    fn a_resource_last_reported_on_a_silent_node_says_the_node_is_offline() {
+        let node = |name: &str, state: &str| NodeStatus {
+            name: name.into(),
+            id: 1,
+            state: state.into(),
+            role: "voter".into(),
+            links: vec![],
+            detail: None,
+        };
+        let res = |id: &str, on: &str| ResourceStatus {
+            id: id.into(),
+            agent: "process:x".into(),
+            running_on: vec![on.into()],
+            in_doubt_on: vec![],
+            frozen: None,
+            failcounts: Default::default(),
+            unpromotable: Default::default(),
+        };
+        let r = StatusReport {
+            cluster: "c".into(),
+            reported_by: "n2".into(),
+            quorate: true,
+            leader: Some("n2".into()),
+            term: 1,
+            config_version: 1,
+            nodes: vec![node("n1", "offline"), node("n2", "online")],
+            resources: vec![res("db", "n1"), res("web", "n2")],
+            failed_actions: vec![],
+        };
+        let text = render(&r);
+        assert!(text.contains("Started n1 (node offline)"), "{text}");
+        assert!(text.contains("Started n2\n"), "{text}");
     }
 }
