@@ -14,13 +14,19 @@ use common::{Lab, NODES, guest_dir, lock, ok, wait_for};
 
 /// `lab up --libvirt --vms`: the demo's vm1 is a VirtualDomain with allow-migrate.
 fn libvirt_lab() -> Lab {
+    libvirt_lab_with(&[])
+}
+
+fn libvirt_lab_with(extra: &[&str]) -> Lab {
     let guest = guest_dir();
-    Lab::up_with(&[
+    let mut args = vec![
         "--libvirt",
         "--vms",
         "--guest-dir",
         guest.to_str().expect("utf-8 path"),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Lab::up_with(&args)
 }
 
 /// The PID namespace of `node`'s libvirtd, through the lab's pidfile of it (checked to
@@ -206,44 +212,12 @@ fn a_libvirt_guest_moves_live_between_two_nodes_libvirt_daemons_and_stops() {
     let _one = lock();
     let lab = libvirt_lab();
     let home = wait_booted_once(&lab);
-    wait_for("the guest to count on its disk", || {
-        (!counters(&console(&lab.dir, &home)).is_empty()).then_some(())
-    });
     let target = NODES
         .iter()
         .find(|n| **n != home)
         .expect("another node")
         .to_string();
-
-    // allow-migrate: the scheduler plans migrate_to on home, migrate_from on target,
-    // which VirtualDomain carries out with `virsh migrate --live` between the two
-    // nodes' libvirt daemons (remoteuri).
-    ok(lab.run(&["resource", "move", "vm1", &target]));
-    wait_for("vm1's QEMU on the target only", || {
-        (qemu_on(&lab.dir, "vm1") == vec![target.clone()]).then_some(())
-    });
-    wait_for("status to show vm1 on the target", || {
-        (status_on(&lab.client, "vm1")? == serde_json::json!([target])).then_some(())
-    });
-    // Live: the guest did not boot again on the target, and its counter (in guest
-    // memory, written to the shared disk) carried on from where the source left it.
-    wait_for("the guest to count on the target", || {
-        (!counters(&console(&lab.dir, &target)).is_empty()).then_some(())
-    });
-    let on_target = console(&lab.dir, &target);
-    assert!(
-        !on_target.contains("HAVEN-GUEST-UP"),
-        "the guest booted again on {target}: {on_target}"
-    );
-    let last_on_home = counters(&console(&lab.dir, &home))
-        .last()
-        .copied()
-        .expect("counters on the source");
-    let first_on_target = counters(&on_target)[0];
-    assert!(
-        first_on_target >= last_on_home,
-        "the migrated guest does not count on: {home} reached {last_on_home}, {target} began at {first_on_target}"
-    );
+    migrate_live(&lab, &home, &target);
 
     // stop: VirtualDomain shuts the guest down through its node's libvirt.
     ok(lab.run(&["resource", "stop", "vm1"]));
@@ -254,4 +228,67 @@ fn a_libvirt_guest_moves_live_between_two_nodes_libvirt_daemons_and_stops() {
         let on = status_on(&lab.client, "vm1")?;
         (on.is_null() || on == serde_json::json!([])).then_some(())
     });
+}
+
+/// Moves vm1 from `home` to `target` and checks it went live.
+fn migrate_live(lab: &Lab, home: &str, target: &str) {
+    wait_for("the guest to count on its disk", || {
+        (!counters(&console(&lab.dir, home)).is_empty()).then_some(())
+    });
+    // allow-migrate: the scheduler plans migrate_to on home, migrate_from on target,
+    // which VirtualDomain carries out with `virsh migrate --live` between the two
+    // nodes' libvirt daemons (remoteuri).
+    ok(lab.run(&["resource", "move", "vm1", target]));
+    wait_for("vm1's QEMU on the target only", || {
+        (qemu_on(&lab.dir, "vm1") == vec![target.to_string()]).then_some(())
+    });
+    wait_for("status to show vm1 on the target", || {
+        (status_on(&lab.client, "vm1")? == serde_json::json!([target])).then_some(())
+    });
+    // Live: the guest did not boot again on the target, and its counter (in guest
+    // memory, written to the shared disk) carried on from where the source left it.
+    wait_for("the guest to count on the target", || {
+        (!counters(&console(&lab.dir, target)).is_empty()).then_some(())
+    });
+    let on_target = console(&lab.dir, target);
+    assert!(
+        !on_target.contains("HAVEN-GUEST-UP"),
+        "the guest booted again on {target}: {on_target}"
+    );
+    let last_on_home = counters(&console(&lab.dir, home))
+        .last()
+        .copied()
+        .expect("counters on the source");
+    let first_on_target = counters(&on_target)[0];
+    assert!(
+        first_on_target >= last_on_home,
+        "the migrated guest does not count on: {home} reached {last_on_home}, {target} began at {first_on_target}"
+    );
+}
+
+#[test]
+fn in_network_namespaces_a_libvirt_guest_migrates_over_the_link_and_outlives_its_nodes_power_off() {
+    let _one = lock();
+    // Each node's libvirtd runs in the node's network namespace: the migration stream
+    // goes to the target's link0 address, and powering a node off kills its namespace.
+    let lab = libvirt_lab_with(&["--netns"]);
+    let home = wait_booted_once(&lab);
+    let target = NODES
+        .iter()
+        .find(|n| **n != home)
+        .expect("another node")
+        .to_string();
+    migrate_live(&lab, &home, &target);
+
+    let checker = QemuChecker::start(&lab.dir);
+    ok(lab.run(&["lab", "kill", &target, "--dir", lab.dir_str()]));
+    let survivor = wait_for("vm1 to run on a survivor", || {
+        let r = qemu_on(&lab.dir, "vm1");
+        (r.len() == 1 && r[0] != target).then(|| r[0].clone())
+    });
+    wait_for("status to show vm1 on the survivor", || {
+        (status_on(&lab.client_of(&survivor), "vm1")? == serde_json::json!([survivor]))
+            .then_some(())
+    });
+    assert_eq!(checker.most_seen(), 1, "vm1 ran on two nodes at once");
 }

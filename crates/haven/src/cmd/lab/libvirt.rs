@@ -320,3 +320,28 @@ fn escape(p: &Path) -> String {
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_reaches_another_nodes_libvirt_by_its_name_in_the_remote_uri() {
+        let lab = Path::new("/tmp/lab");
+        assert_eq!(remote_uri(lab).replace("%n", "n2"), uri(&lab.join("n2")));
+    }
+
+    #[test]
+    fn paths_in_the_domain_xml_are_escaped() {
+        let xml = domain_xml("vm1", Path::new("/g/a'b&c"), Path::new("/d/<disk>.img"));
+        assert!(
+            xml.contains("<kernel>/g/a&apos;b&amp;c/vmlinux</kernel>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<source file='/d/&lt;disk&gt;.img'/>"),
+            "{xml}"
+        );
+        assert!(!xml.contains("a'b"), "{xml}");
+    }
+}
