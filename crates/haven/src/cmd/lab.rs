@@ -5,6 +5,7 @@
 //! With `--netns` (root) each node runs in a network namespace of its own, on real
 //! links that `lab partition` really cuts (see [`netns`]).
 
+pub mod libvirt;
 pub mod netns;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ pub enum LabCommand {
         /// The guest to boot with --vms: vmlinux and initramfs.cpio (scripts/build-guest)
         #[arg(long, env = "HAVEN_GUEST_DIR")]
         guest_dir: Option<PathBuf>,
+        /// Give each node a libvirt daemon of its own (root); with --vms the guest is
+        /// an ocf:heartbeat:VirtualDomain resource
+        #[arg(long)]
+        libvirt: bool,
     },
     /// Stop every daemon the lab started
     Down {
@@ -94,13 +99,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             netns,
             vms,
             guest_dir,
+            libvirt,
         } => {
             let guest = if vms { Some(guest(guest_dir)?) } else { None };
             if !(1..=50).contains(&nodes) {
                 anyhow::bail!("--nodes must be between 1 and 50, got {nodes}");
             }
             let rt = tokio::runtime::Runtime::new()?;
-            match rt.block_on(up(nodes, &dir, guest.as_deref(), netns)) {
+            match rt.block_on(up(nodes, &dir, guest.as_deref(), netns, libvirt)) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // Leave nothing running behind a failed start.
@@ -230,14 +236,24 @@ pub fn spawn_daemon(dir: &Path, name: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("cannot create {}/daemon.log", node_dir.display()))?;
     let exe = std::env::current_exe()?;
     // `ip netns exec` execs the daemon in place: the pid stays the daemon's.
-    let mut cmd = match netns::load(dir)? {
-        Some(rec) => {
+    let rec = netns::load(dir)?;
+    let ns = match &rec {
+        Some(rec) => Some(rec.node(name)?.netns.as_str()),
+        None => None,
+    };
+    // The node's hypervisor first, as a host's libvirtd runs before the cluster.
+    let libvirt_uri = libvirt::start(&node_dir, ns)?;
+    let mut cmd = match ns {
+        Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &rec.node(name)?.netns]).arg(exe);
+            c.args(["netns", "exec", ns]).arg(exe);
             c
         }
         None => Command::new(exe),
     };
+    if let Some(uri) = libvirt_uri {
+        cmd.env("LIBVIRT_DEFAULT_URI", uri);
+    }
     let child = cmd
         .arg("daemon")
         .arg("--lab")
@@ -268,8 +284,14 @@ async fn wait_for<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> a
     }
 }
 
-async fn up(nodes: u8, dir: &Path, guest: Option<&Path>, netns: bool) -> anyhow::Result<()> {
-    let (client_path, report) = start_lab(nodes, dir, guest, netns).await?;
+async fn up(
+    nodes: u8,
+    dir: &Path,
+    guest: Option<&Path>,
+    netns: bool,
+    libvirt: bool,
+) -> anyhow::Result<()> {
+    let (client_path, report) = start_lab(nodes, dir, guest, netns, libvirt).await?;
     print!("{}", super::status::render(&report));
     let c = client_path.display();
     let dir = dir.canonicalize()?;
@@ -308,15 +330,17 @@ pub async fn start(
     dir: &Path,
     guest: Option<&Path>,
 ) -> anyhow::Result<(PathBuf, StatusReport)> {
-    start_lab(nodes, dir, guest, false).await
+    start_lab(nodes, dir, guest, false, false).await
 }
 
-/// As [`start`], with each node in a network namespace when `netns`.
+/// As [`start`], with each node in a network namespace when `netns`, and a libvirt
+/// daemon of its own when `libvirt`.
 pub async fn start_lab(
     nodes: u8,
     dir: &Path,
     guest: Option<&Path>,
     netns: bool,
+    libvirt: bool,
 ) -> anyhow::Result<(PathBuf, StatusReport)> {
     if dir.join("client.toml").exists() {
         anyhow::bail!(
@@ -346,6 +370,9 @@ pub async fn start_lab(
         "lab",
         Some(&dir),
     )?;
+    if libvirt {
+        libvirt::prepare(&dir.join(node_name(1)), ip_of(&first)?)?;
+    }
     all_addrs.push(first);
     spawn_daemon(&dir, &node_name(1))?;
     let client = Client::load(&client_path)?;
@@ -372,6 +399,9 @@ pub async fn start_lab(
         )
         .await
         .with_context(|| format!("joining {name}"))?;
+        if libvirt {
+            libvirt::prepare(&dir.join(&name), ip_of(&addrs)?)?;
+        }
         spawn_daemon(&dir, &name)?;
         all_addrs.push(addrs);
     }
@@ -383,7 +413,12 @@ pub async fn start_lab(
     let client = Client::load(&client_path)?;
 
     let current: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;
-    let demo = demo_config(&dir, &all_addrs, guest);
+    let vm = match guest {
+        Some(g) if libvirt => Some(DemoVm::Libvirt(libvirt::write_demo_domain(&dir, g)?)),
+        Some(g) => Some(DemoVm::Qemu(g)),
+        None => None,
+    };
+    let demo = demo_config(&dir, &all_addrs, vm);
     let _: ConfigReply = client
         .call(
             api::CONFIG_APPLY,
@@ -429,7 +464,22 @@ fn guest(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(dir.canonicalize()?)
 }
 
-fn demo_config(dir: &Path, addrs: &[Vec<String>], guest: Option<&Path>) -> String {
+/// The node's first address's IP: where it receives live migrations.
+fn ip_of(addrs: &[String]) -> anyhow::Result<&str> {
+    addrs
+        .first()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(ip, _)| ip)
+        .context("a lab node without an address")
+}
+
+/// The demo's guest: Haven's own QEMU driver, or a libvirt domain (its XML's path).
+enum DemoVm<'a> {
+    Qemu(&'a Path),
+    Libvirt(PathBuf),
+}
+
+fn demo_config(dir: &Path, addrs: &[Vec<String>], vm: Option<DemoVm>) -> String {
     // Fencing is on, as in production: a lost node is powered off by the lab's switch
     // (its daemon and every process it started are killed) before anything of it is
     // recovered elsewhere.
@@ -456,7 +506,21 @@ fn demo_config(dir: &Path, addrs: &[Vec<String>], guest: Option<&Path>) -> Strin
         ));
     }
     s.push_str("\n[[groups]]\nid = \"app\"\nmembers = [\"db\", \"web\"]\n");
-    if let Some(g) = guest {
+    if let Some(DemoVm::Libvirt(xml)) = &vm {
+        // The same guest under libvirt. Each node's daemon names its own libvirt
+        // (LIBVIRT_DEFAULT_URI), so no `hypervisor` param; `remoteuri` is the target's.
+        // The disk is one file both "hosts" see, which libvirt cannot know is shared.
+        s.push_str(&format!(
+            "\n[[resources]]\nid = \"vm1\"\nclass = \"ocf\"\nprovider = \"heartbeat\"\ntype = \"VirtualDomain\"\n\
+             params = {{ config = \"{}\", remoteuri = \"{}\", migrate_options = \"--unsafe\" }}\n\
+             meta = {{ allow-migrate = true }}\n\
+             ops = [{{ name = \"start\", timeout = 120 }}, {{ name = \"stop\", timeout = 60 }}, \
+             {{ name = \"monitor\", interval = 5, timeout = 30 }}, {{ name = \"migrate_to\", timeout = 120 }}]\n",
+            xml.display(),
+            libvirt::remote_uri(dir)
+        ));
+    }
+    if let Some(DemoVm::Qemu(g)) = vm {
         // A TCG guest (the lab cannot count on KVM); start waits for its ready line.
         s.push_str(&format!(
             "\n[[resources]]\nid = \"vm1\"\nclass = \"qemu\"\ntype = \"vm\"\n\
@@ -523,6 +587,12 @@ pub fn down(dir: &Path) -> anyhow::Result<usize> {
             stopped += 1;
         }
         let _ = std::fs::remove_file(&pf);
+    }
+    // After the daemons, which stop their guests through it.
+    for (name, node_dir) in node_dirs(&dir) {
+        if let Err(e) = libvirt::stop(&node_dir) {
+            eprintln!("{name}: stopping its libvirtd: {e:#}");
+        }
     }
     stop_resources(&dir);
     netns::destroy(&dir)?;

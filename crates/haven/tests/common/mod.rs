@@ -57,7 +57,16 @@ impl Lab {
         Self::start(true)
     }
 
+    /// A lab started with `lab up` and `extra` arguments (e.g. `--libvirt`).
+    pub fn up_with(extra: &[&str]) -> Lab {
+        Self::start_with(false, extra)
+    }
+
     fn start(in_netns: bool) -> Lab {
+        Self::start_with(in_netns, &[])
+    }
+
+    fn start_with(in_netns: bool, extra: &[&str]) -> Lab {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("lab");
         let mut lab = Lab {
@@ -70,6 +79,7 @@ impl Lab {
         if in_netns {
             args.push("--netns");
         }
+        args.extend_from_slice(extra);
         let out = haven(&args, None);
         // Recorded before anything is created: the guard removes a half-built lab too.
         lab.netns = netns::Record::load(&lab.dir);
