@@ -92,6 +92,13 @@ pub enum Broken {
     /// A two-node survivor gives its Raft vote to the peer it fenced before it has
     /// committed the fence mark.
     VoteForFencedPeer,
+    /// A coordinator starts from a mark holding its node in doubt although its node's
+    /// fence of the peer was confirmed since: the winner of a race holds itself in
+    /// doubt, and the loser, back, shoots it.
+    DoubtOutlivesPeerFence,
+    /// The answer of a fence whose ordering coordinator is gone is dropped, as before
+    /// the race fix: the winner does not know it won.
+    DropOrphanedFenceResult,
 }
 
 /// A fault at a fixed time, for scripted scenarios.
@@ -271,6 +278,7 @@ enum Payload {
     },
     FenceDone {
         token: u64,
+        victim: String,
         ok: bool,
     },
 }
@@ -363,6 +371,10 @@ struct World<P> {
     /// coordinator on m must not start them before n is fenced (or back in touch).
     unseen_runs: BTreeMap<(String, String), BTreeSet<String>>,
     racing: bool,
+    /// Two-node: the node whose fence of its peer the switch carried out → whether it
+    /// has since been out of touch with a running daemon or down itself (only then may
+    /// it be fenced).
+    won: BTreeMap<String, bool>,
 }
 
 /// The cluster every run simulates: `nodes` hosts with two heartbeat links each and a
@@ -492,6 +504,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
         kept_out: BTreeSet::new(),
         unseen_runs: BTreeMap::new(),
         racing: false,
+        won: BTreeMap::new(),
         opts,
     };
     w.log(format!("world: {}", w.opts.describe()));
@@ -757,6 +770,7 @@ impl<P: Planner> World<P> {
             node.unprobed.clear();
         }
         self.unseen_runs.retain(|(a, _), _| a != n);
+        self.won.remove(n);
     }
 
     fn stop_process(&mut self, r: &str, n: &str) {
@@ -949,8 +963,11 @@ impl<P: Planner> World<P> {
                     e.0 |= *confirmed;
                 }
             }
-            let marks: Vec<(String, bool, String)> =
+            let mut marks: Vec<(String, bool, String)> =
                 marks.into_iter().map(|(v, (c, r))| (v, c, r)).collect();
+            if self.opts.two_node && self.opts.broken != Some(Broken::DoubtOutlivesPeerFence) {
+                marks = haven_ha::fencing::after_two_node_race(marks);
+            }
             c.handle_fence_marks(marks, self.now);
             self.coordinators.insert(n, c);
         }
@@ -1099,23 +1116,52 @@ impl<P: Planner> World<P> {
                     coordinator: msg.from.clone(),
                 });
             }
-            Payload::FenceDone { token, ok } => {
-                let Some(c) = self.coordinators.get_mut(&msg.to) else {
-                    return;
-                };
-                let doubt: Vec<String> = c.fencer().in_doubt().map(str::to_string).collect();
-                c.handle_fence_result(token, ok, now);
-                // From its confirmation on, the victim is fenced in the cluster's eyes
-                // and stays out until allowed (a fence whose answer is lost with the
-                // node that ordered it is, for the cluster, still in doubt).
-                if !self.opts.auto_rejoin {
-                    for v in doubt {
-                        if c.fencer().is_confirmed(&v) {
-                            self.kept_out.insert(v);
+            Payload::FenceDone { token, victim, ok } => {
+                let mut confirmed = false;
+                if let Some(c) = self.coordinators.get_mut(&msg.to) {
+                    let doubt: Vec<String> = c.fencer().in_doubt().map(str::to_string).collect();
+                    c.handle_fence_result(token, ok, now);
+                    confirmed = c.fencer().is_confirmed(&victim);
+                    // From its confirmation on, the victim is fenced in the cluster's
+                    // eyes and stays out until allowed (a fence whose answer is lost
+                    // with the node that ordered it is, for the cluster, still in doubt).
+                    if !self.opts.auto_rejoin {
+                        for v in doubt {
+                            if c.fencer().is_confirmed(&v) {
+                                self.kept_out.insert(v);
+                            }
                         }
                     }
                 }
+                let drop = self.opts.broken == Some(Broken::DropOrphanedFenceResult);
+                if ok && !confirmed && self.opts.two_node && !drop {
+                    self.orphaned_fence(&msg.to, &victim);
+                }
             }
+        }
+    }
+
+    /// Two-node: a fence this node ordered succeeded, but the coordinator that ordered
+    /// it is gone (a heal made the peer leader for a moment, or this node's coordinator
+    /// restarted). The power switch has spoken, so the node keeps the victim fenced on
+    /// its disk, as for any fence it confirmed alone, and starts its coordinator again
+    /// from its marks: that is what makes the winner of a race the survivor, where
+    /// dropping the answer left it in doubt of itself.
+    fn orphaned_fence(&mut self, n: &str, victim: &str) {
+        self.log(format!(
+            "{n} learns its fence of {victim} succeeded after its coordinator moved on; it keeps {victim} fenced"
+        ));
+        if let Some(node) = self.nodes.get_mut(n) {
+            node.local_marks.insert(
+                victim.to_string(),
+                (true, "fenced (answer after a coordinator change)".into()),
+            );
+        }
+        if !self.opts.auto_rejoin {
+            self.kept_out.insert(victim.to_string());
+        }
+        if self.coordinators.remove(n).is_some() {
+            self.log(format!("{n}'s coordinator restarts from its marks"));
         }
     }
 
@@ -1131,7 +1177,17 @@ impl<P: Planner> World<P> {
                 self.report.lone_fences += 1;
             }
             self.log(format!("{} powers off {}", a.executor, a.victim));
+            if self.won.get(&a.victim) == Some(&false) {
+                let v = Violation::WinnerFenced {
+                    winner: a.victim.clone(),
+                    at: now,
+                };
+                self.breach(v);
+            }
             self.power_off(&a.victim);
+            if self.opts.two_node && self.alive(&a.executor) {
+                self.won.insert(a.executor.clone(), false);
+            }
             self.fenced_down.insert(a.victim.clone());
             let back = self.rng.random_range(3_000..8_000);
             if let Some(node) = self.nodes.get_mut(&a.victim) {
@@ -1146,6 +1202,7 @@ impl<P: Planner> World<P> {
                 &a.coordinator,
                 Payload::FenceDone {
                     token: a.token,
+                    victim: a.victim.clone(),
                     ok: true,
                 },
             );
@@ -1465,6 +1522,23 @@ impl<P: Planner> World<P> {
                 if !runs.is_empty() {
                     self.unseen_runs.entry(key).or_default().extend(runs);
                 }
+            }
+        }
+        // A race's winner may be fenced again only once it has been out of touch (or
+        // down) since.
+        let winners: Vec<String> = self
+            .won
+            .iter()
+            .filter(|(_, lost)| !**lost)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for w in winners {
+            let lost = !self.alive(&w)
+                || names
+                    .iter()
+                    .any(|m| *m != w && self.alive(m) && !self.in_touch(&w, m));
+            if lost {
+                self.won.insert(w, true);
             }
         }
         // A fenced node stays out until allowed: no coordinator counts it in, and it

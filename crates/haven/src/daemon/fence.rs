@@ -642,7 +642,10 @@ async fn fenced_notice(
 }
 
 /// Fence marks a new coordinator starts from: this node's own (confirmed) first, then
-/// what earlier leaders committed.
+/// what earlier leaders committed. In a two-node cluster a confirmed fence supersedes
+/// the doubt held about the other node (`haven_ha::fencing::after_two_node_race`): the
+/// winner of a race does not hold itself in doubt, and a loser told it was fenced does
+/// not shoot the winner on a mark it made before.
 pub fn starting_marks(d: &Daemon) -> Vec<(String, bool, String)> {
     let mut marks: Vec<(String, bool, String)> = d
         .local_marks
@@ -655,7 +658,43 @@ pub fn starting_marks(d: &Daemon) -> Vec<(String, bool, String)> {
             marks.push(m);
         }
     }
+    if two_node(d) {
+        marks = haven_ha::fencing::after_two_node_race(marks);
+    }
     marks
+}
+
+fn two_node(d: &Daemon) -> bool {
+    committed_config(d).is_some_and(|c| c.options.two_node)
+}
+
+/// Two-node: this node's own fence of its peer succeeded, but no coordinator here was
+/// waiting for the answer (a heal made the peer leader for a moment and stopped this
+/// node's coordinator, or it restarted). The switch has spoken: keep the peer fenced
+/// on disk, as for any fence confirmed alone, so the coordinator this node runs next
+/// starts from it and the peer stays out. Dropped, it left the winner of a race in
+/// doubt of itself, and the loser came back and shot it. Returns whether it kept it;
+/// the caller then starts its coordinator again from the marks.
+pub fn keep_orphaned_result(d: &Daemon, done: &FenceDone) -> bool {
+    if !done.ok || done.executor != d.node.name || done.victim == d.node.name || !two_node(d) {
+        return false;
+    }
+    if d.local_marks.get(&done.victim).is_none() {
+        tracing::warn!(
+            "fencing {} with {} succeeded after the coordinator that ordered it stopped: this node keeps {} fenced",
+            done.victim,
+            done.device,
+            done.victim
+        );
+    }
+    d.local_marks.keep(
+        &done.victim,
+        &format!(
+            "fenced by {} with {} (the answer came after a coordinator change)",
+            d.node.name, done.device
+        ),
+    );
+    true
 }
 
 // ---- fence marks in the replicated state ----
@@ -717,7 +756,20 @@ pub fn publish_marks<P: Planner>(
     let committed = d.view.state().fencing;
     let configured: BTreeSet<String> = c.view().nodes.keys().cloned().collect();
     let mut todo: Vec<(String, Option<haven_store::FenceMark>)> = Vec::new();
-    for (node, (confirmed, reason)) in c.fence_marks() {
+    let held = c.fence_marks();
+    for (node, mark) in &committed {
+        // A doubt the coordinator dropped (a confirmed fence of the two-node peer
+        // superseded it) goes from the replicated state too, or a later leader would
+        // resume it once the peer's mark is gone.
+        if !mark.confirmed
+            && configured.contains(node)
+            && !held.contains_key(node)
+            && !rejoining.contains(node)
+        {
+            todo.push((node.clone(), None));
+        }
+    }
+    for (node, (confirmed, reason)) in held {
         if rejoining.contains(&node) {
             continue;
         }
