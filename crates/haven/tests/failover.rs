@@ -1282,3 +1282,82 @@ fn a_daemon_restarted_alone_gets_its_resources_back_and_status_tells_the_truth()
     });
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
 }
+
+/// openraft restores the vote of a daemon that restarts, so the leader's daemon, killed
+/// and started again before the others elect anyone, names itself leader at once. Here
+/// its Raft traffic (link0) stays cut while its heartbeats (link1) flow, so the window
+/// stays open: it hears a majority and names itself leader, no majority acknowledges
+/// it, and the others elect a new leader. Its coordinator must not run meanwhile
+/// (before `Daemon::is_confirmed_leader`, it started at once: it probed, planned and
+/// would have fenced on a leadership nobody confirmed, and its own agent takes its
+/// orders). Healed, it follows the leader the others elected, and svc ran once
+/// throughout.
+#[test]
+fn a_restarted_leader_does_not_coordinate_before_a_majority_acknowledges_it() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    svc_home(&lab);
+    let old = wait_for("a leader", || leader_seen_by(&lab, "n1"));
+    let other = NODES
+        .iter()
+        .find(|n| **n != old)
+        .expect("another node")
+        .to_string();
+    let checker = Checker::start(&lab.dir, "svc");
+    let pid = daemon_pid(&lab.dir, &old);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    // Cut before the start: the new daemon reads the cut as it starts.
+    ok(lab.run(&[
+        "lab",
+        "partition",
+        &old,
+        "--link",
+        "link0",
+        "--dir",
+        lab.dir_str(),
+    ]));
+    ok(lab.run(&["lab", "start", &old, "--dir", lab.dir_str()]));
+    let mine = lab.client_of(&old);
+    let in_window = || {
+        let s = status(&mine)?;
+        let claims = s["leader"] == old.as_str() && s["quorate"] == true;
+        let elected = leader_seen_by(&lab, &other).filter(|l| *l != old)?;
+        claims.then_some(elected)
+    };
+    let elected = wait_for(
+        "the restarted daemon to name itself leader and hear a majority while the others elect another",
+        in_window,
+    );
+    // The coordinator loop runs every 100 ms; give it many turns inside the window.
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            in_window().is_some(),
+            "the window closed early: the test no longer reproduces it"
+        );
+    }
+    let log = std::fs::read_to_string(lab.dir.join(&old).join("daemon.log")).expect("daemon.log");
+    let acted: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("coordinator started") || l.contains("coordinator: "))
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "{old}'s restarted daemon coordinated on a leadership no majority acknowledged:\n{}",
+        acted.join("\n")
+    );
+    ok(lab.run(&["lab", "heal", "--dir", lab.dir_str()]));
+    wait_for("the restarted daemon to follow the elected leader", || {
+        let l = leader_seen_by(&lab, &old)?;
+        (l != old && l == elected).then_some(())
+    });
+    wait_for("svc to run on one node", || {
+        (lab.running("svc").len() == 1).then_some(())
+    });
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}

@@ -192,6 +192,14 @@ impl LabSwitch {
         self.link_cut("link0")
     }
 
+    /// Takes the cut in force in the node's directory now (a lab daemon only).
+    pub fn load(&self, node_dir: &Path) {
+        if self.enabled {
+            let text = std::fs::read_to_string(node_dir.join(LAB_CUT_FILE)).ok();
+            self.set(text.as_deref());
+        }
+    }
+
     fn set(&self, text: Option<&str>) {
         let mut all = false;
         let mut links = BTreeSet::new();
@@ -215,13 +223,15 @@ pub fn spawn(d: Arc<Daemon>) {
     tokio::spawn(tell_fenced_peers(d.clone()));
     if d.lab.enabled {
         let d2 = d.clone();
-        // Read at once, not on the watcher's first turn: a node restarted inside a
-        // partition must not hear (or be heard by) anyone meanwhile.
+        // The daemon read the cut before Raft started (`LabSwitch::load`): a node
+        // restarted inside a partition must not hear (or be heard by) anyone meanwhile.
         let path = d.state_dir.join(LAB_CUT_FILE);
         let first = std::fs::read_to_string(&path).ok();
-        d.lab.set(first.as_deref());
+        if let Some(t) = &first {
+            tracing::warn!("lab: links cut: {}", t.trim());
+        }
         tokio::spawn(async move {
-            let mut last: Option<String> = None;
+            let mut last: Option<String> = first;
             loop {
                 let now = std::fs::read_to_string(&path).ok();
                 if now != last {
