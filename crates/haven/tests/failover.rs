@@ -1361,3 +1361,96 @@ fn a_restarted_leader_does_not_coordinate_before_a_majority_acknowledges_it() {
     });
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
 }
+
+/// wait_for_all's window: a fenced node that comes back and hears its peer (here only
+/// its heartbeats: its Raft link stays cut, so no leader forms and the survivor cannot
+/// commit the mark, nor tell it that it was fenced) and is then cut off altogether
+/// must not count as having seen the whole cluster: it would play the lone survivor
+/// and fence the node that fenced it. The victim led Raft, so it even comes back
+/// naming itself leader (openraft restores its vote); that leadership, acknowledged by
+/// no one, does not count either. The survivor stays up and runs everything.
+#[test]
+fn two_nodes_a_fenced_peer_cut_off_again_before_its_mark_is_committed_stays_quiet() {
+    let _one = lock();
+    let lab = TwoNodes::up();
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run", || {
+            (running(&lab.dir, r).len() == 1).then_some(())
+        });
+    }
+    let status_of = |n: &str| {
+        let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    let victim = wait_for("a leader", || {
+        status_of("n1")?["leader"].as_str().map(str::to_string)
+    });
+    let survivor = if victim == "n1" { "n2" } else { "n1" }.to_string();
+    ok(haven(
+        &["lab", "kill", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run on the survivor", || {
+            (running(&lab.dir, r) == [survivor.clone()]).then_some(())
+        });
+    }
+    let survivor_pid = daemon_pid(&lab.dir, &survivor);
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(haven(
+        &[
+            "lab",
+            "partition",
+            &victim,
+            "--link",
+            "link0",
+            "--dir",
+            lab.dir_str(),
+        ],
+        None,
+    ));
+    ok(haven(
+        &["lab", "start", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    wait_for("the returned node to hear its peer (quorate)", || {
+        (status_of(&victim)?["quorate"] == true).then_some(())
+    });
+    // Quorate for many turns of its coordinator loop (100 ms), then cut off entirely.
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            status_of(&victim).map(|s| s["quorate"].clone()),
+            Some(serde_json::json!(true)),
+            "the returned node stopped hearing its peer: the window was not reproduced"
+        );
+    }
+    ok(haven(
+        &["lab", "partition", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    // Long enough for a lone survivor's detection (1 s), the delay of a fence of n1
+    // (4 s) and the lab switch, several times over on a loaded machine.
+    for _ in 0..150 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            alive(survivor_pid),
+            "the returned fenced node shot the survivor"
+        );
+    }
+    let log =
+        std::fs::read_to_string(lab.dir.join(&victim).join("daemon.log")).expect("daemon.log");
+    let acted: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("coordinator started") || l.contains("coordinator: "))
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "the returned fenced node coordinated:\n{}",
+        acted.join("\n")
+    );
+    for r in ["svc", "db", "web", "worker"] {
+        assert_eq!(running(&lab.dir, r), vec![survivor.clone()], "{r}");
+    }
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}

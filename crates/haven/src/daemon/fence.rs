@@ -275,10 +275,17 @@ pub fn quorum_now(d: &Daemon) -> Quorum {
         // wait_for_all counts a whole cluster only: one with a leader, in which this
         // node is not held fenced. Otherwise a fenced node that comes back, hears its
         // peer once and is cut off again before the mark is committed could play the
-        // lone survivor and shoot the node that fenced it.
+        // lone survivor and shoot the node that fenced it. Its own leadership counts
+        // only once acknowledged: openraft restores a restarted leader's, so a fenced
+        // ex-leader names itself leader before anyone has answered it.
         let me = &d.node.name;
         let held = d.local_marks.get(me).is_some() || d.view.state().fencing.contains_key(me);
-        if d.leader().is_some() && !held {
+        let leader = match d.leader() {
+            Some((id, _)) if id == d.node.id => d.is_confirmed_leader(),
+            Some(_) => true,
+            None => false,
+        };
+        if leader && !held {
             SEEN_QUORATE.store(true, Ordering::Relaxed);
         }
         return Quorum {
