@@ -310,6 +310,9 @@ struct Node {
     /// Fences this node's lone coordinator confirmed but could not commit: kept on its
     /// disk (so across daemon restarts and power cycles) until committed.
     local_marks: BTreeMap<String, (bool, String)>,
+    /// Peers this node fenced that have acknowledged it (`/ha/fenced`): they keep the
+    /// mark on themselves, so they may have this node's vote again. In memory only.
+    told: BTreeSet<String>,
     /// After a daemon-only restart: the resources the new daemon has run no operation
     /// on yet, so knows nothing of.
     unprobed: BTreeSet<String>,
@@ -478,6 +481,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                         pending_ops: Vec::new(),
                         seen_quorate: false,
                         local_marks: BTreeMap::new(),
+                        told: BTreeSet::new(),
                         unprobed: BTreeSet::new(),
                         incarnation: 1,
                         ordered_by: BTreeMap::new(),
@@ -535,6 +539,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
             heartbeat_due = w.now + Timeouts::default().heartbeat_interval;
         }
         w.deliver();
+        w.tell_fenced();
         w.run_switch();
         w.run_agents();
         w.run_coordinators();
@@ -726,6 +731,7 @@ impl<P: Planner> World<P> {
             node.agent = NodeAgent::new();
             node.pending_ops.clear();
             node.ordered_by.clear();
+            node.told.clear();
         }
         if self.coordinators.remove(n).is_some() {
             self.log(format!("{n}'s coordinator is gone with its daemon"));
@@ -815,16 +821,58 @@ impl<P: Planner> World<P> {
     }
 
     /// Whether `voter` would vote for `candidate`: not if it holds an uncommitted
-    /// confirmed fence of the candidate (the two-node rejoin rule).
+    /// confirmed fence of the candidate that the candidate has not acknowledged (the
+    /// two-node rejoin rule).
     fn grants_vote(&self, voter: &str, candidate: &str) -> bool {
         if voter == candidate || self.opts.broken == Some(Broken::VoteForFencedPeer) {
             return true;
         }
-        !self
-            .nodes
-            .get(voter)
-            .and_then(|v| v.local_marks.get(candidate))
-            .is_some_and(|(confirmed, _)| *confirmed)
+        let Some(v) = self.nodes.get(voter) else {
+            return false;
+        };
+        v.told.contains(candidate)
+            || !v
+                .local_marks
+                .get(candidate)
+                .is_some_and(|(confirmed, _)| *confirmed)
+    }
+
+    /// The daemon's `/ha/fenced`: a node that holds a peer fenced on its disk tells the
+    /// peer once it hears it; the peer keeps the mark on itself (so it never counts as
+    /// having seen the cluster, and a coordinator it runs as leader starts with its own
+    /// node fenced) and may have the vote again. Marks the replicated state holds
+    /// confirmed leave the local files, as the daemon's `sync_local_marks` does.
+    fn tell_fenced(&mut self) {
+        let committed: BTreeSet<String> = self
+            .committed_marks
+            .iter()
+            .filter(|(_, (c, _))| *c)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in self.nodes.values_mut() {
+            node.local_marks.retain(|v, _| !committed.contains(v));
+            node.told.retain(|v| !committed.contains(v));
+        }
+        let mut tell: Vec<(String, String)> = Vec::new();
+        for (by, node) in &self.nodes {
+            for (v, (confirmed, _)) in &node.local_marks {
+                if *confirmed && v != by && !node.told.contains(v) && self.in_touch(by, v) {
+                    tell.push((by.clone(), v.clone()));
+                }
+            }
+        }
+        for (by, v) in tell {
+            self.log(format!(
+                "{by} tells {v} it was fenced; {v} keeps the mark on itself"
+            ));
+            if let Some(node) = self.nodes.get_mut(&v) {
+                node.local_marks
+                    .insert(v.clone(), (true, format!("fenced by {by}")));
+            }
+            if let Some(node) = self.nodes.get_mut(&by) {
+                node.told.insert(v);
+            }
+        }
     }
 
     /// Raft's outcome, without its messages: the lowest-named node of a group holding
@@ -1438,10 +1486,15 @@ impl<P: Planner> World<P> {
             // must never take the lone survivor's part. It learns it is fenced from the
             // leader, which only the survivor can be (the rejoin rule) and which
             // commits the mark first, so it waits for a leader.
-            let fenced = self
-                .committed_marks
+            let told = self
+                .nodes
                 .get(&n)
-                .is_some_and(|(confirmed, _)| *confirmed);
+                .is_some_and(|x| x.local_marks.contains_key(&n));
+            let fenced = told
+                || self
+                    .committed_marks
+                    .get(&n)
+                    .is_some_and(|(confirmed, _)| *confirmed);
             if self.together(&n)
                 && self.leader.is_some()
                 && !fenced

@@ -93,6 +93,14 @@ fn a_fenced_peer_stays_out_until_the_operator_allows_it() {
         &report,
         "n1 is back but was fenced; it stays out until allowed"
     ));
+    // Told it was fenced, n1 may lead (it has the lowest name): its coordinator starts
+    // with its own node fenced, and it still stays out.
+    assert!(logged(&report, "n2 tells n1 it was fenced"));
+    assert!(
+        logged(&report, "n1 becomes leader"),
+        "{}",
+        report.log.join("\n")
+    );
     assert!(everything_on(&report, "n2"), "{:?}", report.final_placement);
     // With an operator, it comes back in.
     let mut opts = two_nodes("n2", script.clone());
