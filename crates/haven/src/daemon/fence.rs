@@ -774,11 +774,14 @@ pub fn publish_marks<P: Planner>(
     let configured: BTreeSet<String> = c.view().nodes.keys().cloned().collect();
     let mut todo: Vec<(String, Option<haven_store::FenceMark>)> = Vec::new();
     let held = c.fence_marks();
+    // A doubt the coordinator dropped because a confirmed fence of the two-node peer
+    // superseded it goes from the replicated state too, or a later leader would resume
+    // it once the peer's mark is gone. Only then: elsewhere a mark committed after this
+    // coordinator started (an earlier one's write landing late) must stay.
+    let superseded = two_node(d) && held.values().any(|(confirmed, _)| *confirmed);
     for (node, mark) in &committed {
-        // A doubt the coordinator dropped (a confirmed fence of the two-node peer
-        // superseded it) goes from the replicated state too, or a later leader would
-        // resume it once the peer's mark is gone.
-        if !mark.confirmed
+        if superseded
+            && !mark.confirmed
             && configured.contains(node)
             && !held.contains_key(node)
             && !rejoining.contains(node)
