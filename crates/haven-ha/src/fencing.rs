@@ -568,11 +568,57 @@ impl Fencer {
     }
 }
 
+/// Two-node clusters: the fence marks a coordinator starts from, once a confirmed fence
+/// has decided a race. When one node is confirmed fenced, a mark that holds the other
+/// in doubt is dropped: it can only have been made by the fenced node (or for it)
+/// before the fence, and the survivor is evidently up. Kept, it would make the winner
+/// of the race hold itself in doubt (it cannot fence itself, so nothing recovers), and
+/// make the loser, back from its reboot and leading, shoot the winner — what the delay
+/// promised would not happen. This is Pacemaker's view: a confirmed fence of the peer
+/// supersedes the peer's earlier doubt about us, and a node that learns it was fenced
+/// does not act on what it decided before. With both nodes confirmed (nothing can
+/// tell which came first) every mark is kept.
+pub fn after_two_node_race(marks: Vec<(String, bool, String)>) -> Vec<(String, bool, String)> {
+    let confirmed = marks.iter().filter(|(_, confirmed, _)| *confirmed).count();
+    if confirmed != 1 {
+        return marks;
+    }
+    marks
+        .into_iter()
+        .filter(|(_, confirmed, _)| *confirmed)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    fn mark(n: &str, confirmed: bool) -> (String, bool, String) {
+        (n.into(), confirmed, "lost".into())
+    }
+
+    #[test]
+    fn a_confirmed_fence_of_the_peer_drops_the_doubt_it_held_about_the_survivor() {
+        let marks = after_two_node_race(vec![mark("n1", true), mark("n2", false)]);
+        assert_eq!(marks, vec![mark("n1", true)]);
+        // Either side of the race, and whoever holds the marks.
+        let marks = after_two_node_race(vec![mark("n2", true), mark("n1", false)]);
+        assert_eq!(marks, vec![mark("n2", true)]);
+    }
+
+    #[test]
+    fn without_a_confirmed_fence_or_with_two_every_mark_stays() {
+        for marks in [
+            vec![mark("n1", false)],
+            vec![mark("n1", false), mark("n2", false)],
+            vec![mark("n1", true), mark("n2", true)],
+            vec![],
+        ] {
+            assert_eq!(after_two_node_race(marks.clone()), marks);
+        }
+    }
 
     fn run(device: &str) -> FenceStep {
         FenceStep {

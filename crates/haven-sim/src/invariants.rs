@@ -48,6 +48,10 @@ pub enum Violation {
     /// Both nodes of a two-node cluster were fenced at once: the fence delays did not
     /// decide the race.
     BothFenced { at: Time },
+    /// Two-node: the node that won a fencing race (the switch powered its peer off on
+    /// its order) was fenced afterwards although it had stayed up and in touch with
+    /// every running daemon since: a mark made before the race outlived it.
+    WinnerFenced { winner: String, at: Time },
 }
 
 impl Violation {
@@ -67,6 +71,7 @@ impl Violation {
                 format!("unprobed {resource} {node}")
             }
             Violation::BothFenced { .. } => "both fenced".to_string(),
+            Violation::WinnerFenced { winner, .. } => format!("winner {winner}"),
         }
     }
 }
@@ -119,6 +124,10 @@ impl fmt::Display for Violation {
             Violation::BothFenced { at } => {
                 write!(f, "{at}: both nodes of the two-node cluster were fenced")
             }
+            Violation::WinnerFenced { winner, at } => write!(
+                f,
+                "{at}: {winner} won its fencing race and stayed up and in touch since, yet was fenced"
+            ),
         }
     }
 }

@@ -25,7 +25,8 @@
 //! node out of touch with it, and not fenced since, ran it meanwhile; a fenced node
 //! runs nothing and is counted in by no coordinator until allowed back; a restarted
 //! daemon never reports a resource stopped that it has not probed; never both nodes
-//! of a two-node cluster fenced at once.
+//! of a two-node cluster fenced at once; the winner of a two-node race never fenced
+//! again unless it has been down or out of touch since.
 
 mod invariants;
 mod world;

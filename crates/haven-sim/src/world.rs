@@ -92,6 +92,13 @@ pub enum Broken {
     /// A two-node survivor gives its Raft vote to the peer it fenced before it has
     /// committed the fence mark.
     VoteForFencedPeer,
+    /// A coordinator starts from a mark holding its node in doubt although its node's
+    /// fence of the peer was confirmed since: the winner of a race holds itself in
+    /// doubt, and the loser, back, shoots it.
+    DoubtOutlivesPeerFence,
+    /// The answer of a fence whose ordering coordinator is gone is dropped, as before
+    /// the race fix: the winner does not know it won.
+    DropOrphanedFenceResult,
 }
 
 /// A fault at a fixed time, for scripted scenarios.
@@ -271,6 +278,7 @@ enum Payload {
     },
     FenceDone {
         token: u64,
+        victim: String,
         ok: bool,
     },
 }
@@ -302,6 +310,9 @@ struct Node {
     /// Fences this node's lone coordinator confirmed but could not commit: kept on its
     /// disk (so across daemon restarts and power cycles) until committed.
     local_marks: BTreeMap<String, (bool, String)>,
+    /// Peers this node fenced that have acknowledged it (`/ha/fenced`): they keep the
+    /// mark on themselves, so they may have this node's vote again. In memory only.
+    told: BTreeSet<String>,
     /// After a daemon-only restart: the resources the new daemon has run no operation
     /// on yet, so knows nothing of.
     unprobed: BTreeSet<String>,
@@ -363,6 +374,10 @@ struct World<P> {
     /// coordinator on m must not start them before n is fenced (or back in touch).
     unseen_runs: BTreeMap<(String, String), BTreeSet<String>>,
     racing: bool,
+    /// Two-node: the node whose fence of its peer the switch carried out → whether it
+    /// has since been out of touch with a running daemon or down itself (only then may
+    /// it be fenced).
+    won: BTreeMap<String, bool>,
 }
 
 /// The cluster every run simulates: `nodes` hosts with two heartbeat links each and a
@@ -466,6 +481,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
                         pending_ops: Vec::new(),
                         seen_quorate: false,
                         local_marks: BTreeMap::new(),
+                        told: BTreeSet::new(),
                         unprobed: BTreeSet::new(),
                         incarnation: 1,
                         ordered_by: BTreeMap::new(),
@@ -492,6 +508,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
         kept_out: BTreeSet::new(),
         unseen_runs: BTreeMap::new(),
         racing: false,
+        won: BTreeMap::new(),
         opts,
     };
     w.log(format!("world: {}", w.opts.describe()));
@@ -522,6 +539,7 @@ pub fn run<P: Planner>(opts: SimOptions, mut planner: impl FnMut() -> P) -> SimR
             heartbeat_due = w.now + Timeouts::default().heartbeat_interval;
         }
         w.deliver();
+        w.tell_fenced();
         w.run_switch();
         w.run_agents();
         w.run_coordinators();
@@ -713,6 +731,7 @@ impl<P: Planner> World<P> {
             node.agent = NodeAgent::new();
             node.pending_ops.clear();
             node.ordered_by.clear();
+            node.told.clear();
         }
         if self.coordinators.remove(n).is_some() {
             self.log(format!("{n}'s coordinator is gone with its daemon"));
@@ -757,6 +776,7 @@ impl<P: Planner> World<P> {
             node.unprobed.clear();
         }
         self.unseen_runs.retain(|(a, _), _| a != n);
+        self.won.remove(n);
     }
 
     fn stop_process(&mut self, r: &str, n: &str) {
@@ -801,16 +821,58 @@ impl<P: Planner> World<P> {
     }
 
     /// Whether `voter` would vote for `candidate`: not if it holds an uncommitted
-    /// confirmed fence of the candidate (the two-node rejoin rule).
+    /// confirmed fence of the candidate that the candidate has not acknowledged (the
+    /// two-node rejoin rule).
     fn grants_vote(&self, voter: &str, candidate: &str) -> bool {
         if voter == candidate || self.opts.broken == Some(Broken::VoteForFencedPeer) {
             return true;
         }
-        !self
-            .nodes
-            .get(voter)
-            .and_then(|v| v.local_marks.get(candidate))
-            .is_some_and(|(confirmed, _)| *confirmed)
+        let Some(v) = self.nodes.get(voter) else {
+            return false;
+        };
+        v.told.contains(candidate)
+            || !v
+                .local_marks
+                .get(candidate)
+                .is_some_and(|(confirmed, _)| *confirmed)
+    }
+
+    /// The daemon's `/ha/fenced`: a node that holds a peer fenced on its disk tells the
+    /// peer once it hears it; the peer keeps the mark on itself (so it never counts as
+    /// having seen the cluster, and a coordinator it runs as leader starts with its own
+    /// node fenced) and may have the vote again. Marks the replicated state holds
+    /// confirmed leave the local files, as the daemon's `sync_local_marks` does.
+    fn tell_fenced(&mut self) {
+        let committed: BTreeSet<String> = self
+            .committed_marks
+            .iter()
+            .filter(|(_, (c, _))| *c)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in self.nodes.values_mut() {
+            node.local_marks.retain(|v, _| !committed.contains(v));
+            node.told.retain(|v| !committed.contains(v));
+        }
+        let mut tell: Vec<(String, String)> = Vec::new();
+        for (by, node) in &self.nodes {
+            for (v, (confirmed, _)) in &node.local_marks {
+                if *confirmed && v != by && !node.told.contains(v) && self.in_touch(by, v) {
+                    tell.push((by.clone(), v.clone()));
+                }
+            }
+        }
+        for (by, v) in tell {
+            self.log(format!(
+                "{by} tells {v} it was fenced; {v} keeps the mark on itself"
+            ));
+            if let Some(node) = self.nodes.get_mut(&v) {
+                node.local_marks
+                    .insert(v.clone(), (true, format!("fenced by {by}")));
+            }
+            if let Some(node) = self.nodes.get_mut(&by) {
+                node.told.insert(v);
+            }
+        }
     }
 
     /// Raft's outcome, without its messages: the lowest-named node of a group holding
@@ -949,8 +1011,11 @@ impl<P: Planner> World<P> {
                     e.0 |= *confirmed;
                 }
             }
-            let marks: Vec<(String, bool, String)> =
+            let mut marks: Vec<(String, bool, String)> =
                 marks.into_iter().map(|(v, (c, r))| (v, c, r)).collect();
+            if self.opts.two_node && self.opts.broken != Some(Broken::DoubtOutlivesPeerFence) {
+                marks = haven_ha::fencing::after_two_node_race(marks);
+            }
             c.handle_fence_marks(marks, self.now);
             self.coordinators.insert(n, c);
         }
@@ -1099,23 +1164,52 @@ impl<P: Planner> World<P> {
                     coordinator: msg.from.clone(),
                 });
             }
-            Payload::FenceDone { token, ok } => {
-                let Some(c) = self.coordinators.get_mut(&msg.to) else {
-                    return;
-                };
-                let doubt: Vec<String> = c.fencer().in_doubt().map(str::to_string).collect();
-                c.handle_fence_result(token, ok, now);
-                // From its confirmation on, the victim is fenced in the cluster's eyes
-                // and stays out until allowed (a fence whose answer is lost with the
-                // node that ordered it is, for the cluster, still in doubt).
-                if !self.opts.auto_rejoin {
-                    for v in doubt {
-                        if c.fencer().is_confirmed(&v) {
-                            self.kept_out.insert(v);
+            Payload::FenceDone { token, victim, ok } => {
+                let mut confirmed = false;
+                if let Some(c) = self.coordinators.get_mut(&msg.to) {
+                    let doubt: Vec<String> = c.fencer().in_doubt().map(str::to_string).collect();
+                    c.handle_fence_result(token, ok, now);
+                    confirmed = c.fencer().is_confirmed(&victim);
+                    // From its confirmation on, the victim is fenced in the cluster's
+                    // eyes and stays out until allowed (a fence whose answer is lost
+                    // with the node that ordered it is, for the cluster, still in doubt).
+                    if !self.opts.auto_rejoin {
+                        for v in doubt {
+                            if c.fencer().is_confirmed(&v) {
+                                self.kept_out.insert(v);
+                            }
                         }
                     }
                 }
+                let drop = self.opts.broken == Some(Broken::DropOrphanedFenceResult);
+                if ok && !confirmed && self.opts.two_node && !drop {
+                    self.orphaned_fence(&msg.to, &victim);
+                }
             }
+        }
+    }
+
+    /// Two-node: a fence this node ordered succeeded, but the coordinator that ordered
+    /// it is gone (a heal made the peer leader for a moment, or this node's coordinator
+    /// restarted). The power switch has spoken, so the node keeps the victim fenced on
+    /// its disk, as for any fence it confirmed alone, and starts its coordinator again
+    /// from its marks: that is what makes the winner of a race the survivor, where
+    /// dropping the answer left it in doubt of itself.
+    fn orphaned_fence(&mut self, n: &str, victim: &str) {
+        self.log(format!(
+            "{n} learns its fence of {victim} succeeded after its coordinator moved on; it keeps {victim} fenced"
+        ));
+        if let Some(node) = self.nodes.get_mut(n) {
+            node.local_marks.insert(
+                victim.to_string(),
+                (true, "fenced (answer after a coordinator change)".into()),
+            );
+        }
+        if !self.opts.auto_rejoin {
+            self.kept_out.insert(victim.to_string());
+        }
+        if self.coordinators.remove(n).is_some() {
+            self.log(format!("{n}'s coordinator restarts from its marks"));
         }
     }
 
@@ -1131,7 +1225,17 @@ impl<P: Planner> World<P> {
                 self.report.lone_fences += 1;
             }
             self.log(format!("{} powers off {}", a.executor, a.victim));
+            if self.won.get(&a.victim) == Some(&false) {
+                let v = Violation::WinnerFenced {
+                    winner: a.victim.clone(),
+                    at: now,
+                };
+                self.breach(v);
+            }
             self.power_off(&a.victim);
+            if self.opts.two_node && self.alive(&a.executor) {
+                self.won.insert(a.executor.clone(), false);
+            }
             self.fenced_down.insert(a.victim.clone());
             let back = self.rng.random_range(3_000..8_000);
             if let Some(node) = self.nodes.get_mut(&a.victim) {
@@ -1146,6 +1250,7 @@ impl<P: Planner> World<P> {
                 &a.coordinator,
                 Payload::FenceDone {
                     token: a.token,
+                    victim: a.victim.clone(),
                     ok: true,
                 },
             );
@@ -1381,10 +1486,15 @@ impl<P: Planner> World<P> {
             // must never take the lone survivor's part. It learns it is fenced from the
             // leader, which only the survivor can be (the rejoin rule) and which
             // commits the mark first, so it waits for a leader.
-            let fenced = self
-                .committed_marks
+            let told = self
+                .nodes
                 .get(&n)
-                .is_some_and(|(confirmed, _)| *confirmed);
+                .is_some_and(|x| x.local_marks.contains_key(&n));
+            let fenced = told
+                || self
+                    .committed_marks
+                    .get(&n)
+                    .is_some_and(|(confirmed, _)| *confirmed);
             if self.together(&n)
                 && self.leader.is_some()
                 && !fenced
@@ -1465,6 +1575,23 @@ impl<P: Planner> World<P> {
                 if !runs.is_empty() {
                     self.unseen_runs.entry(key).or_default().extend(runs);
                 }
+            }
+        }
+        // A race's winner may be fenced again only once it has been out of touch (or
+        // down) since.
+        let winners: Vec<String> = self
+            .won
+            .iter()
+            .filter(|(_, lost)| !**lost)
+            .map(|(w, _)| w.clone())
+            .collect();
+        for w in winners {
+            let lost = !self.alive(&w)
+                || names
+                    .iter()
+                    .any(|m| *m != w && self.alive(m) && !self.in_touch(&w, m));
+            if lost {
+                self.won.insert(w, true);
             }
         }
         // A fenced node stays out until allowed: no coordinator counts it in, and it

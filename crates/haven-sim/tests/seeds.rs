@@ -172,6 +172,24 @@ fn a_fenced_peer_winning_the_election_is_caught() {
     );
 }
 
+/// Without the race rules (a fence's answer reaching no coordinator is kept; a
+/// confirmed fence of the peer supersedes the doubt it held about the survivor), the
+/// winner of a two-node race can be shot by the loser afterwards.
+#[test]
+fn a_winner_shot_after_its_race_is_caught() {
+    for broken in [
+        Broken::DropOrphanedFenceResult,
+        Broken::DoubtOutlivesPeerFence,
+    ] {
+        let found = first_catch(
+            |o| o.two_node,
+            |o| o.broken = Some(broken),
+            |v| matches!(v, Violation::WinnerFenced { .. }),
+        );
+        assert!(found.is_some(), "no seed caught {broken:?}");
+    }
+}
+
 /// Replays one seed with its whole log: `HAVEN_SIM_SEED=N`.
 #[test]
 fn replay() {

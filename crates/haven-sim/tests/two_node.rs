@@ -93,6 +93,14 @@ fn a_fenced_peer_stays_out_until_the_operator_allows_it() {
         &report,
         "n1 is back but was fenced; it stays out until allowed"
     ));
+    // Told it was fenced, n1 may lead (it has the lowest name): its coordinator starts
+    // with its own node fenced, and it still stays out.
+    assert!(logged(&report, "n2 tells n1 it was fenced"));
+    assert!(
+        logged(&report, "n1 becomes leader"),
+        "{}",
+        report.log.join("\n")
+    );
     assert!(everything_on(&report, "n2"), "{:?}", report.final_placement);
     // With an operator, it comes back in.
     let mut opts = two_nodes("n2", script.clone());
@@ -152,19 +160,76 @@ fn a_slow_daemon_restart_gets_its_node_fenced_first() {
     assert!(everything_on(&report, "n1"), "{:?}", report.final_placement);
 }
 
+/// The fences the switch carried out, as (executor, victim).
+fn fences(report: &SimReport) -> Vec<(String, String)> {
+    report
+        .log
+        .iter()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(": ")?;
+            let (executor, victim) = rest.split_once(" powers off ")?;
+            Some((executor.to_string(), victim.to_string()))
+        })
+        .collect()
+}
+
 /// The link comes back while both nodes race to fence each other, at every moment of
-/// the race: whoever ends up shooting, nothing runs twice and everything runs again.
-/// (Today the loser, leading after the heal, commits the winner as in doubt; the
-/// winner, alone once the loser's power is cut, holds itself in doubt and can fence
-/// no one until the loser reboots and shoots it. Safe, and what the seeds must keep
-/// safe, but not yet what the delay promised.)
+/// the race. Whoever fences first wins, as the delay promised: it survives and runs
+/// everything, and the loser stays out. Before, a heal just before the favoured node's
+/// fence landed made the loser leader for a moment; it committed the winner as in
+/// doubt, the winner's coordinator stopped (so the fence's answer was lost), the
+/// winner, alone again, held itself in doubt, and the loser came back and shot it.
 #[test]
-fn a_heal_in_the_middle_of_a_fencing_race_stays_safe() {
-    for heal_ms in (5_800..=8_400).step_by(50) {
+fn a_heal_in_the_middle_of_a_fencing_race_leaves_the_winner_running_everything() {
+    let script = |heal_ms| {
         let mut opts = two_nodes("n2", vec![(5, Fault::Cut("n2".into()))]);
         opts.script
             .push((Duration::from_millis(heal_ms), Fault::Heal));
-        let report = run(opts);
-        assert_eq!(report.fencing_races, 1, "heal at {heal_ms} ms");
+        opts
+    };
+    let mut raced_and_healed = 0;
+    for heal_ms in (5_800..=8_400).step_by(50) {
+        let report = run(script(heal_ms));
+        let log = || format!("heal at {heal_ms} ms\n{}", report.log.join("\n"));
+        assert_eq!(report.fencing_races, 1, "{}", log());
+        let shots = fences(&report);
+        let Some((winner, loser)) = shots.first().cloned() else {
+            // Healed before either side fenced: nothing to decide.
+            continue;
+        };
+        assert!(
+            shots.iter().all(|s| *s == (winner.clone(), loser.clone())),
+            "{shots:?}: the loser shot back; {}",
+            log()
+        );
+        assert!(
+            everything_on(&report, &winner),
+            "{:?}; {}",
+            report.final_placement,
+            log()
+        );
+        if winner == "n2" && heal_ms < 6_300 {
+            raced_and_healed += 1;
+        }
+    }
+    // The window that used to go wrong is covered: healed before the favoured node's
+    // fence landed, which it still won.
+    assert!(raced_and_healed > 0);
+    // Each of the two rules that make it so, taken away, is caught.
+    for broken in [
+        Broken::DropOrphanedFenceResult,
+        Broken::DoubtOutlivesPeerFence,
+    ] {
+        let mut opts = script(6_100);
+        opts.broken = Some(broken);
+        let report = run_scheduler(opts);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| matches!(v, Violation::WinnerFenced { winner, .. } if winner == "n2")),
+            "{broken:?}: {:?}",
+            report.violations
+        );
     }
 }

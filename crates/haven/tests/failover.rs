@@ -1282,3 +1282,175 @@ fn a_daemon_restarted_alone_gets_its_resources_back_and_status_tells_the_truth()
     });
     assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
 }
+
+/// openraft restores the vote of a daemon that restarts, so the leader's daemon, killed
+/// and started again before the others elect anyone, names itself leader at once. Here
+/// its Raft traffic (link0) stays cut while its heartbeats (link1) flow, so the window
+/// stays open: it hears a majority and names itself leader, no majority acknowledges
+/// it, and the others elect a new leader. Its coordinator must not run meanwhile
+/// (before `Daemon::is_confirmed_leader`, it started at once: it probed, planned and
+/// would have fenced on a leadership nobody confirmed, and its own agent takes its
+/// orders). Healed, it follows the leader the others elected, and svc ran once
+/// throughout.
+#[test]
+fn a_restarted_leader_does_not_coordinate_before_a_majority_acknowledges_it() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure(&lab_device()(&lab));
+    svc_home(&lab);
+    let old = wait_for("a leader", || leader_seen_by(&lab, "n1"));
+    let other = NODES
+        .iter()
+        .find(|n| **n != old)
+        .expect("another node")
+        .to_string();
+    let checker = Checker::start(&lab.dir, "svc");
+    let pid = daemon_pid(&lab.dir, &old);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    // Cut before the start: the new daemon reads the cut as it starts.
+    ok(lab.run(&[
+        "lab",
+        "partition",
+        &old,
+        "--link",
+        "link0",
+        "--dir",
+        lab.dir_str(),
+    ]));
+    ok(lab.run(&["lab", "start", &old, "--dir", lab.dir_str()]));
+    let mine = lab.client_of(&old);
+    let in_window = || {
+        let s = status(&mine)?;
+        let claims = s["leader"] == old.as_str() && s["quorate"] == true;
+        let elected = leader_seen_by(&lab, &other).filter(|l| *l != old)?;
+        claims.then_some(elected)
+    };
+    let elected = wait_for(
+        "the restarted daemon to name itself leader and hear a majority while the others elect another",
+        in_window,
+    );
+    // The coordinator loop runs every 100 ms; give it many turns inside the window.
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            in_window().is_some(),
+            "the window closed early: the test no longer reproduces it"
+        );
+    }
+    let log = std::fs::read_to_string(lab.dir.join(&old).join("daemon.log")).expect("daemon.log");
+    let acted: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("coordinator started") || l.contains("coordinator: "))
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "{old}'s restarted daemon coordinated on a leadership no majority acknowledged:\n{}",
+        acted.join("\n")
+    );
+    ok(lab.run(&["lab", "heal", "--dir", lab.dir_str()]));
+    wait_for("the restarted daemon to follow the elected leader", || {
+        let l = leader_seen_by(&lab, &old)?;
+        (l != old && l == elected).then_some(())
+    });
+    wait_for("svc to run on one node", || {
+        (lab.running("svc").len() == 1).then_some(())
+    });
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}
+
+/// wait_for_all's window: a fenced node that comes back and hears its peer (here only
+/// its heartbeats: its Raft link stays cut, so no leader forms and the survivor cannot
+/// commit the mark, nor tell it that it was fenced) and is then cut off altogether
+/// must not count as having seen the whole cluster: it would play the lone survivor
+/// and fence the node that fenced it. The victim led Raft, so it even comes back
+/// naming itself leader (openraft restores its vote); that leadership, acknowledged by
+/// no one, does not count either. The survivor stays up and runs everything.
+#[test]
+fn two_nodes_a_fenced_peer_cut_off_again_before_its_mark_is_committed_stays_quiet() {
+    let _one = lock();
+    let lab = TwoNodes::up();
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run", || {
+            (running(&lab.dir, r).len() == 1).then_some(())
+        });
+    }
+    let status_of = |n: &str| {
+        let out = haven(&["status", "--json"], Some(&lab.client_of(n)));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    let victim = wait_for("a leader", || {
+        status_of("n1")?["leader"].as_str().map(str::to_string)
+    });
+    let survivor = if victim == "n1" { "n2" } else { "n1" }.to_string();
+    ok(haven(
+        &["lab", "kill", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    for r in ["svc", "db", "web", "worker"] {
+        wait_for("every resource to run on the survivor", || {
+            (running(&lab.dir, r) == [survivor.clone()]).then_some(())
+        });
+    }
+    let survivor_pid = daemon_pid(&lab.dir, &survivor);
+    let checker = Checker::start(&lab.dir, "svc");
+    ok(haven(
+        &[
+            "lab",
+            "partition",
+            &victim,
+            "--link",
+            "link0",
+            "--dir",
+            lab.dir_str(),
+        ],
+        None,
+    ));
+    ok(haven(
+        &["lab", "start", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    wait_for("the returned node to hear its peer (quorate)", || {
+        (status_of(&victim)?["quorate"] == true).then_some(())
+    });
+    // Quorate for many turns of its coordinator loop (100 ms), then cut off entirely.
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            status_of(&victim).map(|s| s["quorate"].clone()),
+            Some(serde_json::json!(true)),
+            "the returned node stopped hearing its peer: the window was not reproduced"
+        );
+    }
+    ok(haven(
+        &["lab", "partition", &victim, "--dir", lab.dir_str()],
+        None,
+    ));
+    // Long enough for a lone survivor's detection (1 s), the delay of a fence of n1
+    // (4 s) and the lab switch, several times over on a loaded machine.
+    for _ in 0..150 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            alive(survivor_pid),
+            "the returned fenced node shot the survivor"
+        );
+    }
+    let log =
+        std::fs::read_to_string(lab.dir.join(&victim).join("daemon.log")).expect("daemon.log");
+    let acted: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("coordinator started") || l.contains("coordinator: "))
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "the returned fenced node coordinated:\n{}",
+        acted.join("\n")
+    );
+    for r in ["svc", "db", "web", "worker"] {
+        assert_eq!(running(&lab.dir, r), vec![survivor.clone()], "{r}");
+    }
+    assert_eq!(checker.most_seen(), 1, "svc ran on two nodes at once");
+}

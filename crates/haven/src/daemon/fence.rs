@@ -192,6 +192,14 @@ impl LabSwitch {
         self.link_cut("link0")
     }
 
+    /// Takes the cut in force in the node's directory now (a lab daemon only).
+    pub fn load(&self, node_dir: &Path) {
+        if self.enabled {
+            let text = std::fs::read_to_string(node_dir.join(LAB_CUT_FILE)).ok();
+            self.set(text.as_deref());
+        }
+    }
+
     fn set(&self, text: Option<&str>) {
         let mut all = false;
         let mut links = BTreeSet::new();
@@ -215,13 +223,15 @@ pub fn spawn(d: Arc<Daemon>) {
     tokio::spawn(tell_fenced_peers(d.clone()));
     if d.lab.enabled {
         let d2 = d.clone();
-        // Read at once, not on the watcher's first turn: a node restarted inside a
-        // partition must not hear (or be heard by) anyone meanwhile.
+        // The daemon read the cut before Raft started (`LabSwitch::load`): a node
+        // restarted inside a partition must not hear (or be heard by) anyone meanwhile.
         let path = d.state_dir.join(LAB_CUT_FILE);
         let first = std::fs::read_to_string(&path).ok();
-        d.lab.set(first.as_deref());
+        if let Some(t) = &first {
+            tracing::warn!("lab: links cut: {}", t.trim());
+        }
         tokio::spawn(async move {
-            let mut last: Option<String> = None;
+            let mut last: Option<String> = first;
             loop {
                 let now = std::fs::read_to_string(&path).ok();
                 if now != last {
@@ -265,10 +275,17 @@ pub fn quorum_now(d: &Daemon) -> Quorum {
         // wait_for_all counts a whole cluster only: one with a leader, in which this
         // node is not held fenced. Otherwise a fenced node that comes back, hears its
         // peer once and is cut off again before the mark is committed could play the
-        // lone survivor and shoot the node that fenced it.
+        // lone survivor and shoot the node that fenced it. Its own leadership counts
+        // only once acknowledged: openraft restores a restarted leader's, so a fenced
+        // ex-leader names itself leader before anyone has answered it.
         let me = &d.node.name;
         let held = d.local_marks.get(me).is_some() || d.view.state().fencing.contains_key(me);
-        if d.leader().is_some() && !held {
+        let leader = match d.leader() {
+            Some((id, _)) if id == d.node.id => d.is_confirmed_leader(),
+            Some(_) => true,
+            None => false,
+        };
+        if leader && !held {
             SEEN_QUORATE.store(true, Ordering::Relaxed);
         }
         return Quorum {
@@ -642,7 +659,10 @@ async fn fenced_notice(
 }
 
 /// Fence marks a new coordinator starts from: this node's own (confirmed) first, then
-/// what earlier leaders committed.
+/// what earlier leaders committed. In a two-node cluster a confirmed fence supersedes
+/// the doubt held about the other node (`haven_ha::fencing::after_two_node_race`): the
+/// winner of a race does not hold itself in doubt, and a loser told it was fenced does
+/// not shoot the winner on a mark it made before.
 pub fn starting_marks(d: &Daemon) -> Vec<(String, bool, String)> {
     let mut marks: Vec<(String, bool, String)> = d
         .local_marks
@@ -655,7 +675,43 @@ pub fn starting_marks(d: &Daemon) -> Vec<(String, bool, String)> {
             marks.push(m);
         }
     }
+    if two_node(d) {
+        marks = haven_ha::fencing::after_two_node_race(marks);
+    }
     marks
+}
+
+fn two_node(d: &Daemon) -> bool {
+    committed_config(d).is_some_and(|c| c.options.two_node)
+}
+
+/// Two-node: this node's own fence of its peer succeeded, but no coordinator here was
+/// waiting for the answer (a heal made the peer leader for a moment and stopped this
+/// node's coordinator, or it restarted). The switch has spoken: keep the peer fenced
+/// on disk, as for any fence confirmed alone, so the coordinator this node runs next
+/// starts from it and the peer stays out. Dropped, it left the winner of a race in
+/// doubt of itself, and the loser came back and shot it. Returns whether it kept it;
+/// the caller then starts its coordinator again from the marks.
+pub fn keep_orphaned_result(d: &Daemon, done: &FenceDone) -> bool {
+    if !done.ok || done.executor != d.node.name || done.victim == d.node.name || !two_node(d) {
+        return false;
+    }
+    if d.local_marks.get(&done.victim).is_none() {
+        tracing::warn!(
+            "fencing {} with {} succeeded after the coordinator that ordered it stopped: this node keeps {} fenced",
+            done.victim,
+            done.device,
+            done.victim
+        );
+    }
+    d.local_marks.keep(
+        &done.victim,
+        &format!(
+            "fenced by {} with {} (the answer came after a coordinator change)",
+            d.node.name, done.device
+        ),
+    );
+    true
 }
 
 // ---- fence marks in the replicated state ----
@@ -717,7 +773,23 @@ pub fn publish_marks<P: Planner>(
     let committed = d.view.state().fencing;
     let configured: BTreeSet<String> = c.view().nodes.keys().cloned().collect();
     let mut todo: Vec<(String, Option<haven_store::FenceMark>)> = Vec::new();
-    for (node, (confirmed, reason)) in c.fence_marks() {
+    let held = c.fence_marks();
+    // A doubt the coordinator dropped because a confirmed fence of the two-node peer
+    // superseded it goes from the replicated state too, or a later leader would resume
+    // it once the peer's mark is gone. Only then: elsewhere a mark committed after this
+    // coordinator started (an earlier one's write landing late) must stay.
+    let superseded = two_node(d) && held.values().any(|(confirmed, _)| *confirmed);
+    for (node, mark) in &committed {
+        if superseded
+            && !mark.confirmed
+            && configured.contains(node)
+            && !held.contains_key(node)
+            && !rejoining.contains(node)
+        {
+            todo.push((node.clone(), None));
+        }
+    }
+    for (node, (confirmed, reason)) in held {
         if rejoining.contains(&node) {
             continue;
         }

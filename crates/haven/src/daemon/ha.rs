@@ -197,6 +197,9 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
         // majority): the coordinator runs only while this node sees quorum (or, in a
         // two-node cluster, has lost its peer and must fence it).
         if !super::fence::coordinating(&d) {
+            if let Some(CoordInput::Fence(super::fence::FenceInput::Done(done))) = &input {
+                super::fence::keep_orphaned_result(&d, done);
+            }
             super::fence::sync_local_marks::<LivePlanner>(&d, None);
             if leading.take().is_some() {
                 tracing::info!("no longer a leader with quorum: coordinator stopped");
@@ -252,6 +255,7 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             Some(_) => {}
         }
         let Some(l) = leading.as_mut() else { continue };
+        let mut restart = false;
         outdated_replicas_unpromotable(&d, l, now);
         let c = &mut l.coordinator;
         match input {
@@ -273,7 +277,19 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
                 if let super::fence::FenceInput::RejoinCommitted { node, .. } = &f {
                     l.rejoining.remove(node);
                 }
-                super::fence::handle_input(&d, c, f, now)
+                // A success this coordinator did not order (an earlier one did).
+                let orphan = match &f {
+                    super::fence::FenceInput::Done(done) => Some(done.clone()),
+                    _ => None,
+                };
+                super::fence::handle_input(&d, c, f, now);
+                if let Some(done) = orphan
+                    && !c.fencer().is_confirmed(&done.victim)
+                    && super::fence::keep_orphaned_result(&d, &done)
+                {
+                    tracing::info!("coordinator: starting again from this node's fence marks");
+                    restart = true;
+                }
             }
             Some(CoordInput::Report { node, report }) => {
                 let resource = report.resource.clone();
@@ -337,6 +353,9 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
             }
         }
         super::fence::record_confirmations(&d, &l.coordinator, &mut l.fence_seen);
+        if restart {
+            leading = None;
+        }
     }
 }
 

@@ -280,6 +280,9 @@ pub async fn run(dir: &Path, witness: bool, lab: bool) -> anyhow::Result<()> {
     .validate()
     .context("Raft timers")?;
     let lab = Arc::new(fence::LabSwitch::new(lab));
+    // Before Raft starts: openraft restores a restarted leader and replicates at once,
+    // so a node restarted inside a lab partition would otherwise reach its peers first.
+    lab.load(&nd.dir);
     let refused_as_fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timeouts = Timeouts {
         heartbeat_interval: Duration::from_millis(node.timers.heartbeat_ms),
