@@ -237,6 +237,8 @@ fn guest_dir() -> std::path::PathBuf {
 
 #[test]
 fn lab_up_with_vms_runs_one_qemu_guest_and_lab_down_stops_it() {
+    // One QEMU lab at a time: TCG guests on a 2-core machine.
+    let _one = common::lock();
     let guest = guest_dir();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lab");
@@ -297,6 +299,7 @@ fn netns_of(pid: i32) -> Option<u64> {
 
 #[test]
 fn netns_lab_runs_each_node_in_its_own_namespace_and_down_leaves_nothing_behind() {
+    let _one = common::lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lab");
     let guard = Lab(&dir);
@@ -418,4 +421,228 @@ fn netns_lab_runs_each_node_in_its_own_namespace_and_down_leaves_nothing_behind(
     );
     assert!(!dir.join("netns.toml").exists());
     drop(guard);
+}
+
+/// Every `HAVEN-<what> N` the guest printed on its console on `node` (the test guest
+/// keeps a counter in sector 0 of its disk: scripts/build-guest).
+fn console_numbers(dir: &Path, node: &str, what: &str) -> Vec<u64> {
+    let serial = dir.join(node).join("resources").join("vm1.serial");
+    let text = std::fs::read(serial).unwrap_or_default();
+    let prefix = format!("HAVEN-{what} ");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(&prefix)?.trim().parse().ok())
+        .collect()
+}
+
+/// `haven volume status --json` of vol1's replica on `node`, through its control socket.
+fn volume_status(dir: &Path, node: &str) -> Option<serde_json::Value> {
+    let ctl = dir.join(node).join("resources").join("vol1.ctl");
+    let out = haven(
+        &["volume", "status", "--json", "--control", ctl.to_str()?],
+        None,
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// `node`'s replica is a secondary in sync with a primary on `primary`.
+fn in_sync_secondary(dir: &Path, node: &str, primary: &str) -> bool {
+    volume_status(dir, node).is_some_and(|s| {
+        let peer = s["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["node"] == primary).cloned())
+            .unwrap_or_default();
+        s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && peer["role"] == "Primary"
+            && peer["connection"] == "Connected"
+            && peer["replication"] == "Established"
+    })
+}
+
+/// Room for a TCG boot and a live migration on a loaded 2-core machine.
+fn wait_long<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Every process the lab's agents track now, as (pid, start time) from their
+/// `PID STARTTIME` pidfiles, so a recycled pid is not mistaken for a survivor.
+fn tracked_processes(dir: &Path) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for n in common::NODES {
+        let Ok(entries) = std::fs::read_dir(dir.join(n).join("resources")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "pid") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let mut it = text.split_whitespace();
+            if let (Some(pid), Some(start)) = (it.next(), it.next())
+                && same_process(pid, start)
+            {
+                out.push((p.display().to_string(), pid.to_string(), start.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Process `pid` still runs and started at `start` (clock ticks after boot).
+fn same_process(pid: &str, start: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    f.first().is_some_and(|s| *s != "Z") && f.get(19) == Some(&start)
+}
+
+#[test]
+fn lab_up_with_vms_boots_the_guest_from_a_replicated_volume_moves_it_live_and_recovers_it_after_a_power_off()
+ {
+    let _one = common::lock();
+    let guest = guest_dir();
+    let lab = common::Lab::up_with(&["--vms", "--guest-dir", guest.to_str().unwrap()]);
+    let dir = lab.dir.clone();
+    let checker = common::Checker::start(&dir, "vm1");
+
+    // The guest runs on the volume's primary, the other replica is in sync with it, and
+    // n3 (no replica) runs neither.
+    let home = wait_long("vm1 to run on one node", || {
+        let r = lab.running("vm1");
+        (r.len() == 1).then(|| r[0].clone())
+    });
+    assert!(home == "n1" || home == "n2", "vm1 runs on {home}");
+    let other = if home == "n1" { "n2" } else { "n1" };
+    assert_eq!(
+        lab.running("vol1"),
+        vec!["n1", "n2"],
+        "a replica on n1 and n2"
+    );
+    let primary = volume_status(&dir, &home).expect("the primary's status");
+    assert_eq!(primary["role"], "Primary", "{primary:#}");
+    wait_long("the other replica to be connected and UpToDate", || {
+        in_sync_secondary(&dir, other, &home).then_some(())
+    });
+    wait_long("the cluster to report vm1 on its node", || {
+        status_of(&dir)
+            .is_some_and(|s| placement(&s, "vm1") == [home.clone()])
+            .then_some(())
+    });
+    wait_long("the guest to count on its disk", || {
+        (console_numbers(&dir, &home, "COUNTER").last() >= Some(&3)).then_some(())
+    });
+
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+
+    // A move is a live migration with the volume's primary (for its length, two QEMUs
+    // exist: the target's waits paused for the source's state).
+    let out = lab.run(&["resource", "move", "vm1", other]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_long("vm1 to run on the other replica's node only", || {
+        (lab.running("vm1") == [other]).then_some(())
+    });
+    wait_long("the primary to have moved with it", || {
+        let o = volume_status(&dir, other)?;
+        (o["role"] == "Primary"
+            && o.get("window").is_none()
+            && in_sync_secondary(&dir, &home, other))
+        .then_some(())
+    });
+    let moved_at = *console_numbers(&dir, &home, "COUNTER")
+        .last()
+        .expect("counters before the move");
+    wait_long("the guest to count on after the move", || {
+        (console_numbers(&dir, other, "COUNTER").last() > Some(&moved_at)).then_some(())
+    });
+    // Live, not a reboot: a boot prints RESUME, and the counter went on from the disk's.
+    assert!(
+        console_numbers(&dir, other, "RESUME").is_empty(),
+        "the guest booted again on {other}"
+    );
+    let first = console_numbers(&dir, other, "COUNTER")[0];
+    assert!(
+        first + 2 > moved_at && first <= moved_at + 2,
+        "counter {moved_at} on {home}, then {first} on {other}"
+    );
+
+    // vm1's node loses power: once it is fenced, the other replica is promoted and the
+    // guest boots from it, resuming from the last count it had written.
+    let checker = common::Checker::start(&dir, "vm1");
+    let out = haven(&["lab", "kill", other, "--dir", lab.dir_str()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = *console_numbers(&dir, other, "COUNTER")
+        .last()
+        .expect("counters");
+    wait_long("vm1 to boot again on the surviving replica", || {
+        (lab.running("vm1") == [home.as_str()]).then_some(())
+    });
+    let resumed = wait_long("the guest to resume from its disk", || {
+        console_numbers(&dir, &home, "RESUME").first().copied()
+    });
+    assert!(
+        resumed >= seen,
+        "printed {seen} on {other}, resumed at {resumed}"
+    );
+    assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
+    let fenced = lab.fence_history(&lab.client_of(&home));
+    assert!(
+        fenced
+            .iter()
+            .any(|r| r["victim"] == other && r["device"] == "lab-power" && r["ok"] == true),
+        "{fenced:?}"
+    );
+
+    // lab down stops the daemons, the guest and the surviving replica.
+    let daemons: Vec<i32> = pids(&dir).into_iter().filter(|p| alive(*p)).collect();
+    assert_eq!(daemons.len(), 2, "n1..n3 but the one powered off");
+    let tracked = tracked_processes(&dir);
+    assert!(
+        tracked.iter().any(|(f, ..)| f.ends_with("vm1.pid"))
+            && tracked.iter().any(|(f, ..)| f.ends_with("vol1.pid")),
+        "{tracked:?}"
+    );
+    let out = haven(&["lab", "down", "--dir", lab.dir_str()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        daemons.iter().all(|p| !alive(*p)),
+        "a daemon survived lab down"
+    );
+    let left: Vec<_> = tracked
+        .iter()
+        .filter(|(_, pid, start)| same_process(pid, start))
+        .collect();
+    assert!(left.is_empty(), "survived lab down: {left:?}");
 }

@@ -304,6 +304,20 @@ async fn up(
     println!("  haven status");
     println!("  haven config show > cluster.toml   # edit, then: haven config apply cluster.toml");
     println!("  haven node standby n2");
+    if guest.is_some() && !libvirt && nodes >= 2 {
+        // vm1 boots from vol1 on whichever replica was promoted: n1 or n2.
+        println!(
+            "  haven volume status --control {}/n1/resources/vol1.ctl   # vol1's replica on n1: role, peers, sync",
+            dir.display()
+        );
+        println!(
+            "  haven resource move vm1 n2          # (or n1) a live migration with its volume"
+        );
+        println!(
+            "  haven lab kill n1 --dir {}   # power vm1's node off: fenced, vm1 boots on the other replica",
+            dir.display()
+        );
+    }
     if let Some(rec) = netns::load(&dir)? {
         println!(
             "  haven lab partition n2 --dir {0}   # its switch ports go down; lab heal --dir {0}",
@@ -415,7 +429,7 @@ pub async fn start_lab(
     let current: ConfigReply = client.call(api::CONFIG, &Empty {}).await?;
     let vm = match guest {
         Some(g) if libvirt => Some(DemoVm::Libvirt(libvirt::write_demo_domain(&dir, g)?)),
-        Some(g) => Some(DemoVm::Qemu(g)),
+        Some(g) => Some(DemoVm::Qemu(g, demo_volume(&all_addrs, rec.is_some())?)),
         None => None,
     };
     let demo = demo_config(&dir, &all_addrs, vm);
@@ -473,10 +487,49 @@ fn ip_of(addrs: &[String]) -> anyhow::Result<&str> {
         .context("a lab node without an address")
 }
 
-/// The demo's guest: Haven's own QEMU driver, or a libvirt domain (its XML's path).
+/// The demo's guest: Haven's own QEMU driver (on a replicated volume when the lab has
+/// two nodes to hold its replicas), or a libvirt domain (its XML's path).
 enum DemoVm<'a> {
-    Qemu(&'a Path),
+    Qemu(&'a Path, Option<DemoVolume>),
     Libvirt(PathBuf),
+}
+
+/// The demo guest's disk: a volume with replicas on n1 and n2.
+struct DemoVolume {
+    /// `NODE=IP:PORT` for n1 and n2, the `replicas` param.
+    replicas: String,
+    /// Netns nodes replicate over their namespaces' 10.x addresses.
+    non_loopback: bool,
+}
+
+/// Replication port inside a netns lab: each node has its namespace to itself.
+const NETNS_VOLUME_PORT: u16 = 7790;
+
+/// `vol1`'s replicas on n1 and n2, on each node's last link (the one a real cluster
+/// would give to replication); none with fewer than two nodes.
+fn demo_volume(addrs: &[Vec<String>], in_netns: bool) -> anyhow::Result<Option<DemoVolume>> {
+    if addrs.len() < 2 {
+        return Ok(None);
+    }
+    let mut replicas = Vec::new();
+    for (i, a) in addrs.iter().take(2).enumerate() {
+        let ip = a
+            .last()
+            .and_then(|x| x.rsplit_once(':'))
+            .map(|(ip, _)| ip)
+            .context("a lab node without an address")?;
+        // Loopback labs share the host's ports with each other: ask the kernel.
+        let port = if in_netns {
+            NETNS_VOLUME_PORT
+        } else {
+            free_port(ip)?
+        };
+        replicas.push(format!("{}={ip}:{port}", node_name(i as u8 + 1)));
+    }
+    Ok(Some(DemoVolume {
+        replicas: replicas.join(" "),
+        non_loopback: in_netns,
+    }))
 }
 
 fn demo_config(dir: &Path, addrs: &[Vec<String>], vm: Option<DemoVm>) -> String {
@@ -484,7 +537,7 @@ fn demo_config(dir: &Path, addrs: &[Vec<String>], vm: Option<DemoVm>) -> String 
     // (its daemon and every process it started are killed) before anything of it is
     // recovered elsewhere.
     let mut s = format!(
-        "# Haven lab demo: supervised processes (no QEMU needed) and an ordered group.\n\
+        "# Haven lab demo: supervised processes and an ordered group (and with --vms, a guest).\n\
          [options]\nstonith-enabled = true\nno-quorum-policy = \"stop\"\nresource-stickiness = 100\n\
          \n[[fencing.devices]]\nid = \"lab-power\"\nagent = \"lab\"\nparams = {{ lab-dir = \"{}\" }}\n",
         dir.display()
@@ -520,16 +573,68 @@ fn demo_config(dir: &Path, addrs: &[Vec<String>], vm: Option<DemoVm>) -> String 
             libvirt::remote_uri(dir)
         ));
     }
-    if let Some(DemoVm::Qemu(g)) = vm {
+    if let Some(DemoVm::Qemu(g, volume)) = vm {
+        if let Some(v) = &volume {
+            s.push_str(&volume_demo(v, addrs.len()));
+        }
         // A TCG guest (the lab cannot count on KVM); start waits for its ready line.
+        // On the volume it migrates live; without one it has no disk and just restarts.
+        let (disk, meta) = match volume {
+            Some(_) => (", volume = \"vol1\"", "meta = { allow-migrate = true }\n"),
+            None => ("", ""),
+        };
         s.push_str(&format!(
             "\n[[resources]]\nid = \"vm1\"\nclass = \"qemu\"\ntype = \"vm\"\n\
              params = {{ kernel = \"{}\", initrd = \"{}\", append = \"console=ttyS0 panic=-1 quiet\", \
-             accel = \"tcg\", memory = \"128\", ready_marker = \"HAVEN-GUEST-UP\" }}\n\
+             accel = \"tcg\", memory = \"128\", ready_marker = \"HAVEN-GUEST-UP\"{disk} }}\n{meta}\
              ops = [{{ name = \"start\", timeout = 120 }}, {{ name = \"stop\", timeout = 30 }}, \
-             {{ name = \"monitor\", interval = 5, timeout = 10 }}]\n",
+             {{ name = \"monitor\", interval = 5, timeout = 10 }}, \
+             {{ name = \"migrate_to\", timeout = 120 }}, {{ name = \"migrate_from\", timeout = 120 }}]\n",
             g.join("vmlinux").display(),
             g.join("initramfs.cpio").display()
+        ));
+        if volume.is_some() {
+            s.push_str(
+                "\n# The guest runs where its disk is primary, and starts after the promotion.\n\
+                 [[constraints.colocation]]\nid = \"vm1-with-primary\"\nrsc = \"vm1\"\n\
+                 with = \"vol1-clone\"\nwith-role = \"Promoted\"\nscore = \"INFINITY\"\n\
+                 \n[[constraints.order]]\nid = \"promote-before-vm1\"\nfirst = \"vol1-clone\"\n\
+                 first-action = \"promote\"\nthen = \"vm1\"\nthen-action = \"start\"\n",
+            );
+        }
+    }
+    s
+}
+
+/// `vol1`, a promotable clone of two replicas on n1 and n2 (examples/volume-guest.toml
+/// on the lab's addresses); the other `nodes` never run it.
+fn volume_demo(v: &DemoVolume, nodes: usize) -> String {
+    // Small, so the second replica's first full sync takes a moment.
+    let mut s = format!(
+        "\n# The guest's disk: a replicated volume (n1's replica is the initial one, n2's\n\
+         # gets a full sync), replicating over mutual TLS with the nodes' certificates.\n\
+         [[resources]]\nid = \"vol1\"\nclass = \"volume\"\ntype = \"volume\"\n\
+         params = {{ replicas = \"{}\", size = \"16M\"{} }}\n\
+         ops = [{{ name = \"start\", timeout = 60 }}, {{ name = \"promote\", timeout = 60 }}, \
+         {{ name = \"monitor\", interval = 2, timeout = 10 }}]\n\
+         \n[[clones]]\nid = \"vol1-clone\"\nchild = \"vol1\"\nclone-max = 2\npromotable = true\npromoted-max = 1\n",
+        v.replicas,
+        if v.non_loopback {
+            ", allow_non_loopback = \"true\""
+        } else {
+            ""
+        }
+    );
+    for i in 3..=nodes {
+        let n = node_name(i as u8);
+        s.push_str(&format!(
+            "\n[[constraints.location]]\nid = \"vol1-not-{n}\"\nrsc = \"vol1-clone\"\nnode = \"{n}\"\nscore = \"-INFINITY\"\n"
+        ));
+    }
+    // Either replica may be primary (stickiness keeps it); one not UpToDate refuses.
+    for n in ["n1", "n2"] {
+        s.push_str(&format!(
+            "\n[[constraints.location]]\nid = \"vol1-primary-{n}\"\nrsc = \"vol1-clone\"\nrole = \"Promoted\"\nnode = \"{n}\"\nscore = \"10\"\n"
         ));
     }
     s
@@ -682,4 +787,71 @@ fn status(dir: &Path) -> anyhow::Result<()> {
     let report = super::status::fetch(Some(dir.join("client.toml")))?;
     print!("{}", super::status::render(&report));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u8) -> Vec<Vec<String>> {
+        (1..=n)
+            .map(|i| {
+                vec![
+                    format!("127.0.0.{}:7000", 10 + i),
+                    format!("127.0.1.{}:7001", 10 + i),
+                ]
+            })
+            .collect()
+    }
+
+    fn demo(nodes: u8, in_netns: bool) -> haven_model::Config {
+        let a = addrs(nodes);
+        let volume = demo_volume(&a, in_netns).expect("addresses");
+        let text = demo_config(
+            Path::new("/lab"),
+            &a,
+            Some(DemoVm::Qemu(Path::new("/g"), volume)),
+        );
+        haven_model::Config::from_toml("demo", &text).expect("the demo configuration parses")
+    }
+
+    #[test]
+    fn the_vms_demo_boots_its_guest_from_a_volume_replicated_on_n1_and_n2_only() {
+        let c = demo(3, false);
+        let vol = c.resources.iter().find(|r| r.id == "vol1").expect("vol1");
+        let replicas = &vol.params["replicas"];
+        assert!(
+            replicas.starts_with("n1=127.0.1.11:") && replicas.contains(" n2=127.0.1.12:"),
+            "{replicas}"
+        );
+        assert!(!vol.params.contains_key("allow_non_loopback"));
+        let vm = c.resources.iter().find(|r| r.id == "vm1").expect("vm1");
+        assert_eq!(vm.params["volume"], "vol1");
+        let banned: Vec<&str> = c
+            .constraints
+            .location
+            .iter()
+            .filter(|l| l.score == Some(haven_model::Score::NEG_INFINITY))
+            .filter_map(|l| l.node.as_deref())
+            .collect();
+        assert_eq!(banned, ["n3"]);
+        assert!(
+            c.constraints
+                .colocation
+                .iter()
+                .any(|x| x.rsc.as_deref() == Some("vm1") && x.with.as_deref() == Some("vol1-clone"))
+        );
+    }
+
+    #[test]
+    fn a_netns_lab_replicates_on_its_namespace_addresses_and_one_node_has_no_volume() {
+        let c = demo(2, true);
+        let vol = c.resources.iter().find(|r| r.id == "vol1").expect("vol1");
+        assert_eq!(vol.params["allow_non_loopback"], "true");
+        assert!(c.constraints.location.iter().all(|l| l.role.is_some()));
+        let c = demo(1, false);
+        assert!(c.resources.iter().all(|r| r.id != "vol1"));
+        let vm = c.resources.iter().find(|r| r.id == "vm1").expect("vm1");
+        assert!(!vm.params.contains_key("volume"));
+    }
 }
