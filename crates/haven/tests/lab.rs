@@ -549,6 +549,17 @@ fn lab_up_with_vms_boots_the_guest_from_a_replicated_volume_moves_it_live_and_re
             .is_some_and(|s| placement(&s, "vm1") == [home.clone()])
             .then_some(())
     });
+    // `haven status` says which replica is the Promoted one, as crm_mon does.
+    wait_long("the cluster to report the promoted replica", || {
+        status_of(&dir)
+            .is_some_and(|s| {
+                s["resources"]
+                    .as_array()
+                    .and_then(|rs| rs.iter().find(|r| r["id"] == "vol1"))
+                    .is_some_and(|r| r["promoted_on"] == serde_json::json!([home.clone()]))
+            })
+            .then_some(())
+    });
     wait_long("the guest to count on its disk", || {
         (console_numbers(&dir, &home, "COUNTER").last() >= Some(&3)).then_some(())
     });

@@ -79,7 +79,26 @@ pub fn render(r: &StatusReport) -> String {
                     _ => node.clone(),
                 })
                 .collect();
-            place.push(format!("Started {}", on.join(", ")));
+            if res.promoted_on.is_empty() {
+                place.push(format!("Started {}", on.join(", ")));
+            } else {
+                // crm_mon's view of a promotable clone: which copy is Promoted.
+                let (promoted, unpromoted): (Vec<_>, Vec<_>) = res
+                    .running_on
+                    .iter()
+                    .zip(&on)
+                    .partition(|(node, _)| res.promoted_on.contains(node));
+                let names = |v: Vec<(&String, &String)>| {
+                    v.into_iter()
+                        .map(|(_, shown)| shown.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                place.push(format!("Promoted {}", names(promoted)));
+                if !unpromoted.is_empty() {
+                    place.push(format!("Unpromoted {}", names(unpromoted)));
+                }
+            }
         }
         if !res.in_doubt_on.is_empty() {
             place.push(format!("IN DOUBT on {}", res.in_doubt_on.join(", ")));
@@ -140,6 +159,7 @@ mod tests {
                 frozen: Some("frozen until n2 is confirmed down: waiting".into()),
                 failcounts: Default::default(),
                 unpromotable: Default::default(),
+                promoted_on: vec![],
             }],
             failed_actions: vec![],
         };
@@ -171,6 +191,7 @@ mod tests {
             frozen: None,
             failcounts: Default::default(),
             unpromotable: Default::default(),
+            promoted_on: vec![],
         };
         let r = StatusReport {
             cluster: "c".into(),
@@ -180,10 +201,19 @@ mod tests {
             term: 1,
             config_version: 1,
             nodes: vec![node("n1", "offline"), node("n2", "online")],
-            resources: vec![res("db", "n1"), res("web", "n2")],
+            resources: vec![res("db", "n1"), res("web", "n2"), {
+                let mut vol = res("vol", "n1");
+                vol.running_on.push("n2".into());
+                vol.promoted_on.push("n2".into());
+                vol
+            }],
             failed_actions: vec![],
         };
         let text = render(&r);
+        assert!(
+            text.contains("Promoted n2; Unpromoted n1 (node offline)"),
+            "{text}"
+        );
         assert!(text.contains("Started n1 (node offline)"), "{text}");
         assert!(text.contains("Started n2\n"), "{text}");
     }

@@ -854,6 +854,13 @@ fn split_placement(
     (running_on, in_doubt_on)
 }
 
+/// Whether the last recorded operation leaves the resource Promoted there: a promote
+/// that succeeded, or a monitor that found it promoted (OCF's 8); a demote or a plain
+/// monitor's 0 does not.
+fn promoted(rec: &haven_store::state::ResourceRecord) -> bool {
+    rec.running && (rec.rc == 8 || (rec.last_op == "promote" && rec.rc == 0))
+}
+
 pub fn build_status(d: &Daemon, live: Option<&super::fence::FenceLs>) -> StatusReport {
     let state = d.view.state();
     let metrics = d.raft.metrics().borrow().clone();
@@ -968,9 +975,15 @@ pub fn build_status(d: &Daemon, live: Option<&super::fence::FenceLs>) -> StatusR
                         .collect()
                 })
                 .unwrap_or_default();
+            let promoted_on = running_on
+                .iter()
+                .filter(|n| records.and_then(|r| r.get(*n)).is_some_and(promoted))
+                .cloned()
+                .collect();
             resources.push(ResourceStatus {
                 id: p.id.clone(),
                 agent: agent_name(p),
+                promoted_on,
                 running_on,
                 in_doubt_on,
                 frozen,

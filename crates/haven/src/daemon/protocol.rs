@@ -147,6 +147,9 @@ pub struct ResourceStatus {
     /// outdated): node → reason.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unpromotable: BTreeMap<String, String>,
+    /// Of `running_on`, the nodes where it runs in the Promoted role.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub promoted_on: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
