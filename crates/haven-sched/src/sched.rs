@@ -12,6 +12,14 @@ use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
 
 const NEG: Score = Score::NEG_INFINITY;
 
+/// What a `home` with `failback` adds on its home node. Large enough to outweigh
+/// stickiness and the preferences administrators write (Pacemaker's own guidance keeps
+/// those in the hundreds or thousands), yet finite with room to spare below INFINITY:
+/// an operator's move (cli-prefer, INFINITY) or any mandatory constraint still
+/// outranks it, and stickiness or a colocation added on the home node cannot
+/// saturate it into a tie with the move.
+pub const HOME_FAILBACK: Score = Score::new(100_000);
+
 /// (dependent, primary, score, dependent role, primary role, node attribute)
 type ColocPair<'a> = (
     &'a str,
@@ -922,7 +930,7 @@ impl<'a> Sched<'a> {
                         && h == self.nodes[n].name
                     {
                         w += if p.failback {
-                            Score::INFINITY
+                            HOME_FAILBACK
                         } else {
                             Score::new(1)
                         };
