@@ -2292,10 +2292,10 @@ mod tests {
                 .options
                 .startup_fencing
         );
-        let err = import("t.xml", &xml("maybe"))
-            .err()
-            .expect("refused")
-            .to_string();
+        let Err(err) = import("t.xml", &xml("maybe")) else {
+            panic!("a malformed startup-fencing is refused");
+        };
+        let err = err.to_string();
         assert!(err.contains("startup-fencing"), "{err}");
     }
 
