@@ -1017,7 +1017,11 @@ impl<'a> Sched<'a> {
     /// the pull of what must run with it (and what must run with that) toward the
     /// nodes those prefer.
     fn clone_weights(&self, u: usize) -> Vec<Score> {
-        let mut w = self.base_weights(u);
+        self.clone_weights_from(u, self.base_weights(u))
+    }
+
+    /// [`Self::clone_weights`] from given base weights.
+    fn clone_weights_from(&self, u: usize, mut w: Vec<Score>) -> Vec<Score> {
         self.apply_colocations(u, &mut w);
         for &ci in &self.prim_of[u] {
             let c = &self.colocs[ci];
@@ -1543,124 +1547,136 @@ impl<'a> Sched<'a> {
             .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
         let w = self.clone_weights(u);
         self.record_scores(u, &w);
-        let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
-        let mut per_node = vec![0usize; n_nodes];
-        let mut insts: Vec<Inst> = Vec::new();
-        let mut leftovers: Vec<(u32, usize)> = Vec::new();
-        let mut cur_list: Vec<(u32, usize)> = current.keys().copied().collect();
-        cur_list.sort_by_key(|&(num, n)| (std::cmp::Reverse(w[n]), num));
-        // Clones are a little sticky by default, so instances do not shuffle.
-        let stick = self.units[u]
-            .prims
-            .first()
-            .and_then(|&p| self.prims[p].meta.resource_stickiness)
-            .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
-        // At first each node keeps only its fair share of current instances; the rest
-        // are placed with the new ones (their own node still favoured by stickiness), so
-        // instances spread out instead of piling up.
-        let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
-        let fair = max.checked_div(avail_nodes).unwrap_or(0);
-        for (num, n) in cur_list {
-            let keep = if unmanaged {
-                true
-            } else {
-                !stopped
-                    && allowed(self, n)
-                    && per_node[n] < node_max
-                    && insts.len() < max
-                    && self.fits(n, &self.unit_util(u))
-                    && per_node[n] < fair
-            };
-            if keep {
-                per_node[n] += 1;
-                self.take(n, u);
-                let member_ok = if unmanaged {
-                    vec![true; n_members]
-                } else {
-                    self.members_ok(u, n, true)
-                };
-                insts.push(Inst {
-                    number: Some(num),
-                    cur_node: Some(n),
-                    node: Some(n),
-                    promoted: false,
-                    member_ok,
-                    restart: false,
-                    blocked: false,
-                });
-            } else {
-                leftovers.push((num, n));
+        // A clone of a group whose later members failed on a node keeps an instance
+        // there with the members before the failed one, as a lone group does, but only
+        // once no node could take it whole.
+        let mut levels = vec![w];
+        if !unmanaged && self.units[u].kind == Kind::Clone && n_members > 1 {
+            for k in (1..n_members).rev() {
+                let base = self.compute_base_weights_upto(u, k);
+                levels.push(self.clone_weights_from(u, base));
             }
         }
-        if !unmanaged && !stopped {
-            let need = self.unit_util(u);
-            // An instance needs room for an instance of what must run with it too (when
-            // some node has that much).
-            let mut need_all = need.clone();
-            for &ci in &self.prim_of[u] {
-                let c = &self.colocs[ci];
-                if c.score.is_pos_inf()
-                    && self.placed[c.dep].is_none()
-                    && !self.busy.get(c.dep).copied().unwrap_or(false)
-                {
-                    for (k, v) in self.unit_util(c.dep) {
-                        *need_all.entry(k).or_insert(0) += v;
-                    }
+        let mut per_node = vec![0usize; n_nodes];
+        let mut insts: Vec<Inst> = Vec::new();
+        let mut leftovers: Vec<(u32, usize)> = current.keys().copied().collect();
+        for w in &levels {
+            let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
+            let mut cur_list = std::mem::take(&mut leftovers);
+            cur_list.sort_by_key(|&(num, n)| (std::cmp::Reverse(w[n]), num));
+            // Clones are a little sticky by default, so instances do not shuffle.
+            let stick = self.units[u]
+                .prims
+                .first()
+                .and_then(|&p| self.prims[p].meta.resource_stickiness)
+                .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
+            // At first each node keeps only its fair share of current instances; the rest
+            // are placed with the new ones (their own node still favoured by stickiness), so
+            // instances spread out instead of piling up.
+            let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
+            let fair = max.checked_div(avail_nodes).unwrap_or(0);
+            for (num, n) in cur_list {
+                let keep = if unmanaged {
+                    true
+                } else {
+                    !stopped
+                        && allowed(self, n)
+                        && per_node[n] < node_max
+                        && insts.len() < max
+                        && self.fits(n, &self.unit_util(u))
+                        && per_node[n] < fair
+                };
+                if keep {
+                    per_node[n] += 1;
+                    self.take(n, u);
+                    let member_ok = if unmanaged {
+                        vec![true; n_members]
+                    } else {
+                        self.members_ok(u, n, true)
+                    };
+                    insts.push(Inst {
+                        number: Some(num),
+                        cur_node: Some(n),
+                        node: Some(n),
+                        promoted: false,
+                        member_ok,
+                        restart: false,
+                        blocked: false,
+                    });
+                } else {
+                    leftovers.push((num, n));
                 }
             }
-            while insts.len() < max {
-                // An anonymous instance on a node being fenced dies with it; it does not
-                // move. A globally unique one keeps its identity and moves on.
-                let mover_ix = leftovers
-                    .iter()
-                    .position(|&(_, cn)| unique || self.nodes[cn].fence.is_none());
-                let mover = mover_ix.map(|i| leftovers[i].1);
-                let avail: Vec<Score> = (0..n_nodes)
-                    .map(|n| {
-                        if per_node[n] >= node_max {
-                            NEG
-                        } else if Some(n) == mover {
-                            w[n] + stick
-                        } else {
-                            w[n]
-                        }
-                    })
-                    .collect();
-                let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
-                let Some(n) = self
-                    .choose(&avail, mover, &need_all, &spread)
-                    .or_else(|| self.choose(&avail, mover, &need, &spread))
-                else {
-                    break;
-                };
-                if !allowed(self, n) {
-                    break;
-                }
-                per_node[n] += 1;
-                self.take(n, u);
-                let member_ok = self.members_ok(u, n, true);
-                // A displaced instance moves; otherwise a new instance starts.
-                let (num, cur_node) = if let Some(i) = mover_ix {
-                    let (num, cn) = leftovers.remove(i);
-                    (num, Some(cn))
-                } else {
-                    let mut k = 0u32;
-                    while insts.iter().any(|i| i.number == Some(k))
-                        || current.keys().any(|(x, _)| *x == k)
+            if !unmanaged && !stopped {
+                let need = self.unit_util(u);
+                // An instance needs room for an instance of what must run with it too (when
+                // some node has that much).
+                let mut need_all = need.clone();
+                for &ci in &self.prim_of[u] {
+                    let c = &self.colocs[ci];
+                    if c.score.is_pos_inf()
+                        && self.placed[c.dep].is_none()
+                        && !self.busy.get(c.dep).copied().unwrap_or(false)
                     {
-                        k += 1;
+                        for (k, v) in self.unit_util(c.dep) {
+                            *need_all.entry(k).or_insert(0) += v;
+                        }
                     }
-                    (k, None)
-                };
-                insts.push(Inst {
-                    number: Some(num),
-                    cur_node,
-                    node: Some(n),
-                    promoted: false,
-                    member_ok,
-                    restart: false,
-                    blocked: false,
-                });
+                }
+                while insts.len() < max {
+                    // An anonymous instance on a node being fenced dies with it; it does not
+                    // move. A globally unique one keeps its identity and moves on.
+                    let mover_ix = leftovers
+                        .iter()
+                        .position(|&(_, cn)| unique || self.nodes[cn].fence.is_none());
+                    let mover = mover_ix.map(|i| leftovers[i].1);
+                    let avail: Vec<Score> = (0..n_nodes)
+                        .map(|n| {
+                            if per_node[n] >= node_max {
+                                NEG
+                            } else if Some(n) == mover {
+                                w[n] + stick
+                            } else {
+                                w[n]
+                            }
+                        })
+                        .collect();
+                    let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
+                    let Some(n) = self
+                        .choose(&avail, mover, &need_all, &spread)
+                        .or_else(|| self.choose(&avail, mover, &need, &spread))
+                    else {
+                        break;
+                    };
+                    if !allowed(self, n) {
+                        break;
+                    }
+                    per_node[n] += 1;
+                    self.take(n, u);
+                    let member_ok = self.members_ok(u, n, true);
+                    // A displaced instance moves; otherwise a new instance starts.
+                    let (num, cur_node) = if let Some(i) = mover_ix {
+                        let (num, cn) = leftovers.remove(i);
+                        (num, Some(cn))
+                    } else {
+                        let mut k = 0u32;
+                        while insts.iter().any(|i| i.number == Some(k))
+                            || current.keys().any(|(x, _)| *x == k)
+                        {
+                            k += 1;
+                        }
+                        (k, None)
+                    };
+                    insts.push(Inst {
+                        number: Some(num),
+                        cur_node,
+                        node: Some(n),
+                        promoted: false,
+                        member_ok,
+                        restart: false,
+                        blocked: false,
+                    });
+                }
             }
         }
         for (num, n) in leftovers {
