@@ -2035,11 +2035,23 @@ fn read_status(
                     st.failcount = n;
                     st.last_failure = t.or(st.last_failure);
                 }
-                state
-                    .resources
-                    .entry(rid.to_string())
-                    .or_default()
-                    .insert(uname.to_string(), st);
+                // A node may list the same resource in more than one history block;
+                // each is read on its own, and one saying it is not running there does
+                // not cancel another saying it is (as Pacemaker reads them).
+                let on_node = state.resources.entry(rid.to_string()).or_default();
+                match on_node.get(uname) {
+                    Some(prev) if prev.role != Role::Stopped && st.role == Role::Stopped => {}
+                    Some(prev) => {
+                        if st.failcount == 0 {
+                            st.failcount = prev.failcount;
+                            st.last_failure = prev.last_failure.or(st.last_failure);
+                        }
+                        on_node.insert(uname.to_string(), st);
+                    }
+                    None => {
+                        on_node.insert(uname.to_string(), st);
+                    }
+                }
             }
         }
         // Failcounts of resources with no history on this node still count.
@@ -2271,6 +2283,24 @@ mod tests {
         }
         assert_eq!(parse_seconds("soon"), None);
         assert_eq!(parse_seconds("10 parsecs"), None);
+    }
+
+    #[test]
+    fn a_second_history_block_saying_stopped_does_not_cancel_a_running_one() {
+        let xml = r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy"/></resources>
+<constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="true" crmd="online" join="member" expected="member">
+<lrm id="1"><lrm_resources>
+<lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_start_0" operation="start" call-id="1" rc-code="0" op-status="0" interval="0"/>
+</lrm_resource>
+<lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_monitor_0" operation="monitor" call-id="1" rc-code="7" op-status="0" interval="0"/>
+</lrm_resource>
+</lrm_resources></lrm></node_state></status></cib>"#;
+        let imp = import("t.xml", xml).expect("imports");
+        assert_eq!(imp.state.resources["r"]["n1"].role, Role::Started);
     }
 
     #[test]

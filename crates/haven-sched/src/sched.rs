@@ -2171,9 +2171,14 @@ impl<'a> Sched<'a> {
                         }
                     }
                 }
-                // A clone that must follow restarts nothing when the first changes: only
-                // its collective start waits. Interleaved clones follow per node.
-                if then_clone && !interleaved && first_clone {
+                // A clone that follows another as a whole (not interleaved) restarts
+                // everywhere when the first starts or stops an instance anywhere; it
+                // only waits when it needs no more than a count of the first's
+                // instances (require-all=false, clone-min). Interleaved clones follow
+                // per node.
+                let first_min = self.units[first].clone.as_ref().map_or(0, |c| c.min);
+                let collective = then_clone && !interleaved && first_clone;
+                if collective && (!self.orders[oi].require_all || first_min > 1) {
                     continue;
                 }
                 let triggered = |s: &Sched<'_>, node: Option<usize>| match fa {
@@ -2195,9 +2200,9 @@ impl<'a> Sched<'a> {
                         (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
                             .filter(|&i| self.inst_stays(then, i))
                             .filter(|&i| {
-                                // What follows a clone waits only on its instance where it
-                                // runs.
-                                if interleaved || first_clone {
+                                // What follows a clone otherwise waits only on its instance
+                                // where it runs.
+                                if interleaved || first_clone && !collective {
                                     let node = self.placed[then].as_ref().and_then(|v| v[i].node);
                                     node.is_some() && triggered(self, node)
                                 } else {
