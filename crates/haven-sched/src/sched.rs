@@ -1013,6 +1013,42 @@ impl<'a> Sched<'a> {
         w
     }
 
+    /// [`Self::own_prefs`] with the nodes ruled out for what must run with `d`
+    /// (INFINITY colocations, transitively): a group whose member failed on a node
+    /// cannot run there, and neither can what it must run with. A dependent that could
+    /// then run nowhere is given up rather than ruling out every node.
+    fn own_prefs_with_dependents(&self, d: usize, depth: u32) -> Vec<Score> {
+        let mut w = self.own_prefs(d);
+        if depth > 4 {
+            return w;
+        }
+        for &ci in &self.prim_of[d] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || !c.score.is_pos_inf()
+                || c.attr.is_some()
+                || c.primary_role.is_some_and(|r| r != Role::Started)
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            let sub = self.own_prefs_with_dependents(c.dep, depth + 1);
+            let runnable = |v: &[Score], x: usize| !v[x].is_neg_inf() && self.nodes[x].can_run;
+            if !(0..sub.len()).any(|x| runnable(&sub, x)) {
+                continue;
+            }
+            let ruled: Vec<Score> = w
+                .iter()
+                .zip(&sub)
+                .map(|(a, b)| if b.is_neg_inf() { NEG } else { *a })
+                .collect();
+            if (0..ruled.len()).any(|x| runnable(&ruled, x)) {
+                w = ruled;
+            }
+        }
+        w
+    }
+
     /// A clone's score per node for its instances: its locations and colocations, and
     /// the pull of what must run with it (and what must run with that) toward the
     /// nodes those prefer.
@@ -1079,7 +1115,7 @@ impl<'a> Sched<'a> {
             if c.primary_role == Some(Role::Promoted) {
                 continue;
             }
-            let prefs = self.own_prefs(c.dep);
+            let prefs = self.own_prefs_with_dependents(c.dep, 0);
             // A dependent that can run nowhere adds nothing.
             if !prefs
                 .iter()
@@ -1798,7 +1834,7 @@ impl<'a> Sched<'a> {
                 {
                     continue;
                 }
-                let prefs = self.own_prefs(c.dep);
+                let prefs = self.own_prefs_with_dependents(c.dep, 0);
                 if !prefs
                     .iter()
                     .enumerate()
@@ -2402,7 +2438,10 @@ impl<'a> Sched<'a> {
             let blocks = if self.units[o.first].kind == Kind::Clone {
                 target.is_some() && self.unit_activity(o.first, target).0
             } else {
-                self.unit_hard_stops(o.first, depth + 1)
+                // A group's constraints order its start and stop as a whole, which a
+                // member's migration stands in for; only a primitive's own order
+                // waits on the first's ordinary stop.
+                self.units[u].kind == Kind::Prim && self.unit_hard_stops(o.first, depth + 1)
             };
             if blocks {
                 return false;
