@@ -700,6 +700,13 @@ impl<'a> Sched<'a> {
             if du == pu {
                 continue;
             }
+            // A Promoted or Unpromoted role of the primary is weighed when roles are
+            // assigned; something without roles (not a promotable clone) never gets
+            // there, so such a constraint places nothing (Pacemaker's recorded cases;
+            // 2.1.5 read it as a plain colocation).
+            if br.is_some_and(|r| r != Role::Started) && !self.promotable(pu) {
+                continue;
+            }
             let ix = self.colocs.len();
             self.colocs.push(Coloc {
                 dep: du,
@@ -2126,6 +2133,19 @@ impl<'a> Sched<'a> {
                     continue;
                 }
                 let runnable = self.unit_runnable(first, fa, self.orders[oi].require_all);
+                // An interleaved clone's instance is placed only beside an instance of
+                // the clone it follows; with none anywhere, a new one is not placed at
+                // all (rather than shown blocked).
+                let unplaced_if_new = self.units[then].kind == Kind::Clone
+                    && self.units[first].kind == Kind::Clone
+                    && self.orders[oi].require_all
+                    && self.units[first].clone.as_ref().is_some_and(|c| c.min <= 1)
+                    && self.units[then]
+                        .clone
+                        .as_ref()
+                        .is_some_and(|c| c.interleave)
+                    && fa == OrderAction::Start
+                    && ta == OrderAction::Start;
                 if !runnable && matches!(ta, OrderAction::Start | OrderAction::Promote) {
                     let symmetrical = self.orders[oi].symmetrical;
                     let mut failed_here = vec![false; self.nodes.len()];
@@ -2153,6 +2173,10 @@ impl<'a> Sched<'a> {
                                             && !symmetrical
                                             && !failed_here[c] => {}
                                     Some(_) => {
+                                        i.node = None;
+                                        changed = true;
+                                    }
+                                    None if unplaced_if_new => {
                                         i.node = None;
                                         changed = true;
                                     }
