@@ -24,7 +24,11 @@
 //!   takes every member, the first ones stay where they can, also per clone
 //!   instance); clones place instances (current ones stay where allowed, new ones
 //!   spread), promotable clones promote the instances with the best promotion scores;
-//! - mandatory orders block starts behind something that cannot run, stop what runs
+//! - a colocation with the Promoted or Unpromoted role of something without roles
+//!   (not a promotable clone) places nothing;
+//! - mandatory orders block starts behind something that cannot run (an interleaved
+//!   clone's new instances are not placed at all without the first's instance beside
+//!   them), stop what runs
 //!   behind it (symmetrical orders), and restart what depends on something that
 //!   restarts (per node for interleaved clones; a clone ordered after a clone without
 //!   interleave restarts everywhere when the first starts or stops an instance, unless
