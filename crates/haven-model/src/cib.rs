@@ -97,6 +97,8 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 }
 
 /// A duration in seconds from Pacemaker's forms: `10`, `10s`, `500ms`, `2m`, `1h`, `PT10S`.
+/// The plain forms are the configuration's own ([`crate::config::parse_duration`]);
+/// ISO 8601 and microseconds occur only in CIBs.
 pub fn parse_seconds(s: &str) -> Option<u64> {
     let t = s.trim().to_ascii_lowercase();
     if let Some(iso) = t.strip_prefix("pt").or_else(|| t.strip_prefix('p')) {
@@ -104,22 +106,15 @@ pub fn parse_seconds(s: &str) -> Option<u64> {
         let n: u64 = num.parse().ok()?;
         return match unit {
             "s" => Some(n),
-            "m" => Some(n * 60),
-            "h" => Some(n * 3600),
+            "m" => n.checked_mul(60),
+            "h" => n.checked_mul(3600),
             _ => None,
         };
     }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    match unit.trim() {
-        "" | "s" | "sec" | "secs" => Some(n),
-        "ms" | "msec" | "msecs" => Some(n / 1000),
-        "us" | "usec" | "usecs" => Some(0),
-        "m" | "min" | "mins" => Some(n * 60),
-        "h" | "hr" | "hrs" => Some(n * 3600),
-        _ => None,
+    if let Some(num) = t.strip_suffix("usec").or_else(|| t.strip_suffix("us")) {
+        return num.trim().parse::<u64>().ok().map(|us| us / 1_000_000);
     }
+    crate::config::parse_duration(&t).map(|d| d.as_secs())
 }
 
 /// Name-value pairs of every child `tag` block (later blocks do not override earlier
@@ -1045,6 +1040,7 @@ fn read_config(ctx: &mut Ctx<'_>, conf: XNode<'_, '_>) -> Result<Config, CibErro
                 "stop-orphan-resources" | "stop-removed-resources" => {
                     o.stop_orphan_resources = parse_bool(&v).ok_or_else(bad)?
                 }
+                "startup-fencing" => o.startup_fencing = parse_bool(&v).ok_or_else(bad)?,
                 "start-failure-is-fatal" => {
                     o.start_failure_is_fatal = parse_bool(&v).ok_or_else(bad)?
                 }
@@ -1241,7 +1237,6 @@ const INFORMATIONAL_OPTIONS: &[&str] = &[
     "pe-input-series-max",
     "batch-limit",
     "stonith-action",
-    "startup-fencing",
     "no_quorum_policy",
     "stop-orphan-actions",
     "cancel-removed-actions",
@@ -2040,11 +2035,23 @@ fn read_status(
                     st.failcount = n;
                     st.last_failure = t.or(st.last_failure);
                 }
-                state
-                    .resources
-                    .entry(rid.to_string())
-                    .or_default()
-                    .insert(uname.to_string(), st);
+                // A node may list the same resource in more than one history block;
+                // each is read on its own, and one saying it is not running there does
+                // not cancel another saying it is (as Pacemaker reads them).
+                let on_node = state.resources.entry(rid.to_string()).or_default();
+                match on_node.get(uname) {
+                    Some(prev) if prev.role != Role::Stopped && st.role == Role::Stopped => {}
+                    Some(prev) => {
+                        if st.failcount == 0 {
+                            st.failcount = prev.failcount;
+                            st.last_failure = prev.last_failure.or(st.last_failure);
+                        }
+                        on_node.insert(uname.to_string(), st);
+                    }
+                    None => {
+                        on_node.insert(uname.to_string(), st);
+                    }
+                }
             }
         }
         // Failcounts of resources with no history on this node still count.
@@ -2138,14 +2145,7 @@ pub fn import(source: &str, xml: &str) -> Result<Imported, CibError> {
         .ok_or_else(|| ctx.invalid(root, "no <configuration> section"))?;
     let mut config = read_config(&mut ctx, conf)?;
     let dc = root.attribute("dc-uuid");
-    let startup_fencing = child(conf, "crm_config")
-        .map(|crm| {
-            children(crm, "cluster_property_set")
-                .flat_map(|set| children(set, "nvpair"))
-                .filter(|nv| nv.attribute("name") == Some("startup-fencing"))
-                .all(|nv| nv.attribute("value").and_then(parse_bool).unwrap_or(true))
-        })
-        .unwrap_or(true);
+    let startup_fencing = config.options.startup_fencing;
     let mut state = State {
         have_quorum: root
             .attribute("have-quorum")
@@ -2265,6 +2265,68 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         assert_eq!(params_digest(&p), "7e3dbcf6815893c8d95c1b9fa1fd82ae");
+    }
+
+    #[test]
+    fn durations_read_pacemakers_forms() {
+        for (text, secs) in [
+            ("10", 10),
+            ("10s", 10),
+            ("1500ms", 1),
+            ("2min", 120),
+            ("1h", 3600),
+            ("PT10S", 10),
+            ("P40S", 40),
+            ("2000000us", 2),
+        ] {
+            assert_eq!(parse_seconds(text), Some(secs), "{text}");
+        }
+        assert_eq!(parse_seconds("soon"), None);
+        assert_eq!(parse_seconds("10 parsecs"), None);
+    }
+
+    #[test]
+    fn a_second_history_block_saying_stopped_does_not_cancel_a_running_one() {
+        let xml = r#"<cib><configuration><crm_config/><nodes><node id="1" uname="n1"/></nodes>
+<resources><primitive id="r" class="ocf" provider="heartbeat" type="Dummy"/></resources>
+<constraints/></configuration><status>
+<node_state id="1" uname="n1" in_ccm="true" crmd="online" join="member" expected="member">
+<lrm id="1"><lrm_resources>
+<lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_start_0" operation="start" call-id="1" rc-code="0" op-status="0" interval="0"/>
+</lrm_resource>
+<lrm_resource id="r" class="ocf" provider="heartbeat" type="Dummy">
+<lrm_rsc_op id="r_monitor_0" operation="monitor" call-id="1" rc-code="7" op-status="0" interval="0"/>
+</lrm_resource>
+</lrm_resources></lrm></node_state></status></cib>"#;
+        let imp = import("t.xml", xml).expect("imports");
+        assert_eq!(imp.state.resources["r"]["n1"].role, Role::Started);
+    }
+
+    #[test]
+    fn startup_fencing_is_imported_into_the_options() {
+        let xml = |v: &str| {
+            format!(
+                r#"<cib><configuration><crm_config><cluster_property_set id="c">
+<nvpair id="sf" name="startup-fencing" value="{v}"/></cluster_property_set></crm_config>
+<nodes><node id="1" uname="n1"/></nodes><resources/><constraints/></configuration></cib>"#
+            )
+        };
+        let off = import("t.xml", &xml("false")).expect("imports");
+        assert!(!off.config.options.startup_fencing);
+        assert!(off.unsupported.iter().all(|u| u.id != "startup-fencing"));
+        assert!(
+            import("t.xml", &xml("true"))
+                .expect("imports")
+                .config
+                .options
+                .startup_fencing
+        );
+        let Err(err) = import("t.xml", &xml("maybe")) else {
+            panic!("a malformed startup-fencing is refused");
+        };
+        let err = err.to_string();
+        assert!(err.contains("startup-fencing"), "{err}");
     }
 
     fn cib(params: &str, digest: &str, extra: &str) -> String {

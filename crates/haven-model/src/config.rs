@@ -321,7 +321,8 @@ pub struct Primitive {
     /// The node this resource prefers (the seeds' `domain_home`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home: Option<String>,
-    /// Move back to `home` when it returns, even against stickiness.
+    /// Move back to `home` when it returns, even against stickiness; an operator's move
+    /// (`haven resource move`, INFINITY) outranks it while it stands.
     #[serde(default, skip_serializing_if = "is_false")]
     pub failback: bool,
 }

@@ -27,8 +27,15 @@ impl Score {
     pub const NEG_INFINITY: Score = Score(-INFINITY);
 
     /// A score from an integer, clamped to ±INFINITY.
-    pub fn new(v: i64) -> Score {
-        Score(v.clamp(-INFINITY, INFINITY))
+    pub const fn new(v: i64) -> Score {
+        // `Ord::clamp` is not const; constants such as the scheduler's weights need this.
+        if v > INFINITY {
+            Score(INFINITY)
+        } else if v < -INFINITY {
+            Score(-INFINITY)
+        } else {
+            Score(v)
+        }
     }
 
     pub fn value(self) -> i64 {

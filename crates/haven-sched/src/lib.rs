@@ -15,13 +15,26 @@
 //!   after the resources it is colocated with, on its best node (a node its own
 //!   preferences — locations, health, stickiness — score below zero is out; a negative
 //!   colocation only discourages); ties go to the less loaded node, then the current
-//!   node, then the node name;
-//! - groups are placed as one unit (members follow the first, in order); clones place
-//!   instances (current ones stay where allowed, new ones spread), promotable clones
-//!   promote the instances with the best promotion scores;
-//! - mandatory orders block starts behind something that cannot run, stop what runs
+//!   node, then the node name; the nodes ruled out for what must run with a resource
+//!   (INFINITY colocations, transitively) are ruled out for it and for its promotion,
+//!   so a group whose member failed on a node pulls what it runs with off that node;
+//! - a `home` adds 1 on its node; with `failback` it adds 100,000, which outweighs
+//!   stickiness but not an INFINITY constraint such as an operator's move;
+//! - groups are placed as one unit (members follow the first, in order; if no node
+//!   takes every member, the first ones stay where they can, also per clone
+//!   instance); clones place instances (current ones stay where allowed, new ones
+//!   spread), promotable clones promote the instances with the best promotion scores;
+//! - a colocation with the Promoted or Unpromoted role of something without roles
+//!   (not a promotable clone) places nothing;
+//! - mandatory orders block starts behind something that cannot run (an interleaved
+//!   clone's new instances are not placed at all without the first's instance beside
+//!   them), stop what runs
 //!   behind it (symmetrical orders), and restart what depends on something that
-//!   restarts (per node for clones); live migration replaces stop/start when allowed;
+//!   restarts (per node for interleaved clones; a clone ordered after a clone without
+//!   interleave restarts everywhere when the first starts or stops an instance, unless
+//!   only a count of the first's instances is required); live migration replaces
+//!   stop/start when allowed (a primitive's, not a group member's, only when what it
+//!   is ordered after does not stop the ordinary way);
 //! - what runs with a changed definition restarts (or reloads) in place; the CIB import
 //!   finds such changes from Pacemaker's parameter digests;
 //! - unclean nodes are fenced before anything starts (fencing needs quorum); what runs

@@ -12,6 +12,14 @@ use crate::plan::{Action, Change, ChangeKind, Fence, Placement, Plan};
 
 const NEG: Score = Score::NEG_INFINITY;
 
+/// What a `home` with `failback` adds on its home node. Large enough to outweigh
+/// stickiness and the preferences administrators write (Pacemaker's own guidance keeps
+/// those in the hundreds or thousands), yet finite with room to spare below INFINITY:
+/// an operator's move (cli-prefer, INFINITY) or any mandatory constraint still
+/// outranks it, and stickiness or a colocation added on the home node cannot
+/// saturate it into a tie with the move.
+pub const HOME_FAILBACK: Score = Score::new(100_000);
+
 /// (dependent, primary, score, dependent role, primary role, node attribute)
 type ColocPair<'a> = (
     &'a str,
@@ -692,6 +700,13 @@ impl<'a> Sched<'a> {
             if du == pu {
                 continue;
             }
+            // A Promoted or Unpromoted role of the primary is weighed when roles are
+            // assigned; something without roles (not a promotable clone) never gets
+            // there, so such a constraint places nothing (Pacemaker's recorded cases;
+            // 2.1.5 read it as a plain colocation).
+            if br.is_some_and(|r| r != Role::Started) && !self.promotable(pu) {
+                continue;
+            }
             let ix = self.colocs.len();
             self.colocs.push(Coloc {
                 dep: du,
@@ -922,7 +937,7 @@ impl<'a> Sched<'a> {
                         && h == self.nodes[n].name
                     {
                         w += if p.failback {
-                            Score::INFINITY
+                            HOME_FAILBACK
                         } else {
                             Score::new(1)
                         };
@@ -1005,11 +1020,51 @@ impl<'a> Sched<'a> {
         w
     }
 
+    /// [`Self::own_prefs`] with the nodes ruled out for what must run with `d`
+    /// (INFINITY colocations, transitively): a group whose member failed on a node
+    /// cannot run there, and neither can what it must run with. A dependent that could
+    /// then run nowhere is given up rather than ruling out every node.
+    fn own_prefs_with_dependents(&self, d: usize, depth: u32) -> Vec<Score> {
+        let mut w = self.own_prefs(d);
+        if depth > 4 {
+            return w;
+        }
+        for &ci in &self.prim_of[d] {
+            let c = &self.colocs[ci];
+            if self.placed[c.dep].is_some()
+                || !c.score.is_pos_inf()
+                || c.attr.is_some()
+                || c.primary_role.is_some_and(|r| r != Role::Started)
+                || self.units[c.dep].kind == Kind::Clone
+            {
+                continue;
+            }
+            let sub = self.own_prefs_with_dependents(c.dep, depth + 1);
+            let runnable = |v: &[Score], x: usize| !v[x].is_neg_inf() && self.nodes[x].can_run;
+            if !(0..sub.len()).any(|x| runnable(&sub, x)) {
+                continue;
+            }
+            let ruled: Vec<Score> = w
+                .iter()
+                .zip(&sub)
+                .map(|(a, b)| if b.is_neg_inf() { NEG } else { *a })
+                .collect();
+            if (0..ruled.len()).any(|x| runnable(&ruled, x)) {
+                w = ruled;
+            }
+        }
+        w
+    }
+
     /// A clone's score per node for its instances: its locations and colocations, and
     /// the pull of what must run with it (and what must run with that) toward the
     /// nodes those prefer.
     fn clone_weights(&self, u: usize) -> Vec<Score> {
-        let mut w = self.base_weights(u);
+        self.clone_weights_from(u, self.base_weights(u))
+    }
+
+    /// [`Self::clone_weights`] from given base weights.
+    fn clone_weights_from(&self, u: usize, mut w: Vec<Score>) -> Vec<Score> {
         self.apply_colocations(u, &mut w);
         for &ci in &self.prim_of[u] {
             let c = &self.colocs[ci];
@@ -1067,7 +1122,7 @@ impl<'a> Sched<'a> {
             if c.primary_role == Some(Role::Promoted) {
                 continue;
             }
-            let prefs = self.own_prefs(c.dep);
+            let prefs = self.own_prefs_with_dependents(c.dep, 0);
             // A dependent that can run nowhere adds nothing.
             if !prefs
                 .iter()
@@ -1535,124 +1590,136 @@ impl<'a> Sched<'a> {
             .is_some_and(|&p| Self::target_stopped(&self.prims[p].meta));
         let w = self.clone_weights(u);
         self.record_scores(u, &w);
-        let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
-        let mut per_node = vec![0usize; n_nodes];
-        let mut insts: Vec<Inst> = Vec::new();
-        let mut leftovers: Vec<(u32, usize)> = Vec::new();
-        let mut cur_list: Vec<(u32, usize)> = current.keys().copied().collect();
-        cur_list.sort_by_key(|&(num, n)| (std::cmp::Reverse(w[n]), num));
-        // Clones are a little sticky by default, so instances do not shuffle.
-        let stick = self.units[u]
-            .prims
-            .first()
-            .and_then(|&p| self.prims[p].meta.resource_stickiness)
-            .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
-        // At first each node keeps only its fair share of current instances; the rest
-        // are placed with the new ones (their own node still favoured by stickiness), so
-        // instances spread out instead of piling up.
-        let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
-        let fair = max.checked_div(avail_nodes).unwrap_or(0);
-        for (num, n) in cur_list {
-            let keep = if unmanaged {
-                true
-            } else {
-                !stopped
-                    && allowed(self, n)
-                    && per_node[n] < node_max
-                    && insts.len() < max
-                    && self.fits(n, &self.unit_util(u))
-                    && per_node[n] < fair
-            };
-            if keep {
-                per_node[n] += 1;
-                self.take(n, u);
-                let member_ok = if unmanaged {
-                    vec![true; n_members]
-                } else {
-                    self.members_ok(u, n, true)
-                };
-                insts.push(Inst {
-                    number: Some(num),
-                    cur_node: Some(n),
-                    node: Some(n),
-                    promoted: false,
-                    member_ok,
-                    restart: false,
-                    blocked: false,
-                });
-            } else {
-                leftovers.push((num, n));
+        // A clone of a group whose later members failed on a node keeps an instance
+        // there with the members before the failed one, as a lone group does, but only
+        // once no node could take it whole.
+        let mut levels = vec![w];
+        if !unmanaged && self.units[u].kind == Kind::Clone && n_members > 1 {
+            for k in (1..n_members).rev() {
+                let base = self.compute_base_weights_upto(u, k);
+                levels.push(self.clone_weights_from(u, base));
             }
         }
-        if !unmanaged && !stopped {
-            let need = self.unit_util(u);
-            // An instance needs room for an instance of what must run with it too (when
-            // some node has that much).
-            let mut need_all = need.clone();
-            for &ci in &self.prim_of[u] {
-                let c = &self.colocs[ci];
-                if c.score.is_pos_inf()
-                    && self.placed[c.dep].is_none()
-                    && !self.busy.get(c.dep).copied().unwrap_or(false)
-                {
-                    for (k, v) in self.unit_util(c.dep) {
-                        *need_all.entry(k).or_insert(0) += v;
-                    }
+        let mut per_node = vec![0usize; n_nodes];
+        let mut insts: Vec<Inst> = Vec::new();
+        let mut leftovers: Vec<(u32, usize)> = current.keys().copied().collect();
+        for w in &levels {
+            let allowed = |s: &Sched<'_>, n: usize| s.nodes[n].can_run && !w[n].is_neg_inf();
+            let mut cur_list = std::mem::take(&mut leftovers);
+            cur_list.sort_by_key(|&(num, n)| (std::cmp::Reverse(w[n]), num));
+            // Clones are a little sticky by default, so instances do not shuffle.
+            let stick = self.units[u]
+                .prims
+                .first()
+                .and_then(|&p| self.prims[p].meta.resource_stickiness)
+                .unwrap_or(Score::new(1).max(self.cfg.options.resource_stickiness));
+            // At first each node keeps only its fair share of current instances; the rest
+            // are placed with the new ones (their own node still favoured by stickiness), so
+            // instances spread out instead of piling up.
+            let avail_nodes = (0..n_nodes).filter(|&x| allowed(self, x)).count();
+            let fair = max.checked_div(avail_nodes).unwrap_or(0);
+            for (num, n) in cur_list {
+                let keep = if unmanaged {
+                    true
+                } else {
+                    !stopped
+                        && allowed(self, n)
+                        && per_node[n] < node_max
+                        && insts.len() < max
+                        && self.fits(n, &self.unit_util(u))
+                        && per_node[n] < fair
+                };
+                if keep {
+                    per_node[n] += 1;
+                    self.take(n, u);
+                    let member_ok = if unmanaged {
+                        vec![true; n_members]
+                    } else {
+                        self.members_ok(u, n, true)
+                    };
+                    insts.push(Inst {
+                        number: Some(num),
+                        cur_node: Some(n),
+                        node: Some(n),
+                        promoted: false,
+                        member_ok,
+                        restart: false,
+                        blocked: false,
+                    });
+                } else {
+                    leftovers.push((num, n));
                 }
             }
-            while insts.len() < max {
-                // An anonymous instance on a node being fenced dies with it; it does not
-                // move. A globally unique one keeps its identity and moves on.
-                let mover_ix = leftovers
-                    .iter()
-                    .position(|&(_, cn)| unique || self.nodes[cn].fence.is_none());
-                let mover = mover_ix.map(|i| leftovers[i].1);
-                let avail: Vec<Score> = (0..n_nodes)
-                    .map(|n| {
-                        if per_node[n] >= node_max {
-                            NEG
-                        } else if Some(n) == mover {
-                            w[n] + stick
-                        } else {
-                            w[n]
-                        }
-                    })
-                    .collect();
-                let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
-                let Some(n) = self
-                    .choose(&avail, mover, &need_all, &spread)
-                    .or_else(|| self.choose(&avail, mover, &need, &spread))
-                else {
-                    break;
-                };
-                if !allowed(self, n) {
-                    break;
-                }
-                per_node[n] += 1;
-                self.take(n, u);
-                let member_ok = self.members_ok(u, n, true);
-                // A displaced instance moves; otherwise a new instance starts.
-                let (num, cur_node) = if let Some(i) = mover_ix {
-                    let (num, cn) = leftovers.remove(i);
-                    (num, Some(cn))
-                } else {
-                    let mut k = 0u32;
-                    while insts.iter().any(|i| i.number == Some(k))
-                        || current.keys().any(|(x, _)| *x == k)
+            if !unmanaged && !stopped {
+                let need = self.unit_util(u);
+                // An instance needs room for an instance of what must run with it too (when
+                // some node has that much).
+                let mut need_all = need.clone();
+                for &ci in &self.prim_of[u] {
+                    let c = &self.colocs[ci];
+                    if c.score.is_pos_inf()
+                        && self.placed[c.dep].is_none()
+                        && !self.busy.get(c.dep).copied().unwrap_or(false)
                     {
-                        k += 1;
+                        for (k, v) in self.unit_util(c.dep) {
+                            *need_all.entry(k).or_insert(0) += v;
+                        }
                     }
-                    (k, None)
-                };
-                insts.push(Inst {
-                    number: Some(num),
-                    cur_node,
-                    node: Some(n),
-                    promoted: false,
-                    member_ok,
-                    restart: false,
-                    blocked: false,
-                });
+                }
+                while insts.len() < max {
+                    // An anonymous instance on a node being fenced dies with it; it does not
+                    // move. A globally unique one keeps its identity and moves on.
+                    let mover_ix = leftovers
+                        .iter()
+                        .position(|&(_, cn)| unique || self.nodes[cn].fence.is_none());
+                    let mover = mover_ix.map(|i| leftovers[i].1);
+                    let avail: Vec<Score> = (0..n_nodes)
+                        .map(|n| {
+                            if per_node[n] >= node_max {
+                                NEG
+                            } else if Some(n) == mover {
+                                w[n] + stick
+                            } else {
+                                w[n]
+                            }
+                        })
+                        .collect();
+                    let spread: Vec<u32> = per_node.iter().map(|&c| c as u32).collect();
+                    let Some(n) = self
+                        .choose(&avail, mover, &need_all, &spread)
+                        .or_else(|| self.choose(&avail, mover, &need, &spread))
+                    else {
+                        break;
+                    };
+                    if !allowed(self, n) {
+                        break;
+                    }
+                    per_node[n] += 1;
+                    self.take(n, u);
+                    let member_ok = self.members_ok(u, n, true);
+                    // A displaced instance moves; otherwise a new instance starts.
+                    let (num, cur_node) = if let Some(i) = mover_ix {
+                        let (num, cn) = leftovers.remove(i);
+                        (num, Some(cn))
+                    } else {
+                        let mut k = 0u32;
+                        while insts.iter().any(|i| i.number == Some(k))
+                            || current.keys().any(|(x, _)| *x == k)
+                        {
+                            k += 1;
+                        }
+                        (k, None)
+                    };
+                    insts.push(Inst {
+                        number: Some(num),
+                        cur_node,
+                        node: Some(n),
+                        promoted: false,
+                        member_ok,
+                        restart: false,
+                        blocked: false,
+                    });
+                }
             }
         }
         for (num, n) in leftovers {
@@ -1774,7 +1841,7 @@ impl<'a> Sched<'a> {
                 {
                     continue;
                 }
-                let prefs = self.own_prefs(c.dep);
+                let prefs = self.own_prefs_with_dependents(c.dep, 0);
                 if !prefs
                     .iter()
                     .enumerate()
@@ -2066,6 +2133,19 @@ impl<'a> Sched<'a> {
                     continue;
                 }
                 let runnable = self.unit_runnable(first, fa, self.orders[oi].require_all);
+                // An interleaved clone's instance is placed only beside an instance of
+                // the clone it follows; with none anywhere, a new one is not placed at
+                // all (rather than shown blocked).
+                let unplaced_if_new = self.units[then].kind == Kind::Clone
+                    && self.units[first].kind == Kind::Clone
+                    && self.orders[oi].require_all
+                    && self.units[first].clone.as_ref().is_some_and(|c| c.min <= 1)
+                    && self.units[then]
+                        .clone
+                        .as_ref()
+                        .is_some_and(|c| c.interleave)
+                    && fa == OrderAction::Start
+                    && ta == OrderAction::Start;
                 if !runnable && matches!(ta, OrderAction::Start | OrderAction::Promote) {
                     let symmetrical = self.orders[oi].symmetrical;
                     let mut failed_here = vec![false; self.nodes.len()];
@@ -2093,6 +2173,10 @@ impl<'a> Sched<'a> {
                                             && !symmetrical
                                             && !failed_here[c] => {}
                                     Some(_) => {
+                                        i.node = None;
+                                        changed = true;
+                                    }
+                                    None if unplaced_if_new => {
                                         i.node = None;
                                         changed = true;
                                     }
@@ -2147,9 +2231,14 @@ impl<'a> Sched<'a> {
                         }
                     }
                 }
-                // A clone that must follow restarts nothing when the first changes: only
-                // its collective start waits. Interleaved clones follow per node.
-                if then_clone && !interleaved && first_clone {
+                // A clone that follows another as a whole (not interleaved) restarts
+                // everywhere when the first starts or stops an instance anywhere; it
+                // only waits when it needs no more than a count of the first's
+                // instances (require-all=false, clone-min). Interleaved clones follow
+                // per node.
+                let first_min = self.units[first].clone.as_ref().map_or(0, |c| c.min);
+                let collective = then_clone && !interleaved && first_clone;
+                if collective && (!self.orders[oi].require_all || first_min > 1) {
                     continue;
                 }
                 let triggered = |s: &Sched<'_>, node: Option<usize>| match fa {
@@ -2171,9 +2260,9 @@ impl<'a> Sched<'a> {
                         (0..self.placed[then].as_ref().map(|v| v.len()).unwrap_or(0))
                             .filter(|&i| self.inst_stays(then, i))
                             .filter(|&i| {
-                                // What follows a clone waits only on its instance where it
-                                // runs.
-                                if interleaved || first_clone {
+                                // What follows a clone otherwise waits only on its instance
+                                // where it runs.
+                                if interleaved || first_clone && !collective {
                                     let node = self.placed[then].as_ref().and_then(|v| v[i].node);
                                     node.is_some() && triggered(self, node)
                                 } else {
@@ -2373,7 +2462,10 @@ impl<'a> Sched<'a> {
             let blocks = if self.units[o.first].kind == Kind::Clone {
                 target.is_some() && self.unit_activity(o.first, target).0
             } else {
-                self.unit_hard_stops(o.first, depth + 1)
+                // A group's constraints order its start and stop as a whole, which a
+                // member's migration stands in for; only a primitive's own order
+                // waits on the first's ordinary stop.
+                self.units[u].kind == Kind::Prim && self.unit_hard_stops(o.first, depth + 1)
             };
             if blocks {
                 return false;

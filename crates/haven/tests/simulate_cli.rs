@@ -199,3 +199,78 @@ fn draining_the_examples_home_node_migrates_the_vm_live() {
         );
     }
 }
+
+/// `haven resource move vm1 m2` on the example (vm1 has home = m1 with failback): the
+/// operator's cli-prefer constraint outranks the failback home while it stands, and
+/// once `resource clear` removes it, failback brings the VM home.
+#[test]
+fn a_move_outranks_the_failback_home_until_it_is_cleared() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(repo().join("examples/two-node.toml")).expect("example");
+    assert!(
+        text.contains("home = \"m1\"\nfailback = true"),
+        "the example's vm1 no longer has a failback home"
+    );
+    let plain = tmp.path().join("plain.toml");
+    std::fs::write(&plain, &text).expect("write config");
+    let moved = tmp.path().join("moved.toml");
+    std::fs::write(
+        &moved,
+        format!(
+            "{text}\n[[constraints.location]]\nid = \"cli-prefer-vm1\"\nrsc = \"vm1\"\nnode = \"m2\"\nscore = \"INFINITY\"\n"
+        ),
+    )
+    .expect("write config");
+    let state_on = |node: &str, other: &str| {
+        let path = tmp.path().join(format!("on-{node}.json"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{ "have_quorum": true,
+  "nodes": {{ "m1": {{ "state": "online", "attributes": {{ "master-disk0": "10" }} }},
+             "m2": {{ "state": "online", "attributes": {{ "master-disk0": "10" }} }} }},
+  "resources": {{ "disk0": {{ "{node}": {{ "role": "Promoted" }}, "{other}": {{ "role": "Unpromoted" }} }},
+                 "ip": {{ "{node}": {{ "role": "Started" }} }}, "vm1": {{ "{node}": {{ "role": "Started" }} }} }} }}"#
+            ),
+        )
+        .expect("write state");
+        path
+    };
+    let (at_home, away) = (state_on("m1", "m2"), state_on("m2", "m1"));
+    let run = |config: &std::path::Path, state: &std::path::Path| {
+        let out = haven(&[
+            "simulate",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--state",
+            state.to_str().expect("utf-8"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary(&out)
+    };
+
+    let lines = run(&moved, &at_home);
+    for want in [
+        "* Migrate vm1 ( m1 -> m2 )",
+        "* Promote disk0:1 ( Unpromoted -> Promoted m2 )",
+        "* Move ip ( m1 -> m2 )",
+    ] {
+        assert!(
+            lines.contains(&want.to_string()),
+            "move: {want} missing: {lines:?}"
+        );
+    }
+    assert!(
+        run(&moved, &away).iter().all(|l| l.trim().is_empty()),
+        "while the move stands the VM stays on m2"
+    );
+    let lines = run(&plain, &away);
+    assert!(
+        lines.contains(&"* Migrate vm1 ( m2 -> m1 )".to_string()),
+        "cleared: failback takes it home: {lines:?}"
+    );
+}
