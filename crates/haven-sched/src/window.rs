@@ -78,7 +78,10 @@ pub fn windows(cfg: &Config, plan: &Plan) -> Vec<Window> {
             let Some((promote, b)) = promote else {
                 continue;
             };
-            if stops_on(a) || stops_on(b) {
+            // The source's replica may stop afterwards (its node drains): the guest
+            // still leaves live through the window, and the replica stops once demoted.
+            // A target whose replica stops has nothing to receive the guest.
+            if stops_on(b) {
                 continue;
             }
             let migrations: Vec<usize> = plan
@@ -422,6 +425,38 @@ score = "INFINITY"
         assert!(reaches(&plan, stop, start), "{:?}", plan.edges);
         assert!(reaches(&plan, stop, demote), "{:?}", plan.edges);
         assert!(reaches(&plan, w[0].promote, start), "{:?}", plan.edges);
+        assert!(!reaches(&plan, demote, w[0].promote), "{:?}", plan.edges);
+    }
+
+    #[test]
+    fn draining_the_primarys_node_moves_the_guest_live_and_stops_the_replica_after_the_demote() {
+        let mut cfg = config("volume", "");
+        if let Some(m1) = cfg.nodes.iter_mut().find(|n| n.name == "m1") {
+            m1.standby = true;
+        }
+        let plan = crate::schedule(&cfg, &state(""));
+        let w = windows(&cfg, &plan);
+        assert_eq!(w.len(), 1, "{:#?}", plan.actions);
+        let to = index(&plan, &migrate(true));
+        let from = index(&plan, &migrate(false));
+        let stop_vm = index(&plan, &act("stop", "vm1", "m1"));
+        let demote = index(&plan, &act("demote", "disk0:0", "m1"));
+        let stop_replica = index(&plan, &act("stop", "disk0:0", "m1"));
+        for (a, b) in [
+            (w[0].promote, to),
+            (w[0].promote, from),
+            (from, stop_vm),
+            (stop_vm, demote),
+            (demote, stop_replica),
+        ] {
+            assert!(
+                reaches(&plan, a, b),
+                "{:?} must precede {:?}: {:?}",
+                plan.actions[a],
+                plan.actions[b],
+                plan.edges
+            );
+        }
         assert!(!reaches(&plan, demote, w[0].promote), "{:?}", plan.edges);
     }
 }

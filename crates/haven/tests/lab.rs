@@ -601,6 +601,55 @@ fn lab_up_with_vms_boots_the_guest_from_a_replicated_volume_moves_it_live_and_re
         "counter {moved_at} on {home}, then {first} on {other}"
     );
 
+    // The move's preference goes (as an operator would once the move is done), so
+    // what follows is the drain's doing, not the standing preference's.
+    let out = lab.run(&["resource", "clear", "vm1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Draining vm1's node moves it back live too (the window opens although the
+    // drained node's replica stops after its demote); `node online` brings the replica
+    // back, resynced.
+    let drained_at = *console_numbers(&dir, other, "COUNTER")
+        .last()
+        .expect("counters after the move");
+    let out = lab.run(&["node", "standby", other]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_long("vm1 to leave the drained node", || {
+        (lab.running("vm1") == [home.as_str()] && lab.running("vol1") == [home.as_str()])
+            .then_some(())
+    });
+    wait_long("the guest to count on after the drain", || {
+        (console_numbers(&dir, &home, "COUNTER").last() > Some(&drained_at)).then_some(())
+    });
+    assert!(
+        console_numbers(&dir, &home, "RESUME").is_empty(),
+        "the guest booted again on {home} instead of moving live"
+    );
+    let out = lab.run(&["node", "online", other]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_long("the drained node's replica to be back in sync", || {
+        in_sync_secondary(&dir, other, &home).then_some(())
+    });
+    assert_eq!(
+        lab.running("vm1"),
+        [home.as_str()],
+        "stickiness keeps the guest"
+    );
+    let (home, other) = (other.to_string(), home.clone());
+    let other = other.as_str();
+
     // vm1's node loses power: once it is fenced, the other replica is promoted and the
     // guest boots from it, resuming from the last count it had written.
     let checker = common::Checker::start(&dir, "vm1");
