@@ -418,10 +418,55 @@ pub fn check_promote(
     Ok(())
 }
 
+/// Promotion score of a replica whose disk is UpToDate and whose peers are all
+/// connected: nothing newer can exist elsewhere.
+pub const PROMOTE_UP_TO_DATE: i64 = 10_000;
+/// UpToDate, but some peer is unknown: it may hold newer data (it could have been
+/// primary while cut off), so any replica that knows better is preferred.
+pub const PROMOTE_PEER_UNKNOWN: i64 = 5;
+
+/// How much this replica wants to be promoted, as DRBD's agent sets master scores:
+/// `None` where a promote would be refused anyway (an Outdated or Inconsistent disk),
+/// so the cluster never picks it, whatever a location preference says.
+pub fn promotion_preference(disk: DiskState, peers: &[PeerLink]) -> Option<i64> {
+    if disk != DiskState::UpToDate {
+        return None;
+    }
+    if peers.iter().all(|p| p.connected) {
+        Some(PROMOTE_UP_TO_DATE)
+    } else {
+        Some(PROMOTE_PEER_UNKNOWN)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn only_an_up_to_date_replica_wants_promotion_and_one_that_knows_its_peers_most() {
+        use DiskState::*;
+        let peer = |connected| PeerLink {
+            node: "b".into(),
+            connected,
+            role: Some(Role::Secondary),
+        };
+        assert_eq!(promotion_preference(Inconsistent, &[peer(true)]), None);
+        assert_eq!(promotion_preference(Outdated, &[peer(true)]), None);
+        assert_eq!(
+            promotion_preference(UpToDate, &[peer(true)]),
+            Some(PROMOTE_UP_TO_DATE)
+        );
+        assert_eq!(
+            promotion_preference(UpToDate, &[peer(false)]),
+            Some(PROMOTE_PEER_UNKNOWN)
+        );
+        assert_eq!(
+            promotion_preference(UpToDate, &[]),
+            Some(PROMOTE_UP_TO_DATE)
+        );
+    }
 
     fn side(node: &str, gen_: u64, history: &[u64]) -> SideView {
         SideView {

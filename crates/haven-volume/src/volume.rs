@@ -32,10 +32,8 @@ use tokio::sync::{Notify, watch};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a migration window stays open on the target without the source demoting.
-/// The source holds its side open twice as long, so the target always stops writing
-/// first. Migrations that take longer fail safe: the target freezes.
-pub const WINDOW_TIMEOUT: Duration = Duration::from_secs(120);
+/// The default of [`VolumeConfig::window_timeout`].
+pub const DEFAULT_WINDOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the target waits for the source to grant a window (within one control
 /// call; the agent asks again until its promote times out).
 const WINDOW_ASK_TIMEOUT: Duration = Duration::from_secs(4);
@@ -121,6 +119,11 @@ pub struct VolumeConfig {
     /// How long a freeze may hold a request; past it the request fails (EIO) instead
     /// of being acknowledged, and the replica stays frozen.
     pub freeze_timeout: Duration,
+    /// How long a migration window stays open on the target without the source
+    /// demoting. The source holds its side open twice as long, so the target always
+    /// stops writing first; both replicas of a cluster volume get the same value (one
+    /// resource parameter). Migrations that take longer fail safe: the target freezes.
+    pub window_timeout: Duration,
 }
 
 /// Peers lost while up to date, whose being outdated the cluster has not confirmed.
@@ -201,6 +204,10 @@ pub struct Status {
     /// An open dual-primary migration window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowStatus>,
+    /// How much this replica wants to be promoted ([`decide::promotion_preference`]);
+    /// `None`: it cannot be (its disk is not UpToDate).
+    #[serde(default)]
+    pub promotion: Option<i64>,
 }
 
 struct Inflight {
@@ -1671,7 +1678,7 @@ impl Volume {
                 peer: source.to_string(),
                 target: true,
                 opened_ms: now_ms(),
-                until: Instant::now() + WINDOW_TIMEOUT,
+                until: Instant::now() + self.cfg.window_timeout,
             });
             st.meta.role = Role::Primary;
             st.meta.promoted_at_ms = now_ms();
@@ -1709,7 +1716,7 @@ impl Volume {
                                 peer: target.clone(),
                                 target: false,
                                 opened_ms: now_ms(),
-                                until: Instant::now() + 2 * WINDOW_TIMEOUT,
+                                until: Instant::now() + 2 * self.cfg.window_timeout,
                             });
                             tracing::info!("migration window for {target} granted");
                             WindowMsg::Grant { source, target }
@@ -1978,7 +1985,9 @@ impl Volume {
                 }
             })
             .collect();
+        let promotion = decide::promotion_preference(st.meta.disk, &self.peer_links(&st));
         Status {
+            promotion,
             volume: st.meta.volume.clone(),
             node: st.meta.node.clone(),
             role: st.meta.role,
@@ -2109,6 +2118,10 @@ mod tests {
 
     /// Two plaintext replicas `a` (UpToDate, primary) and `b`, in sync.
     async fn pair(dir: &Path) -> (Arc<Volume>, Arc<Volume>) {
+        pair_with(dir, DEFAULT_WINDOW_TIMEOUT).await
+    }
+
+    async fn pair_with(dir: &Path, window_timeout: Duration) -> (Arc<Volume>, Arc<Volume>) {
         let (aa, ba) = (free_addr(), free_addr());
         let open = |node: &str, me: SocketAddr, peer: (&str, SocketAddr), initial: bool| {
             let d = dir.join(node);
@@ -2125,6 +2138,7 @@ mod tests {
                 tls: None,
                 fence_peers: false,
                 freeze_timeout: Duration::from_secs(1),
+                window_timeout,
             })
             .expect("open")
         };
@@ -2232,6 +2246,26 @@ mod tests {
             b.write(0, 4096, buf, true).await,
             Err(IoFail::NotPrimary)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_window_lasts_as_long_as_configured_then_the_target_holds_its_writes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair_with(tmp.path(), Duration::from_secs(1)).await;
+        b.promote_window(&[], "a").await.expect("the window opens");
+        let buf = Some(Arc::new(vec![0x66u8; 4096]));
+        b.write(0, 4096, buf.clone(), true)
+            .await
+            .expect("inside the window");
+        // Not the default two minutes: the configured second.
+        settle(&b, |s| s.window.as_ref().is_some_and(|w| w.closed)).await;
+        assert!(
+            matches!(b.write(0, 4096, buf, true).await, Err(IoFail::Io)),
+            "a target past its window must not acknowledge a write"
+        );
+        assert_eq!(a.status().role, Role::Primary);
+        a.demote().await.expect("demote a");
+        settle(&b, |s| s.window.is_none()).await;
     }
 
     #[tokio::test]
