@@ -952,6 +952,16 @@ impl Volume {
         if let Some(p) = st.peers.get_mut(&conn.peer) {
             p.conn = None;
         }
+        // A window target cut off from its source acknowledges nothing from here on
+        // (it holds until it sees the source secondary or is demoted), so the source
+        // keeps everything the target ever acknowledged: the source is the side to
+        // resync from. The target therefore neither starts a generation (which would
+        // make both sides look changed: a split brain for the operator) nor asks for
+        // the source to be recorded outdated (both would end up outdated).
+        let lost_own_source = st
+            .window
+            .as_ref()
+            .is_some_and(|w| w.target && w.peer == conn.peer);
         // Losing the other primary ends the window: the target stops writing (see
         // `WindowState`), the source goes on under the usual fence-peer rule.
         if let Some(w) = st.window.as_mut().filter(|w| w.peer == conn.peer) {
@@ -970,7 +980,7 @@ impl Volume {
         }
         // From now on this primary's data moves on without that peer: a new generation
         // lets the next handshake tell which side is newer.
-        if st.meta.role == Role::Primary {
+        if st.meta.role == Role::Primary && !lost_own_source {
             st.meta.rotate_gen();
             changed = true;
             // Only a peer that could be promoted needs outdating; one mid-resync or
@@ -1293,7 +1303,23 @@ impl Volume {
         conn.send(Out::Frame(f)).await;
     }
 
+    /// Zeroes a range by punching a hole (TRIM frees the space, and a hole reads back
+    /// as zeroes, so every replica stays byte-identical whichever way it zeroed);
+    /// where the file system cannot punch holes, by writing zeroes.
     fn zero_local(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) {
+            let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            match fallocate(&*self.file, mode, o, l) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.zero_with_writes(offset, len)
+    }
+
+    fn zero_with_writes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let mut at = offset;
         let end = offset + len;
         while at < end {
@@ -1421,6 +1447,9 @@ impl Volume {
         wait_acks(&waits, self.cfg.peer_timeout).await;
         // A peer lost while this write was on its way froze the volume before the
         // write counted as done: it is acknowledged only once that peer is outdated.
+        // A window target that lost its source holds it instead: the source may not
+        // have it, and the source is the side the target will resync from.
+        self.wait_window().await?;
         self.wait_unfrozen().await
     }
 

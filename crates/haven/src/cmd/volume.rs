@@ -173,6 +173,10 @@ struct PromoteArgs {
     /// unreachable peer blocks promotion
     #[arg(long)]
     peer_fenced: Vec<String>,
+    /// Become primary beside this peer's primary for a live migration (a window the
+    /// peer must grant; its demote closes it)
+    #[arg(long)]
+    migration_source: Option<String>,
 }
 
 #[derive(Parser)]
@@ -224,8 +228,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         VolumeCommand::Status(a) => ctl(&a, ControlRequest::Status),
         VolumeCommand::Promote(a) => ctl(
             &a.ctl,
-            ControlRequest::Promote {
-                peer_fenced: a.peer_fenced,
+            match a.migration_source {
+                Some(migration_source) => ControlRequest::PromoteWindow {
+                    peer_fenced: a.peer_fenced,
+                    migration_source,
+                },
+                None => ControlRequest::Promote {
+                    peer_fenced: a.peer_fenced,
+                },
             },
         ),
         VolumeCommand::Demote(a) => ctl(&a, ControlRequest::Demote),
