@@ -245,6 +245,23 @@ fn plan_inner(l: &SideView, p: &SideView, policy: SplitBrainPolicy) -> (Plan, bo
     // Only a primary's bitmap is known to cover everything its peer missed: a secondary
     // marks a region for a peer only if it saw that peer gone, and a peer cut off from
     // the primary alone looked present to it. So a secondary source sends everything.
+    // Ahead by a generation alone, with nothing written for the other since, against a
+    // primary that never started one: a window target cut off from its source, which
+    // then got the guest while the source was demoted. The target acknowledged nothing
+    // after the cut and the source wrote nothing, so the primary (whose data is in
+    // use) is the source; anything the other side did write is a true ambiguity and
+    // goes to the operator below.
+    let quiet_behind_primary = |ahead: &SideView, primary: &SideView| {
+        !crashed
+            && ahead.role == Role::Secondary
+            && ahead.changes == 0
+            && primary.role == Role::Primary
+    };
+    match (l_ahead, p_ahead) {
+        (true, false) if quiet_behind_primary(l, p) => return (Target { full: false }, false),
+        (false, true) if quiet_behind_primary(p, l) => return (Source { full: false }, false),
+        _ => {}
+    }
     match (l_ahead, p_ahead) {
         (true, false) => {
             let full = crashed || l.role == Role::Secondary;
@@ -443,6 +460,28 @@ pub fn promotion_preference(disk: DiskState, peers: &[PeerLink]) -> Option<i64> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_primary_that_kept_the_guest_is_the_source_for_a_side_that_is_ahead_by_a_generation_only() {
+        // a: the window's source, cut off, started a generation and was demoted; b: the
+        // target, still primary on the window's generation.
+        let mut a = side("a", 2, &[1]);
+        let mut b = side("b", 1, &[]);
+        b.role = Role::Primary;
+        let o = plan_connection(&a, &b, SplitBrainPolicy::Disconnect);
+        assert_eq!(o.plan, Plan::Target { full: false });
+        assert!(!o.split_brain);
+        assert_eq!(
+            plan_connection(&b, &a, SplitBrainPolicy::Disconnect).plan,
+            Plan::Source { full: false }
+        );
+        // a wrote after the cut: the guest on b may lack what a acknowledged.
+        a.changes = 3;
+        assert_eq!(
+            plan_connection(&a, &b, SplitBrainPolicy::Disconnect).plan,
+            Plan::Refuse(Refusal::PrimaryWouldBeTarget)
+        );
+    }
 
     #[test]
     fn only_an_up_to_date_replica_wants_promotion_and_one_that_knows_its_peers_most() {

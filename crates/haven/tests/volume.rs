@@ -1654,3 +1654,35 @@ fn volume_trim_punches_holes_on_every_replica_which_stay_identical() {
         );
     }
 }
+
+#[test]
+fn volume_window_cut_after_the_guest_moved_resyncs_the_source_from_the_target_that_kept_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--fence-peers"]);
+    b.ok(&["promote", "--migration-source", "a"]);
+    a.wait_for("a to hold the source's side", |s| {
+        s["window"]["side"] == "source"
+    });
+    qemu_io_ok(&b.uri(), &[s("write -P 0x51 0 64k")]);
+    // Cut inside the window; the migration completes anyway (its stream is not the
+    // replication link), so the cluster demotes the source, which wrote nothing since.
+    b.ok(&["disconnect", "--peer", "a"]);
+    a.wait_for("a to freeze for b", |s| frozen_for(s, "b"));
+    a.ok(&["demote"]);
+    b.ok(&["connect", "--peer", "a"]);
+    // b, which kept the guest, stays primary and a resyncs from it; b's held writes go
+    // on once it sees a secondary.
+    b.wait_in_sync("a");
+    qemu_io_ok(&b.uri(), &[s("write -P 0x52 64k 64k")]);
+    let s_b = b.wait_in_sync("a");
+    assert_eq!(s_b["role"], "Primary", "{s_b:#}");
+    assert!(s_b["window"].is_null(), "{s_b:#}");
+    assert_eq!(
+        Node::peer_status(&s_b, "a")["split_brain"],
+        false,
+        "{s_b:#}"
+    );
+    assert_identical(&a, &b);
+    let d = a.data();
+    assert_eq!((d[0], d[64 << 10]), (0x51, 0x52));
+}
