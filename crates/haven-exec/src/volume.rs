@@ -20,6 +20,8 @@
 //! | `peer_timeout` | seconds before a silent peer is dropped | 5 |
 //! | `fencing` | `resource-and-stonith`: a primary that loses an up-to-date peer freezes I/O until the cluster has recorded that peer outdated; `none` writes on alone (unsafe: the lost peer may later be promoted without those writes) | `resource-and-stonith` |
 //! | `freeze_timeout` | seconds a request may wait on such a freeze before it fails (EIO) | 60 |
+//! | `window_timeout` | how long a live migration's dual-primary window may stay open (a duration: `120`, `90s`, `2min`; 1 s to 1 h); past it the target holds its writes until the source is secondary, and the source keeps its side twice as long | 120s |
+//! | `resync_rate` | resync rate limit, bytes per second (K/M/G suffixes) | unlimited |
 //! | `tls_dir` | directory with `ca.pem`, `node.pem`, `node-key.pem` | the daemon's directory (the state dir's parent) |
 //! | `plaintext` | `true` replicates without TLS (never across hosts) | false |
 //! | `allow_non_loopback` | `true` lets the replica listen on a non-loopback address | false |
@@ -59,6 +61,14 @@ use crate::run::signal_group;
 const POLL: Duration = Duration::from_millis(100);
 /// Bounds one control-socket call made while a longer deadline governs.
 const CONTROL_CALL: Duration = Duration::from_secs(5);
+
+/// The promotion score a replica publishes for itself (`promotion-RSC`): how much it
+/// wants to be primary, or -INFINITY where a promote would be refused (an Outdated or
+/// Inconsistent disk), so a location preference cannot pick it.
+pub fn promotion_score(s: &Status) -> String {
+    s.promotion
+        .map_or_else(|| "-INFINITY".to_string(), |v| v.to_string())
+}
 
 /// The NBD socket of volume resource `volume` on this node.
 pub fn nbd_socket(state_dir: &Path, volume: &str) -> PathBuf {
@@ -100,6 +110,8 @@ struct Config {
     peer_timeout: Option<String>,
     fence_peers: bool,
     freeze_timeout: Option<String>,
+    window_timeout: Option<String>,
+    resync_rate: Option<String>,
     /// (CA, certificate, key); `None` with `plaintext = true`.
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     allow_non_loopback: bool,
@@ -272,6 +284,8 @@ fn config(spec: &AgentSpec) -> Result<Config, OpResult> {
         peer_timeout: p("peer_timeout"),
         fence_peers,
         freeze_timeout: p("freeze_timeout"),
+        window_timeout: p("window_timeout"),
+        resync_rate: p("resync_rate"),
         tls,
         allow_non_loopback: flag(spec, "allow_non_loopback")?,
         haven,
@@ -306,6 +320,12 @@ fn serve_args(c: &Config, p: &Paths) -> Vec<String> {
     }
     if let Some(v) = &c.freeze_timeout {
         a.extend(["--freeze-timeout".into(), v.clone()]);
+    }
+    if let Some(v) = &c.window_timeout {
+        a.extend(["--window-timeout".into(), v.clone()]);
+    }
+    if let Some(v) = &c.resync_rate {
+        a.extend(["--resync-rate".into(), v.clone()]);
     }
     match &c.tls {
         Some((ca, cert, key)) => a.extend([
@@ -634,6 +654,14 @@ mod tests {
         assert!(!serve_args(&c, &paths(&spec())).contains(&"--fence-peers".to_string()));
         let r = config(&spec().param("fencing", "maybe")).unwrap_err();
         assert!(r.notes[0].contains("`fencing`"), "{:?}", r.notes);
+        let c = config(
+            &spec()
+                .param("window_timeout", "90s")
+                .param("resync_rate", "1M"),
+        )
+        .unwrap();
+        let a = serve_args(&c, &paths(&spec())).join(" ");
+        assert!(a.contains("--window-timeout 90s --resync-rate 1M"), "{a}");
         let c = config(&spec().param("dir", "/data/{node}/v")).unwrap();
         assert_eq!(c.dir, PathBuf::from("/data/n2/v"));
     }

@@ -744,6 +744,13 @@ impl Config {
                     "failback needs a `home` node".into(),
                 ));
             }
+            if p.class == "volume"
+                && let Some(v) = p.params.get("window_timeout")
+            {
+                parse_window_timeout(v).map_err(|reason| {
+                    bad(format!("resources[{}].params.window_timeout", p.id), reason)
+                })?;
+            }
         }
 
         // Each primitive or group has at most one parent.
@@ -1110,6 +1117,23 @@ fn check_pair_or_sets(
             format!("give either `{an}` and `{bn}`, or `sets` (not both)"),
         )),
     }
+}
+
+/// The longest dual-primary migration window a volume may be given.
+const MAX_WINDOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A `volume` resource's `window_timeout`: how long a live migration may keep two
+/// primaries. At least a second (a migration takes that much), at most an hour (two
+/// primaries are a risk to be bounded, not a mode).
+pub fn parse_window_timeout(v: &str) -> Result<std::time::Duration, String> {
+    let d =
+        parse_duration(v).ok_or_else(|| format!("'{v}' is not a duration ({DURATION_FORMS})"))?;
+    if d < std::time::Duration::from_secs(1) || d > MAX_WINDOW_TIMEOUT {
+        return Err(format!(
+            "'{v}' is out of range: a migration window lasts between 1s and 1h"
+        ));
+    }
+    Ok(d)
 }
 
 /// The forms a duration may take, for error messages.

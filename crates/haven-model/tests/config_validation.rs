@@ -208,6 +208,35 @@ fn fence_delays_and_timeouts_must_be_durations_in_pacemakers_forms() {
 }
 
 #[test]
+fn a_volumes_window_timeout_is_a_bounded_duration() {
+    let vol = |v: &str| {
+        format!(
+            "{BASE}[[resources]]\nid = \"vol1\"\nclass = \"volume\"\ntype = \"volume\"\nparams = {{ window_timeout = \"{v}\" }}\n"
+        )
+    };
+    for good in ["120", "90s", "2min", "1h"] {
+        Config::from_toml("c.toml", &vol(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    let (f, r) = refuse(&vol("soon"));
+    assert_eq!(f, "resources[vol1].params.window_timeout");
+    assert!(r.contains("'soon' is not a duration"), "{r}");
+    for out_of_range in ["0", "500ms", "2h"] {
+        let (f, r) = refuse(&vol(out_of_range));
+        assert_eq!(f, "resources[vol1].params.window_timeout");
+        assert!(
+            r.contains(&format!("'{out_of_range}' is out of range")),
+            "{r}"
+        );
+    }
+    // Another class's parameter of that name is its agent's business.
+    Config::from_toml(
+        "c.toml",
+        &vol("soon").replace("class = \"volume\"", "class = \"lsb\""),
+    )
+    .expect("not a volume");
+}
+
+#[test]
 fn durations_parse_to_the_millisecond() {
     use haven_model::config::parse_duration;
     use std::time::Duration;

@@ -118,6 +118,10 @@ pub struct ClusterState {
     /// Volume resource id → node → why that node's replica is outdated.
     #[serde(default)]
     pub volumes_outdated: BTreeMap<String, BTreeMap<String, VolumeOutdated>>,
+    /// Volume resource id → node → the promotion score its replica last published
+    /// (`promotion-RSC`, as DRBD's agent sets `master-RSC` from its disk state).
+    #[serde(default)]
+    pub volume_scores: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A command proposed to Raft.
@@ -188,6 +192,13 @@ pub enum Request {
         volume: String,
         node: String,
         record: VolumeOutdated,
+    },
+    /// Sets (or, with `None`, clears) the promotion score `node`'s replica of `volume`
+    /// publishes.
+    SetVolumeScore {
+        volume: String,
+        node: String,
+        score: Option<String>,
     },
     /// Clears that record, but only if it is about one of `generations` (the replica's
     /// current one and its history): a replica that has the data written since the
@@ -398,6 +409,34 @@ impl ClusterState {
                     .entry(volume.clone())
                     .or_default()
                     .insert(node.clone(), record.clone());
+                Response::Done
+            }
+            Request::SetVolumeScore {
+                volume,
+                node,
+                score,
+            } => {
+                if !self.nodes.contains_key(node) {
+                    return Response::Refused(format!(
+                        "no node named {node:?} is a member of this cluster"
+                    ));
+                }
+                match score {
+                    Some(v) => {
+                        self.volume_scores
+                            .entry(volume.clone())
+                            .or_default()
+                            .insert(node.clone(), v.clone());
+                    }
+                    None => {
+                        if let Some(per_node) = self.volume_scores.get_mut(volume) {
+                            per_node.remove(node);
+                            if per_node.is_empty() {
+                                self.volume_scores.remove(volume);
+                            }
+                        }
+                    }
+                }
                 Response::Done
             }
             Request::ClearVolumeOutdated {
@@ -715,5 +754,34 @@ mod tests {
             generations: vec!["00C".into(), "00B".into()],
         });
         assert!(s.volumes_outdated.is_empty());
+    }
+
+    #[test]
+    fn a_replicas_promotion_score_is_set_replaced_and_cleared_for_members_only() {
+        let mut s = ClusterState::default();
+        s.apply(&Request::RegisterNode {
+            name: "n2".into(),
+            id: 2,
+            addrs: vec!["127.0.0.12:7000".into()],
+            witness: false,
+        });
+        let set = |s: &mut ClusterState, node: &str, score: Option<&str>| {
+            s.apply(&Request::SetVolumeScore {
+                volume: "vol1".into(),
+                node: node.into(),
+                score: score.map(String::from),
+            })
+        };
+        assert!(matches!(
+            set(&mut s, "ghost", Some("10000")),
+            Response::Refused(_)
+        ));
+        assert!(s.volume_scores.is_empty());
+        set(&mut s, "n2", Some("-INFINITY"));
+        assert_eq!(s.volume_scores["vol1"]["n2"], "-INFINITY");
+        set(&mut s, "n2", Some("10000"));
+        assert_eq!(s.volume_scores["vol1"]["n2"], "10000");
+        set(&mut s, "n2", None);
+        assert!(s.volume_scores.is_empty());
     }
 }

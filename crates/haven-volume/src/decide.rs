@@ -245,6 +245,23 @@ fn plan_inner(l: &SideView, p: &SideView, policy: SplitBrainPolicy) -> (Plan, bo
     // Only a primary's bitmap is known to cover everything its peer missed: a secondary
     // marks a region for a peer only if it saw that peer gone, and a peer cut off from
     // the primary alone looked present to it. So a secondary source sends everything.
+    // Ahead by a generation alone, with nothing written for the other since, against a
+    // primary that never started one: a window target cut off from its source, which
+    // then got the guest while the source was demoted. The target acknowledged nothing
+    // after the cut and the source wrote nothing, so the primary (whose data is in
+    // use) is the source; anything the other side did write is a true ambiguity and
+    // goes to the operator below.
+    let quiet_behind_primary = |ahead: &SideView, primary: &SideView| {
+        !crashed
+            && ahead.role == Role::Secondary
+            && ahead.changes == 0
+            && primary.role == Role::Primary
+    };
+    match (l_ahead, p_ahead) {
+        (true, false) if quiet_behind_primary(l, p) => return (Target { full: false }, false),
+        (false, true) if quiet_behind_primary(p, l) => return (Source { full: false }, false),
+        _ => {}
+    }
     match (l_ahead, p_ahead) {
         (true, false) => {
             let full = crashed || l.role == Role::Secondary;
@@ -418,10 +435,77 @@ pub fn check_promote(
     Ok(())
 }
 
+/// Promotion score of a replica whose disk is UpToDate and whose peers are all
+/// connected: nothing newer can exist elsewhere.
+pub const PROMOTE_UP_TO_DATE: i64 = 10_000;
+/// UpToDate, but some peer is unknown: it may hold newer data (it could have been
+/// primary while cut off), so any replica that knows better is preferred.
+pub const PROMOTE_PEER_UNKNOWN: i64 = 5;
+
+/// How much this replica wants to be promoted, as DRBD's agent sets master scores:
+/// `None` where a promote would be refused anyway (an Outdated or Inconsistent disk),
+/// so the cluster never picks it, whatever a location preference says.
+pub fn promotion_preference(disk: DiskState, peers: &[PeerLink]) -> Option<i64> {
+    if disk != DiskState::UpToDate {
+        return None;
+    }
+    if peers.iter().all(|p| p.connected) {
+        Some(PROMOTE_UP_TO_DATE)
+    } else {
+        Some(PROMOTE_PEER_UNKNOWN)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_primary_that_kept_the_guest_is_the_source_for_a_side_that_is_ahead_by_a_generation_only() {
+        // a: the window's source, cut off, started a generation and was demoted; b: the
+        // target, still primary on the window's generation.
+        let mut a = side("a", 2, &[1]);
+        let mut b = side("b", 1, &[]);
+        b.role = Role::Primary;
+        let o = plan_connection(&a, &b, SplitBrainPolicy::Disconnect);
+        assert_eq!(o.plan, Plan::Target { full: false });
+        assert!(!o.split_brain);
+        assert_eq!(
+            plan_connection(&b, &a, SplitBrainPolicy::Disconnect).plan,
+            Plan::Source { full: false }
+        );
+        // a wrote after the cut: the guest on b may lack what a acknowledged.
+        a.changes = 3;
+        assert_eq!(
+            plan_connection(&a, &b, SplitBrainPolicy::Disconnect).plan,
+            Plan::Refuse(Refusal::PrimaryWouldBeTarget)
+        );
+    }
+
+    #[test]
+    fn only_an_up_to_date_replica_wants_promotion_and_one_that_knows_its_peers_most() {
+        use DiskState::*;
+        let peer = |connected| PeerLink {
+            node: "b".into(),
+            connected,
+            role: Some(Role::Secondary),
+        };
+        assert_eq!(promotion_preference(Inconsistent, &[peer(true)]), None);
+        assert_eq!(promotion_preference(Outdated, &[peer(true)]), None);
+        assert_eq!(
+            promotion_preference(UpToDate, &[peer(true)]),
+            Some(PROMOTE_UP_TO_DATE)
+        );
+        assert_eq!(
+            promotion_preference(UpToDate, &[peer(false)]),
+            Some(PROMOTE_PEER_UNKNOWN)
+        );
+        assert_eq!(
+            promotion_preference(UpToDate, &[]),
+            Some(PROMOTE_UP_TO_DATE)
+        );
+    }
 
     fn side(node: &str, gen_: u64, history: &[u64]) -> SideView {
         SideView {

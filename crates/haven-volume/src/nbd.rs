@@ -803,6 +803,7 @@ mod tests {
             tls: None,
             fence_peers: false,
             freeze_timeout: Duration::from_secs(60),
+            window_timeout: crate::volume::DEFAULT_WINDOW_TIMEOUT,
         })
         .unwrap()
     }

@@ -32,10 +32,8 @@ use tokio::sync::{Notify, watch};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a migration window stays open on the target without the source demoting.
-/// The source holds its side open twice as long, so the target always stops writing
-/// first. Migrations that take longer fail safe: the target freezes.
-pub const WINDOW_TIMEOUT: Duration = Duration::from_secs(120);
+/// The default of [`VolumeConfig::window_timeout`].
+pub const DEFAULT_WINDOW_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the target waits for the source to grant a window (within one control
 /// call; the agent asks again until its promote times out).
 const WINDOW_ASK_TIMEOUT: Duration = Duration::from_secs(4);
@@ -121,6 +119,11 @@ pub struct VolumeConfig {
     /// How long a freeze may hold a request; past it the request fails (EIO) instead
     /// of being acknowledged, and the replica stays frozen.
     pub freeze_timeout: Duration,
+    /// How long a migration window stays open on the target without the source
+    /// demoting. The source holds its side open twice as long, so the target always
+    /// stops writing first; both replicas of a cluster volume get the same value (one
+    /// resource parameter). Migrations that take longer fail safe: the target freezes.
+    pub window_timeout: Duration,
 }
 
 /// Peers lost while up to date, whose being outdated the cluster has not confirmed.
@@ -201,6 +204,10 @@ pub struct Status {
     /// An open dual-primary migration window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowStatus>,
+    /// How much this replica wants to be promoted ([`decide::promotion_preference`]);
+    /// `None`: it cannot be (its disk is not UpToDate).
+    #[serde(default)]
+    pub promotion: Option<i64>,
 }
 
 struct Inflight {
@@ -344,6 +351,9 @@ struct State {
     saved_marks: u64,
     /// Saves made for such batches (to show that they are batches).
     mark_saves: u64,
+    /// Bumped for every picture of the metadata taken to be saved, so an older one
+    /// never overwrites a newer one on disk (see [`Volume::save_meta`]).
+    meta_version: u64,
 }
 
 /// One side of a migration window. The target (promoted beside the source) writes only
@@ -386,6 +396,19 @@ pub struct Volume {
     /// Bumped whenever the freeze set shrinks.
     thaw: watch::Sender<u64>,
     frozen_requests: AtomicU64,
+    /// Per connection (by id): acknowledgements waiting for a batch save of dirty bits
+    /// this replica set for its absent peers.
+    ack_chains: Mutex<std::collections::HashMap<u64, AckChain>>,
+    /// Serialises writes of the metadata file; holds the version last written.
+    saved_version: Mutex<u64>,
+}
+
+/// A secondary's acknowledgements that must wait for dirty bits to be durable, in
+/// order: an Ack is cumulative, so none may overtake one still waiting.
+struct AckChain {
+    tx: tokio::sync::mpsc::UnboundedSender<(u64, Option<u64>)>,
+    /// Acks queued and not sent yet; at zero an Ack may go out directly.
+    pending: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -462,6 +485,7 @@ impl Volume {
                 marks: 0,
                 saved_marks: 0,
                 mark_saves: 0,
+                meta_version: 0,
             }),
             order: tokio::sync::Mutex::new(()),
             persist: tokio::sync::Mutex::new(()),
@@ -469,6 +493,8 @@ impl Volume {
             wake: Notify::new(),
             thaw: watch::channel(0).0,
             frozen_requests: AtomicU64::new(0),
+            ack_chains: Mutex::new(std::collections::HashMap::new()),
+            saved_version: Mutex::new(0),
             cfg,
         }))
     }
@@ -775,7 +801,7 @@ impl Volume {
             if outcome.plan == Plan::InSync && st.meta.dirty.remove(&peer).is_some() {
                 changed = true;
             }
-            if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
+            if changed && let Err(e) = self.save_meta(&mut st) {
                 tracing::error!("saving metadata: {e}");
                 return;
             }
@@ -931,6 +957,7 @@ impl Volume {
 
     fn teardown(&self, conn: &Arc<Conn>) {
         tracing::info!(peer = %conn.peer, conn = conn.id, "connection closed");
+        lock(&self.ack_chains).remove(&conn.id);
         let mut st = lock(&self.state);
         let mine = st
             .peers
@@ -945,6 +972,16 @@ impl Volume {
         if let Some(p) = st.peers.get_mut(&conn.peer) {
             p.conn = None;
         }
+        // A window target cut off from its source acknowledges nothing from here on
+        // (it holds until it sees the source secondary or is demoted), so the source
+        // keeps everything the target ever acknowledged: the source is the side to
+        // resync from. The target therefore neither starts a generation (which would
+        // make both sides look changed: a split brain for the operator) nor asks for
+        // the source to be recorded outdated (both would end up outdated).
+        let lost_own_source = st
+            .window
+            .as_ref()
+            .is_some_and(|w| w.target && w.peer == conn.peer);
         // Losing the other primary ends the window: the target stops writing (see
         // `WindowState`), the source goes on under the usual fence-peer rule.
         if let Some(w) = st.window.as_mut().filter(|w| w.peer == conn.peer) {
@@ -963,7 +1000,7 @@ impl Volume {
         }
         // From now on this primary's data moves on without that peer: a new generation
         // lets the next handshake tell which side is newer.
-        if st.meta.role == Role::Primary {
+        if st.meta.role == Role::Primary && !lost_own_source {
             st.meta.rotate_gen();
             changed = true;
             // Only a peer that could be promoted needs outdating; one mid-resync or
@@ -998,7 +1035,7 @@ impl Volume {
                 }
             }
         }
-        if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
+        if changed && let Err(e) = self.save_meta(&mut st) {
             tracing::error!("saving metadata after losing {}: {e}", conn.peer);
         }
         drop(st);
@@ -1038,7 +1075,7 @@ impl Volume {
     }
 
     /// Handles one frame from a peer; an `Err` closes the connection with that reason.
-    async fn handle(&self, conn: &Arc<Conn>, msg: Msg<'_>) -> Result<(), String> {
+    async fn handle(self: &Arc<Self>, conn: &Arc<Conn>, msg: Msg<'_>) -> Result<(), String> {
         match msg {
             Msg::Write {
                 seq,
@@ -1061,10 +1098,8 @@ impl Volume {
                 if flags & wire::WF_FUA != 0 {
                     self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
                 }
-                self.mark_absent_peers(&conn.peer, offset, len);
-                if !conn.send(Out::Ack(seq)).await {
-                    return Err("closed".into());
-                }
+                let mark = self.mark_absent_peers(&conn.peer, offset, len);
+                self.ack_after(conn, seq, mark).await?;
             }
             Msg::Flush { seq } => {
                 self.sync_data().await.map_err(|e| format!("fsync: {e}"))?;
@@ -1210,7 +1245,87 @@ impl Volume {
         Ok(())
     }
 
-    fn mark_absent_peers(&self, from: &str, offset: u64, len: u64) {
+    /// Sends the Ack for `seq` once the dirty bits up to `mark` are durable (protocol
+    /// C: the primary counts the write done on this Ack). Without a mark, and with no
+    /// Ack waiting before it, at once; otherwise through the connection's chain, whose
+    /// one save covers every bit set while the previous save ran.
+    async fn ack_after(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        seq: u64,
+        mark: Option<u64>,
+    ) -> Result<(), String> {
+        let queued = {
+            let mut chains = lock(&self.ack_chains);
+            match chains.get(&conn.id) {
+                Some(c) if mark.is_some() || c.pending.load(Ordering::SeqCst) > 0 => {
+                    c.pending.fetch_add(1, Ordering::SeqCst);
+                    c.tx.send((seq, mark)).is_ok()
+                }
+                Some(_) => false,
+                None if mark.is_some() => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    let pending = Arc::new(AtomicU64::new(1));
+                    let sent = tx.send((seq, mark)).is_ok();
+                    chains.insert(
+                        conn.id,
+                        AckChain {
+                            tx,
+                            pending: pending.clone(),
+                        },
+                    );
+                    tokio::spawn(self.clone().ack_chain(conn.clone(), rx, pending));
+                    sent
+                }
+                None => false,
+            }
+        };
+        if !queued && !conn.send(Out::Ack(seq)).await {
+            return Err("closed".into());
+        }
+        Ok(())
+    }
+
+    async fn ack_chain(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(u64, Option<u64>)>,
+        pending: Arc<AtomicU64>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            // The save holds the state lock the reader marks under, so bits are
+            // gathered before it: the reader gets a turn for as long as it adds some.
+            loop {
+                tokio::task::yield_now().await;
+                let before = batch.len();
+                while let Ok(next) = rx.try_recv() {
+                    batch.push(next);
+                }
+                if batch.len() == before {
+                    break;
+                }
+            }
+            if let Some(upto) = batch.iter().filter_map(|(_, m)| *m).max()
+                && self.persist_marks(upto).await.is_err()
+            {
+                // Unsaved bits must not be acknowledged: the primary takes the
+                // connection's loss instead and tracks the writes itself.
+                conn.shut();
+                return;
+            }
+            for (seq, _) in &batch {
+                if !conn.send(Out::Ack(*seq)).await {
+                    return;
+                }
+            }
+            pending.fetch_sub(batch.len() as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// Sets the dirty bits of peers other than `from` that are away; returns the mark
+    /// to make durable before acknowledging, if any bit is new.
+    fn mark_absent_peers(&self, from: &str, offset: u64, len: u64) -> Option<u64> {
         let mut st = lock(&self.state);
         let absent: Vec<String> = st
             .peers
@@ -1222,9 +1337,11 @@ impl Volume {
         for n in absent {
             changed |= st.meta.mark_dirty(&n, offset, len);
         }
-        if changed && let Err(e) = st.meta.save(&self.cfg.dir) {
-            tracing::error!("saving metadata: {e}");
+        if changed {
+            st.marks += 1;
         }
+        // A bit already set may be set by a write whose batch is not saved yet.
+        (changed || st.saved_marks < st.marks).then_some(st.marks)
     }
 
     async fn resync(self: Arc<Self>, conn: Arc<Conn>, regions: BTreeSet<u64>, full: bool) {
@@ -1286,7 +1403,23 @@ impl Volume {
         conn.send(Out::Frame(f)).await;
     }
 
+    /// Zeroes a range by punching a hole (TRIM frees the space, and a hole reads back
+    /// as zeroes, so every replica stays byte-identical whichever way it zeroed);
+    /// where the file system cannot punch holes, by writing zeroes.
     fn zero_local(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) {
+            let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            match fallocate(&*self.file, mode, o, l) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.zero_with_writes(offset, len)
+    }
+
+    fn zero_with_writes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let mut at = offset;
         let end = offset + len;
         while at < end {
@@ -1414,6 +1547,9 @@ impl Volume {
         wait_acks(&waits, self.cfg.peer_timeout).await;
         // A peer lost while this write was on its way froze the volume before the
         // write counted as done: it is acknowledged only once that peer is outdated.
+        // A window target that lost its source holds it instead: the source may not
+        // have it, and the source is the side the target will resync from.
+        self.wait_window().await?;
         self.wait_unfrozen().await
     }
 
@@ -1427,17 +1563,48 @@ impl Volume {
         }
         tokio::task::yield_now().await;
         let _p = self.persist.lock().await;
-        let mut st = lock(&self.state);
-        if st.saved_marks >= upto {
-            return Ok(());
-        }
-        let now = st.marks;
-        if let Err(e) = st.meta.save(&self.cfg.dir) {
+        // A picture is taken under the state lock and written outside it, so writers
+        // (and a secondary's reader) go on marking bits for the next batch meanwhile.
+        let (picture, version, now) = {
+            let mut st = lock(&self.state);
+            if st.saved_marks >= upto {
+                return Ok(());
+            }
+            st.meta_version += 1;
+            (st.meta.clone(), st.meta_version, st.marks)
+        };
+        let write = || {
+            let mut saved = lock(&self.saved_version);
+            // A newer picture on disk was taken later, so it holds these bits too.
+            if *saved < version {
+                picture.save(&self.cfg.dir)?;
+                *saved = version;
+            }
+            Ok::<(), MetaError>(())
+        };
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        // Off this worker: the tasks that mark the next batch may be queued behind it.
+        let r = match Handle::current().runtime_flavor() {
+            RuntimeFlavor::MultiThread => tokio::task::block_in_place(write),
+            _ => write(),
+        };
+        if let Err(e) = r {
             tracing::error!("saving the dirty bitmap: {e}");
             return Err(IoFail::Io);
         }
-        st.saved_marks = now;
+        let mut st = lock(&self.state);
+        st.saved_marks = st.saved_marks.max(now);
         st.mark_saves += 1;
+        Ok(())
+    }
+
+    /// Saves the metadata as it is now, under the state lock (which `st` holds).
+    fn save_meta(&self, st: &mut State) -> Result<(), MetaError> {
+        st.meta_version += 1;
+        let version = st.meta_version;
+        let mut saved = lock(&self.saved_version);
+        st.meta.save(&self.cfg.dir)?;
+        *saved = version;
         Ok(())
     }
 
@@ -1499,7 +1666,7 @@ impl Volume {
         let in_sync = self.view(&st, "").in_sync_with_primary;
         if st.meta.disk == DiskState::UpToDate && !in_sync {
             st.meta.disk = DiskState::Outdated;
-            st.meta.save(&self.cfg.dir)?;
+            self.save_meta(&mut st)?;
             tracing::warn!("the cluster records this replica as outdated");
         }
         Ok(())
@@ -1671,11 +1838,11 @@ impl Volume {
                 peer: source.to_string(),
                 target: true,
                 opened_ms: now_ms(),
-                until: Instant::now() + WINDOW_TIMEOUT,
+                until: Instant::now() + self.cfg.window_timeout,
             });
             st.meta.role = Role::Primary;
             st.meta.promoted_at_ms = now_ms();
-            st.meta.save(&self.cfg.dir)?;
+            self.save_meta(&mut st)?;
         }
         tracing::info!("migration window with {source} open: primary beside it");
         self.announce().await;
@@ -1709,7 +1876,7 @@ impl Volume {
                                 peer: target.clone(),
                                 target: false,
                                 opened_ms: now_ms(),
-                                until: Instant::now() + 2 * WINDOW_TIMEOUT,
+                                until: Instant::now() + 2 * self.cfg.window_timeout,
                             });
                             tracing::info!("migration window for {target} granted");
                             WindowMsg::Grant { source, target }
@@ -1844,7 +2011,7 @@ impl Volume {
         }
         st.meta.role = Role::Primary;
         st.meta.promoted_at_ms = now_ms();
-        st.meta.save(&self.cfg.dir)?;
+        self.save_meta(&mut st)?;
         Ok(())
     }
 
@@ -1859,7 +2026,7 @@ impl Volume {
         let mut st = lock(&self.state);
         if st.meta.role == Role::Primary {
             st.meta.role = Role::Secondary;
-            st.meta.save(&self.cfg.dir)?;
+            self.save_meta(&mut st)?;
         }
         Ok(())
     }
@@ -1872,7 +2039,7 @@ impl Volume {
                 return Ok(());
             }
             st.meta.role = Role::Secondary;
-            st.meta.save(&self.cfg.dir)?;
+            self.save_meta(&mut st)?;
             // A secondary writes nothing, so nothing waits on a peer being outdated;
             // the next promotion freezes again for peers still away.
             st.frozen.clear();
@@ -1978,7 +2145,9 @@ impl Volume {
                 }
             })
             .collect();
+        let promotion = decide::promotion_preference(st.meta.disk, &self.peer_links(&st));
         Status {
+            promotion,
             volume: st.meta.volume.clone(),
             node: st.meta.node.clone(),
             role: st.meta.role,
@@ -2109,6 +2278,10 @@ mod tests {
 
     /// Two plaintext replicas `a` (UpToDate, primary) and `b`, in sync.
     async fn pair(dir: &Path) -> (Arc<Volume>, Arc<Volume>) {
+        pair_with(dir, DEFAULT_WINDOW_TIMEOUT).await
+    }
+
+    async fn pair_with(dir: &Path, window_timeout: Duration) -> (Arc<Volume>, Arc<Volume>) {
         let (aa, ba) = (free_addr(), free_addr());
         let open = |node: &str, me: SocketAddr, peer: (&str, SocketAddr), initial: bool| {
             let d = dir.join(node);
@@ -2125,6 +2298,7 @@ mod tests {
                 tls: None,
                 fence_peers: false,
                 freeze_timeout: Duration::from_secs(1),
+                window_timeout,
             })
             .expect("open")
         };
@@ -2232,6 +2406,92 @@ mod tests {
             b.write(0, 4096, buf, true).await,
             Err(IoFail::NotPrimary)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_window_lasts_as_long_as_configured_then_the_target_holds_its_writes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (a, b) = pair_with(tmp.path(), Duration::from_secs(1)).await;
+        b.promote_window(&[], "a").await.expect("the window opens");
+        let buf = Some(Arc::new(vec![0x66u8; 4096]));
+        b.write(0, 4096, buf.clone(), true)
+            .await
+            .expect("inside the window");
+        // Not the default two minutes: the configured second.
+        settle(&b, |s| s.window.as_ref().is_some_and(|w| w.closed)).await;
+        assert!(
+            matches!(b.write(0, 4096, buf, true).await, Err(IoFail::Io)),
+            "a target past its window must not acknowledge a write"
+        );
+        assert_eq!(a.status().role, Role::Primary);
+        a.demote().await.expect("demote a");
+        settle(&b, |s| s.window.is_none()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_secondary_saves_the_bits_for_an_absent_peer_in_batches_before_acknowledging() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (aa, ba, ca) = (free_addr(), free_addr(), free_addr());
+        let open = |node: &str, me: SocketAddr, peers: Vec<(String, SocketAddr)>, initial| {
+            let d = tmp.path().join(node);
+            std::fs::create_dir_all(&d).expect("replica dir");
+            crate::meta::create(&d, "vol", node, 8 << 20, 65536, initial).expect("meta");
+            Volume::open(VolumeConfig {
+                dir: d,
+                listen: Some(me),
+                peers,
+                policy: SplitBrainPolicy::Disconnect,
+                allow_two_primaries: false,
+                resync_rate: None,
+                peer_timeout: Duration::from_secs(5),
+                tls: None,
+                fence_peers: false,
+                freeze_timeout: Duration::from_secs(1),
+                window_timeout: DEFAULT_WINDOW_TIMEOUT,
+            })
+            .expect("open")
+        };
+        // c is b's peer only and never runs: b tracks what it misses (a, which has no
+        // bits to save, streams its writes without pause).
+        let a = open("a", aa, vec![("b".into(), ba)], true);
+        let b = open("b", ba, vec![("a".into(), aa), ("c".into(), ca)], false);
+        a.start().await.expect("start a");
+        b.start().await.expect("start b");
+        settle(&a, |s| {
+            s.peers
+                .iter()
+                .any(|p| p.node == "b" && p.connection == Connection::Connected)
+        })
+        .await;
+        a.promote(&[]).await.expect("promote a");
+        settle(&b, |s| {
+            let pa = s.peers.iter().find(|p| p.node == "a");
+            s.disk == DiskState::UpToDate
+                && pa.is_some_and(|p| p.replication == Some(Replication::Established))
+        })
+        .await;
+        // 64 writes at once, each to a region c has not missed yet.
+        const N: u64 = 64;
+        let writes: Vec<_> = (0..N)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    a.write(i * 65536, 4096, Some(Arc::new(vec![0x77; 4096])), false)
+                        .await
+                })
+            })
+            .collect();
+        for w in writes {
+            assert!(matches!(w.await, Ok(Ok(()))));
+        }
+        // Every acknowledged write's bit for c is on b's disk already.
+        let on_disk = crate::meta::Meta::load(&tmp.path().join("b")).expect("b's metadata");
+        assert_eq!(on_disk.dirty_count("c"), N, "b's bits for c, as saved");
+        let saves = b.bitmap_saves();
+        assert!(
+            (1..N).contains(&saves),
+            "one save per batch of new bits, not per bit: {saves} saves for {N} bits"
+        );
     }
 
     #[tokio::test]

@@ -1548,3 +1548,141 @@ fn volume_freeze_is_bounded_and_a_returning_peer_ends_it() {
     a.wait_in_sync("b");
     assert_identical(&a, &b);
 }
+
+#[test]
+fn volume_window_cut_mid_migration_resyncs_the_target_from_the_source_without_the_operator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--fence-peers"]);
+    // A live migration's window: b is promoted beside a and writes through it.
+    b.ok(&["promote", "--migration-source", "a"]);
+    a.wait_for("a to hold the source's side", |s| {
+        s["window"]["side"] == "source"
+    });
+    qemu_io_ok(&b.uri(), &[s("write -P 0x31 0 64k")]);
+    let before = b.status().expect("b's status");
+
+    // Replication is cut inside the window.
+    b.ok(&["disconnect", "--peer", "a"]);
+    a.wait_for("a, which keeps the guest, to freeze for b", |s| {
+        frozen_for(s, "b")
+    });
+    let cut = b.wait_for("b's window to close", |s| s["window"]["closed"] == true);
+    assert!(
+        !frozen_for(&cut, "a"),
+        "the target must not have its source recorded outdated: {cut:#}"
+    );
+    assert_eq!(
+        cut["generation"], before["generation"],
+        "the target acknowledges nothing more, so it starts no generation: {cut:#}"
+    );
+    // The cluster records b outdated; a writes on alone.
+    a.ok(&["peer-outdated", "--peer", "b"]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x32 64k 64k")]);
+    // The migration failed: the cluster demotes the target, and the link heals. b
+    // resyncs from a by itself: no split brain, no `resolve`.
+    b.ok(&["demote"]);
+    b.ok(&["connect", "--peer", "a"]);
+    a.wait_in_sync("b");
+    let s_b = b.wait_for("b up to date behind a", |s| {
+        let p = Node::peer_status(s, "a");
+        s["role"] == "Secondary"
+            && s["disk"] == "UpToDate"
+            && p["role"] == "Primary"
+            && p["replication"] == "Established"
+    });
+    for (n, other) in [(&a, "b"), (&b, "a")] {
+        let st = n.status().expect("status");
+        assert_eq!(
+            Node::peer_status(&st, other)["split_brain"],
+            false,
+            "{}: {st:#}",
+            n.name
+        );
+    }
+    assert_eq!(s_b["peers"][0]["out_of_sync_bytes"], 0, "{s_b:#}");
+    assert_identical(&a, &b);
+    let d = b.data();
+    assert_eq!((d[0], d[64 << 10]), (0x31, 0x32), "both sides' writes");
+}
+
+/// Bytes of `n`'s backing file actually allocated on disk.
+fn allocated(n: &Node) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(n.dir.join("data.img"))
+        .expect("the backing file")
+        .blocks()
+        * 512
+}
+
+#[test]
+fn volume_trim_punches_holes_on_every_replica_which_stay_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &[]);
+    qemu_io_ok(&a.uri(), &[s("write -P 0x41 0 1M")]);
+    a.wait_in_sync("b");
+    let before = [allocated(&a), allocated(&b)];
+    // qemu-io forwards a discard only with discard=unmap.
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", "-d", "unmap"])
+        .args(["-c", "discard 128k 512k"])
+        .args(["-c", "read -P 0 128k 512k"])
+        .args(["-c", "read -P 0x41 0 128k"])
+        .args(["-c", "read -P 0x41 640k 384k"])
+        .arg(a.uri());
+    let o = run_bounded(&mut c, WAIT);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && !out.contains("failed") && !out.contains("Pattern verification"),
+        "qemu-io: {}",
+        text(&o)
+    );
+    a.wait_in_sync("b");
+    assert_identical(&a, &b);
+    for (n, was) in [(&a, before[0]), (&b, before[1])] {
+        let d = n.data();
+        assert!(
+            d[128 << 10..640 << 10].iter().all(|x| *x == 0),
+            "{}",
+            n.name
+        );
+        assert_eq!((d[0], d[640 << 10]), (0x41, 0x41), "{}", n.name);
+        let now = allocated(n);
+        assert!(
+            now + (256 << 10) <= was,
+            "{}: the trimmed range is still allocated ({was} -> {now} bytes)",
+            n.name
+        );
+    }
+}
+
+#[test]
+fn volume_window_cut_after_the_guest_moved_resyncs_the_source_from_the_target_that_kept_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = pair(tmp.path(), &["--fence-peers"]);
+    b.ok(&["promote", "--migration-source", "a"]);
+    a.wait_for("a to hold the source's side", |s| {
+        s["window"]["side"] == "source"
+    });
+    qemu_io_ok(&b.uri(), &[s("write -P 0x51 0 64k")]);
+    // Cut inside the window; the migration completes anyway (its stream is not the
+    // replication link), so the cluster demotes the source, which wrote nothing since.
+    b.ok(&["disconnect", "--peer", "a"]);
+    a.wait_for("a to freeze for b", |s| frozen_for(s, "b"));
+    a.ok(&["demote"]);
+    b.ok(&["connect", "--peer", "a"]);
+    // b, which kept the guest, stays primary and a resyncs from it; b's held writes go
+    // on once it sees a secondary.
+    b.wait_in_sync("a");
+    qemu_io_ok(&b.uri(), &[s("write -P 0x52 64k 64k")]);
+    let s_b = b.wait_in_sync("a");
+    assert_eq!(s_b["role"], "Primary", "{s_b:#}");
+    assert!(s_b["window"].is_null(), "{s_b:#}");
+    assert_eq!(
+        Node::peer_status(&s_b, "a")["split_brain"],
+        false,
+        "{s_b:#}"
+    );
+    assert_identical(&a, &b);
+    let d = a.data();
+    assert_eq!((d[0], d[64 << 10]), (0x51, 0x52));
+}

@@ -237,6 +237,62 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
     );
 }
 
+/// The volume alone, created UpToDate on n1 and fully synced to n2 at 1 MB/s (a minute
+/// or more), with a promoted-role location that prefers n2.
+fn syncing_volume(port: u16) -> String {
+    format!(
+        r#"
+[[resources]]
+id = "vol1"
+class = "volume"
+type = "volume"
+params = {{ replicas = "n1=127.0.0.11:{port} n2=127.0.0.12:{port}", size = "64M", initial = "n1", resync_rate = "1M" }}
+ops = [{{ name = "start", timeout = 60 }}, {{ name = "promote", timeout = 60 }}, {{ name = "monitor", interval = 2, timeout = 10 }}]
+
+[[clones]]
+id = "vol1-clone"
+child = "vol1"
+clone-max = 2
+promotable = true
+promoted-max = 1
+
+[[constraints.location]]
+id = "vol1-replicas-only"
+rsc = "vol1-clone"
+node = "n3"
+score = "-INFINITY"
+
+[[constraints.location]]
+id = "vol1-primary-prefers-n2"
+rsc = "vol1-clone"
+role = "Promoted"
+node = "n2"
+score = "100"
+"#
+    )
+}
+
+#[test]
+fn a_replica_in_a_full_sync_is_not_promoted_where_a_location_prefers_it_the_up_to_date_one_is() {
+    let _one = lock();
+    let lab = Lab::up();
+    lab.configure_with(&syncing_volume(free_port()), &lab_device()(&lab));
+    // n2 cannot be promoted until its full sync ends (it publishes -INFINITY); n1 can
+    // (10000), which outweighs n2's location preference. Without the scores the
+    // scheduler would pick n2 and its promote would wait out the sync.
+    let syncing = wait_long("n1 primary while n2 is still in its full sync", || {
+        let (p, t) = (volume_status(&lab, "n1")?, volume_status(&lab, "n2")?);
+        (p["role"] == "Primary" && t["disk"] == "Inconsistent").then_some(t)
+    });
+    assert_eq!(syncing["role"], "Secondary", "{syncing:#}");
+    assert!(
+        syncing["promotion"].is_null(),
+        "an Inconsistent replica wants no promotion: {syncing:#}"
+    );
+    let primary = volume_status(&lab, "n1").expect("n1's status");
+    assert_eq!(primary["promotion"], 10000, "{primary:#}");
+}
+
 fn volume_ctl(lab: &Lab, node: &str, args: &[&str]) -> String {
     let ctl = lab.dir.join(node).join("resources").join("vol1.ctl");
     let mut a = vec!["volume", args[0], "--control", ctl.to_str().expect("utf-8")];

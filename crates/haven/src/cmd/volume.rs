@@ -147,6 +147,10 @@ struct ServeArgs {
     /// be acknowledged
     #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
     freeze_timeout: f64,
+    /// How long a live migration's dual-primary window may stay open on the target
+    /// (120, 90s, 2min; 1s to 1h); the source keeps its side twice as long
+    #[arg(long, default_value = "120s", value_parser = haven_model::config::parse_window_timeout)]
+    window_timeout: std::time::Duration,
     /// Runtime worker threads (1: everything on one thread, lowest latency)
     #[arg(long, default_value_t = 2, env = "HAVEN_VOLUME_THREADS")]
     threads: usize,
@@ -169,6 +173,10 @@ struct PromoteArgs {
     /// unreachable peer blocks promotion
     #[arg(long)]
     peer_fenced: Vec<String>,
+    /// Become primary beside this peer's primary for a live migration (a window the
+    /// peer must grant; its demote closes it)
+    #[arg(long)]
+    migration_source: Option<String>,
 }
 
 #[derive(Parser)]
@@ -220,8 +228,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         VolumeCommand::Status(a) => ctl(&a, ControlRequest::Status),
         VolumeCommand::Promote(a) => ctl(
             &a.ctl,
-            ControlRequest::Promote {
-                peer_fenced: a.peer_fenced,
+            match a.migration_source {
+                Some(migration_source) => ControlRequest::PromoteWindow {
+                    peer_fenced: a.peer_fenced,
+                    migration_source,
+                },
+                None => ControlRequest::Promote {
+                    peer_fenced: a.peer_fenced,
+                },
             },
         ),
         VolumeCommand::Demote(a) => ctl(&a, ControlRequest::Demote),
@@ -316,6 +330,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         peer_timeout: std::time::Duration::from_secs_f64(a.peer_timeout),
         fence_peers: a.fence_peers,
         freeze_timeout: std::time::Duration::from_secs_f64(a.freeze_timeout),
+        window_timeout: a.window_timeout,
     };
     let vol = Volume::open(cfg).with_context(|| format!("opening {}", a.dir.display()))?;
     let rt = runtime(a.threads)?;

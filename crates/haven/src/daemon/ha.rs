@@ -363,7 +363,18 @@ async fn coordinator_loop(d: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<CoordI
 /// -INFINITY for the Promoted role (its promotion score), until its record is cleared.
 fn outdated_replicas_unpromotable(d: &Daemon, l: &mut Leading, now: haven_ha::Time) {
     let mut overrides: BTreeMap<String, haven_ha::NodeOverride> = BTreeMap::new();
-    for (volume, per_node) in &d.view.state().volumes_outdated {
+    let state = d.view.state();
+    // What each replica published of itself first; the cluster's outdated record wins.
+    for (volume, per_node) in &state.volume_scores {
+        for (node, score) in per_node {
+            overrides
+                .entry(node.clone())
+                .or_default()
+                .attributes
+                .insert(format!("promotion-{volume}"), score.clone());
+        }
+    }
+    for (volume, per_node) in &state.volumes_outdated {
         for node in per_node.keys() {
             overrides
                 .entry(node.clone())
@@ -380,6 +391,45 @@ fn outdated_replicas_unpromotable(d: &Daemon, l: &mut Leading, now: haven_ha::Ti
         .unwrap_or(false);
     if changed {
         l.coordinator.handle_planner_changed(now);
+    }
+}
+
+/// How long a volume's start waits to publish its promotion score; without quorum the
+/// start is reported anyway (nothing is promoted without quorum either).
+const VOLUME_SCORE_AT_START: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// DRBD's agent sets `master-RSC` from its disk state; a replica here publishes
+/// `promotion-RSC` the same way, committed through Raft when it changes, and the
+/// leader feeds it to the scheduler.
+async fn publish_volume_score(d: &Daemon, resource: &str, state_dir: &std::path::Path) {
+    if let Ok(s) = haven_exec::volume::replica_status(state_dir, resource).await {
+        set_volume_score(d, resource, Some(haven_exec::volume::promotion_score(&s))).await;
+    }
+}
+
+async fn set_volume_score(d: &Daemon, resource: &str, score: Option<String>) {
+    let me = d.node.name.clone();
+    let committed = d
+        .view
+        .state()
+        .volume_scores
+        .get(resource)
+        .and_then(|m| m.get(&me))
+        .cloned();
+    if committed == score {
+        return;
+    }
+    let req = Request::SetVolumeScore {
+        volume: resource.to_string(),
+        node: me,
+        score: score.clone(),
+    };
+    match d.write(req).await {
+        Ok(_) => tracing::info!(
+            "volume {resource}: promotion score {}",
+            score.as_deref().unwrap_or("cleared")
+        ),
+        Err(e) => tracing::warn!("volume {resource}: publishing the promotion score: {}", e.1),
     }
 }
 
@@ -452,6 +502,7 @@ async fn fence_step(d: &Daemon, resource: &str, state_dir: &std::path::Path) {
             tracing::warn!("volume {resource}: resuming I/O: {e}");
         }
     }
+    set_volume_score(d, resource, Some(haven_exec::volume::promotion_score(&s))).await;
     let mine = d
         .view
         .state()
@@ -1113,6 +1164,17 @@ async fn execute(
     let result = haven_exec::run_op(&spec, exec_op, timeout).await;
     if volume && op == OpKind::Monitor {
         volume_fence_step(d, resource, spec.state_dir.clone());
+    }
+    if volume && op == OpKind::Start && result.code == OpCode::Success {
+        // Published before the start is reported, so the promotion planned next
+        // already weighs this replica's disk: a full sync's target is not picked.
+        let publish = publish_volume_score(d, resource, &spec.state_dir);
+        let _ = tokio::time::timeout(VOLUME_SCORE_AT_START, publish).await;
+    }
+    if volume && op == OpKind::Stop && result.code == OpCode::Success {
+        let d = d.clone();
+        let resource = resource.to_string();
+        tokio::spawn(async move { set_volume_score(&d, &resource, None).await });
     }
     if result.code != OpCode::Success && result.code != OpCode::NotRunning {
         tracing::info!(
