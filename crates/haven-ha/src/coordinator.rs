@@ -1183,7 +1183,15 @@ impl<P: Planner> Coordinator<P> {
 /// whatever `migrate_from` waits for besides it (e.g. the volume's promote there).
 fn migration_ready(t: &Transition, i: usize) -> bool {
     let pair = pair_of(&t.plan, i);
-    let done = |b: usize| t.status.get(b) == Some(&StepStatus::Done);
+    let finished = |b: usize| t.status.get(b) == Some(&StepStatus::Done);
+    // A migrate_from may finish before its migrate_to (they run together): what waits
+    // for the migration waits for both halves, or the source would be stopped while it
+    // still sends, and migrate_to's late answer would show the guest active there again.
+    let done = |b: usize| {
+        finished(b)
+            && (!matches!(t.plan.steps[b], Step::MigrateFrom { .. })
+                || pair_of(&t.plan, b).is_none_or(finished))
+    };
     let deps_of = |x: usize| {
         t.plan
             .edges
@@ -1552,6 +1560,24 @@ mod tests {
             (demote[0].0.as_str(), demote[0].1.op),
             ("n1", OpKind::Demote)
         );
+    }
+
+    #[test]
+    fn the_source_stops_only_once_both_halves_of_the_migration_have_answered() {
+        let (mut c, first) = window_plan();
+        answer(&mut c, "n2", &first[0].1, OpOutcome::Ok);
+        let migration = drain_ops(&mut c);
+        let (to, from): (Vec<_>, Vec<_>) = migration
+            .iter()
+            .partition(|(_, r)| r.op == OpKind::MigrateTo);
+        // The destination reports first, the source is still sending.
+        answer(&mut c, &from[0].0, &from[0].1, OpOutcome::Ok);
+        let early = drain_ops(&mut c);
+        assert!(early.is_empty(), "{early:?}");
+        answer(&mut c, &to[0].0, &to[0].1, OpOutcome::Ok);
+        let stop = drain_ops(&mut c);
+        assert_eq!(stop.len(), 1, "{stop:?}");
+        assert_eq!((stop[0].0.as_str(), stop[0].1.op), ("n1", OpKind::Stop));
     }
 
     #[test]

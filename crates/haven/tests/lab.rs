@@ -642,6 +642,18 @@ fn lab_up_with_vms_boots_the_guest_from_a_replicated_volume_moves_it_live_and_re
     wait_long("the drained node's replica to be back in sync", || {
         in_sync_secondary(&dir, other, &home).then_some(())
     });
+    // The cluster lifts its outdated record with the replica's next monitor after the
+    // resync; until then the replica may not be promoted (so a failover would wait).
+    wait_long("the cluster to count the replica promotable again", || {
+        status_of(&dir)
+            .is_some_and(|s| {
+                s["resources"]
+                    .as_array()
+                    .and_then(|rs| rs.iter().find(|r| r["id"] == "vol1"))
+                    .is_some_and(|r| r.get("unpromotable").is_none())
+            })
+            .then_some(())
+    });
     assert_eq!(
         lab.running("vm1"),
         [home.as_str()],
