@@ -13,11 +13,14 @@
 //! (or a replica that reached an RPC port) fails the handshake instead of talking.
 
 use std::fmt;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -77,6 +80,84 @@ impl ReplicationTls {
     }
 }
 
+/// Bytes read from the socket per system call under TLS. rustls asks its transport for
+/// at most 4 KiB at a time, which cost a `recv` per 4 KiB on the replica's data path;
+/// one read of this size serves a whole run of records.
+const READ_AHEAD: usize = 256 << 10;
+/// Plaintext rustls encrypts ahead of the socket. Its default (64 KiB) splits every
+/// large write frame into several `writev`s; this takes a whole NBD payload at once.
+const SEND_AHEAD: usize = 1 << 20;
+
+/// A socket whose reads go through a buffer and whose writes (vectored ones included,
+/// which tokio's `BufReader` does not pass on) go straight through.
+struct ReadAhead {
+    io: TcpStream,
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    fn new(io: TcpStream) -> Self {
+        ReadAhead {
+            io,
+            buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+        }
+    }
+}
+
+impl AsyncRead for ReadAhead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.pos == me.end {
+            let mut rb = ReadBuf::new(&mut me.buf);
+            std::task::ready!(Pin::new(&mut me.io).poll_read(cx, &mut rb))?;
+            me.pos = 0;
+            me.end = rb.filled().len();
+        }
+        let n = out.remaining().min(me.end - me.pos);
+        out.put_slice(&me.buf[me.pos..me.pos + n]);
+        me.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ReadAhead {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 fn plain(s: TcpStream) -> (PeerRead, PeerWrite) {
     let (r, w) = s.into_split();
     (Box::new(r), Box::new(w))
@@ -96,7 +177,7 @@ pub(crate) async fn accept(
     };
     let stream = tls
         .acceptor
-        .accept(s)
+        .accept(ReadAhead::new(s))
         .await
         .map_err(|e| format!("TLS handshake refused: {e}"))?;
     let node = stream
@@ -107,6 +188,8 @@ pub(crate) async fn accept(
     let Some(node) = node else {
         return Err("TLS: the peer's certificate is not a cluster node's".into());
     };
+    let mut stream = stream;
+    stream.get_mut().1.set_buffer_limit(Some(SEND_AHEAD));
     let (r, w) = tokio::io::split(stream);
     Ok((Box::new(r), Box::new(w), Some(node)))
 }
@@ -124,7 +207,7 @@ pub(crate) async fn connect(
     };
     let stream = tls
         .connector
-        .connect(tls.server_name.clone(), s)
+        .connect(tls.server_name.clone(), ReadAhead::new(s))
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
     let node = stream
@@ -141,6 +224,8 @@ pub(crate) async fn connect(
         }
         None => return Err("TLS: the peer's certificate is not a cluster node's".into()),
     }
+    let mut stream = stream;
+    stream.get_mut().1.set_buffer_limit(Some(SEND_AHEAD));
     let (r, w) = tokio::io::split(stream);
     Ok((Box::new(r), Box::new(w)))
 }
