@@ -19,6 +19,7 @@ use crate::wire::{self, GenUpdate, Hello, Msg, StateUpdate};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -248,6 +249,7 @@ struct Progress {
 
 /// A peer socket's sending side and a scratch buffer for frame headers.
 type PeerWriter = (BufWriter<PeerWrite>, Vec<u8>);
+type WriterTurn = tokio::sync::OwnedMutexGuard<Option<PeerWriter>>;
 
 struct Conn {
     id: u64,
@@ -274,8 +276,28 @@ impl Conn {
     /// Writes one frame; on failure or timeout the connection is shut. Returns whether
     /// the frame went out.
     async fn send(&self, out: Out) -> bool {
+        match self.writer().await {
+            Some(g) => self.send_with(g, out).await,
+            None => false,
+        }
+    }
+
+    /// Takes this connection's turn to send. Frames go out in the order turns are
+    /// taken (tokio's mutex is fair), so a writer holding the volume's order lock can
+    /// take its turns, let the next write go ahead locally, and send afterwards.
+    async fn writer(&self) -> Option<WriterTurn> {
+        match tokio::time::timeout(self.limit, self.wr.clone().lock_owned()).await {
+            Ok(g) => Some(g),
+            Err(_) => {
+                self.stalled();
+                None
+            }
+        }
+    }
+
+    /// Sends one frame in a turn taken with [`Conn::writer`].
+    async fn send_with(&self, mut g: WriterTurn, out: Out) -> bool {
         let r = tokio::time::timeout(self.limit, async {
-            let mut g = self.wr.lock().await;
             let Some((w, head)) = g.as_mut() else {
                 return Err(std::io::Error::other("connection closed"));
             };
@@ -290,15 +312,19 @@ impl Conn {
                 false
             }
             Err(_) => {
-                tracing::warn!(
-                    "peer {} accepted no data for {:?}: disconnecting",
-                    self.peer,
-                    self.limit
-                );
-                self.shut();
+                self.stalled();
                 false
             }
         }
+    }
+
+    fn stalled(&self) {
+        tracing::warn!(
+            "peer {} accepted no data for {:?}: disconnecting",
+            self.peer,
+            self.limit
+        );
+        self.shut();
     }
 
     /// Closes the socket's sending side so the peer sees the end promptly, even while
@@ -1480,7 +1506,7 @@ impl Volume {
         let mut waits: Vec<(Arc<Conn>, u64)> = Vec::new();
         let mut marked = None;
         {
-            let _o = self.order.lock().await;
+            let order = self.order.lock().await;
             if !self.is_primary() {
                 return Err(IoFail::NotPrimary);
             }
@@ -1525,9 +1551,19 @@ impl Volume {
             if data.is_none() {
                 flags |= wire::WF_ZEROES;
             }
+            // The frames' places in the streams are fixed under the order lock; the
+            // sending (encryption included, under TLS) overlaps the next write's local
+            // part instead of holding it up.
+            let mut turns = Vec::with_capacity(waits.len());
             for (c, seq) in &waits {
+                if let Some(t) = c.writer().await {
+                    turns.push((c, *seq, t));
+                }
+            }
+            drop(order);
+            for (c, seq, t) in turns {
                 let out = Out::Write {
-                    seq: *seq,
+                    seq,
                     offset,
                     len,
                     flags,
@@ -1535,7 +1571,7 @@ impl Volume {
                 };
                 // On failure the frame's region is still safe: it is in the inflight
                 // queue, which the connection's teardown moves into the bitmap.
-                c.send(out).await;
+                c.send_with(t, out).await;
             }
         }
         if let Some(m) = marked {
@@ -2246,8 +2282,7 @@ async fn write_out(
         } => {
             let body: &[u8] = data.as_deref().map_or(&[], |d| d.as_slice());
             wire::encode_write_head(head, *seq, *offset, *len, *flags, body.len());
-            wr.write_all(head).await?;
-            wr.write_all(body).await
+            write_pair(wr, head, body).await
         }
         Out::Flush(s) => {
             wire::encode_seq(head, wire::K_FLUSH, *s);
@@ -2259,11 +2294,30 @@ async fn write_out(
         }
         Out::Resync { offset, data } => {
             wire::encode_resync_head(head, *offset, data.len());
-            wr.write_all(head).await?;
-            wr.write_all(data).await
+            write_pair(wr, head, data).await
         }
         Out::Frame(f) => wr.write_all(f).await,
     }
+}
+
+/// Writes a frame's head and payload in one vectored write where the stream takes one:
+/// under TLS the head then shares the payload's records, instead of going out as a
+/// record and a system call of its own each time a payload is larger than the buffer.
+async fn write_pair(
+    wr: &mut BufWriter<PeerWrite>,
+    head: &[u8],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut bufs = [IoSlice::new(head), IoSlice::new(body)];
+    let mut left: &mut [IoSlice<'_>] = &mut bufs;
+    while !left.is_empty() {
+        let n = wr.write_vectored(left).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut left, n);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
