@@ -291,6 +291,7 @@ fn lab_up_with_vms_runs_one_qemu_guest_and_lab_down_stops_it() {
 }
 
 mod common;
+use common::{console_numbers, volume_status};
 
 /// The inode of the network namespace process `pid` is in.
 fn netns_of(pid: i32) -> Option<u64> {
@@ -421,31 +422,6 @@ fn netns_lab_runs_each_node_in_its_own_namespace_and_down_leaves_nothing_behind(
     );
     assert!(!dir.join("netns.toml").exists());
     drop(guard);
-}
-
-/// Every `HAVEN-<what> N` the guest printed on its console on `node` (the test guest
-/// keeps a counter in sector 0 of its disk: scripts/build-guest).
-fn console_numbers(dir: &Path, node: &str, what: &str) -> Vec<u64> {
-    let serial = dir.join(node).join("resources").join("vm1.serial");
-    let text = std::fs::read(serial).unwrap_or_default();
-    let prefix = format!("HAVEN-{what} ");
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix(&prefix)?.trim().parse().ok())
-        .collect()
-}
-
-/// `haven volume status --json` of vol1's replica on `node`, through its control socket.
-fn volume_status(dir: &Path, node: &str) -> Option<serde_json::Value> {
-    let ctl = dir.join(node).join("resources").join("vol1.ctl");
-    let out = haven(
-        &["volume", "status", "--json", "--control", ctl.to_str()?],
-        None,
-    );
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
 }
 
 /// `node`'s replica is a secondary in sync with a primary on `primary`.

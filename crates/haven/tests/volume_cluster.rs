@@ -12,35 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Every `HAVEN-<what> N` the guest printed on its console on `node`.
-fn console_numbers(lab: &Lab, node: &str, what: &str) -> Vec<u64> {
-    let serial = lab.dir.join(node).join("resources").join("vm1.serial");
-    let text = std::fs::read(serial).unwrap_or_default();
-    let prefix = format!("HAVEN-{what} ");
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix(&prefix)?.trim().parse().ok())
-        .collect()
-}
-
-fn volume_status(lab: &Lab, node: &str) -> Option<serde_json::Value> {
-    let ctl = lab.dir.join(node).join("resources").join("vol1.ctl");
-    let out = haven(
-        &[
-            "volume",
-            "status",
-            "--json",
-            "--control",
-            ctl.to_str().expect("utf-8"),
-        ],
-        None,
-    );
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -135,12 +106,12 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
         vec!["n1".to_string(), "n2".to_string()],
         "one replica on each replica node, none on n3"
     );
-    let primary = volume_status(&lab, &home).expect("the primary's status");
+    let primary = volume_status(&lab.dir, &home).expect("the primary's status");
     assert_eq!(primary["role"], "Primary", "{primary:#}");
     // Before the power cut the other replica must hold everything (protocol C); its
     // link to the primary runs over TLS, or the replicas would not connect at all.
     wait_for("the secondary to be in sync", || {
-        let s = volume_status(&lab, other)?;
+        let s = volume_status(&lab.dir, other)?;
         let peer = s["peers"]
             .as_array()?
             .iter()
@@ -152,14 +123,14 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
             .then_some(())
     });
     wait_for("the guest to count on its disk", || {
-        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
+        (console_numbers(&lab.dir, &home, "COUNTER").last() >= Some(&3)).then_some(())
     });
 
     let checker = Checker::start(&lab.dir, "vm1");
     ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
     // The guest died with its node: the last counter it printed had been written
     // (FUA, so replicated) before it was printed.
-    let seen = *console_numbers(&lab, &home, "COUNTER")
+    let seen = *console_numbers(&lab.dir, &home, "COUNTER")
         .last()
         .expect("counters");
 
@@ -168,21 +139,23 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
         (r.len() == 1 && r[0] == other).then(|| r[0].clone())
     });
     assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
-    let promoted = volume_status(&lab, &survivor).expect("the survivor's status");
+    let promoted = volume_status(&lab.dir, &survivor).expect("the survivor's status");
     assert_eq!(promoted["role"], "Primary", "{promoted:#}");
     assert!(
         promoted["epoch"].as_u64() > primary["epoch"].as_u64(),
         "a new epoch for the new primary: {promoted:#}"
     );
     let resumed = wait_for("the guest to resume from its disk", || {
-        console_numbers(&lab, &survivor, "RESUME").first().copied()
+        console_numbers(&lab.dir, &survivor, "RESUME")
+            .first()
+            .copied()
     });
     assert!(
         resumed >= seen,
         "the first guest printed counter {seen}, the second resumed at {resumed}"
     );
     wait_for("the guest to count on from there", || {
-        (console_numbers(&lab, &survivor, "COUNTER").last() > Some(&resumed)).then_some(())
+        (console_numbers(&lab.dir, &survivor, "COUNTER").last() > Some(&resumed)).then_some(())
     });
     // Promotion was allowed because the cluster had fenced the old primary's node.
     let client = lab.client_of(&survivor);
@@ -213,7 +186,7 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
     wait_for(
         "the old primary's replica to catch up as a secondary",
         || {
-            let s = volume_status(&lab, &home)?;
+            let s = volume_status(&lab.dir, &home)?;
             let peer = s["peers"]
                 .as_array()?
                 .iter()
@@ -230,7 +203,7 @@ fn a_guest_on_a_replicated_volume_follows_its_primary_through_a_power_off_and_th
     });
     assert_eq!(lab.running("vm1"), vec![survivor.clone()]);
     assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
-    let after = volume_status(&lab, &survivor).expect("the primary's status");
+    let after = volume_status(&lab.dir, &survivor).expect("the primary's status");
     assert_eq!(
         after["role"], "Primary",
         "stickiness keeps the primary: {after:#}"
@@ -281,7 +254,10 @@ fn a_replica_in_a_full_sync_is_not_promoted_where_a_location_prefers_it_the_up_t
     // (10000), which outweighs n2's location preference. Without the scores the
     // scheduler would pick n2 and its promote would wait out the sync.
     let syncing = wait_long("n1 primary while n2 is still in its full sync", || {
-        let (p, t) = (volume_status(&lab, "n1")?, volume_status(&lab, "n2")?);
+        let (p, t) = (
+            volume_status(&lab.dir, "n1")?,
+            volume_status(&lab.dir, "n2")?,
+        );
         (p["role"] == "Primary" && t["disk"] == "Inconsistent").then_some(t)
     });
     assert_eq!(syncing["role"], "Secondary", "{syncing:#}");
@@ -289,7 +265,7 @@ fn a_replica_in_a_full_sync_is_not_promoted_where_a_location_prefers_it_the_up_t
         syncing["promotion"].is_null(),
         "an Inconsistent replica wants no promotion: {syncing:#}"
     );
-    let primary = volume_status(&lab, "n1").expect("n1's status");
+    let primary = volume_status(&lab.dir, "n1").expect("n1's status");
     assert_eq!(primary["promotion"], 10000, "{primary:#}");
 }
 
@@ -335,15 +311,16 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
         why.as_str().is_some_and(|w| w.contains("outdated")),
         "{why}"
     );
-    let recorded_at = *console_numbers(&lab, &home, "COUNTER")
+    let recorded_at = *console_numbers(&lab.dir, &home, "COUNTER")
         .last()
         .expect("counters");
     wait_for("the guest to write on alone, resumed", || {
-        (console_numbers(&lab, &home, "COUNTER").last() >= Some(&(recorded_at + 3))).then_some(())
+        (console_numbers(&lab.dir, &home, "COUNTER").last() >= Some(&(recorded_at + 3)))
+            .then_some(())
     });
-    let s = volume_status(&lab, &home).expect("the primary's status");
+    let s = volume_status(&lab.dir, &home).expect("the primary's status");
     assert_eq!(s["frozen"], serde_json::json!([]), "{s:#}");
-    let stale = volume_status(&lab, other).expect("the secondary's status");
+    let stale = volume_status(&lab.dir, other).expect("the secondary's status");
     assert_eq!(
         stale["disk"], "UpToDate",
         "on its own the stale replica still thinks itself current: {stale:#}"
@@ -351,7 +328,7 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
 
     // The up-to-date primary's node loses power. The only other replica is stale.
     ok(lab.run(&["lab", "kill", &home, "--dir", lab.dir_str()]));
-    let seen = *console_numbers(&lab, &home, "COUNTER")
+    let seen = *console_numbers(&lab.dir, &home, "COUNTER")
         .last()
         .expect("counters");
     let client = lab.client_of(other);
@@ -364,7 +341,7 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
     wait_for("status to hold the stale replica unpromotable", || {
         unpromotable(&client)?.get(other).map(|_| ())
     });
-    let s = volume_status(&lab, other).expect("the stale replica's status");
+    let s = volume_status(&lab.dir, other).expect("the stale replica's status");
     assert_eq!(
         s["role"], "Secondary",
         "the stale replica was promoted: {s:#}"
@@ -397,14 +374,14 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
         (lab.running("vm1") == vec![home.clone()]).then_some(())
     });
     let resumed = wait_for("the guest to resume from its disk", || {
-        console_numbers(&lab, &home, "RESUME").last().copied()
+        console_numbers(&lab.dir, &home, "RESUME").last().copied()
     });
     assert!(
         resumed >= seen,
         "the guest printed counter {seen} (acknowledged), but resumed at {resumed}"
     );
     wait_for("the stale replica to resync and be cleared", || {
-        let s = volume_status(&lab, other)?;
+        let s = volume_status(&lab.dir, other)?;
         let current = s["role"] == "Secondary"
             && s["disk"] == "UpToDate"
             && s["peers"][0]["role"] == "Primary"
@@ -412,7 +389,7 @@ fn a_stale_secondary_is_never_promoted_and_the_up_to_date_primary_returns_with_e
         (current && unpromotable(&client)?.is_empty()).then_some(())
     });
     assert!(
-        console_numbers(&lab, other, "RESUME").is_empty(),
+        console_numbers(&lab.dir, other, "RESUME").is_empty(),
         "the guest never ran on the stale replica"
     );
     assert_eq!(checker.most_seen(), 1, "the guest ran on two nodes at once");
@@ -428,14 +405,14 @@ fn guest_counting_in_sync(lab: &Lab) -> (String, &'static str) {
     });
     let other = if home == "n1" { "n2" } else { "n1" };
     wait_long("the secondary to be in sync", || {
-        let s = volume_status(lab, other)?;
+        let s = volume_status(&lab.dir, other)?;
         (s["role"] == "Secondary"
             && s["disk"] == "UpToDate"
             && s["peers"][0]["replication"] == "Established")
             .then_some(())
     });
     wait_long("the guest to count on its disk", || {
-        (console_numbers(lab, &home, "COUNTER").last() >= Some(&3)).then_some(())
+        (console_numbers(&lab.dir, &home, "COUNTER").last() >= Some(&3)).then_some(())
     });
     (home, other)
 }
@@ -538,26 +515,29 @@ fn a_guest_moves_live_to_the_other_replica_with_two_primaries_only_inside_the_wi
         (lab.running("vm1") == vec![other.to_string()]).then_some(())
     });
     wait_long("the primary to have moved", || {
-        let (h, o) = (volume_status(&lab, &home)?, volume_status(&lab, other)?);
+        let (h, o) = (
+            volume_status(&lab.dir, &home)?,
+            volume_status(&lab.dir, other)?,
+        );
         (h["role"] == "Secondary" && o["role"] == "Primary" && o.get("window").is_none())
             .then_some(())
     });
-    let moved_at = console_numbers(&lab, &home, "COUNTER")
+    let moved_at = console_numbers(&lab.dir, &home, "COUNTER")
         .last()
         .copied()
         .expect("counters before the move");
     wait_long("the guest to count on after the move", || {
-        (console_numbers(&lab, other, "COUNTER").last() > Some(&moved_at)).then_some(())
+        (console_numbers(&lab.dir, other, "COUNTER").last() > Some(&moved_at)).then_some(())
     });
     let samples = poller.finish();
 
     // Live, not a cold boot: the guest never booted on the target (a boot prints
     // RESUME), its counter went on from where it was, and its QEMU came in migrating.
     assert!(
-        console_numbers(&lab, other, "RESUME").is_empty(),
+        console_numbers(&lab.dir, other, "RESUME").is_empty(),
         "the guest booted again on {other}"
     );
-    let first = console_numbers(&lab, other, "COUNTER")[0];
+    let first = console_numbers(&lab.dir, other, "COUNTER")[0];
     assert!(
         first > moved_at.saturating_sub(2) && first <= moved_at + 2,
         "counter {moved_at} on {home}, then {first} on {other}"
@@ -591,7 +571,7 @@ fn a_guest_moves_live_to_the_other_replica_with_two_primaries_only_inside_the_wi
 
     // Every acknowledged write is on both replicas: stop the guest, let them settle,
     // and compare; the disk holds at least the last counter the guest printed.
-    let printed = *console_numbers(&lab, other, "COUNTER")
+    let printed = *console_numbers(&lab.dir, other, "COUNTER")
         .last()
         .expect("counters");
     ok(lab.run(&["resource", "stop", "vm1"]));
@@ -599,7 +579,7 @@ fn a_guest_moves_live_to_the_other_replica_with_two_primaries_only_inside_the_wi
         lab.running("vm1").is_empty().then_some(())
     });
     wait_long("both replicas to hold the same data", || {
-        let s = volume_status(&lab, &home)?;
+        let s = volume_status(&lab.dir, &home)?;
         let in_sync = s["disk"] == "UpToDate" && s["peers"][0]["out_of_sync_bytes"] == 0;
         (in_sync && replica_data(&lab, &home) == replica_data(&lab, other)).then_some(())
     });

@@ -405,3 +405,27 @@ pub fn daemon_pid(dir: &Path, node: &str) -> i32 {
         .parse()
         .expect("pid")
 }
+
+/// Every `HAVEN-<what> N` the test guest printed on its console (`vm1.serial`) on `node`.
+pub fn console_numbers(dir: &Path, node: &str, what: &str) -> Vec<u64> {
+    let serial = dir.join(node).join("resources").join("vm1.serial");
+    let text = std::fs::read(serial).unwrap_or_default();
+    let prefix = format!("HAVEN-{what} ");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(&prefix)?.trim().parse().ok())
+        .collect()
+}
+
+/// `haven volume status --json` of vol1's replica on `node`, through its control socket.
+pub fn volume_status(dir: &Path, node: &str) -> Option<serde_json::Value> {
+    let ctl = dir.join(node).join("resources").join("vol1.ctl");
+    let out = haven(
+        &["volume", "status", "--json", "--control", ctl.to_str()?],
+        None,
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
