@@ -1021,7 +1021,7 @@ impl<P: Planner> Coordinator<P> {
             Step::MigrateTo { from, to, .. } | Step::MigrateFrom { from, to, .. } => (from, to),
             _ => return None,
         };
-        t.plan.steps.iter().enumerate().find_map(|(j, s)| match s {
+        let promoted = t.plan.steps.iter().enumerate().find_map(|(j, s)| match s {
             Step::Promote {
                 resource,
                 node,
@@ -1033,6 +1033,27 @@ impl<P: Planner> Coordinator<P> {
                 })
             }
             _ => None,
+        });
+        // A transition planned after the window's promote (its report aborts the one that
+        // held it) no longer carries that promote, only the source's demote that closes
+        // the window; the target seen promoted beside the source is the open window.
+        promoted.or_else(|| {
+            t.plan.steps.iter().find_map(|s| match s {
+                Step::Demote { resource, node }
+                    if node == from
+                        && self
+                            .observed
+                            .get(&self.base_resource(resource))
+                            .and_then(|per_node| per_node.get(to))
+                            == Some(&Observed::Promoted) =>
+                {
+                    Some(Step::Demote {
+                        resource: resource.clone(),
+                        node: to.clone(),
+                    })
+                }
+                _ => None,
+            })
         })
     }
 
@@ -1599,6 +1620,77 @@ mod tests {
             .collect();
         assert!(ops.contains(&("n2", "vol", OpKind::Demote)), "{ops:?}");
         assert!(ops.contains(&("n1", "vm1", OpKind::Monitor)), "{ops:?}");
+        assert!(
+            !ops.iter().any(|o| o.2 == OpKind::Demote && o.0 == "n1"),
+            "{ops:?}"
+        );
+    }
+
+    /// The transition after the window's promote no longer holds that promote (its
+    /// report replanned): a failed migration still closes the window on the target.
+    #[test]
+    fn a_failed_migration_planned_after_the_window_opened_still_closes_it() {
+        let steps = vec![
+            Step::MigrateTo {
+                resource: "vm1".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+            },
+            Step::MigrateFrom {
+                resource: "vm1".into(),
+                from: "n1".into(),
+                to: "n2".into(),
+            },
+            Step::Stop {
+                resource: "vm1".into(),
+                node: "n1".into(),
+            },
+            Step::Demote {
+                resource: "vol:0".into(),
+                node: "n1".into(),
+            },
+        ];
+        let plan = Plan {
+            steps,
+            edges: vec![(0, 1), (1, 2), (2, 3)],
+        };
+        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2")]);
+        let vol = ResourceOps {
+            clone: true,
+            ..ResourceOps::default()
+        };
+        cfg.resources.insert("vol".into(), vol);
+        let mut c = Coordinator::new(Fixed(Some(plan)), cfg, Timeouts::default(), Time(0));
+        for n in ["n1", "n2"] {
+            c.handle_heartbeat(n, "ring0", Time(0));
+        }
+        c.handle_timeout(Time(0));
+        for (n, r) in &drain_ops(&mut c) {
+            let outcome = match (r.resource.as_str(), n.as_str()) {
+                ("vol", _) => OpOutcome::RunningPromoted,
+                ("vm1", "n1") => OpOutcome::Ok,
+                _ => OpOutcome::NotRunning,
+            };
+            answer(&mut c, n, r, outcome);
+        }
+        let migration = drain_ops(&mut c);
+        assert!(
+            migration.iter().any(|(_, r)| r.op == OpKind::MigrateTo),
+            "{migration:?}"
+        );
+        for (n, r) in &migration {
+            let failed = OpOutcome::Failed {
+                rc: 1,
+                reason: "cancelled".into(),
+            };
+            answer(&mut c, n, r, failed);
+        }
+        let next = drain_ops(&mut c);
+        let ops: Vec<(&str, &str, OpKind)> = next
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.resource.as_str(), r.op))
+            .collect();
+        assert!(ops.contains(&("n2", "vol", OpKind::Demote)), "{ops:?}");
         assert!(
             !ops.iter().any(|o| o.2 == OpKind::Demote && o.0 == "n1"),
             "{ops:?}"
