@@ -594,4 +594,82 @@ agent = "lab"
         run(&mut c, &mut roles, &mut fences, &dead, &mut now, 10);
         assert_eq!(roles.get(survivor), Some(&Observed::Promoted), "{roles:?}");
     }
+
+    /// Issue #5: a guest banned from both replicas by its failcounts (migration-threshold
+    /// 1 after a failed window migration) must not take the volume's promotion with it:
+    /// the volume failed nowhere, so one replica is still promoted.
+    #[test]
+    fn a_guest_banned_from_every_replica_still_leaves_the_volume_promoted_on_one() {
+        let text = r#"
+[[nodes]]
+name = "n1"
+
+[[nodes]]
+name = "n2"
+
+[[nodes]]
+name = "n3"
+
+[[resources]]
+id = "vol"
+class = "volume"
+type = "volume"
+
+[[clones]]
+id = "vol-clone"
+child = "vol"
+clone-max = 2
+promotable = true
+promoted-max = 1
+
+[[constraints.location]]
+id = "replicas-only"
+rsc = "vol-clone"
+node = "n3"
+score = "-INFINITY"
+
+[[resources]]
+id = "vm1"
+class = "qemu"
+type = "vm"
+meta = { allow-migrate = true, migration-threshold = 1 }
+
+[[constraints.location]]
+id = "cli-prefer-vm1"
+rsc = "vm1"
+node = "n2"
+score = "INFINITY"
+
+[[constraints.colocation]]
+id = "vm1-with-primary"
+rsc = "vm1"
+with = "vol-clone"
+with-role = "Promoted"
+score = "INFINITY"
+"#;
+        let config = Config::from_toml("test.toml", text).expect("valid config");
+        let mut p = SchedPlanner::new(config);
+        let score = NodeOverride {
+            attributes: [("promotion-vol".to_string(), "10000".to_string())].into(),
+            ..NodeOverride::default()
+        };
+        p.set_overrides([("n1".into(), score.clone()), ("n2".into(), score)].into());
+        let mut view = ClusterView::default();
+        for n in ["n1", "n2", "n3"] {
+            view.nodes.insert(n.to_string(), NodeState::Online);
+        }
+        let vol = view.resources.entry("vol".into()).or_default();
+        vol.insert("n1".into(), Observed::Started);
+        vol.insert("n2".into(), Observed::Started);
+        let fails = view.failcounts.entry("vm1".into()).or_default();
+        fails.insert("n1".into(), 1);
+        fails.insert("n2".into(), 1);
+        let plan = p.plan(&view);
+        let promotes = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Promote { .. }))
+            .count();
+        assert_eq!(promotes, 1, "{plan:?}");
+    }
 }

@@ -1841,11 +1841,15 @@ impl<'a> Sched<'a> {
                 {
                     continue;
                 }
+                // As Pacemaker rolls back a dependent's scores that would leave the
+                // primary nowhere to go: judged where this clone has copies, so a
+                // guest banned from every replica (failures) does not take the
+                // volume's promotion with it just because it could run elsewhere.
                 let prefs = self.own_prefs_with_dependents(c.dep, 0);
-                if !prefs
+                if !insts
                     .iter()
-                    .enumerate()
-                    .any(|(x, p)| !p.is_neg_inf() && self.nodes[x].can_run)
+                    .filter_map(|i| i.node)
+                    .any(|x| !prefs[x].is_neg_inf() && self.nodes[x].can_run)
                 {
                     continue;
                 }

@@ -717,3 +717,10 @@ fn failed_window_migration(threshold: Option<u32>) {
     });
     drop(taken);
 }
+
+/// At migration-threshold 1 both failures ban the guest from both nodes (Pacemaker's
+/// semantics), but the volume failed nowhere: it stays promoted on one replica.
+#[test]
+fn a_failed_window_migration_that_bans_the_guest_everywhere_still_leaves_one_primary() {
+    failed_window_migration(Some(1));
+}
