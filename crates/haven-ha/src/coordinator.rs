@@ -1495,16 +1495,10 @@ mod tests {
         c.handle_report(node, report, Time(0));
     }
 
-    /// A window plan as the scheduler makes it: promote vol on n2 (source n1), migrate
-    /// vm1 n1 -> n2, stop its source, demote vol on n1. Returns the coordinator with
-    /// the probes answered and the ops it sent next.
-    fn window_plan() -> (Coordinator<Fixed>, Vec<(String, OpRequest)>) {
-        let steps = vec![
-            Step::Promote {
-                resource: "vol:1".into(),
-                node: "n2".into(),
-                migration_source: Some("n1".into()),
-            },
+    /// What a window migration runs after the window's promote on n2: vm1 n1 -> n2,
+    /// its source stopped, then n1 demoted.
+    fn window_steps() -> Vec<Step> {
+        vec![
             Step::MigrateTo {
                 resource: "vm1".into(),
                 from: "n1".into(),
@@ -1523,11 +1517,15 @@ mod tests {
                 resource: "vol:0".into(),
                 node: "n1".into(),
             },
-        ];
-        let plan = Plan {
-            steps,
-            edges: vec![(0, 1), (0, 2), (1, 2), (2, 3), (3, 4)],
-        };
+        ]
+    }
+
+    /// A coordinator on n1 and n2 (vol a clone) that will run `plan` once its probes,
+    /// answered by `probe(resource, node)`, are in.
+    fn window_coordinator(
+        plan: Plan,
+        probe: impl Fn(&str, &str) -> OpOutcome,
+    ) -> Coordinator<Fixed> {
         let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2")]);
         let vol = ResourceOps {
             clone: true,
@@ -1542,13 +1540,30 @@ mod tests {
         let probes = drain_ops(&mut c);
         assert!(probes.iter().all(|(_, r)| r.op == OpKind::Monitor));
         for (n, r) in &probes {
-            let outcome = match (r.resource.as_str(), n.as_str()) {
-                ("vol", "n1") => OpOutcome::RunningPromoted,
-                ("vol", _) | ("vm1", "n1") => OpOutcome::Ok,
-                _ => OpOutcome::NotRunning,
-            };
-            answer(&mut c, n, r, outcome);
+            answer(&mut c, n, r, probe(r.resource.as_str(), n.as_str()));
         }
+        c
+    }
+
+    /// A window plan as the scheduler makes it: promote vol on n2 (source n1), migrate
+    /// vm1 n1 -> n2, stop its source, demote vol on n1. Returns the coordinator with
+    /// the probes answered and the ops it sent next.
+    fn window_plan() -> (Coordinator<Fixed>, Vec<(String, OpRequest)>) {
+        let promote = Step::Promote {
+            resource: "vol:1".into(),
+            node: "n2".into(),
+            migration_source: Some("n1".into()),
+        };
+        let steps = std::iter::once(promote).chain(window_steps()).collect();
+        let plan = Plan {
+            steps,
+            edges: vec![(0, 1), (0, 2), (1, 2), (2, 3), (3, 4)],
+        };
+        let mut c = window_coordinator(plan, |rsc, node| match (rsc, node) {
+            ("vol", "n1") => OpOutcome::RunningPromoted,
+            ("vol", _) | ("vm1", "n1") => OpOutcome::Ok,
+            _ => OpOutcome::NotRunning,
+        });
         let next = drain_ops(&mut c);
         (c, next)
     }
@@ -1630,49 +1645,15 @@ mod tests {
     /// report replanned): a failed migration still closes the window on the target.
     #[test]
     fn a_failed_migration_planned_after_the_window_opened_still_closes_it() {
-        let steps = vec![
-            Step::MigrateTo {
-                resource: "vm1".into(),
-                from: "n1".into(),
-                to: "n2".into(),
-            },
-            Step::MigrateFrom {
-                resource: "vm1".into(),
-                from: "n1".into(),
-                to: "n2".into(),
-            },
-            Step::Stop {
-                resource: "vm1".into(),
-                node: "n1".into(),
-            },
-            Step::Demote {
-                resource: "vol:0".into(),
-                node: "n1".into(),
-            },
-        ];
         let plan = Plan {
-            steps,
+            steps: window_steps(),
             edges: vec![(0, 1), (1, 2), (2, 3)],
         };
-        let mut cfg = config(vec![lab_fence("n1"), lab_fence("n2")]);
-        let vol = ResourceOps {
-            clone: true,
-            ..ResourceOps::default()
-        };
-        cfg.resources.insert("vol".into(), vol);
-        let mut c = Coordinator::new(Fixed(Some(plan)), cfg, Timeouts::default(), Time(0));
-        for n in ["n1", "n2"] {
-            c.handle_heartbeat(n, "ring0", Time(0));
-        }
-        c.handle_timeout(Time(0));
-        for (n, r) in &drain_ops(&mut c) {
-            let outcome = match (r.resource.as_str(), n.as_str()) {
-                ("vol", _) => OpOutcome::RunningPromoted,
-                ("vm1", "n1") => OpOutcome::Ok,
-                _ => OpOutcome::NotRunning,
-            };
-            answer(&mut c, n, r, outcome);
-        }
+        let mut c = window_coordinator(plan, |rsc, node| match (rsc, node) {
+            ("vol", _) => OpOutcome::RunningPromoted,
+            ("vm1", "n1") => OpOutcome::Ok,
+            _ => OpOutcome::NotRunning,
+        });
         let migration = drain_ops(&mut c);
         assert!(
             migration.iter().any(|(_, r)| r.op == OpKind::MigrateTo),
